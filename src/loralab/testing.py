@@ -1,0 +1,89 @@
+"""Tiny random Llama models for fast offline tests and benchmarks of the plumbing.
+
+`make_tiny_llama(folder)` writes, in about a second, a 2-layer Llama with a byte-level BPE tokenizer
+trained on a few sentences and a Llama-3-style chat template (or ChatML). The output is random; what
+matters is that every code path (templates, masking, training, generation, serving) runs for real.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Meta's chat template of Meta-Llama-3-8B-Instruct (the Llama 3 instruct format), as shipped in its
+# tokenizer_config.json. Tests check that loralab's built-in `llama3` template gives the same token ids.
+META_LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    "+ message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                  "<|eot_id|>", "<|finetune_right_pad_id|>"]
+CHATML_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "What is the sum of 12 and 30? The sum of 12 and 30 is 42.",
+    "Write the word in uppercase: apple -> APPLE. Sort these words: cat, apple, banana.",
+    "You are a helpful assistant. Hello! How can I help you today?",
+    "The capital of France is Paris. The opposite of hot is cold.",
+    "Instruction input output response system user assistant 0123456789",
+]
+
+
+def make_tiny_tokenizer(style: str = "llama3", vocab_size: int = 400):
+    """A byte-level BPE tokenizer (any text encodes) with the special tokens of `style`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = LLAMA3_SPECIAL if style == "llama3" else CHATML_SPECIAL
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(_CORPUS * 20, trainer=trainer)
+    if style == "llama3":
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+            pad_token="<|finetune_right_pad_id|>",
+        )
+        fast.chat_template = META_LLAMA3_TEMPLATE
+    else:
+        from loralab.templates import CHATML
+
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+        fast.chat_template = CHATML
+    return fast
+
+
+def make_tiny_llama(folder: str | Path, style: str = "llama3", seed: int = 0, hidden_size: int = 64,
+                    num_layers: int = 2) -> Path:
+    """Write a tiny random LlamaForCausalLM + tokenizer into `folder` and return it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = Path(folder)
+    tokenizer = make_tiny_tokenizer(style)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
