@@ -175,6 +175,8 @@ def test_bad_inputs_are_user_errors():
         score_predictions([], [])
     with pytest.raises(LoralabError, match="sample 1"):
         score_predictions(["a", None], ["a", "b"])
+    with pytest.raises(LoralabError, match="n_boot"):
+        score_predictions(["a"], ["a"], n_boot=0)
 
 
 def test_paired_compare_identical_inputs(scored):

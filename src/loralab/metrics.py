@@ -131,8 +131,9 @@ def _vector(per_sample: list[dict], name: str) -> np.ndarray:
     return np.array([r[name] for r in per_sample], dtype=np.float64)  # (n,)
 
 
-def _value(name: str, summed_or_mean) -> float:
-    return bleu_from_stats(summed_or_mean) if name == "sacrebleu" else float(summed_or_mean)
+def _full(name: str, vec: np.ndarray) -> float:
+    """The metric on all samples: corpus BLEU of the summed stats, or the mean score."""
+    return bleu_from_stats(vec.sum(axis=0)) if name == "sacrebleu" else float(vec.mean())
 
 
 def _resampled(name: str, vec: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -171,16 +172,22 @@ def _check_pairs(preds, labels) -> None:
             raise LoralabError(f"predictions: sample {i}: prediction and label must be strings")
 
 
+def _check_n_boot(n_boot: int) -> None:
+    if not isinstance(n_boot, int) or n_boot < 1:
+        raise LoralabError(f"n_boot: got {n_boot!r}; expected a positive number of bootstrap resamples")
+
+
 def score_predictions(preds: list[str], labels: list[str], *, n_boot: int = 1000, seed: int = 0) -> dict:
     """Every metric with a 95% percentile-bootstrap CI over samples, plus per-sample scores."""
     _check_pairs(preds, labels)
+    _check_n_boot(n_boot)
     per_sample, signature = score_samples(preds, labels)
     implementations = _implementations(signature)
     weights = bootstrap_weights(len(preds), n_boot, np.random.default_rng(seed))
     metrics = {}
     for name in METRICS:
         vec = _vector(per_sample, name)
-        value = _value(name, vec.sum(axis=0) if name == "sacrebleu" else vec.mean())
+        value = _full(name, vec)
         low, high = np.percentile(_resampled(name, vec, weights), [2.5, 97.5])
         metrics[name] = {"value": value, "ci_low": float(low), "ci_high": float(high),
                          "implementation": implementations[name]}
@@ -205,6 +212,15 @@ def _check_same_split(per_sample_a, per_sample_b, labels, prompts) -> None:
             raise LoralabError(f"compare: {what} differ at sample {first}; expected two evaluations of the same split")
 
 
+def _swapped_deltas(name: str, a: np.ndarray, b: np.ndarray, swaps: np.ndarray) -> np.ndarray:
+    """B-A after swapping A and B on the samples marked in each row of `swaps` (the null hypothesis)."""
+    if name == "sacrebleu":
+        moved = swaps @ (b - a)  # statistics that move from B to A
+        sum_a, sum_b = a.sum(axis=0) + moved, b.sum(axis=0) - moved
+        return np.array([bleu_from_stats(sb) - bleu_from_stats(sa) for sa, sb in zip(sum_a, sum_b)])
+    return (1 - 2 * swaps) @ (b - a) / len(a)  # a swap flips the sign of that sample's difference
+
+
 def paired_compare(per_sample_a: list[dict], per_sample_b: list[dict], *, n_boot: int = 1000, seed: int = 0,
                    labels: tuple[list[str], list[str]] | None = None,
                    prompts: tuple[list[str], list[str]] | None = None) -> dict:
@@ -216,6 +232,7 @@ def paired_compare(per_sample_a: list[dict], per_sample_b: list[dict], *, n_boot
     `labels`/`prompts`, if given as (a, b), must be identical: it is the same split.
     """
     _check_same_split(per_sample_a, per_sample_b, labels, prompts)
+    _check_n_boot(n_boot)
     n = len(per_sample_a)
     if n == 0:
         raise LoralabError("compare: no samples to compare")
@@ -225,18 +242,10 @@ def paired_compare(per_sample_a: list[dict], per_sample_b: list[dict], *, n_boot
     out = {}
     for name in METRICS:
         a, b = _vector(per_sample_a, name), _vector(per_sample_b, name)
-        if name == "sacrebleu":
-            value_a, value_b = bleu_from_stats(a.sum(axis=0)), bleu_from_stats(b.sum(axis=0))
-            boot = _resampled(name, b, weights) - _resampled(name, a, weights)
-            moved = swaps @ (b - a)  # statistics that move from B to A when swapped
-            sum_a, sum_b = a.sum(axis=0) + moved, b.sum(axis=0) - moved
-            perm = np.array([bleu_from_stats(sb) - bleu_from_stats(sa) for sa, sb in zip(sum_a, sum_b)])
-        else:
-            value_a, value_b = float(a.mean()), float(b.mean())
-            diff = b - a
-            boot = weights @ diff / n
-            perm = (1 - 2 * swaps) @ diff / n  # a swap flips the sign of that sample's difference
+        value_a, value_b = _full(name, a), _full(name, b)
         delta = value_b - value_a
+        boot = _resampled(name, b, weights) - _resampled(name, a, weights)
+        perm = _swapped_deltas(name, a, b, swaps)
         low, high = np.percentile(boot, [2.5, 97.5])
         extreme = np.sum(np.abs(perm) >= abs(delta) - 1e-9)  # tolerance: float noise on ties
         out[name] = {"value_a": value_a, "value_b": value_b, "delta": delta,
