@@ -1,0 +1,480 @@
+"""Datasets: read instruction data, prepare train/val/test splits, hand conversations to the stages.
+
+Records stay in their own format on disk (alpaca, ShareGPT or OpenAI messages), so LLaMA-Factory
+reads our split files as they are. A *format spec* is a LLaMA-Factory dataset_info.json entry
+without its file_name: {"formatting", "columns", "tags"}; it says which keys hold the prompt, the
+response, the message list and the roles. Every stage that needs text calls `to_messages(record)`
+and gets `[{"role": "system"|"user"|"assistant", "content": str}, ...]`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+from loralab import __version__
+from loralab.config import Config, parse_split
+from loralab.errors import LoralabError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+DEMO_SOURCE = "builtin:demo"
+
+# LLaMA-Factory's defaults for the columns and tags of a dataset_info.json entry.
+COLUMN_DEFAULTS = {
+    "prompt": "instruction", "query": "input", "response": "output",
+    "history": None, "system": None, "messages": "conversations",
+}
+SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt", "system_tag": "system"}
+OPENAI_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant", "system_tag": "system"}
+
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+FORMATS_HELP = ("expected alpaca (instruction/input/output), ShareGPT (conversations with from/value) "
+                "or OpenAI messages (messages with role/content)")
+
+
+# --- reading -------------------------------------------------------------------------------------
+def dump_json(obj: Any) -> bytes:
+    """The one way we write JSON: indent=2, UTF-8 as is, trailing newline (byte-stable)."""
+    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def sha256_bytes(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()
+
+
+def read_json_records(path: Path) -> list:
+    """A JSON list of records, or JSON lines (.jsonl, or a .json file holding one object per line)."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise LoralabError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not text.strip():
+        raise LoralabError(f"{path}: empty file; expected a JSON list of records or JSON lines")
+    if path.suffix == ".jsonl":
+        records = _json_lines(text, path)
+    else:
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data":
+                raise LoralabError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+            records = _json_lines(text, path)  # several values one after another: JSON lines
+    if not isinstance(records, list):
+        raise LoralabError(f"{path}: expected a JSON list of records at the top level, got {type(records).__name__}")
+    if not records:
+        raise LoralabError(f"{path}: no records (the list is empty)")
+    return records
+
+
+def _json_lines(text: str, path: Path) -> list:
+    records = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise LoralabError(f"{path}: invalid JSON at line {n}, column {e.colno}: {e.msg}") from None
+    return records
+
+
+def read_dataset_info(folder: Path) -> dict:
+    """FOLDER/dataset_info.json as a dict ({} when the file does not exist)."""
+    path = folder / "dataset_info.json"
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text(encoding="utf-8-sig") or "{}")
+    except json.JSONDecodeError as e:
+        raise LoralabError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    if not isinstance(info, dict):
+        raise LoralabError(f"{path}: expected a JSON object mapping dataset names to entries")
+    return info
+
+
+def load_hub(repo: str, subset: str | None = None, split: str = "train") -> list[dict]:
+    """A Hugging Face hub dataset as a list of records (needs the network or the datasets cache)."""
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(repo, subset, split=split)
+    except Exception as e:  # offline, unknown repo, bad split: all end as one line for the user
+        why = (str(e).strip().splitlines() or [""])[0][:200]
+        raise LoralabError(
+            f"{repo}: could not load this dataset from the Hugging Face hub ({type(e).__name__}: {why}); "
+            "offline? download the data and pass a local file instead, e.g. `loralab prepare path/to/alpaca_data_cleaned.json`"
+        ) from None
+    return ds.to_list()
+
+
+def detect_spec(records: list, where: str) -> dict:
+    """Guess the format spec from the first record (and which optional keys any record has)."""
+    first = records[0]
+    if not isinstance(first, dict):
+        raise LoralabError(f"{where}: record 0: expected a JSON object, got {type(first).__name__}")
+    keys = set().union(*(r for r in records if isinstance(r, dict)))
+    for col in ("conversations", "messages"):
+        if col in first:
+            turns = first[col]
+            openai = bool(turns) and isinstance(turns, list) and isinstance(turns[0], dict) and "role" in turns[0]
+            spec = {"formatting": "sharegpt", "columns": {"messages": col},
+                    "tags": dict(OPENAI_TAGS if openai else SHAREGPT_TAGS)}
+            if "system" in keys:
+                spec["columns"]["system"] = "system"
+            return spec
+    if "instruction" in first or "output" in first:
+        spec: dict[str, Any] = {"formatting": "alpaca"}
+        extra = [k for k in ("system", "history") if k in keys]
+        if extra:  # LLaMA-Factory only reads system/history when the entry names them
+            spec["columns"] = {"prompt": "instruction", "query": "input", "response": "output", **{k: k for k in extra}}
+        return spec
+    raise LoralabError(f"{where}: unknown record format (record 0 has keys {', '.join(sorted(first)) or 'none'}); {FORMATS_HELP}")
+
+
+def format_name(spec: dict) -> str:
+    """'alpaca', 'sharegpt' or 'openai' (a sharegpt spec with role/content tags)."""
+    if spec.get("formatting", "alpaca") == "alpaca":
+        return "alpaca"
+    return "openai" if (spec.get("tags") or {}).get("role_tag") == "role" else "sharegpt"
+
+
+def _resolve(spec: dict | None, record: Any) -> dict:
+    """Spec -> flat {column/tag: key name} with LLaMA-Factory's defaults filled in."""
+    if spec is None:
+        spec = detect_spec([record], "record")
+    return {"formatting": spec.get("formatting", "alpaca"), **COLUMN_DEFAULTS, **SHAREGPT_TAGS,
+            **(spec.get("columns") or {}), **(spec.get("tags") or {})}
+
+
+# --- records -> messages ------------------------------------------------------------------------
+def _text(obj: dict, key: str | None, required: bool = False, prefix: str = "") -> str:
+    """obj[key] as a string; absent/null optional fields are ''. Problems raise ValueError."""
+    if key is None or obj.get(key) is None:
+        if required:
+            raise ValueError(f"missing field `{prefix}{key}`" if key not in obj else f"field `{prefix}{key}` is null, expected a string")
+        return ""
+    value = obj[key]
+    if not isinstance(value, str):
+        raise ValueError(f"field `{prefix}{key}` must be a string, got {type(value).__name__}")
+    return value
+
+
+def _convert(record: Any, f: dict) -> list[dict]:
+    """One record -> messages, following LLaMA-Factory's alpaca/sharegpt converters."""
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    system = _text(record, f["system"])
+    msgs = [{"role": "system", "content": system}] if system else []
+    if f["formatting"] == "alpaca":
+        prompt = _text(record, f["prompt"], required=True)
+        query = _text(record, f["query"])
+        response = _text(record, f["response"], required=True)
+        history = record.get(f["history"]) if f["history"] else None
+        if history is not None:
+            pairs_ok = isinstance(history, list) and all(
+                isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(t, str) for t in p) for p in history
+            )
+            if not pairs_ok:
+                raise ValueError(f"field `{f['history']}` must be a list of [user, assistant] string pairs")
+            for user, assistant in history:
+                msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+        # LLaMA-Factory's prompt: instruction, then the input on a new line when there is one.
+        msgs.append({"role": "user", "content": "\n".join(t for t in (prompt, query) if t)})
+        msgs.append({"role": "assistant", "content": response})
+        return msgs
+    if f["formatting"] != "sharegpt":
+        raise ValueError(f"unknown formatting {f['formatting']!r}; expected alpaca or sharegpt")
+    col, rt, ct = f["messages"], f["role_tag"], f["content_tag"]
+    turns = record.get(col)
+    if not isinstance(turns, list):
+        raise ValueError(f"missing field `{col}`" if col not in record else f"field `{col}` must be a list of messages")
+    roles = {f["user_tag"]: "user", f["assistant_tag"]: "assistant", f["system_tag"]: "system"}
+    for j, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise ValueError(f"`{col}[{j}]` must be an object with `{rt}` and `{ct}`")
+        tag = _text(turn, rt, required=True, prefix=f"{col}[{j}].")
+        if tag not in roles:
+            raise ValueError(f"`{col}[{j}].{rt}` is {tag!r}; expected one of {', '.join(r for r in roles if r)}")
+        msgs.append({"role": roles[tag], "content": _text(turn, ct, required=True, prefix=f"{col}[{j}].")})
+    if system and len(msgs) > 1 and msgs[1]["role"] == "system":
+        msgs.pop(0)  # a system message in the conversation overrides the system column (as in LLaMA-Factory)
+    return msgs
+
+
+def to_messages(record: dict, spec: dict | None = None) -> list[dict]:
+    """Any supported record -> [{"role", "content"}, ...]. spec=None guesses the format from the keys."""
+    try:
+        return _convert(record, _resolve(spec, record))
+    except ValueError as e:
+        raise LoralabError(f"record: {e}") from None
+
+
+def to_conversations(records: list, spec: dict, where: str) -> list[list[dict]]:
+    """Validate and convert every record; the first bad one is an error naming its index."""
+    f = _resolve(spec, None)
+    out = []
+    for i, record in enumerate(records):
+        try:
+            out.append(_convert(record, f))
+        except ValueError as e:
+            raise LoralabError(f"{where}: record {i}: {e}") from None
+    return out
+
+
+def content_hash(messages: list[dict]) -> str:
+    """Identity of a record's content, whatever its on-disk format."""
+    return sha256_bytes(json.dumps(messages, ensure_ascii=False, sort_keys=True).encode("utf-8"))
+
+
+# --- sources -------------------------------------------------------------------------------------
+def _load_entry(folder: Path, name: str) -> tuple[list, dict, str]:
+    """A dataset named in FOLDER/dataset_info.json -> (records, spec, sha256)."""
+    info_path = folder / "dataset_info.json"
+    info = read_dataset_info(folder)
+    if name not in info:
+        known = f"known: {', '.join(info)}" if info else "the file is missing or empty"
+        raise LoralabError(f"{info_path}: unknown dataset `{name}` ({known}); create splits with `loralab prepare SOURCE -o {folder}`")
+    entry, where = info[name], f"{info_path}: `{name}`"
+    if not isinstance(entry, dict) or entry.get("formatting", "alpaca") not in ("alpaca", "sharegpt"):
+        raise LoralabError(f"{where}: expected an entry with file_name and formatting alpaca or sharegpt")
+    if entry.get("ranking"):
+        raise LoralabError(f"{where}: preference (ranking) datasets are not supported; loralab does supervised fine-tuning")
+    spec = {k: entry[k] for k in ("formatting", "columns", "tags") if k in entry}
+    if entry.get("hf_hub_url"):
+        records = load_hub(entry["hf_hub_url"], entry.get("subset"), entry.get("split", "train"))
+        return records, spec, sha256_bytes(json.dumps(records, ensure_ascii=False, sort_keys=True).encode("utf-8"))
+    if not entry.get("file_name"):
+        raise LoralabError(f"{where}: needs `file_name` (a file or folder in {folder}) or `hf_hub_url`")
+    target = folder / entry["file_name"]
+    if not target.exists():
+        raise LoralabError(f"{where}: file_name {target} not found")
+    files = sorted(p for p in target.iterdir() if p.suffix in (".json", ".jsonl")) if target.is_dir() else [target]
+    digest = hashlib.sha256()
+    records = []
+    for path in files:
+        digest.update(path.read_bytes())
+        records += read_json_records(path)
+    if not records:
+        raise LoralabError(f"{where}: no records in {target}")
+    return records, spec, digest.hexdigest()
+
+
+def load_source(source: str, dataset: str | None = None) -> tuple[list, dict, str]:
+    """File, LLaMA-Factory folder (+ dataset name, or FOLDER:NAME), hub id or builtin:demo -> (records, spec, sha256)."""
+    if source == DEMO_SOURCE:
+        from loralab import demo_data
+
+        blob = demo_data.demo_json_bytes()
+        records = json.loads(blob)
+        return records, detect_spec(records, source), sha256_bytes(blob)
+    path = Path(source)
+    if dataset is None and ":" in source and not path.exists():
+        folder, _, name = source.rpartition(":")
+        if Path(folder).is_dir():
+            path, dataset = Path(folder), name
+    if path.is_dir():
+        if not dataset:
+            names = ", ".join(read_dataset_info(path)) or "none: dataset_info.json is missing"
+            raise LoralabError(f"{path}: is a folder; pass --dataset NAME for a dataset in its dataset_info.json (known: {names})")
+        return _load_entry(path, dataset)
+    if dataset:
+        raise LoralabError(f"--dataset {dataset}: only applies when the source is a LLaMA-Factory data folder, not {source}")
+    if path.is_file():
+        records = read_json_records(path)
+        return records, detect_spec(records, source), sha256_bytes(path.read_bytes())
+    if HUB_ID.fullmatch(source) and path.suffix not in (".json", ".jsonl"):
+        records = load_hub(source)
+        if not records:
+            raise LoralabError(f"{source}: the hub dataset has no records")
+        return records, detect_spec(records, source), sha256_bytes(json.dumps(records, ensure_ascii=False, sort_keys=True).encode("utf-8"))
+    raise LoralabError(f"{source}: file not found; expected a JSON/JSONL file, a LLaMA-Factory data folder, "
+                       f"a hub dataset id like yahma/alpaca-cleaned, or {DEMO_SOURCE}")
+
+
+def load_records(path_or_source: str, dataset: str | None = None) -> tuple[list, str]:
+    """Read and validate a source -> (records in their own format, 'alpaca'|'sharegpt'|'openai')."""
+    records, spec, _ = load_source(str(path_or_source), dataset)
+    to_conversations(records, spec, str(path_or_source))
+    return records, format_name(spec)
+
+
+# --- prepare: clean, sample, split, manifest -----------------------------------------------------
+def count_tokens(tokenizer: str, conversations: list[list[dict]]) -> list[int]:
+    """Tokens of each conversation's full text (all turns joined by newlines)."""
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+    except Exception as e:
+        why = (str(e).strip().splitlines() or [""])[0][:200]
+        raise LoralabError(f"--tokenizer {tokenizer}: cannot load a tokenizer from it ({type(e).__name__}: {why})") from None
+    texts = ["\n".join(m["content"] for m in msgs) for msgs in conversations]
+    return [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+
+
+def split_sizes(split: str, sample: int | None, available: int, where: str) -> list[int]:
+    """'7000,2000,1000' (counts) or '0.7,0.2,0.1' (fractions of the sample) -> three counts."""
+    try:
+        parts = parse_split(split)
+    except ValueError as e:
+        raise LoralabError(f"--split: {e}") from None
+    if sum(parts) > 1 and all(p == int(p) for p in parts):
+        sizes = [int(p) for p in parts]
+        if sample is not None and sample < sum(sizes):
+            raise LoralabError(f"--split {split}: asks for {sum(sizes)} records but --sample is {sample}")
+    else:
+        if sum(parts) > 1 + 1e-9:
+            raise LoralabError(f"--split {split}: fractions add up to {sum(parts):g}; expected at most 1")
+        pool = available if sample is None else sample
+        sizes = [round(p * pool) for p in parts]
+        if abs(sum(parts) - 1) < 1e-9:
+            sizes[0] = pool - sizes[1] - sizes[2]  # fractions of the whole: every sampled record is used
+    if max(sum(sizes), sample or 0) > available:
+        raise LoralabError(f"{where}: asked for {max(sum(sizes), sample or 0)} records but only {available} usable records exist")
+    return sizes
+
+
+def prepare(
+    source: str,
+    output_dir: str | Path = "data",
+    seed: int = 42,
+    sample: int | None = None,
+    split: str = "0.7,0.2,0.1",
+    name: str = "alpaca_data",
+    dataset: str | None = None,
+    max_tokens: int | None = None,
+    tokenizer: str | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Clean, sample and split a source into NAME_{train,val,test}.json + NAME_manifest.json; returns the manifest."""
+    out = Path(output_dir)
+    files = {s: out / f"{name}_{s}.json" for s in SPLITS}
+    manifest_path = out / f"{name}_manifest.json"
+    if not overwrite:
+        for path in [*files.values(), manifest_path]:
+            if path.exists():
+                raise LoralabError(f"{path}: already exists; pass --overwrite to replace it")
+    if max_tokens is not None and not tokenizer:
+        raise LoralabError("--max-tokens: needs --tokenizer MODEL_DIR to count tokens")
+    if sample is not None and sample <= 0:
+        raise LoralabError(f"--sample: expected a positive number of records, got {sample}")
+    split_sizes(split, sample, 10**12, "")  # bad --split fails before the (slow) read
+
+    where = f"{source}:{dataset}" if dataset else source
+    records, spec, source_sha = load_source(source, dataset)
+    convs = to_conversations(records, spec, where)
+
+    # Clean the whole source first, so the sample is drawn from usable records only.
+    dropped = {"empty_output": 0, "duplicate": 0, "too_long": 0}
+    keep, seen = [], set()
+    for i, msgs in enumerate(convs):
+        if not msgs or msgs[-1]["role"] != "assistant" or not msgs[-1]["content"].strip():
+            dropped["empty_output"] += 1
+            continue
+        h = content_hash(msgs)
+        if h in seen:  # exact duplicate (same content); deduping here is what keeps splits disjoint
+            dropped["duplicate"] += 1
+            continue
+        seen.add(h)
+        keep.append(i)
+    if max_tokens is not None:
+        lengths = count_tokens(tokenizer, [convs[i] for i in keep])
+        dropped["too_long"] = sum(n > max_tokens for n in lengths)
+        keep = [i for i, n in zip(keep, lengths) if n <= max_tokens]
+    log.info("%s: %d records (%s); dropped %d with empty output, %d duplicates, %d over max_tokens=%s; %d usable",
+             where, len(records), format_name(spec), dropped["empty_output"], dropped["duplicate"],
+             dropped["too_long"], max_tokens, len(keep))
+
+    # Sample and split with our own seeded RNG (never the global one): same input + seed -> same bytes.
+    sizes = split_sizes(split, sample, len(keep), where)
+    order = list(keep)
+    random.Random(seed).shuffle(order)
+    chunks, start = {}, 0
+    for s, size in zip(SPLITS, sizes):
+        chunks[s], start = order[start:start + size], start + size
+    hashes = [content_hash(convs[i]) for s in SPLITS for i in chunks[s]]
+    assert len(set(hashes)) == len(hashes), "a record landed in two splits"
+
+    out.mkdir(parents=True, exist_ok=True)
+    split_sha = {}
+    for s in SPLITS:
+        blob = dump_json([records[i] for i in chunks[s]])
+        files[s].write_bytes(blob)
+        split_sha[s] = sha256_bytes(blob)
+
+    # Register the splits for LLaMA-Factory, keeping every other entry of an existing file.
+    info = read_dataset_info(out)
+    for s in SPLITS:
+        info[f"{name}_{s}"] = {"file_name": files[s].name, **spec}
+    (out / "dataset_info.json").write_bytes(dump_json(info))
+
+    manifest = {
+        "loralab_version": __version__,
+        "source": {"path": source, "dataset": dataset, "sha256": source_sha, "records": len(records)},
+        "format": format_name(spec),
+        "seed": seed,
+        "sample": sample,
+        "split": split,
+        "max_tokens": max_tokens,
+        "tokenizer": tokenizer,
+        "dropped": dropped,
+        "counts": {"requested": dict(zip(SPLITS, sizes)), "actual": {s: len(chunks[s]) for s in SPLITS}},
+        "files": {s: {"file_name": files[s].name, "sha256": split_sha[s]} for s in SPLITS},
+    }
+    manifest_path.write_bytes(dump_json(manifest))
+    log.info("wrote %s: train %d, val %d, test %d", out, *sizes)
+    return manifest
+
+
+# --- the other stages: named datasets -> conversations ------------------------------------------
+def _load_named(names: str, cfg: Config) -> list[list[dict]]:
+    """Comma-separated dataset names (dataset_info.json in cfg.dataset_dir) or file paths -> conversations."""
+    folder = Path(cfg.dataset_dir)
+    info = read_dataset_info(folder)
+    convs: list[list[dict]] = []
+    for name in [n.strip() for n in names.split(",") if n.strip()]:
+        if name in info:
+            records, spec, _ = _load_entry(folder, name)
+        elif Path(name).is_file() or (folder / name).is_file():
+            path = Path(name) if Path(name).is_file() else folder / name
+            records = read_json_records(path)
+            spec = detect_spec(records, str(path))
+        else:
+            raise LoralabError(
+                f"dataset `{name}`: not in {folder / 'dataset_info.json'} and not a file; create it with "
+                f"`loralab prepare SOURCE -o {folder}` (or set dataset_dir to the folder that has it)"
+            )
+        if cfg.max_samples is not None:
+            records = records[: cfg.max_samples]  # the first N, as LLaMA-Factory does
+        convs += to_conversations(records, spec, name)
+    return convs
+
+
+def load_conversations(cfg: Config, which: str) -> list[list[dict]]:
+    """Conversations of the 'train', 'eval' or 'test' data of a config.
+
+    With no eval_dataset and val_size > 0, 'eval' is a seeded hold-out of the training data and
+    'train' is the rest (the same split every time for the same seed).
+    """
+    if which not in ("train", "eval", "test"):
+        raise ValueError(f"which must be train, eval or test, got {which!r}")
+    if which == "test":
+        return _load_named(cfg.test_dataset, cfg)
+    if which == "eval" and cfg.eval_dataset is not None:
+        return _load_named(cfg.eval_dataset, cfg)
+    if which == "eval" and cfg.val_size <= 0:
+        return []
+    convs = _load_named(cfg.dataset, cfg)
+    if cfg.eval_dataset is not None or cfg.val_size <= 0:
+        return convs
+    n_val = max(1, round(cfg.val_size * len(convs)))
+    if n_val >= len(convs):
+        raise LoralabError(f"val_size: {cfg.val_size} of {len(convs)} training records leaves none for training")
+    held_out = set(random.Random(cfg.seed).sample(range(len(convs)), n_val))
+    return [c for i, c in enumerate(convs) if (i in held_out) == (which == "eval")]
