@@ -1,0 +1,150 @@
+"""The generation engine on the tiny models: batching, stopping, streaming, cancelling, sampling."""
+
+import pytest
+
+from loralab.config import load_config
+from loralab.errors import LoralabError
+from loralab.generate import Engine, GenerationSettings
+
+# Prompts of clearly different lengths, so left padding really happens inside a batch.
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the sum of 12 and 30?"}],
+    [{"role": "user", "content": "Sort these words: cat, apple, banana. " * 4}],
+    [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Hello!"}],
+    [{"role": "user", "content": "hot"}],
+    [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. " * 7}],
+    [{"role": "user", "content": "Write the word in uppercase: apple"},
+     {"role": "assistant", "content": "APPLE"}, {"role": "user", "content": "And banana?"}],
+    [{"role": "user", "content": "0123456789 " * 3}],
+]
+GREEDY = GenerationSettings(max_new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    return Engine(load_config(None, {"model_name_or_path": str(tiny_model)}))
+
+
+@pytest.fixture(scope="module")
+def chatml_engine(tiny_chatml_model):
+    return Engine(load_config(None, {"model_name_or_path": str(tiny_chatml_model)}))
+
+
+@pytest.mark.parametrize("which", ["engine", "chatml_engine"])
+def test_batched_greedy_equals_one_at_a_time(request, which):
+    eng = request.getfixturevalue(which)
+    lengths = {len(eng.prompt_ids(c)) for c in CONVERSATIONS}
+    assert len(lengths) == len(CONVERSATIONS)  # all different: every batch is padded
+    single = [eng.generate([c], GREEDY, batch_size=1)[0] for c in CONVERSATIONS]
+    for batch_size in (3, 16):
+        batched = eng.generate(CONVERSATIONS, GREEDY, batch_size=batch_size)
+        assert batched == single  # same text, token counts and finish reasons, in input order
+    assert all(c.completion_tokens == 12 and c.finish_reason == "length" for c in single)
+    assert [c.prompt_tokens for c in single] == [len(eng.prompt_ids(c)) for c in CONVERSATIONS]
+
+
+def test_template_stop_tokens(engine, chatml_engine):
+    assert engine.tokenizer.convert_tokens_to_ids("<|eot_id|>") in engine.stop_ids
+    assert chatml_engine.tokenizer.convert_tokens_to_ids("<|im_end|>") in chatml_engine.stop_ids
+
+
+def test_stop_token_ends_reply(engine, monkeypatch):
+    """A stop token id ends the row: excluded from the text and counts, finish_reason 'stop'."""
+    conv = CONVERSATIONS[0]
+    ids = engine.model.generate(
+        __import__("torch").tensor([engine.prompt_ids(conv)]), max_new_tokens=12, do_sample=False,
+        eos_token_id=engine.stop_ids,
+    )[0, len(engine.prompt_ids(conv)):].tolist()
+    # The random tiny model never says <|eot_id|>; declare one of its own tokens a stop token instead.
+    j = next(j for j in range(2, len(ids)) if ids[j] not in ids[:j])
+    monkeypatch.setattr(engine, "stop_ids", engine.stop_ids + [ids[j]])
+    out = engine.generate([conv, CONVERSATIONS[1]], GREEDY, batch_size=2)[0]
+    assert out.finish_reason == "stop" and out.completion_tokens == j
+    assert out.text == engine.tokenizer.decode(ids[:j], skip_special_tokens=True)
+
+
+def test_stop_strings_and_streaming(engine):
+    full = engine.generate(CONVERSATIONS, GREEDY)
+    # A stop string taken from the middle of the first reply; the others may or may not contain it.
+    text = full[0].text
+    stop = next(text[i:i + 2] for i in range(2, len(text) - 2) if text[i:i + 2].strip() and "\ufffd" not in text[i:i + 2])
+    streamed: dict[int, list[str]] = {}
+    out = engine.generate(CONVERSATIONS, GenerationSettings(max_new_tokens=12, stop=[stop]), batch_size=3,
+                          on_text=lambda i, d: streamed.setdefault(i, []).append(d))
+    assert out[0].text == text[: text.find(stop)] and out[0].finish_reason == "stop"
+    for i, (c, f) in enumerate(zip(out, full)):
+        assert "".join(streamed.get(i, [])) == c.text  # deltas add up to exactly the final text
+        assert stop not in c.text
+        if stop not in f.text:
+            assert c == f
+    # several deltas per row: it really streams
+    assert max(len(v) for v in streamed.values()) > 3
+
+
+def test_cancel_one_row(engine):
+    full = engine.generate(CONVERSATIONS, GREEDY)
+    seen: dict[int, int] = {}
+
+    def on_text(i, delta):
+        seen[i] = seen.get(i, 0) + 1
+        return not (i == 2 and seen[i] >= 3)  # cancel row 2 after its third delta
+
+    out = engine.generate(CONVERSATIONS, GREEDY, batch_size=4, on_text=on_text)
+    assert out[2].finish_reason == "cancelled" and out[2].completion_tokens < 12
+    assert full[2].text.startswith(out[2].text)
+    assert [o for i, o in enumerate(out) if i != 2] == [o for i, o in enumerate(full) if i != 2]
+
+
+def test_stream_and_close(engine):
+    conv = CONVERSATIONS[3]
+    final = engine.generate([conv], GREEDY)[0].text
+    assert "".join(engine.stream(conv, GREEDY)) == final
+    parts = engine.stream(conv, GenerationSettings(max_new_tokens=200))
+    first = next(parts)
+    parts.close()  # the consumer went away: generation is cancelled and the thread joined
+    assert final.startswith(first)
+    assert engine._lock.acquire(timeout=5)
+    engine._lock.release()
+
+
+def test_sampling_is_seeded(engine):
+    sample = GenerationSettings(max_new_tokens=12, do_sample=True, temperature=1.5, top_p=0.95, top_k=0, seed=7)
+    a = engine.generate(CONVERSATIONS[:3], sample)
+    b = engine.generate(CONVERSATIONS[:3], sample)
+    assert a == b
+    other = engine.generate(CONVERSATIONS[:3], GenerationSettings(**{**sample.as_dict(), "seed": 8}))
+    greedy = engine.generate(CONVERSATIONS[:3], GREEDY)
+    assert other != a and greedy != a
+    settings = GenerationSettings.from_config(load_config(None, {"do_sample": True, "temperature": 0.5, "seed": 3}))
+    assert settings.do_sample and settings.temperature == 0.5 and settings.seed == 3
+
+
+def test_bad_settings_and_adapter(engine):
+    with pytest.raises(LoralabError, match="max_new_tokens"):
+        engine.generate(CONVERSATIONS[:1], GenerationSettings(max_new_tokens=0))
+    with pytest.raises(LoralabError, match="top_p"):
+        engine.generate(CONVERSATIONS[:1], GenerationSettings(top_p=1.5))
+    with pytest.raises(LoralabError, match="not loaded"):
+        engine.generate(CONVERSATIONS[:1], GREEDY, adapter="nope")
+
+
+def test_vllm_backend_missing_is_clear(tiny_model):
+    cfg = load_config(None, {"model_name_or_path": str(tiny_model), "infer_backend": "vllm"})
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("vllm") is not None and torch.cuda.is_available():
+        pytest.skip("vLLM and CUDA present")
+    with pytest.raises(LoralabError, match="infer_backend: vllm") as err:
+        Engine(cfg)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_smollm2_batched_equals_single():
+    eng = Engine(load_config(None, {}))
+    convs = [[{"role": "user", "content": q}] for q in
+             ("What is the capital of France?", "Give three tips for staying healthy.", "Translate 'cat' to French.")]
+    settings = GenerationSettings(max_new_tokens=24)
+    assert eng.generate(convs, settings, batch_size=3) == [eng.generate([c], settings)[0] for c in convs]
