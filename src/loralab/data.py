@@ -27,10 +27,8 @@ SPLITS = ("train", "val", "test")
 DEMO_SOURCE = "builtin:demo"
 
 # LLaMA-Factory's defaults for the columns and tags of a dataset_info.json entry.
-COLUMN_DEFAULTS = {
-    "prompt": "instruction", "query": "input", "response": "output",
-    "history": None, "system": None, "messages": "conversations",
-}
+COLUMN_DEFAULTS = {"prompt": "instruction", "query": "input", "response": "output", "history": None, "system": None,
+                   "messages": "conversations"}
 SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt", "system_tag": "system"}
 OPENAI_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant", "system_tag": "system"}
 
@@ -110,6 +108,8 @@ def load_hub(repo: str, subset: str | None = None, split: str = "train") -> list
             f"{repo}: could not load this dataset from the Hugging Face hub ({type(e).__name__}: {why}); "
             "offline? download the data and pass a local file instead, e.g. `loralab prepare path/to/alpaca_data_cleaned.json`"
         ) from None
+    if len(ds) == 0:
+        raise LoralabError(f"{repo}: the hub dataset has no records")
     return ds.to_list()
 
 
@@ -227,9 +227,9 @@ def to_conversations(records: list, spec: dict, where: str) -> list[list[dict]]:
     return out
 
 
-def content_hash(messages: list[dict]) -> str:
-    """Identity of a record's content, whatever its on-disk format."""
-    return sha256_bytes(json.dumps(messages, ensure_ascii=False, sort_keys=True).encode("utf-8"))
+def content_hash(obj: Any) -> str:
+    """sha256 of canonical JSON: the identity of a record's messages, whatever its on-disk format."""
+    return sha256_bytes(json.dumps(obj, ensure_ascii=False, sort_keys=True).encode("utf-8"))
 
 
 # --- sources -------------------------------------------------------------------------------------
@@ -248,7 +248,7 @@ def _load_entry(folder: Path, name: str) -> tuple[list, dict, str]:
     spec = {k: entry[k] for k in ("formatting", "columns", "tags") if k in entry}
     if entry.get("hf_hub_url"):
         records = load_hub(entry["hf_hub_url"], entry.get("subset"), entry.get("split", "train"))
-        return records, spec, sha256_bytes(json.dumps(records, ensure_ascii=False, sort_keys=True).encode("utf-8"))
+        return records, spec, content_hash(records)
     if not entry.get("file_name"):
         raise LoralabError(f"{where}: needs `file_name` (a file or folder in {folder}) or `hf_hub_url`")
     target = folder / entry["file_name"]
@@ -290,9 +290,7 @@ def load_source(source: str, dataset: str | None = None) -> tuple[list, dict, st
         return records, detect_spec(records, source), sha256_bytes(path.read_bytes())
     if HUB_ID.fullmatch(source) and path.suffix not in (".json", ".jsonl"):
         records = load_hub(source)
-        if not records:
-            raise LoralabError(f"{source}: the hub dataset has no records")
-        return records, detect_spec(records, source), sha256_bytes(json.dumps(records, ensure_ascii=False, sort_keys=True).encode("utf-8"))
+        return records, detect_spec(records, source), content_hash(records)
     raise LoralabError(f"{source}: file not found; expected a JSON/JSONL file, a LLaMA-Factory data folder, "
                        f"a hub dataset id like yahma/alpaca-cleaned, or {DEMO_SOURCE}")
 
@@ -307,10 +305,15 @@ def load_records(path_or_source: str, dataset: str | None = None) -> tuple[list,
 # --- prepare: clean, sample, split, manifest -----------------------------------------------------
 def count_tokens(tokenizer: str, conversations: list[list[dict]]) -> list[int]:
     """Tokens of each conversation's full text (all turns joined by newlines)."""
-    try:
-        from transformers import AutoTokenizer
+    from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(tokenizer)
+    path, gguf = tokenizer, None
+    if tokenizer.startswith("builtin:") or tokenizer.endswith(".gguf"):
+        from loralab.models import resolve_model_path
+
+        path, gguf = resolve_model_path(tokenizer)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
     except Exception as e:
         why = (str(e).strip().splitlines() or [""])[0][:200]
         raise LoralabError(f"--tokenizer {tokenizer}: cannot load a tokenizer from it ({type(e).__name__}: {why})") from None
@@ -328,30 +331,22 @@ def split_sizes(split: str, sample: int | None, available: int, where: str) -> l
         sizes = [int(p) for p in parts]
         if sample is not None and sample < sum(sizes):
             raise LoralabError(f"--split {split}: asks for {sum(sizes)} records but --sample is {sample}")
+    elif sum(parts) > 1 + 1e-9:
+        raise LoralabError(f"--split {split}: fractions add up to {sum(parts):g}; expected at most 1")
     else:
-        if sum(parts) > 1 + 1e-9:
-            raise LoralabError(f"--split {split}: fractions add up to {sum(parts):g}; expected at most 1")
-        pool = available if sample is None else sample
+        pool = min(available, sample or available)
         sizes = [round(p * pool) for p in parts]
         if abs(sum(parts) - 1) < 1e-9:
             sizes[0] = pool - sizes[1] - sizes[2]  # fractions of the whole: every sampled record is used
-    if max(sum(sizes), sample or 0) > available:
-        raise LoralabError(f"{where}: asked for {max(sum(sizes), sample or 0)} records but only {available} usable records exist")
+    need = max(sum(sizes), sample or 0)
+    if need > available:
+        raise LoralabError(f"{where}: asked for {need} records but only {available} usable records exist")
     return sizes
 
 
-def prepare(
-    source: str,
-    output_dir: str | Path = "data",
-    seed: int = 42,
-    sample: int | None = None,
-    split: str = "0.7,0.2,0.1",
-    name: str = "alpaca_data",
-    dataset: str | None = None,
-    max_tokens: int | None = None,
-    tokenizer: str | None = None,
-    overwrite: bool = False,
-) -> dict:
+def prepare(source: str, output_dir: str | Path = "data", seed: int = 42, sample: int | None = None,
+            split: str = "0.7,0.2,0.1", name: str = "alpaca_data", dataset: str | None = None,
+            max_tokens: int | None = None, tokenizer: str | None = None, overwrite: bool = False) -> dict:
     """Clean, sample and split a source into NAME_{train,val,test}.json + NAME_manifest.json; returns the manifest."""
     out = Path(output_dir)
     files = {s: out / f"{name}_{s}.json" for s in SPLITS}
@@ -401,6 +396,7 @@ def prepare(
     hashes = [content_hash(convs[i]) for s in SPLITS for i in chunks[s]]
     assert len(set(hashes)) == len(hashes), "a record landed in two splits"
 
+    info = read_dataset_info(out)  # read (and validate) before writing anything
     out.mkdir(parents=True, exist_ok=True)
     split_sha = {}
     for s in SPLITS:
@@ -409,7 +405,6 @@ def prepare(
         split_sha[s] = sha256_bytes(blob)
 
     # Register the splits for LLaMA-Factory, keeping every other entry of an existing file.
-    info = read_dataset_info(out)
     for s in SPLITS:
         info[f"{name}_{s}"] = {"file_name": files[s].name, **spec}
     (out / "dataset_info.json").write_bytes(dump_json(info))
@@ -417,13 +412,8 @@ def prepare(
     manifest = {
         "loralab_version": __version__,
         "source": {"path": source, "dataset": dataset, "sha256": source_sha, "records": len(records)},
-        "format": format_name(spec),
-        "seed": seed,
-        "sample": sample,
-        "split": split,
-        "max_tokens": max_tokens,
-        "tokenizer": tokenizer,
-        "dropped": dropped,
+        "format": format_name(spec), "seed": seed, "sample": sample, "split": split,
+        "max_tokens": max_tokens, "tokenizer": tokenizer, "dropped": dropped,
         "counts": {"requested": dict(zip(SPLITS, sizes)), "actual": {s: len(chunks[s]) for s in SPLITS}},
         "files": {s: {"file_name": files[s].name, "sha256": split_sha[s]} for s in SPLITS},
     }
@@ -441,8 +431,7 @@ def _load_named(names: str, cfg: Config) -> list[list[dict]]:
     for name in [n.strip() for n in names.split(",") if n.strip()]:
         if name in info:
             records, spec, _ = _load_entry(folder, name)
-        elif Path(name).is_file() or (folder / name).is_file():
-            path = Path(name) if Path(name).is_file() else folder / name
+        elif path := next((p for p in (Path(name), folder / name) if p.is_file()), None):
             records = read_json_records(path)
             spec = detect_spec(records, str(path))
         else:
