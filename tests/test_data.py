@@ -92,6 +92,17 @@ def test_each_format_reads(tmp_path, make, fmt, suffix):
         assert entry["columns"] == {"messages": "conversations", "system": "system"} and entry["tags"]["user_tag"] == "human"
 
 
+def test_alpaca_system_and_history_are_registered_for_llamafactory(tmp_path):
+    records = [{"instruction": f"q{i}", "input": "", "output": f"a{i}", "system": "S", "history": [["h", "k"]]}
+               for i in range(5)]
+    data.prepare(str(write(tmp_path / "a.json", records)), output_dir=tmp_path / "o", split="3,1,1")
+    entry = json.loads((tmp_path / "o" / "dataset_info.json").read_text())["alpaca_data_test"]
+    assert entry["columns"] == {"prompt": "instruction", "query": "input", "response": "output",
+                                "system": "system", "history": "history"}
+    cfg = Config(test_dataset="alpaca_data_test", dataset_dir=str(tmp_path / "o"))
+    assert [m["role"] for m in data.load_conversations(cfg, "test")[0]] == ["system", "user", "assistant", "user", "assistant"]
+
+
 def test_llamafactory_folder_with_custom_columns(tmp_path):
     folder = tmp_path / "lf"
     write(folder / "qa.json", [{"q": f"question {i}", "a": f"answer {i}", "sys": "S"} for i in range(10)])
@@ -270,6 +281,10 @@ def test_other_errors(tmp_path):
     with pytest.raises(LoralabError, match="pass --dataset NAME"):
         data.prepare(str(tmp_path / "lf"), output_dir=tmp_path / "o")
     assert not (tmp_path / "o").exists()
+    write(tmp_path / "o" / "dataset_info.json", "{not json")
+    with pytest.raises(LoralabError, match=r"o/dataset_info.json: invalid JSON at line 1, column 2"):
+        data.prepare(str(src), output_dir=tmp_path / "o", split="6,2,2")
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["dataset_info.json"]  # nothing written
 
 
 def test_cli_errors_are_one_line_exit_2(tmp_path):

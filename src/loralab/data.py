@@ -61,7 +61,7 @@ def read_json_records(path: Path) -> list:
         try:
             records = json.loads(text)
         except json.JSONDecodeError as e:
-            if e.msg != "Extra data":
+            if e.msg != "Extra data" or not text.lstrip().startswith("{"):
                 raise LoralabError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
             records = _json_lines(text, path)  # several values one after another: JSON lines
     if not isinstance(records, list):
