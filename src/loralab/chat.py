@@ -1,0 +1,130 @@
+"""`loralab chat`: talk to a base model (and its adapter) in the terminal.
+
+Replies stream token by token through `Engine.stream`. The conversation keeps its history until
+/clear; /system TEXT sets the system prompt, /exit leaves. Ctrl-C during a reply stops that reply
+and keeps the session (what was already printed stays in the history).
+
+When stdin is not a terminal every line is one message and only the replies are printed (one per
+line), so the command can be scripted: `printf 'hi\\n/clear\\nbye\\n' | loralab chat model_name_or_path=...`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import TextIO
+
+from loralab.config import Config
+from loralab.generate import Engine, GenerationSettings
+
+log = logging.getLogger(__name__)
+
+HELP = "commands: /clear (forget the conversation), /system TEXT (set the system prompt; empty = the default), /exit"
+
+
+class ChatSession:
+    """One conversation with history; `send` streams a reply to `out` and records it."""
+
+    def __init__(self, engine: Engine, settings: GenerationSettings, adapter: str | None = None,
+                 system: str | None = None):
+        self.engine, self.settings, self.adapter = engine, settings, adapter
+        self.system = system
+        self.history: list[dict] = []  # user/assistant turns, without the system prompt
+
+    @property
+    def messages(self) -> list[dict]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + self.history
+
+    def _fit_context(self) -> None:
+        """Forget the oldest turns while prompt + reply would not fit the model's context."""
+        limit = getattr(getattr(self.engine.model, "config", None), "max_position_embeddings", None)
+        if not limit:
+            return
+        while len(self.history) > 1 and len(self.engine.prompt_ids(self.messages)) + self.settings.max_new_tokens > limit:
+            drop = 2 if len(self.history) > 2 else 1  # a user turn and its reply
+            self.history = self.history[drop:]
+            log.warning("conversation too long for the model's %d-token context: forgot the oldest turn", limit)
+
+    def send(self, text: str, out: TextIO) -> str:
+        """Add a user message, stream the reply to `out`, return it. Ctrl-C stops the reply early."""
+        self.history.append({"role": "user", "content": text})
+        self._fit_context()
+        parts: list[str] = []
+        deltas = self.engine.stream(self.messages, self.settings, adapter=self.adapter)
+        try:
+            for delta in deltas:
+                parts.append(delta)
+                out.write(delta)
+                out.flush()
+        except KeyboardInterrupt:
+            deltas.close()  # stops the generation thread
+            out.write(" [interrupted]")
+        finally:
+            out.write("\n")
+            out.flush()
+        reply = "".join(parts)
+        self.history.append({"role": "assistant", "content": reply})
+        return reply
+
+    def handle(self, line: str, out: TextIO, note: TextIO) -> bool:
+        """One input line: a command or a message. Returns False when the session should end."""
+        line = line.strip()
+        if not line:
+            return True
+        if line.startswith("/"):
+            command, _, arg = line.partition(" ")
+            if command in ("/exit", "/quit"):
+                return False
+            if command == "/clear":
+                self.history = []
+                note.write("(history cleared)\n")
+            elif command == "/system":
+                self.system = arg.strip() or None
+                note.write(f"(system prompt {'set' if self.system else 'removed'})\n")
+            elif command == "/help":
+                note.write(HELP + "\n")
+            else:
+                note.write(f"unknown command {command}; {HELP}\n")
+            note.flush()
+            return True
+        self.send(line, out)
+        return True
+
+
+def run(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextIO, interactive: bool) -> None:
+    """The read-reply loop: a prompt per line on a terminal, bare replies when reading a pipe."""
+    if interactive:
+        try:
+            import readline  # noqa: F401 - line editing and history for input()
+        except ImportError:
+            pass
+        stderr.write(f"chatting with {session.engine.base_name}"
+                     + (f" + adapter {session.adapter}" if session.adapter else "") + f"; {HELP}\n")
+    while True:
+        try:
+            if interactive:
+                line = input("\nyou> ")
+            else:
+                line = stdin.readline()
+                if not line:
+                    break
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D / Ctrl-C at the prompt ends the session
+            stderr.write("\n")
+            break
+        if interactive and line.strip() and not line.strip().startswith("/"):
+            stdout.write("assistant> ")
+        if not session.handle(line, stdout, stderr):
+            break
+
+
+def chat(cfg: Config, stdin: TextIO | None = None, stdout: TextIO | None = None) -> None:
+    """`loralab chat`: load the model (and adapter) once, then talk until /exit or end of input."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    engine = Engine(cfg)
+    adapter = engine.adapter_names[0] if engine.adapter_names else None
+    if len(engine.adapter_names) > 1:
+        log.info("several adapters loaded; chatting with the first: %s", adapter)
+    # No system prompt of our own: the engine adds cfg.default_system to conversations without one.
+    session = ChatSession(engine, GenerationSettings.from_config(cfg), adapter)
+    run(session, stdin, stdout, sys.stderr, interactive=stdin.isatty())
