@@ -126,6 +126,198 @@ def prepare(
     )
 
 
+# --- train / export ----------------------------------------------------------------------------
+@app.command("train")
+def train_cmd(
+    args: ConfigArgs = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output_dir (overwrite_output_dir).")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last complete checkpoint in output_dir.")] = False,
+) -> None:
+    """Fine-tune with LoRA (or full) on the train split, validated on the validation split."""
+    from loralab.train import train
+
+    cfg = config_from_args(args, overwrite_output_dir=True if overwrite else None,
+                           resume_from_checkpoint=True if resume else None)
+    summary = train(cfg)
+    if summary:  # only the main process of a multi-process run reports
+        best = summary["best_eval_loss"]
+        typer.echo(f"trained {summary['steps']} steps into {summary['run_dir']}"
+                   + (f" (best validation loss {best:.4f} at step {summary['best_step']})" if best is not None else ""))
+
+
+@app.command("export")
+def export_cmd(
+    args: ConfigArgs = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty export_dir.")] = False,
+) -> None:
+    """Merge adapter_name_or_path into its base model and save a plain model folder in export_dir."""
+    from loralab.export import export
+
+    path = export(config_from_args(args), overwrite=overwrite)
+    typer.echo(f"wrote merged model to {path}")
+
+
+# --- predict / eval / compare ------------------------------------------------------------------
+SplitOpt = Annotated[str, typer.Option("--split", help="train, val or test (dataset / eval_dataset / test_dataset).")]
+DataOpt = Annotated[Optional[str], typer.Option("--data", help="Predict on this data file instead of a split.")]
+OutOpt = Annotated[Optional[str], typer.Option("--output-dir", "-o", help="Output folder (default: under output_dir).")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")]
+BootOpt = Annotated[int, typer.Option("--n-boot", help="Bootstrap / permutation resamples for CIs and p-values.")]
+
+
+@app.command()
+def predict(
+    args: ConfigArgs = None,
+    split: SplitOpt = "test",
+    data_file: DataOpt = None,
+    output_dir: OutOpt = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Generate replies for a split (or --data FILE): generated_predictions.jsonl + predict_results.json."""
+    from loralab import evaluate
+
+    out = evaluate.predict(config_from_args(args), split, data_file, output_dir, overwrite)
+    r = out["results"]
+    typer.echo(f"wrote {out['dir']}/generated_predictions.jsonl: {r['samples']} samples in {r['seconds']:.1f}s "
+               f"({r['samples_per_second']:.2f} samples/s, {r['generated_tokens_per_second']:.1f} generated tokens/s)")
+
+
+@app.command("eval")
+def eval_(
+    args: ConfigArgs = None,
+    split: SplitOpt = "test",
+    data_file: DataOpt = None,
+    predictions: Annotated[
+        Optional[str], typer.Option("--predictions", help="Score this generated_predictions.jsonl instead of predicting.")
+    ] = None,
+    compare_base: Annotated[
+        bool, typer.Option("--compare-base", help="Also score the base model (adapter off) and compare, sample by sample.")
+    ] = False,
+    output_dir: OutOpt = None,
+    overwrite: OverwriteOpt = False,
+    n_boot: BootOpt = 1000,
+) -> None:
+    """Predict and score (BLEU/ROUGE with 95% CIs): metrics.json, per_sample_scores.jsonl, a table."""
+    from loralab import evaluate
+
+    cfg = config_from_args(args)
+    if compare_base:
+        if predictions:
+            raise LoralabError("--compare-base: generates with both models; it cannot be combined with --predictions")
+        if len(cfg.adapter_paths) != 1:
+            raise LoralabError("--compare-base: set adapter_name_or_path=ADAPTER_DIR (one adapter) to compare with the base model")
+        adapter = cfg.adapter_paths[0]
+        tag = evaluate.adapter_tag(adapter)
+        summary = evaluate.evaluate_models(cfg, {"base": None, tag if tag != "base" else "tuned": adapter}, split,
+                                           output_dir, data_file, overwrite, n_boot)
+        typer.echo(evaluate.format_comparison_table(summary))
+        typer.echo(f"wrote {summary['dir']}/comparison.json")
+        return
+    result = evaluate.evaluate(cfg, split, data_file, predictions, output_dir, overwrite, n_boot)
+    typer.echo(f"{result.get('split') or result.get('data') or result.get('predictions')}: {result['n_samples']} samples")
+    typer.echo(evaluate.format_metrics_table(result))
+    typer.echo(f"wrote {result['dir']}/metrics.json")
+
+
+@app.command()
+def compare(
+    run_a: Annotated[str, typer.Argument(help="Evaluation folder A (the reference), made by `loralab eval`.")],
+    run_b: Annotated[str, typer.Argument(help="Evaluation folder B, on the same split.")],
+    output: Annotated[Optional[str], typer.Option("--output", help="Also write the comparison as JSON here.")] = None,
+    n_boot: BootOpt = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the resampling.")] = 0,
+) -> None:
+    """Paired comparison of two evaluations of the same split: B-A, 95% CI, p-value per metric."""
+    import json
+    from pathlib import Path
+
+    from loralab import evaluate
+
+    result = evaluate.compare_evaluations(run_a, run_b, n_boot=n_boot, seed=seed)
+    typer.echo(f"B = {run_b} vs A = {run_a}: {result['n_samples']} samples")
+    typer.echo(evaluate.format_paired_table(result))
+    if output:
+        if Path(output).exists():
+            raise LoralabError(f"--output: {output} already exists; choose another file")
+        Path(output).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        typer.echo(f"wrote {output}")
+
+
+# --- serving: chat / api / webchat -------------------------------------------------------------
+HostOpt = Annotated[Optional[str], typer.Option("--host", help="Bind address (default: API_HOST env, else api_host = 127.0.0.1).")]
+PortOpt = Annotated[Optional[int], typer.Option("--port", help="Port (default: API_PORT env, else api_port).")]
+AdapterOpt = Annotated[
+    Optional[list[str]], typer.Option("--adapter", help="Serve an adapter as model NAME: NAME=PATH (repeatable).")
+]
+
+
+def _serving_config(args: list[str] | None, adapter_flags: list[str] | None) -> Config:
+    from loralab.api import parse_adapter_flags
+
+    cfg = config_from_args(args)
+    extra = parse_adapter_flags(adapter_flags)
+    if extra:
+        cfg.adapters = {**cfg.adapters, **extra}
+    return cfg
+
+
+@app.command()
+def chat(args: ConfigArgs = None) -> None:
+    """Chat in the terminal (streaming, multi-turn; /clear, /system TEXT, /exit). Reads lines from a pipe too."""
+    from loralab import chat as chat_stage
+
+    chat_stage.chat(config_from_args(args))
+
+
+@app.command()
+def api(
+    args: ConfigArgs = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    adapter: AdapterOpt = None,
+    api_key: Annotated[
+        Optional[str], typer.Option("--api-key", help="Require Authorization: Bearer KEY on /v1 (default: API_KEY env).")
+    ] = None,
+    max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Requests generated together at most.")] = 16,
+) -> None:
+    """OpenAI-compatible server: /v1/models, /v1/chat/completions (streaming), /health; model = base or adapter."""
+    from loralab import api as api_stage
+
+    api_stage.serve(_serving_config(args, adapter), host, port, api_key, max_batch_size)
+
+
+@app.command()
+def webchat(
+    args: ConfigArgs = None,
+    host: HostOpt = None,
+    port: Annotated[Optional[int], typer.Option("--port", help="Port (default: 7860).")] = None,
+    adapter: AdapterOpt = None,
+    username: Annotated[Optional[str], typer.Option("--username", help="Require this login (with --password).")] = None,
+    password: Annotated[
+        Optional[str], typer.Option("--password", help="Password for --username (default: WEBCHAT_PASSWORD env).")
+    ] = None,
+) -> None:
+    """Browser chat page (Gradio): streaming replies, model/adapter selector, system prompt, settings."""
+    from loralab import webchat as webchat_stage
+
+    webchat_stage.serve(_serving_config(args, adapter), host, port, username, password)
+
+
+@app.command("run")
+def run_cmd(
+    args: ConfigArgs = None,
+    force: Annotated[bool, typer.Option("--force", help="Redo every stage, replacing earlier results.")] = False,
+) -> None:
+    """The whole experiment: prepare -> train -> evaluate base and tuned on the test split -> report."""
+    from loralab.experiment import run_experiment
+
+    args = list(args or [])
+    path = args.pop(0) if args and "=" not in args[0] else None
+    result = run_experiment(path, args, force=force)
+    typer.echo(result["table"])
+    typer.echo(f"\nrun folder: {result['output_dir']}   report: {result['report']}")
+
+
 def main() -> None:
     """Entry point: user mistakes become one line on stderr and exit status 2, never a traceback."""
     try:

@@ -191,6 +191,10 @@ class Engine:
         self.backend = cfg.infer_backend
         self._lock = threading.Lock()  # one generate at a time: adapters are switched on the shared model
         self._vllm = None
+        if cfg.torch_threads:
+            import torch
+
+            torch.set_num_threads(cfg.torch_threads)
         if cfg.infer_backend == "vllm":
             from loralab.models import check_adapter_base, load_tokenizer
 

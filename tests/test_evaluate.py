@@ -1,0 +1,212 @@
+"""predict / eval / compare on the tiny model and a tiny demo split; every bad input is one clear error."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from loralab import data
+from loralab.config import load_config
+from loralab.errors import LoralabError
+from loralab.evaluate import (
+    compare_evaluations, evaluate, evaluate_models, format_comparison_table, load_examples, predict, read_predictions,
+)
+from loralab.generate import Engine, GenerationSettings
+from loralab.metrics import METRICS
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("evaldata") / "data"
+    data.prepare("builtin:demo", output_dir=out, split="12,4,5", seed=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_model, tmp_path_factory):
+    """A random (non-zero) LoRA adapter on the tiny model: nothing trained, just saved by peft."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("adapter") / "tuned-run"
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.save_pretrained(folder)
+    return folder
+
+
+def make_cfg(tiny_model, data_dir, tmp_path, **extra):
+    return load_config(None, {"model_name_or_path": str(tiny_model), "dataset_dir": str(data_dir),
+                              "output_dir": str(tmp_path / "runs"), "max_new_tokens": 8, "infer_batch_size": 3, **extra})
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_predict_writes_llamafactory_jsonl(tiny_model, data_dir, tmp_path):
+    cfg = make_cfg(tiny_model, data_dir, tmp_path)
+    out = predict(cfg, "test", progress=False)
+    folder = tmp_path / "runs" / "predict-test-base"
+    assert out["dir"] == str(folder)
+    rows = read_jsonl(folder / "generated_predictions.jsonl")
+    prompts, labels, _ = load_examples(cfg, "test")
+    assert [list(r) for r in rows] == [["prompt", "predict", "label"]] * 5
+    assert [r["label"] for r in rows] == labels
+    engine = Engine(cfg, {})
+    # prompt = the rendered chat-template text, special tokens kept (as LLaMA-Factory writes it)
+    assert rows[0]["prompt"] == engine.tokenizer.apply_chat_template(prompts[0], tokenize=False, add_generation_prompt=True)
+    assert rows[0]["prompt"].startswith("<|begin_of_text|><|start_header_id|>user")
+    # predictions are exactly what the engine generates, greedy
+    assert [r["predict"] for r in rows] == [c.text for c in engine.generate(prompts, GenerationSettings(max_new_tokens=8))]
+    results = json.loads((folder / "predict_results.json").read_text())
+    assert results["samples"] == 5 and results["generated_tokens"] == 40 and results["samples_per_second"] > 0
+    assert results["settings"]["max_new_tokens"] == 8 and results["split"] == "test"
+    assert (folder / "config.yaml").is_file() and (folder / "run_info.json").is_file()
+    with pytest.raises(LoralabError, match="not empty"):
+        predict(cfg, "test", progress=False)
+    predict(cfg, "val", progress=False)  # another split, another folder
+    assert len(read_jsonl(tmp_path / "runs" / "predict-val-base" / "generated_predictions.jsonl")) == 4
+
+
+def test_eval_writes_metrics_with_cis(tiny_model, data_dir, tmp_path):
+    cfg = make_cfg(tiny_model, data_dir, tmp_path)
+    result = evaluate(cfg, "test", n_boot=200, progress=False)
+    folder = tmp_path / "runs" / "eval-test-base"
+    saved = json.loads((folder / "metrics.json").read_text())
+    assert saved["n_samples"] == 5 and saved["split"] == "test" and set(saved["metrics"]) == set(METRICS)
+    for m in saved["metrics"].values():
+        assert m["ci_low"] <= m["value"] <= m["ci_high"] and m["implementation"]
+    assert result["metrics"] == saved["metrics"]
+    per_sample = read_jsonl(folder / "per_sample_scores.jsonl")
+    assert len(per_sample) == 5 and {"predict", "label", "rouge1", "bleu_stats"} <= set(per_sample[0])
+    assert "predict_bleu-4" in json.loads((folder / "predict_results.json").read_text())
+
+
+def test_eval_reads_predictions_file(tiny_model, data_dir, tmp_path):
+    cfg = make_cfg(tiny_model, data_dir, tmp_path)
+    preds = tmp_path / "lf" / "generated_predictions.jsonl"
+    preds.parent.mkdir()
+    rows = [{"prompt": "p", "predict": "The sum of 2 and 2 is 4.", "label": "The sum of 2 and 2 is 4."},
+            {"prompt": "q", "predict": "Paris is the capital.", "label": "The capital of France is Paris."}]
+    preds.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = evaluate(cfg, predictions=str(preds), n_boot=100)
+    assert (preds.parent / "metrics.json").is_file() and result["n_samples"] == 2
+    assert 50 < result["metrics"]["rouge1"]["value"] < 100
+    with pytest.raises(LoralabError, match="already exists"):
+        evaluate(cfg, predictions=str(preds), n_boot=100)
+
+
+@pytest.mark.parametrize("line, expected", [
+    ('{"prompt": "p", "predict": "x"}', "line 2: missing field `label`"),
+    ('{"prompt": "p", "label": "x"}', "line 2: missing field `predict`"),
+    ('{"prompt": "p", "predict": 3, "label": "x"}', "line 2: field `predict` must be a string"),
+    ('{"prompt": "p", "predict": "x", ', "line 2: invalid JSON"),
+    ('["p", "x", "y"]', "line 2: expected a JSON object"),
+])
+def test_bad_predictions_file(tmp_path, line, expected):
+    path = tmp_path / "preds.jsonl"
+    path.write_text('{"prompt": "p", "predict": "a", "label": "b"}\n' + line + "\n")
+    with pytest.raises(LoralabError) as err:
+        read_predictions(path)
+    assert expected in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bad_split_and_dataset(tiny_model, data_dir, tmp_path):
+    cfg = make_cfg(tiny_model, data_dir, tmp_path)
+    with pytest.raises(LoralabError, match="--split: unknown split 'dev'"):
+        predict(cfg, "dev", progress=False)
+    with pytest.raises(LoralabError, match="alpaca_data_tset"):
+        predict(make_cfg(tiny_model, data_dir, tmp_path, test_dataset="alpaca_data_tset"), "test", progress=False)
+    with pytest.raises(LoralabError, match="no data"):
+        load_examples(make_cfg(tiny_model, data_dir, tmp_path, eval_dataset=None), "val")
+    assert not (tmp_path / "runs").exists()  # nothing written on a bad input
+
+
+def test_adapter_of_another_base_is_refused(tiny_model, tiny_chatml_model, adapter, data_dir, tmp_path):
+    import shutil
+
+    other = tmp_path / "other-adapter"
+    shutil.copytree(adapter, other)
+    config_file = other / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    assert config["base_model_name_or_path"] == str(tiny_model)
+    config["base_model_name_or_path"] = str(tiny_chatml_model)  # a real model, but not ours
+    config_file.write_text(json.dumps(config))
+    cfg = make_cfg(tiny_model, data_dir, tmp_path, adapter_name_or_path=str(other))
+    with pytest.raises(LoralabError, match="was trained on base model") as err:
+        predict(cfg, "test", progress=False)
+    assert "model_name_or_path" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(LoralabError, match="was trained on base model"):
+        evaluate_models(cfg, {"base": None, "other": str(other)}, "test", tmp_path / "cmp", progress=False)
+
+
+def test_base_vs_adapter_and_compare(tiny_model, adapter, data_dir, tmp_path):
+    cfg = make_cfg(tiny_model, data_dir, tmp_path)
+    summary = evaluate_models(cfg, {"base": None, "tuned": str(adapter)}, "test", tmp_path / "cmp",
+                              n_boot=200, progress=False)
+    base_rows = read_jsonl(tmp_path / "cmp" / "base" / "generated_predictions.jsonl")
+    tuned_rows = read_jsonl(tmp_path / "cmp" / "tuned" / "generated_predictions.jsonl")
+    # adapter off = the plain base model; adapter on = different (random non-zero LoRA) outputs
+    plain = Engine(cfg, {}).generate(load_examples(cfg, "test")[0], GenerationSettings(max_new_tokens=8))
+    assert [r["predict"] for r in base_rows] == [c.text for c in plain]
+    assert [r["predict"] for r in tuned_rows] != [r["predict"] for r in base_rows]
+    saved = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    comp = saved["comparisons"]["tuned_vs_base"]
+    assert set(comp["metrics"]) == set(METRICS) and saved["models"]["tuned"]["adapter"] == str(adapter)
+    for m in comp["metrics"].values():
+        assert m["delta"] == pytest.approx(m["value_b"] - m["value_a"]) and 0 < m["p_value"] <= 1
+    assert comp["metrics"]["rouge1"]["value_a"] == pytest.approx(summary["models"]["base"]["metrics"]["rouge1"]["value"])
+    table = format_comparison_table(summary)
+    assert "delta" in table and "tuned" in table and "predict_bleu-4" in table
+
+    # `loralab compare` on the two folders gives the same numbers
+    again = compare_evaluations(tmp_path / "cmp" / "base", tmp_path / "cmp" / "tuned", n_boot=200, seed=cfg.seed)
+    assert again["metrics"] == comp["metrics"]
+    other_split = evaluate(cfg, "val", output_dir=str(tmp_path / "val"), n_boot=50, progress=False)
+    with pytest.raises(LoralabError, match="same split"):
+        compare_evaluations(tmp_path / "cmp" / "base", other_split["dir"])
+    with pytest.raises(LoralabError, match="not found"):
+        compare_evaluations(tmp_path / "cmp" / "base", tmp_path / "nowhere")
+
+
+def cli(*args, cwd):
+    env_cmd = [sys.executable, "-m", "loralab.cli", *args]
+    return subprocess.run(env_cmd, capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_cli_end_to_end(tiny_model, adapter, tmp_path):
+    records = [{"instruction": f"Add {i} and {i + 1}.", "input": "", "output": f"The sum is {2 * i + 1}."} for i in range(4)]
+    (tmp_path / "tiny.json").write_text(json.dumps(records))
+    (tmp_path / "cfg.yaml").write_text(f"model_name_or_path: {tiny_model}\nmax_new_tokens: 6\noutput_dir: runs\n")
+    out = cli("predict", "cfg.yaml", "--data", "tiny.json", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert len(read_jsonl(tmp_path / "runs" / "predict-tiny-base" / "generated_predictions.jsonl")) == 4
+
+    out = cli("eval", "cfg.yaml", f"adapter_name_or_path={adapter}", "--data", "tiny.json", "--compare-base",
+              "--n-boot", "100", "--output-dir", "cmp", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "delta" in out.stdout and "rougeL" in out.stdout and (tmp_path / "cmp" / "comparison.json").is_file()
+
+    out = cli("compare", "cmp/base", "cmp/tuned-run", "--n-boot", "100", "--output", "c.json", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "p" in out.stdout and json.loads((tmp_path / "c.json").read_text())["n_samples"] == 4
+
+    out = cli("eval", "cfg.yaml", "--predictions", "runs/predict-tiny-base/generated_predictions.jsonl", "--n-boot", "50",
+              cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "95% CI" in out.stdout and (tmp_path / "runs" / "predict-tiny-base" / "metrics.json").is_file()
+
+    # bad inputs: one line on stderr, exit status 2, no traceback
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "p", "predict": "x"}\n')
+    for args, expected in [
+        (("eval", "cfg.yaml", "--predictions", "bad.jsonl"), "line 1: missing field `label`"),
+        (("predict", "cfg.yaml", "--split", "dev"), "unknown split"),
+        (("predict", "cfg.yaml", "--data", "tiny.json"), "not empty"),
+        (("eval", "cfg.yaml", "--compare-base", "--data", "tiny.json"), "--compare-base"),
+        (("compare", "cmp/base", "runs"), "not found"),
+    ]:
+        out = cli(*args, cwd=tmp_path)
+        assert out.returncode == 2 and expected in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
+        assert out.stderr.strip().splitlines()[-1].startswith("error:")
