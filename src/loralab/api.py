@@ -224,6 +224,7 @@ class Scheduler:
         self.thread = threading.Thread(target=self._loop, name="loralab-scheduler", daemon=True)
         self.batches = 0  # counters for /health and the benchmark
         self.largest_batch = 0
+        self.cancelled = 0  # requests stopped because their client went away
 
     def start(self) -> None:
         self.thread.start()
@@ -290,6 +291,7 @@ class Scheduler:
             first.push("error", e)
             return
         for job, completion in zip(batch, completions):
+            self.cancelled += completion.finish_reason == "cancelled"
             job.push("done", completion)
 
 
@@ -376,7 +378,8 @@ def create_app(engine: Engine, api_key: str | None = None, max_batch_size: int =
     async def health():
         alive = scheduler.thread.is_alive()
         body = {"status": "ok" if alive else "scheduler stopped", "models": models,
-                "batches": scheduler.batches, "largest_batch": scheduler.largest_batch}
+                "batches": scheduler.batches, "largest_batch": scheduler.largest_batch,
+                "cancelled": scheduler.cancelled}
         return JSONResponse(body, status_code=200 if alive else 503)
 
     @app.get("/v1/models", dependencies=[Depends(check_key)])
