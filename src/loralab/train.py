@@ -1,0 +1,613 @@
+"""Supervised fine-tuning: LoRA (peft) or full fine-tuning on transformers' Trainer.
+
+The recipe, top to bottom (`train`):
+  config -> run folder -> tokenizer (the run's chat template) -> conversations -> input_ids + labels
+  (templates.encode_for_training: the prompt is masked, each assistant turn and its closing token are
+  learned) -> base model (+ LoRA adapter) -> Trainer (length-grouped batches, validation loss and
+  perplexity, best checkpoint, early stopping, resumable atomic checkpoints) -> the best adapter at the
+  top of the run folder -> metrics.jsonl, TensorBoard, loss plots, train_results.json.
+
+Everything that the Trainer, peft and accelerate do well (optimizer, schedule, mixed precision,
+DDP/DeepSpeed/FSDP through `accelerate launch`, gradient checkpointing, best-model tracking) is theirs;
+what is ours is the data encoding, the batch order, the run folder and the user-facing errors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import TrainerCallback
+
+from loralab import models, runinfo
+from loralab.config import Config
+from loralab.errors import LoralabError
+from loralab.log import add_log_file
+from loralab.templates import encode_for_training, with_default_system
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+# Written into checkpoint-N/ once every file of it is on disk; resume only trusts marked checkpoints.
+COMPLETE_MARKER = "loralab_complete.json"
+# Files of a checkpoint that only the Trainer needs to resume (not part of the model/adapter itself).
+TRAINER_ONLY_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin", COMPLETE_MARKER)
+# Test hook: pause (sleep) before the completion marker of checkpoint-N is written, so a test can
+# SIGKILL the run "in the middle of saving" at a known point.
+PAUSE_ENV = "LORALAB_TEST_PAUSE_BEFORE_MARKER"
+
+
+# --- data ----------------------------------------------------------------------------------------
+def encode_split(tokenizer, conversations: list[list[dict]], cfg: Config) -> tuple[list[dict], dict]:
+    """Conversations -> [{"input_ids", "labels"}] plus counts of what cutoff_len/masking did."""
+    examples, counts = [], {"conversations": len(conversations), "truncated": 0, "dropped_too_long": 0, "no_labels": 0}
+    for messages in conversations:
+        messages = with_default_system(messages, cfg.default_system)
+        full = encode_for_training(tokenizer, messages, cutoff_len=10**9)
+        if full is None:  # no assistant token at all (e.g. an empty answer)
+            counts["no_labels"] += 1
+            continue
+        if len(full["input_ids"]) > cfg.cutoff_len:
+            cut = encode_for_training(tokenizer, messages, cfg.cutoff_len, cfg.overflow)
+            if cut is None:  # dropped (overflow=drop), or truncation cut away every answer token
+                counts["dropped_too_long" if cfg.overflow == "drop" else "no_labels"] += 1
+                continue
+            counts["truncated"] += 1
+            full = cut
+        examples.append(full)
+    return examples, counts
+
+
+@dataclass
+class PadCollator:
+    """Right-pad a batch: input_ids with the pad id, labels with -100 (never learned), attention mask 0."""
+
+    pad_id: int
+    multiple_of: int | None = None  # 8 on GPUs: tensor-core friendly shapes
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(f["input_ids"]) for f in features)
+        if self.multiple_of:
+            longest = -(-longest // self.multiple_of) * self.multiple_of
+        input_ids = torch.full((len(features), longest), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(features), longest), -100, dtype=torch.long)
+        attention_mask = torch.zeros((len(features), longest), dtype=torch.long)
+        for i, f in enumerate(features):
+            n = len(f["input_ids"])
+            input_ids[i, :n] = torch.tensor(f["input_ids"])
+            labels[i, :n] = torch.tensor(f["labels"])
+            attention_mask[i, :n] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+class LengthGroupedSampler(torch.utils.data.Sampler):
+    """Index order whose consecutive `batch_size` groups have similar lengths (little padding).
+
+    Shuffle with the seed, cut into large chunks, sort each chunk by length, cut into batches, and
+    shuffle the batch order. The order depends only on (seed, epoch), so a resumed run sees the same
+    batches; a short remainder batch goes last so every other batch stays aligned.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, chunk_batches: int = 64):
+        self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
+        self.chunk = batch_size * chunk_batches
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def batches(self) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=g).tolist()
+        full, remainder = [], []
+        for start in range(0, len(order), self.chunk):
+            chunk = sorted(order[start:start + self.chunk], key=lambda i: self.lengths[i], reverse=True)
+            for b in range(0, len(chunk), self.batch_size):
+                batch = chunk[b:b + self.batch_size]
+                (full if len(batch) == self.batch_size else remainder).append(batch)
+        shuffled = [full[i] for i in torch.randperm(len(full), generator=g).tolist()]
+        return shuffled + remainder
+
+    def __iter__(self):
+        return iter([i for batch in self.batches() for i in batch])
+
+
+def padding_efficiency(lengths: list[int], batches: list[list[int]]) -> float:
+    """Non-padding tokens / tokens processed, for a batch order (right padding to each batch's longest)."""
+    real = sum(lengths[i] for b in batches for i in b)
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    return real / padded if padded else 1.0
+
+
+# --- model ---------------------------------------------------------------------------------------
+def check_target_modules(model, cfg: Config) -> None:
+    """Every name in lora_target must be a module of the model; list the linear ones when not."""
+    targets = cfg.target_modules
+    if targets == "all-linear":
+        return
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise LoralabError(
+            f"lora_target: {', '.join(missing)} is not a module of {cfg.model_name_or_path}; "
+            f"valid names: all, {', '.join(linear)}"
+        )
+
+
+def build_model(cfg: Config):
+    """The base model, ready for training: LoRA adapter (peft) or all weights trainable."""
+    if cfg.quantization_bit and cfg.finetuning_type != "lora":
+        raise LoralabError("quantization_bit: 4/8-bit base models can only be trained with finetuning_type=lora (QLoRA)")
+    model = models.load_model(cfg, for_training=True)
+    model.config.use_cache = False  # the KV cache is for generation; training does not use it
+    if cfg.quantization_bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    if cfg.finetuning_type == "full":
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    check_target_modules(model, cfg)
+    lora = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=cfg.lora_rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.target_modules,
+        use_rslora=cfg.use_rslora,
+        use_dora=cfg.use_dora,
+    )
+    model = get_peft_model(model, lora)  # adapter weights are kept in fp32 even on a bf16 base
+    # The adapter names the base model the way the user wrote it (e.g. builtin:smollm2-135m-instruct),
+    # so `models.check_adapter_base` and our other commands find the same base again.
+    model.peft_config["default"].base_model_name_or_path = cfg.model_name_or_path
+    return model
+
+
+def count_params(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+# --- run folder and checkpoints ------------------------------------------------------------------
+def checkpoint_step(path: Path) -> int:
+    return int(path.name[len(CHECKPOINT_PREFIX):])
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """checkpoint-N folders, oldest first."""
+    found = [p for p in run_dir.glob(CHECKPOINT_PREFIX + "*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    return sorted(found, key=checkpoint_step)
+
+
+def is_complete(checkpoint: Path) -> bool:
+    return (checkpoint / COMPLETE_MARKER).is_file()
+
+
+def find_resume_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint with a completion marker (a half-written one is never picked)."""
+    complete = [p for p in list_checkpoints(run_dir) if is_complete(p)]
+    return complete[-1] if complete else None
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Marker first: a kill during the delete leaves an unmarked (ignored) folder, never a trusted half one."""
+    (path / COMPLETE_MARKER).unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def prepare_run_dir(cfg: Config, is_main: bool) -> tuple[Path, Path | None]:
+    """Check (main process) and return the run folder, plus the checkpoint to resume from, if any."""
+    run_dir = Path(cfg.output_dir)
+    resume = cfg.resume_from_checkpoint
+    if resume in (None, False):
+        if is_main:
+            runinfo.check_output_dir(run_dir, cfg.overwrite_output_dir)
+            # --overwrite: a previous run's checkpoints and logs would mix with this run's (or be resumed).
+            for old in list_checkpoints(run_dir):
+                remove_checkpoint(old)
+            for name in ("metrics.jsonl", "train.log", "train_results.json"):
+                (run_dir / name).unlink(missing_ok=True)
+            for name in ("tensorboard", "last"):
+                shutil.rmtree(run_dir / name, ignore_errors=True)
+        return run_dir, None
+    if resume is True or str(resume).lower() == "true":
+        checkpoint = find_resume_checkpoint(run_dir) if run_dir.is_dir() else None
+        if checkpoint is None:
+            raise LoralabError(
+                f"resume_from_checkpoint: {run_dir} has no complete checkpoint to resume from; "
+                "run without --resume (with --overwrite to replace the folder)"
+            )
+    else:
+        checkpoint = Path(str(resume))
+        if not is_complete(checkpoint):
+            raise LoralabError(
+                f"resume_from_checkpoint: {checkpoint} is not a complete loralab checkpoint "
+                f"(no {COMPLETE_MARKER}: missing, or the save was interrupted)"
+            )
+    return run_dir, checkpoint
+
+
+def clean_for_resume(run_dir: Path, checkpoint: Path) -> None:
+    """Before resuming at checkpoint-N: drop unmarked checkpoints and metrics logged after step N."""
+    for path in list_checkpoints(run_dir):
+        if not is_complete(path):
+            log.info("removing %s: its save was interrupted (no completion marker)", path)
+            remove_checkpoint(path)
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        step = checkpoint_step(checkpoint)
+        kept = [line for line in metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        metrics.write_text("".join(line + "\n" for line in kept))
+
+
+def copy_manifests(cfg: Config, run_dir: Path) -> None:
+    """The data split manifest(s) of the dataset folder, so the run says which data it saw."""
+    folder = Path(cfg.dataset_dir)
+    if folder.is_dir():
+        for manifest in folder.glob("*_manifest.json"):
+            shutil.copy2(manifest, run_dir / manifest.name)
+
+
+# --- callbacks -----------------------------------------------------------------------------------
+class CompleteCheckpoints(TrainerCallback):
+    """Mark each checkpoint complete once it is fully written, then rotate old ones (save_total_limit).
+
+    transformers' Trainer writes checkpoint-N/ file by file, so a kill during a save leaves a folder
+    that looks like a checkpoint. The marker is written after every process finished its files; resume
+    trusts only marked checkpoints. Rotation is ours so it never deletes before the new one is marked.
+    """
+
+    def __init__(self, run_dir: Path, keep: int | None):
+        self.run_dir, self.keep = run_dir, keep
+
+    def on_save(self, args, state, control, **kwargs):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every rank wrote its part (e.g. its RNG state)
+        if not state.is_world_process_zero:
+            return
+        checkpoint = self.run_dir / f"{CHECKPOINT_PREFIX}{state.global_step}"
+        if os.environ.get(PAUSE_ENV) == str(state.global_step):
+            log.warning("%s=%s: pausing before marking %s complete", PAUSE_ENV, state.global_step, checkpoint)
+            time.sleep(3600)
+        marker = {"step": state.global_step, "time": time.time()}
+        tmp = checkpoint / (COMPLETE_MARKER + ".tmp")
+        tmp.write_text(json.dumps(marker) + "\n")
+        os.replace(tmp, checkpoint / COMPLETE_MARKER)
+        if self.keep:
+            best = Path(state.best_model_checkpoint).name if state.best_model_checkpoint else None
+            complete = [p for p in list_checkpoints(self.run_dir) if is_complete(p)]
+            removable = [p for p in complete[:-1] if p.name != best]  # never the newest or the best
+            for old in removable[: max(0, len(complete) - self.keep)]:
+                remove_checkpoint(old)
+
+
+class RunLog(TrainerCallback):
+    """Main process: progress bar (step, loss, tokens/s, ETA), metrics.jsonl, validation log lines."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "metrics.jsonl"
+        self.bar = None
+        self.step_time = 0.0  # seconds spent in training steps (not validation or saving)
+        self._t0 = None
+        self._last = (0, 0.0)  # (tokens seen, step_time) at the last training log
+        self.last_loss = None
+        self.tokens_per_s = None
+        self.start_tokens = 0  # tokens seen before this session (a resumed run starts above 0)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step", dynamic_ncols=True)
+        self.start_tokens = state.num_input_tokens_seen
+        self._last = (state.num_input_tokens_seen, 0.0)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._t0 is not None:
+            self.step_time += time.perf_counter() - self._t0
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # Training logs carry `loss`, validation logs `eval_loss`; the end-of-training summary has neither.
+        if not state.is_world_process_zero or not logs or not ({"loss", "eval_loss"} & set(logs)):
+            return
+        record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+        for key in ("loss", "eval_loss", "learning_rate", "grad_norm"):
+            if key in logs:
+                record[key] = logs[key]
+        record["tokens_seen"] = state.num_input_tokens_seen
+        if "loss" in logs:
+            tokens, seconds = state.num_input_tokens_seen - self._last[0], self.step_time - self._last[1]
+            self.tokens_per_s = tokens / seconds if seconds > 0 else None
+            self._last = (state.num_input_tokens_seen, self.step_time)
+            record["tokens_per_s"] = self.tokens_per_s
+            self.last_loss = logs["loss"]
+        if "eval_loss" in logs:
+            record["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
+            best = state.best_metric if state.best_metric is not None else logs["eval_loss"]
+            log.info("step %d: validation loss %.4f, perplexity %.2f%s", state.global_step, logs["eval_loss"],
+                     record["eval_perplexity"], " (best so far)" if logs["eval_loss"] <= best else f" (best {best:.4f})")
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.bar is not None and self.last_loss is not None:
+            postfix = {"loss": f"{self.last_loss:.4f}"}
+            if self.tokens_per_s:
+                postfix["tok/s"] = f"{self.tokens_per_s:,.0f}"
+            self.bar.set_postfix(postfix, refresh=False)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class LoralabTrainer(transformers.Trainer):
+    """transformers' Trainer with our batch order and a count of the tokens each batch really holds."""
+
+    def __init__(self, *args, lengths: list[int], group_by_length: bool, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lengths, self.group_by_length = lengths, group_by_length
+        self.real_tokens = 0  # this process, this session: non-padding tokens
+        self.padded_tokens = 0  # ... and tokens including padding
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.group_by_length:
+            return LengthGroupedSampler(self.lengths, self.args.per_device_train_batch_size, self.args.seed)
+        return super()._get_train_sampler(train_dataset)
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        self.real_tokens += int(inputs["attention_mask"].sum())
+        self.padded_tokens += inputs["input_ids"].numel()
+        return super().training_step(model, inputs, *args, **kwargs)
+
+
+# --- outputs -------------------------------------------------------------------------------------
+def plot_losses(run_dir: Path) -> list[Path]:
+    """training_loss.png and training_eval_loss.png (LLaMA-Factory's names) from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    written = []
+    for key, name, title in (("loss", "training_loss.png", "training loss"),
+                             ("eval_loss", "training_eval_loss.png", "validation loss")):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if not points:
+            continue
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=title)
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.set_title(f"{title} — {run_dir.name}")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(run_dir / name, dpi=100)
+        plt.close(fig)
+        written.append(run_dir / name)
+    return written
+
+
+def copy_model_files(checkpoint: Path, target: Path) -> None:
+    """The model/adapter files of a checkpoint (not the optimizer or trainer state) into `target`."""
+    target.mkdir(parents=True, exist_ok=True)
+    for path in checkpoint.iterdir():
+        if path.is_file() and path.name not in TRAINER_ONLY_FILES and not path.name.startswith("rng_state"):
+            shutil.copy2(path, target / path.name)
+
+
+def training_arguments(cfg: Config, run_dir: Path, has_eval: bool, dtype) -> transformers.TrainingArguments:
+    """Our config -> TrainingArguments. With validation, a checkpoint is saved at every validation so the
+    best one by validation loss can be kept (and is what the run folder's final adapter is)."""
+    eval_strategy = cfg.eval_strategy if has_eval else "no"
+    save_steps = cfg.eval_every if eval_strategy == "steps" else cfg.save_steps
+    return transformers.TrainingArguments(
+        output_dir=str(run_dir),
+        use_cpu=not torch.cuda.is_available(),  # also what makes multi-process CPU runs use DDP (gloo)
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_eval_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_steps if cfg.warmup_steps > 0 else cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        logging_steps=cfg.logging_steps,
+        eval_strategy=eval_strategy,
+        eval_steps=cfg.eval_every if eval_strategy == "steps" else None,
+        save_strategy="epoch" if eval_strategy == "epoch" else "steps",
+        save_steps=save_steps,
+        save_total_limit=None,  # rotation is done by CompleteCheckpoints, after the new one is marked
+        load_best_model_at_end=eval_strategy != "no",
+        metric_for_best_model="eval_loss" if eval_strategy != "no" else None,
+        greater_is_better=False,
+        restore_callback_states_from_checkpoint=True,  # early-stopping patience survives a resume
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        report_to="none",  # TensorBoard is added below, writing into RUN/tensorboard
+        disable_tqdm=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,
+    )
+
+
+# --- the recipe ----------------------------------------------------------------------------------
+def train(cfg: Config, callbacks: list | None = None) -> dict:
+    """Fine-tune cfg.model_name_or_path on cfg.dataset; returns the summary (also RUN/train_results.json).
+
+    `callbacks`: extra transformers TrainerCallbacks (e.g. Optuna pruning on the validation loss).
+    """
+    from accelerate import PartialState
+    from transformers.trainer_callback import EarlyStoppingCallback, ProgressCallback
+
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    # Under accelerate launch / torchrun: one process per device (gloo processes on a CPU-only machine).
+    state = PartialState(cpu=not torch.cuda.is_available())
+    is_main = state.is_main_process
+
+    # 1. Run folder: never overwrite without asking; resume from the newest complete checkpoint.
+    run_dir, resume_from = prepare_run_dir(cfg, is_main)
+    state.wait_for_everyone()
+    if is_main:
+        add_log_file(run_dir / "train.log")
+        if resume_from is not None:
+            log.info("resuming from %s", resume_from)
+            clean_for_resume(run_dir, resume_from)
+    state.wait_for_everyone()
+
+    # 2. Tokenizer with the run's chat template, and the data encoded through the one template path.
+    tokenizer = models.load_tokenizer(cfg)
+    from loralab import data
+
+    train_examples, train_counts = encode_split(tokenizer, data.load_conversations(cfg, "train"), cfg)
+    eval_examples, eval_counts = encode_split(tokenizer, data.load_conversations(cfg, "eval"), cfg)
+    if not train_examples:
+        raise LoralabError(
+            f"dataset `{cfg.dataset}`: no training example has a token to learn after masking the prompt and "
+            f"cutting to cutoff_len={cfg.cutoff_len} ({train_counts}); raise cutoff_len, set overflow=truncate, "
+            "or check that the records have non-empty outputs"
+        )
+    if is_main:
+        for name, counts, n in (("train", train_counts, len(train_examples)), ("validation", eval_counts, len(eval_examples))):
+            if counts["conversations"]:
+                log.info("%s: %d of %d conversations used; over cutoff_len=%d: %d truncated, %d dropped; "
+                         "%d without answer tokens dropped", name, n, counts["conversations"], cfg.cutoff_len,
+                         counts["truncated"], counts["dropped_too_long"], counts["no_labels"])
+    if cfg.eval_strategy != "no" and not eval_examples and is_main:
+        log.warning("no validation data (eval_dataset unset/empty and val_size=0): the last step's model is kept")
+
+    # 3. Model: LoRA adapter on the base (or full fine-tuning). Seeded so the adapter init is reproducible.
+    transformers.set_seed(cfg.seed)
+    model = build_model(cfg)
+    trainable, total = count_params(model)
+    dtype = models.pick_dtype(cfg)
+    if is_main:
+        log.info("%s fine-tuning of %s: %s trainable of %s parameters (%.2f%%), %s", cfg.finetuning_type,
+                 cfg.model_name_or_path, f"{trainable:,}", f"{total:,}", 100 * trainable / total, str(dtype).removeprefix("torch."))
+        runinfo.write_run_info(run_dir, cfg, tokenizer, finetuning_type=cfg.finetuning_type,
+                               examples={"train": len(train_examples), "eval": len(eval_examples)},
+                               overflow={"train": train_counts, "eval": eval_counts},
+                               parameters={"trainable": trainable, "total": total})
+        copy_manifests(cfg, run_dir)
+
+    # 4. Trainer: our collator and batch order; validation loss picks the best checkpoint.
+    has_eval = cfg.eval_strategy != "no" and bool(eval_examples)
+    args = training_arguments(cfg, run_dir, has_eval, dtype)
+    optimizers = (None, None)
+    if cfg.loraplus_lr_ratio and cfg.finetuning_type == "lora":
+        from peft.optimizers import create_loraplus_optimizer
+
+        optimizers = (create_loraplus_optimizer(model, torch.optim.AdamW, lr=cfg.learning_rate,
+                                                loraplus_lr_ratio=cfg.loraplus_lr_ratio, weight_decay=cfg.weight_decay), None)
+    extra = [CompleteCheckpoints(run_dir, cfg.save_total_limit), RunLog(run_dir)]
+    if has_eval and cfg.early_stopping_patience:
+        extra.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
+    if is_main:
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
+        extra.append(TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "tensorboard"))))
+    trainer = LoralabTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_examples,
+        eval_dataset=eval_examples if has_eval else None,
+        data_collator=PadCollator(tokenizer.pad_token_id, 8 if torch.cuda.is_available() else None),
+        callbacks=extra + list(callbacks or []),
+        optimizers=optimizers,
+        lengths=[len(e["input_ids"]) for e in train_examples],
+        group_by_length=cfg.group_by_length,
+    )
+    trainer.remove_callback(ProgressCallback)  # RunLog draws the progress bar
+
+    # 5. Train. Running out of memory is a settings problem, said in one line.
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except (torch.OutOfMemoryError, MemoryError):
+        raise LoralabError(
+            f"per_device_train_batch_size: a batch of {cfg.per_device_train_batch_size} sequences of up to "
+            f"{cfg.cutoff_len} tokens does not fit in memory; lower per_device_train_batch_size (raise "
+            "gradient_accumulation_steps to keep the effective batch), lower cutoff_len, or set gradient_checkpointing=true"
+        ) from None
+
+    # 6. The final model at the top of the run folder: the best checkpoint by validation loss (loaded
+    #    back by the Trainer), else the last step's. save_model gathers sharded (DeepSpeed/FSDP) weights.
+    st = trainer.state
+    last_checkpoint = run_dir / f"{CHECKPOINT_PREFIX}{st.global_step}"
+    trainer.save_model(str(run_dir))
+    if not is_main:
+        return {}
+    tokenizer.save_pretrained(run_dir)
+    if st.best_model_checkpoint:
+        log.info("final %s in %s = %s (best validation loss %.4f at step %d of %d)",
+                 "adapter" if cfg.finetuning_type == "lora" else "model", run_dir,
+                 Path(st.best_model_checkpoint).name, st.best_metric, st.best_global_step, st.global_step)
+    else:
+        log.info("final model in %s = the last step's (%d; no validation data)", run_dir, st.global_step)
+    if cfg.save_last and last_checkpoint.is_dir():
+        copy_model_files(last_checkpoint, run_dir / "last")
+        tokenizer.save_pretrained(run_dir / "last")
+        log.info("last step's model also kept in %s", run_dir / "last")
+    plot_losses(run_dir)
+
+    run_log = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, RunLog))
+    session_tokens = st.num_input_tokens_seen - run_log.start_tokens
+    best_loss = st.best_metric if st.best_model_checkpoint else None
+    summary = {
+        "run_dir": str(run_dir),
+        "finetuning_type": cfg.finetuning_type,
+        "steps": st.global_step,
+        "max_steps": st.max_steps,
+        "epochs": round(st.epoch or 0.0, 4),
+        "stopped_early": st.global_step < st.max_steps,
+        "best_step": st.best_global_step if best_loss is not None else None,
+        "best_eval_loss": best_loss,
+        "best_eval_perplexity": math.exp(min(best_loss, 50.0)) if best_loss is not None else None,
+        "train_loss": result.training_loss,
+        "examples": {"train": len(train_examples), "eval": len(eval_examples)},
+        "overflow": {"cutoff_len": cfg.cutoff_len, "mode": cfg.overflow, "train": train_counts, "eval": eval_counts},
+        "parameters": {"trainable": trainable, "total": total},
+        "runtime_s": result.metrics.get("train_runtime"),
+        "train_step_time_s": run_log.step_time,
+        "tokens_seen": st.num_input_tokens_seen,
+        "tokens_per_s": session_tokens / run_log.step_time if run_log.step_time > 0 else None,
+        "padding_efficiency": trainer.real_tokens / trainer.padded_tokens if trainer.padded_tokens else None,
+        "resumed_from": str(resume_from) if resume_from else None,
+    }
+    (run_dir / "train_results.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    log.info("done: %d steps, best validation loss %s, %s tokens/s; results in %s", st.global_step,
+             f"{best_loss:.4f}" if best_loss is not None else "n/a",
+             f"{summary['tokens_per_s']:,.0f}" if summary["tokens_per_s"] else "n/a", run_dir / "train_results.json")
+    return summary
