@@ -1,0 +1,486 @@
+"""`loralab report DIR`: one static page (report.html, plus report.md) for a run, an evaluation, an
+experiment (`loralab run`) or a sweep folder.
+
+The page works offline: plots are PNG files (matplotlib, Agg) written to DIR/report_files/ and also
+embedded in the HTML as data: URIs, so report.html can be mailed on its own. Everything shown is read
+from files the other stages wrote (metrics.jsonl, train_results.json, metrics.json, comparison.json,
+generated_predictions.jsonl, and a sweep's trials.json / leaderboard.csv / sweep_results.json).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loralab import __version__
+from loralab.errors import LoralabError
+
+log = logging.getLogger(__name__)
+
+FILES_DIR = "report_files"
+N_EXAMPLES = 5
+# Metrics drawn in the bar chart (all of them are in the tables).
+PLOT_METRICS = ("rougeL", "rouge1", "sacrebleu", "predict_rouge-l", "predict_bleu-4")
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
+    rows = []
+    try:
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        continue  # a line being written right now
+                if limit is not None and len(rows) >= limit:
+                    break
+    except OSError:
+        pass
+    return rows
+
+
+# --- what a folder holds ----------------------------------------------------------------------------
+@dataclass
+class Found:
+    kind: str
+    runs: dict[str, Path] = field(default_factory=dict)          # name -> run folder (has metrics.jsonl)
+    comparisons: list[tuple[Path, dict]] = field(default_factory=list)  # evaluate_models' comparison.json
+    evaluations: dict[str, Path] = field(default_factory=dict)   # name -> eval folder (metrics.json), standalone
+    sweep: dict | None = None
+
+
+def _run_dirs(folder: Path) -> dict[str, Path]:
+    runs = {}
+    for depth in ("", "*/", "*/*/"):
+        for path in sorted(folder.glob(f"{depth}metrics.jsonl")):
+            run = path.parent
+            if run.name.startswith("checkpoint-"):
+                continue
+            runs[str(run.relative_to(folder)) if run != folder else folder.name] = run
+    return runs
+
+
+def collect(folder: Path) -> Found:
+    """Find runs, evaluations and sweep files in `folder` (and up to two levels below)."""
+    if (folder / "sweep.yaml").is_file() and (folder / "trials.json").is_file():
+        found = Found("sweep")
+        found.sweep = {
+            "spec": _yaml(folder / "sweep.yaml"),
+            "trials": _read_json(folder / "trials.json") or [],
+            "leaderboard": _read_csv(folder / "leaderboard.csv"),
+            "importance": _read_json(folder / "importance.json") or {},
+            "results": _read_json(folder / "sweep_results.json"),
+        }
+    elif (folder / "stages.json").is_file():
+        found = Found("experiment")
+    elif (folder / "train_results.json").is_file() or (folder / "metrics.jsonl").is_file():
+        found = Found("run")
+    else:
+        found = Found("evaluation")
+    found.runs = _run_dirs(folder)
+    seen: set[Path] = set()
+    for depth in ("", "*/", "*/*/"):
+        for path in sorted(folder.glob(f"{depth}comparison.json")):
+            summary = _read_json(path)
+            if isinstance(summary, dict) and isinstance(summary.get("models"), dict):
+                found.comparisons.append((path.parent, summary))
+                seen.update(Path(m.get("dir", "")).resolve() for m in summary["models"].values())
+                seen.update(p.parent.resolve() for p in path.parent.glob("*/metrics.json"))
+    for depth in ("", "*/", "*/*/"):
+        for path in sorted(folder.glob(f"{depth}metrics.json")):
+            ev = path.parent
+            if ev.resolve() in seen or ev.name == "val_generation" or found.kind == "sweep":
+                continue  # part of a comparison, or a sweep trial's validation subset
+            result = _read_json(path)
+            if isinstance(result, dict) and isinstance(result.get("metrics"), dict):
+                found.evaluations[str(ev.relative_to(folder)) if ev != folder else folder.name] = ev
+    if found.kind == "evaluation" and not (found.comparisons or found.evaluations or found.runs):
+        raise LoralabError(f"{folder}: nothing to report; expected a run folder (metrics.jsonl, train_results.json), "
+                           "an evaluation folder (metrics.json, comparison.json), an experiment or a sweep folder")
+    return found
+
+
+def _yaml(path: Path) -> dict:
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def _read_csv(path: Path) -> list[dict]:
+    try:
+        with path.open(encoding="utf-8", newline="") as f:
+            return list(csv.DictReader(f))
+    except OSError:
+        return []
+
+
+# --- plots ------------------------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, files: Path, name: str) -> Path:
+    files.mkdir(parents=True, exist_ok=True)
+    path = files / f"{name}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _plt().close(fig)
+    return path
+
+
+def plot_losses(runs: dict[str, Path], files: Path, highlight: str | None = None) -> Path | None:
+    """Training and validation loss against step; several runs overlaid (a sweep's trials)."""
+    curves = {name: _read_jsonl(run / "metrics.jsonl") for name, run in runs.items()}
+    curves = {k: v for k, v in curves.items() if v}
+    if not curves:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, title in ((axes[0], "loss", "training loss"), (axes[1], "eval_loss", "validation loss")):
+        for name, records in curves.items():
+            points = [(r["step"], r[key]) for r in records if key in r and r.get(key) is not None]
+            if not points:
+                continue
+            strong = highlight is not None and name == highlight
+            ax.plot(*zip(*points), marker="o" if len(points) < 25 else None, markersize=3,
+                    linewidth=2.5 if strong else 1.2, alpha=1.0 if strong or highlight is None else 0.6,
+                    label=name + (" (winner)" if strong else ""))
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+        if ax.lines and len(curves) <= 12:
+            ax.legend(fontsize=7)
+    return _save(fig, files, "losses")
+
+
+def plot_metrics(models: dict[str, dict], files: Path, name: str = "test_metrics") -> Path | None:
+    """Bar chart of the main metrics of each model with their 95% CIs."""
+    keys = [k for k in PLOT_METRICS if all(k in m for m in models.values())]
+    if not models or not keys:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    width = 0.8 / len(models)
+    for i, (model, metrics) in enumerate(models.items()):
+        xs = [j + i * width for j in range(len(keys))]
+        vals = [metrics[k]["value"] for k in keys]
+        errs = [[v - metrics[k]["ci_low"] for k, v in zip(keys, vals)], [metrics[k]["ci_high"] - v for k, v in zip(keys, vals)]]
+        ax.bar(xs, vals, width, yerr=errs, capsize=3, label=model)
+    ax.set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(keys))], keys)
+    ax.set_ylabel("score (x100), 95% CI")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+    return _save(fig, files, name)
+
+
+def plot_params(trials: list[dict], keys: list[str], objective: str, files: Path) -> Path | None:
+    """The objective of each finished trial against each swept parameter."""
+    done = [t for t in trials if t.get("state") == "COMPLETE" and t.get("value") is not None
+            and "skipped" not in t.get("user_attrs", {})]
+    if not done or not keys:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        points = [(t["params"].get(key), t["value"]) for t in done if key in t["params"]]
+        numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x, _ in points)
+        if numeric:
+            ax.scatter([x for x, _ in points], [y for _, y in points])
+            dist = next((t["distributions"].get(key) for t in done if key in t.get("distributions", {})), None)
+            if dist and '"log": true' in dist:
+                ax.set_xscale("log")
+        else:
+            cats = sorted({str(x) for x, _ in points})
+            ax.scatter([cats.index(str(x)) for x, _ in points], [y for _, y in points])
+            ax.set_xticks(range(len(cats)), cats, rotation=20, fontsize=8)
+        ax.set_xlabel(key)
+        ax.set_ylabel(f"validation {objective}")
+        ax.grid(alpha=0.3)
+    return _save(fig, files, "objective_vs_params")
+
+
+def plot_importance(importance: dict, files: Path) -> Path | None:
+    scores = importance.get("ped_anova") or {k: v["spread"] for k, v in importance.get("spread", {}).items()}
+    if not scores:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.5 * len(scores)))
+    names = list(scores)[::-1]
+    ax.barh(names, [scores[n] for n in names])
+    ax.set_xlabel("PED-ANOVA importance" if importance.get("ped_anova") else "spread of the mean objective over values")
+    ax.grid(axis="x", alpha=0.3)
+    return _save(fig, files, "importance")
+
+
+# --- page building: each section is (title, markdown, html) ----------------------------------------------
+class Page:
+    def __init__(self, title: str, folder: Path):
+        self.title, self.folder = title, folder
+        self.md: list[str] = [f"# {title}\n"]
+        self.html: list[str] = []
+
+    def heading(self, text: str) -> None:
+        self.md.append(f"\n## {text}\n")
+        self.html.append(f"<h2>{html.escape(text)}</h2>")
+
+    def para(self, text: str) -> None:
+        self.md.append(text + "\n")
+        self.html.append(f"<p>{html.escape(text)}</p>")
+
+    def table(self, header: list[str], rows: list[list]) -> None:
+        cells = [[_cell(c) for c in row] for row in rows]
+        self.md.append("| " + " | ".join(header) + " |")
+        self.md.append("|" + "---|" * len(header))
+        for row in cells:
+            self.md.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in row) + " |")
+        self.md.append("")
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells)
+        self.html.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+
+    def image(self, path: Path | None, alt: str) -> None:
+        if path is None:
+            return
+        rel = path.relative_to(self.folder).as_posix()
+        self.md.append(f"![{alt}]({rel})\n")
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        self.html.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+                         f"<figcaption>{html.escape(alt)} ({html.escape(rel)})</figcaption></figure>")
+
+    def examples(self, columns: dict[str, list[str]], prompts: list[str]) -> None:
+        """Side by side: prompt, then one column per model and the reference."""
+        names = list(columns)
+        self.md.append("| # | prompt | " + " | ".join(names) + " |")
+        self.md.append("|" + "---|" * (len(names) + 2))
+        rows_html = []
+        for i, prompt in enumerate(prompts):
+            texts = [columns[n][i] if i < len(columns[n]) else "" for n in names]
+            self.md.append(f"| {i} | " + " | ".join(_md_text(t) for t in [prompt, *texts]) + " |")
+            rows_html.append(f"<tr><td>{i}</td>" + "".join(f"<td><pre>{html.escape(_clip(t))}</pre></td>" for t in [prompt, *texts]) + "</tr>")
+        self.md.append("")
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in ["#", "prompt", *names])
+        self.html.append(f"<table class='examples'><thead><tr>{head}</tr></thead><tbody>{''.join(rows_html)}</tbody></table>")
+
+    def render_html(self) -> str:
+        return (
+            "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+            f"<title>{html.escape(self.title)}</title><style>{CSS}</style></head><body>"
+            f"<h1>{html.escape(self.title)}</h1>" + "\n".join(self.html)
+            + f"<footer>loralab {html.escape(__version__)} · {time.strftime('%Y-%m-%d %H:%M')}</footer></body></html>\n"
+        )
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1150px;color:#222;padding:0 1em}
+h1{font-size:1.6em}h2{margin-top:1.8em;border-bottom:1px solid #ddd;padding-bottom:.2em}
+table{border-collapse:collapse;margin:.8em 0;font-size:.88em}
+th,td{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}
+th{background:#f3f3f3}tbody tr:nth-child(even){background:#fafafa}
+table.examples td{max-width:330px}pre{white-space:pre-wrap;word-break:break-word;margin:0;font-size:.92em}
+figure{margin:1em 0}img{max-width:100%;border:1px solid #eee}figcaption{font-size:.8em;color:#666}
+footer{margin-top:3em;color:#888;font-size:.8em}
+"""
+
+
+def _cell(v) -> str:
+    if v is None or v == "":
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _clip(text: str, n: int = 600) -> str:
+    text = str(text)
+    return text if len(text) <= n else text[:n] + " …"
+
+
+def _md_text(text: str) -> str:
+    return html.escape(_clip(text, 300)).replace("|", "\\|").replace("\n", "<br>")
+
+
+def _num(v) -> float | None:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+# --- sections ---------------------------------------------------------------------------------------------
+def metric_table(page: Page, metrics: dict) -> None:
+    page.table(["metric", "value", "95% CI low", "95% CI high"],
+               [[k, m.get("value"), m.get("ci_low"), m.get("ci_high")] for k, m in metrics.items()])
+
+
+def models_table(page: Page, models: dict[str, dict]) -> None:
+    """Metrics of several models on one split: metric | model A [CI] | model B [CI] ..."""
+    names = list(models)
+    keys = [k for k in next(iter(models.values()))]
+    rows = []
+    for k in keys:
+        row = [k]
+        for n in names:
+            m = models[n].get(k)
+            row.append(f"{m['value']:.2f} [{m['ci_low']:.2f}, {m['ci_high']:.2f}]" if m else "")
+        rows.append(row)
+    page.table(["metric", *[f"{n} (95% CI)" for n in names]], rows)
+
+
+def paired_table(page: Page, comparison: dict) -> None:
+    a, b = comparison.get("a", "A"), comparison.get("b", "B")
+    rows = [[k, m["value_a"], m["value_b"], f"{m['delta']:+.2f}", f"[{m['ci_low']:+.2f}, {m['ci_high']:+.2f}]", f"{m['p_value']:.3f}"]
+            for k, m in comparison["metrics"].items()]
+    page.table(["metric", a, b, f"{b} - {a}", "95% CI of the difference", "p (paired)"], rows)
+    n = comparison.get("n_samples")
+    page.para(f"{n} paired samples; {comparison.get('ci', 'paired bootstrap CI')}; {comparison.get('test', '')}.")
+
+
+def comparison_section(page: Page, folder: Path, eval_dir: Path, summary: dict, name: str) -> None:
+    models = {k: v["metrics"] for k, v in summary["models"].items()}
+    split = summary.get("split") or summary.get("data")
+    page.heading(f"Evaluation on {split} ({summary.get('n_samples')} samples)" if split else "Evaluation")
+    page.para(f"Models: " + ", ".join(f"{k} = {v.get('adapter') or summary.get('model')}" for k, v in summary["models"].items())
+              + f". Folder: {eval_dir.relative_to(folder) if eval_dir != folder else '.'}")
+    models_table(page, models)
+    page.image(plot_metrics(models, folder / FILES_DIR, f"metrics_{name}"), f"metrics with 95% CIs ({split})")
+    for comp in summary.get("comparisons", {}).values():
+        page.heading(f"{comp.get('b')} vs {comp.get('a')} (paired)")
+        paired_table(page, comp)
+    examples_section(page, {k: Path(v.get("dir", eval_dir / k)) for k, v in summary["models"].items()}, eval_dir)
+
+
+def examples_section(page: Page, model_dirs: dict[str, Path], base: Path) -> None:
+    preds = {}
+    for name, d in model_dirs.items():
+        d = d if d.is_absolute() or d.is_dir() else base / d
+        rows = _read_jsonl(d / "generated_predictions.jsonl", limit=N_EXAMPLES)
+        if rows:
+            preds[name] = rows
+    if not preds:
+        return
+    first = next(iter(preds.values()))
+    columns = {name: [r.get("predict", "") for r in rows] for name, rows in preds.items()}
+    columns["reference"] = [r.get("label", "") for r in first]
+    page.heading(f"Example predictions (first {len(first)})")
+    page.examples(columns, [r.get("prompt", "") for r in first])
+
+
+def run_section(page: Page, folder: Path, runs: dict[str, Path], highlight: str | None = None) -> None:
+    summaries = {name: _read_json(run / "train_results.json") for name, run in runs.items()}
+    rows = [[name, s.get("steps"), s.get("best_step"), s.get("best_eval_loss"), s.get("train_loss"),
+             s.get("tokens_per_s"), s.get("runtime_s")] for name, s in summaries.items() if isinstance(s, dict)]
+    if rows:
+        page.heading("Training")
+        page.table(["run", "steps", "best step", "best validation loss", "mean training loss", "tokens/s", "runtime (s)"], rows)
+    path = plot_losses(runs, folder / FILES_DIR, highlight)
+    if path:
+        page.heading("Loss curves")
+        page.image(path, "training and validation loss" + (" (all trials)" if len(runs) > 1 else ""))
+
+
+def sweep_section(page: Page, folder: Path, found: Found) -> None:
+    sweep = found.sweep
+    spec, trials, board = sweep["spec"], sweep["trials"], sweep["leaderboard"]
+    results = sweep["results"]
+    objective = spec.get("objective", "eval_loss")
+    keys = list(spec.get("search_space", {}))
+    counts: dict[str, int] = {}
+    for row in board:
+        counts[row.get("state", "?")] = counts.get(row.get("state", "?"), 0) + 1
+    page.heading("Sweep")
+    page.para(f"Strategy {spec.get('strategy')}, objective: validation {objective} ({spec.get('direction')}), "
+              f"budget {spec.get('n_trials')} trials, storage: {spec.get('storage')}. Trials: "
+              + ", ".join(f"{n} {s}" for s, n in counts.items()) + ". Selection used the validation split only.")
+    page.table(["parameter", "searched over"], [[k, json.dumps(v)] for k, v in spec.get("search_space", {}).items()])
+    if results:
+        page.heading(f"Winner: trial {results['best_trial']}")
+        page.table(["parameter", "base config", "winner"],
+                   [[k, (spec.get("base") or {}).get(k, "(derived)"), v] for k, v in results["best_params"].items()])
+        page.para(f"Validation {objective} of the winner: {results['best_value']:.4f}. Run folder: {results['tuned_run']}. "
+                  f"Base config run: {results['base_run']}"
+                  + (f" (it was trial {results['base_is_trial']})." if results.get("base_is_trial") is not None else "."))
+    page.heading("Leaderboard")
+    if board:
+        cols = ["rank", "trial", "state", "objective" if objective == "eval_loss" else objective, *keys,
+                "best_eval_loss", "steps", "tokens_per_s", "runtime_s", "error"]
+        head = [f"validation {objective}" if c in ("objective", objective) and c not in keys else c for c in cols]
+        page.table(head, [[_num(r.get(c)) if _num(r.get(c)) is not None and c not in ("rank", "trial", "steps") else r.get(c)
+                           for c in cols] for r in board])
+    page.image(plot_params(trials, keys, objective, folder / FILES_DIR), f"validation {objective} of each finished trial against each parameter")
+    imp = sweep["importance"]
+    if imp.get("spread"):
+        page.heading("Parameter importance")
+        rows = [[k, (imp.get("ped_anova") or {}).get(k), v["spread"],
+                 ", ".join(f"{g}: {m:.4g}" for g, m in v["groups"].items())] for k, v in imp["spread"].items()]
+        page.table(["parameter", "PED-ANOVA importance", "spread of mean objective", "mean objective by value"], rows)
+        note = (f"From {imp.get('n_complete')} finished trials. PED-ANOVA (Optuna) compares the parameter's distribution "
+                "in the best trials with all trials; the spread is the largest difference between the mean objective "
+                "of two values (numeric parameters binned in thirds). With few trials both are rough indications.")
+        if imp.get("ped_anova_error"):
+            note += f" PED-ANOVA was not computed: {imp['ped_anova_error']}"
+        page.para(note)
+        page.image(plot_importance(imp, folder / FILES_DIR), "parameter importance")
+    runs = {f"trial {int(t['number'])}": Path(t["user_attrs"]["run_dir"]) for t in trials
+            if t.get("user_attrs", {}).get("run_dir") and (Path(t["user_attrs"]["run_dir"]) / "metrics.jsonl").is_file()}
+    winner = f"trial {results['best_trial']}" if results else None
+    path = plot_losses(runs, folder / FILES_DIR, winner)
+    if path:
+        page.heading("Loss curves of all trials")
+        page.image(path, "training and validation loss of every trial (winner bold)")
+
+
+def write_report(folder: str | Path) -> Path:
+    """Write FOLDER/report.html and FOLDER/report.md; return the HTML path."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LoralabError(f"{folder}: not a folder; expected a run, evaluation, experiment or sweep folder")
+    found = collect(folder)
+    page = Page(f"loralab report: {folder.name} ({found.kind})", folder)
+    page.para(f"Folder: {folder.resolve()}")
+    if found.kind == "sweep":
+        sweep_section(page, folder, found)
+        results = found.sweep["results"]
+        if results and results.get("test"):
+            test_dir = Path(results["test"]["dir"])
+            summary = _read_json(test_dir / "comparison.json")
+            if summary:
+                page.heading("Test split: base config vs winner (evaluated once, after selection)")
+                comparison_section(page, folder, test_dir, summary, "test")
+    else:
+        for eval_dir, summary in found.comparisons:
+            comparison_section(page, folder, eval_dir, summary, eval_dir.name)
+        for name, ev in found.evaluations.items():
+            result = _read_json(ev / "metrics.json")
+            page.heading(f"Evaluation {name}: {result.get('split') or result.get('data') or ''} ({result.get('n_samples')} samples)")
+            metric_table(page, result["metrics"])
+            examples_section(page, {"prediction": ev}, folder)
+        if found.runs:
+            run_section(page, folder, found.runs)
+    (folder / "report.md").write_text("\n".join(page.md) + "\n", encoding="utf-8")
+    out = folder / "report.html"
+    out.write_text(page.render_html(), encoding="utf-8")
+    log.info("wrote %s and %s", out, folder / "report.md")
+    return out
