@@ -318,6 +318,47 @@ def run_cmd(
     typer.echo(f"\nrun folder: {result['output_dir']}   report: {result['report']}")
 
 
+# --- sweep / report ----------------------------------------------------------------------------
+@app.command()
+def sweep(
+    sweep_file: Annotated[str, typer.Argument(help="SWEEP.yaml: base config, strategy, search_space, n_trials, objective.")],
+    overrides: Annotated[
+        Optional[list[str]], typer.Argument(help="key=value overrides of the base config, e.g. torch_threads=2.")
+    ] = None,
+    storage: Annotated[
+        Optional[str],
+        typer.Option(help="Optuna RDB URL shared by several workers, e.g. postgresql://user:pass@host/db "
+                     "(default: the sweep file's `storage`, else a journal file in the sweep folder)."),
+    ] = None,
+    trials_only: Annotated[
+        bool, typer.Option("--trials-only", help="Only run trials; leave selection and the test evaluation to another run.")
+    ] = False,
+) -> None:
+    """Hyperparameter sweep (grid / random / TPE); rerun the same command to resume or to add workers."""
+    from loralab import report
+    from loralab import sweep as sweep_stage
+
+    stray = [a for a in overrides or [] if "=" not in a]
+    if stray:
+        raise LoralabError(f"command line: expected key=value after the sweep file, got {stray[0]!r}")
+    result = sweep_stage.run_sweep(sweep_file, overrides, storage=storage, trials_only=trials_only)
+    if result.get("final"):
+        typer.echo(f"\n{result['final']['table']}")
+        page = report.write_report(result["sweep_dir"])
+        typer.echo(f"\nwinner: trial {result['final']['best_trial']} {result['final']['best_params']}   "
+                   f"sweep folder: {result['sweep_dir']}   report: {page}")
+
+
+@app.command("report")
+def report_cmd(
+    folder: Annotated[str, typer.Argument(help="A run, evaluation, experiment (`loralab run`) or sweep folder.")],
+) -> None:
+    """Static HTML (+ Markdown) report: metrics with CIs, loss curves, comparisons, examples, sweep analysis."""
+    from loralab import report
+
+    typer.echo(f"wrote {report.write_report(folder)}")
+
+
 def main() -> None:
     """Entry point: user mistakes become one line on stderr and exit status 2, never a traceback."""
     try:
