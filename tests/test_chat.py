@@ -1,0 +1,128 @@
+"""`loralab chat`: scripted through a pipe, history and commands, Ctrl-C during a reply."""
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+LORALAB = Path(sys.executable).with_name("loralab")
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    import torch
+
+    from loralab.config import Config
+    from loralab.generate import Engine
+
+    threads = torch.get_num_threads()
+    yield Engine(Config(model_name_or_path=str(tiny_model), max_new_tokens=12, torch_threads=1))
+    torch.set_num_threads(threads)
+
+
+def reply(engine, messages, max_new_tokens=12):
+    from loralab.generate import GenerationSettings
+
+    return engine.generate([messages], GenerationSettings(max_new_tokens=max_new_tokens))[0].text
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def env():
+    return dict(os.environ, PYTHONIOENCODING="utf-8", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+
+def test_chat_through_a_pipe_keeps_history_and_obeys_commands(tiny_model, engine):
+    script = "hello\n\nhow are you?\n/clear\nhello\n/system Answer in French.\nhello\n/bogus\n/exit\nnever read\n"
+    proc = subprocess.run(
+        [str(LORALAB), "chat", f"model_name_or_path={tiny_model}", "max_new_tokens=12", "torch_threads=1"],
+        input=script.encode(), capture_output=True, timeout=120, env=env(),
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    r1 = reply(engine, [user("hello")])
+    r2 = reply(engine, [user("hello"), {"role": "assistant", "content": r1}, user("how are you?")])
+    r4 = reply(engine, [{"role": "system", "content": "Answer in French."}, user("hello"),
+                        {"role": "assistant", "content": r1}, user("hello")])
+    # stdout is exactly the replies, one per message: history before /clear, none right after it,
+    # and the system prompt set mid-conversation applies to the whole history.
+    assert proc.stdout.decode() == f"{r1}\n{r2}\n{r1}\n{r4}\n"
+    assert len({r1, r2, r4}) == 3
+    notes = proc.stderr.decode()
+    assert "(history cleared)" in notes and "(system prompt set)" in notes and "unknown command /bogus" in notes
+
+
+def test_session_history_clear_and_system(engine):
+    from loralab.chat import ChatSession
+    from loralab.generate import GenerationSettings
+
+    session = ChatSession(engine, GenerationSettings(max_new_tokens=6))
+    out, note = io.StringIO(), io.StringIO()
+    assert session.handle("/system Be brief.", out, note)
+    assert session.handle("hi", out, note)
+    assert [m["role"] for m in session.messages] == ["system", "user", "assistant"]
+    assert out.getvalue() == session.history[-1]["content"] + "\n"
+    assert session.handle("/system", out, note) and session.system is None
+    assert session.handle("/clear", out, note) and session.history == []
+    assert not session.handle("/exit", out, note)
+
+
+class InterruptAfter(io.StringIO):
+    """A terminal that gets Ctrl-C after `n` streamed pieces."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.n = n
+
+    def write(self, s):
+        self.n -= 1
+        if self.n == 0:
+            raise KeyboardInterrupt
+        return super().write(s)
+
+
+def test_ctrl_c_stops_the_reply_but_not_the_session(engine):
+    from loralab.chat import ChatSession
+    from loralab.generate import GenerationSettings
+
+    session = ChatSession(engine, GenerationSettings(max_new_tokens=40))
+    full = reply(engine, [user("tell me a story")], max_new_tokens=40)
+    out = InterruptAfter(4)
+    partial = session.send("tell me a story", out)
+    assert full.startswith(partial) and len(partial) < len(full)
+    assert out.getvalue().endswith(" [interrupted]\n")
+    assert session.history[-1] == {"role": "assistant", "content": partial}
+    out2 = io.StringIO()
+    again = session.send("go on", out2)  # the engine is free again and the history holds the partial reply
+    assert out2.getvalue() == again + "\n"
+    assert again == reply(engine, session.messages[:-1], max_new_tokens=40)
+
+
+def test_sigint_during_a_reply_in_a_real_process(tiny_model):
+    proc = subprocess.Popen(
+        [str(LORALAB), "chat", f"model_name_or_path={tiny_model}", "max_new_tokens=1000", "torch_threads=1"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(),
+    )
+    try:
+        proc.stdin.write(b"Tell me a long story.\n")
+        proc.stdin.flush()
+        first = proc.stdout.read1(4096)  # the reply has started streaming
+        assert first
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(b"say more\n/exit\n", timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = (first + out).decode()
+    assert proc.returncode == 0, err.decode()[-2000:]
+    # The reply stopped early, then the session went on: it answered the next message.
+    head, marker, tail = text.partition(" [interrupted]\n")
+    assert marker and head and tail.endswith("\n"), text[-300:]
+    assert "Traceback" not in err.decode()
