@@ -1,0 +1,131 @@
+"""`loralab run EXPERIMENT.yaml`: the whole experiment in one command.
+
+    prepare data -> train (validated) -> evaluate base and tuned on the test split -> report
+
+Everything lands in `output_dir`:  data split (dataset_dir), `train/` (the run folder), `eval/`
+(base/ and tuned/ predictions and metrics, comparison.json), `report.html` / `report.md`.
+Each finished stage records a fingerprint of the settings it depends on in `stages.json`; running the
+same experiment again reuses finished stages, and a stage whose settings changed is redone only with
+`--force` (nothing already computed is thrown away without asking). A training run that was killed is
+resumed from its last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from loralab.config import Config, load_config
+from loralab.errors import LoralabError
+
+log = logging.getLogger(__name__)
+
+# Keys that change what `loralab eval` produces but not the trained model.
+GENERATION_KEYS = {"infer_backend", "infer_batch_size", "max_new_tokens", "do_sample", "temperature", "top_p",
+                   "top_k", "repetition_penalty", "test_dataset"}
+# Keys that change neither (where things are written, serving, export).
+NEUTRAL_KEYS = {"output_dir", "overwrite_output_dir", "resume_from_checkpoint", "adapter_name_or_path", "adapters",
+                "api_host", "api_port", "export_dir", "torch_threads", "dataset_dir"}
+
+
+def fingerprint(values: dict) -> str:
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stage_keys(cfg: Config, data_sha: str) -> dict[str, str]:
+    """Fingerprints of what each stage depends on: data -> train -> eval."""
+    settings = cfg.model_dump(mode="json")
+    data_fp = fingerprint({k: settings[k] for k in ("data_source", "data_sample", "data_split", "data_name", "seed")})
+    train_fp = fingerprint({"data": data_sha, **{k: v for k, v in settings.items()
+                                                 if k not in GENERATION_KEYS | NEUTRAL_KEYS}})
+    eval_fp = fingerprint({"train": train_fp, **{k: settings[k] for k in GENERATION_KEYS}})
+    return {"prepare": data_fp, "train": train_fp, "eval": eval_fp}
+
+
+def run_experiment(path: str | None, overrides: list[str] | None = None, force: bool = False) -> dict:
+    from loralab import data, evaluate, train
+    from loralab.log import add_log_file
+
+    cfg = load_config(path, overrides)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    add_log_file(out / "experiment.log")
+    stages_file = out / "stages.json"
+    done = json.loads(stages_file.read_text()) if stages_file.is_file() else {}
+    if cfg.adapter_name_or_path:
+        raise LoralabError("adapter_name_or_path: `loralab run` trains its own adapter; unset adapter_name_or_path")
+
+    # 1. Data: sample, clean and split the source into dataset_dir (with its manifest).
+    if cfg.data_source:
+        names = {"dataset": f"{cfg.data_name}_train", "eval_dataset": f"{cfg.data_name}_val",
+                 "test_dataset": f"{cfg.data_name}_test"}
+        cfg = cfg.model_copy(update=names)
+    manifest_file = Path(cfg.dataset_dir) / f"{cfg.data_name}_manifest.json"
+    keys = stage_keys(cfg, data_sha="")
+    if not cfg.data_source:
+        log.info("stage 1/4 prepare: skipped (no data_source; using dataset_dir=%s as it is)", cfg.dataset_dir)
+    elif done.get("prepare") == keys["prepare"] and manifest_file.is_file() and not force:
+        log.info("stage 1/4 prepare: reusing %s", cfg.dataset_dir)
+    else:
+        if "prepare" in done and not force:
+            raise _changed("prepare", "data_source/data_sample/data_split/data_name/seed")
+        log.info("stage 1/4 prepare: %s -> %s", cfg.data_source, cfg.dataset_dir)
+        data.prepare(cfg.data_source, output_dir=cfg.dataset_dir, seed=cfg.seed, sample=cfg.data_sample,
+                     split=cfg.data_split, name=cfg.data_name, overwrite=force)
+        done = _mark(stages_file, done, "prepare", keys["prepare"])
+    data_sha = json.loads(manifest_file.read_text())["files"] if manifest_file.is_file() else ""
+    keys = stage_keys(cfg, data_sha=fingerprint(data_sha))
+
+    # 2. Train, validated on the validation split; the best checkpoint is the run's adapter.
+    run_dir = out / "train"
+    train_cfg = cfg.model_copy(update={"output_dir": str(run_dir)})
+    finished = (run_dir / "train_results.json").is_file()
+    if finished and done.get("train") == keys["train"] and not force:
+        log.info("stage 2/4 train: reusing %s", run_dir)
+        summary = json.loads((run_dir / "train_results.json").read_text())
+    else:
+        if finished and not force:
+            raise _changed("train", "model, data or training settings")
+        resuming = not force and run_dir.is_dir() and any(run_dir.glob("checkpoint-*"))
+        train_cfg = train_cfg.model_copy(update={"overwrite_output_dir": force, "resume_from_checkpoint": resuming or None})
+        log.info("stage 2/4 train: %s%s", run_dir, " (resuming)" if resuming else "")
+        summary = train.train(train_cfg)
+        done = _mark(stages_file, done, "train", keys["train"])
+        done.pop("eval", None)
+
+    # 3. Evaluate base and tuned on the test split, same prompts, paired comparison.
+    eval_dir = out / "eval"
+    if (eval_dir / "comparison.json").is_file() and done.get("eval") == keys["eval"] and not force:
+        log.info("stage 3/4 eval: reusing %s", eval_dir)
+        comparison = json.loads((eval_dir / "comparison.json").read_text())
+    else:
+        if done.get("eval") and not force:
+            raise _changed("eval", "generation settings")
+        log.info("stage 3/4 eval: base and tuned on %s", cfg.test_dataset)
+        comparison = evaluate.evaluate_models(cfg, {"base": None, "tuned": str(run_dir)}, split="test",
+                                              out_dir=eval_dir, overwrite=True)
+        done = _mark(stages_file, done, "eval", keys["eval"])
+
+    # 4. Report: metric table with CIs, loss curves, example predictions.
+    from loralab import report
+
+    report_path = report.write_report(out)
+    log.info("stage 4/4 report: %s", report_path)
+    table = evaluate.format_comparison_table(comparison)
+    return {"output_dir": str(out), "train": summary, "comparison": comparison, "report": str(report_path),
+            "table": table}
+
+
+def _mark(stages_file: Path, done: dict, stage: str, key: str) -> dict:
+    done = {**done, stage: key}
+    stages_file.write_text(json.dumps(done, indent=2) + "\n")
+    return done
+
+
+def _changed(stage: str, what: str) -> LoralabError:
+    return LoralabError(
+        f"{stage}: the {what} changed since this experiment's {stage} stage ran; pass --force to redo it "
+        "(replacing its results), or set another output_dir"
+    )
