@@ -1,0 +1,138 @@
+"""`loralab webchat`: a browser chat page (Gradio) over the one generation engine.
+
+Streaming replies, a model selector (the base model or any loaded adapter, switched per message
+without reloading), a system prompt, temperature / top_p / max new tokens, and the chat box's own
+clear button. Binds 127.0.0.1 unless told otherwise; --username/--password turn on Gradio's login.
+Gradio's analytics are off and the page uses system fonts, so nothing reaches the network.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import replace
+
+# Must be set before gradio is imported: no usage statistics, no version check.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from loralab.config import Config  # noqa: E402
+from loralab.errors import LoralabError  # noqa: E402
+from loralab.generate import Engine, GenerationSettings  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 7860
+
+
+def history_to_messages(history: list[dict]) -> list[dict]:
+    """Gradio chat history (content: str or a list of parts) -> loralab conversation turns."""
+    out = []
+    for m in history:
+        content = m.get("content")
+        if isinstance(content, list):  # gradio 6 hands text back as [{"type": "text", "text": ...}]
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        if m.get("role") in ("user", "assistant") and isinstance(content, str):
+            out.append({"role": m["role"], "content": content})
+    return out
+
+
+def make_respond(engine: Engine):
+    """The chat function: (message, history, model, system, temperature, top_p, max_new_tokens) -> text so far."""
+    import gradio as gr
+
+    from loralab.api import context_length
+
+    models = [engine.base_name, *engine.adapter_names]
+    defaults = replace(GenerationSettings.from_config(engine.cfg), seed=None)
+    limit = context_length(engine)
+
+    def respond(message: str, history: list[dict], model: str, system: str, temperature: float, top_p: float,
+                max_new_tokens: float):
+        if model not in models:
+            raise gr.Error(f"unknown model {model!r}; choose one of {', '.join(models)}")
+        messages = ([{"role": "system", "content": system.strip()}] if system and system.strip() else [])
+        messages += history_to_messages(history) + [{"role": "user", "content": message}]
+        settings = replace(defaults, max_new_tokens=int(max_new_tokens), do_sample=temperature > 0,
+                           temperature=temperature if temperature > 0 else defaults.temperature, top_p=top_p)
+        if limit and len(engine.prompt_ids(messages)) + settings.max_new_tokens > limit:
+            raise gr.Error(f"the conversation plus {settings.max_new_tokens} new tokens does not fit the model's "
+                           f"{limit}-token context; clear the chat or lower max new tokens")
+        text = ""
+        try:
+            # Closing this generator (the Stop button, a closed tab) closes engine.stream, which
+            # stops the generation.
+            for delta in engine.stream(messages, settings, adapter=None if model == engine.base_name else model):
+                text += delta
+                yield text
+        except LoralabError as e:
+            raise gr.Error(str(e)) from None
+        if not text:
+            yield ""
+
+    return respond
+
+
+def build_demo(engine: Engine):
+    """The Gradio page for `engine`."""
+    import gradio as gr
+
+    cfg = engine.cfg
+    models = [engine.base_name, *engine.adapter_names]
+    respond = make_respond(engine)
+    from loralab.api import context_length
+
+    max_tokens_cap = min(4096, context_length(engine) or 4096)
+    with gr.Blocks(title="loralab chat", fill_height=True) as demo:
+        gr.Markdown(f"### loralab chat: `{engine.base_name}`")
+        with gr.Row():
+            model = gr.Dropdown(models, value=models[-1] if engine.adapter_names else models[0],
+                                label="model (base or adapter)", scale=2, elem_id="model")
+            system = gr.Textbox(cfg.default_system or "", label="system prompt", scale=3, elem_id="system")
+        with gr.Row():
+            temperature = gr.Slider(0.0, 2.0, value=cfg.temperature if cfg.do_sample else 0.0, step=0.05,
+                                    label="temperature (0 = greedy)")
+            top_p = gr.Slider(0.05, 1.0, value=cfg.top_p, step=0.05, label="top_p")
+            max_new = gr.Slider(1, max_tokens_cap, value=min(cfg.max_new_tokens, max_tokens_cap), step=1,
+                                label="max new tokens")
+        gr.ChatInterface(
+            respond,
+            chatbot=gr.Chatbot(elem_id="chatbot", scale=1),
+            textbox=gr.Textbox(placeholder="Type a message and press Enter", elem_id="message", submit_btn=True,
+                               stop_btn=True),
+            additional_inputs=[model, system, temperature, top_p, max_new],
+            fill_height=True,
+        )
+    return demo
+
+
+def theme():
+    """Gradio's default look with system fonts (its default fonts come from Google Fonts)."""
+    import gradio as gr
+
+    return gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+
+
+def launch(demo, host: str = "127.0.0.1", port: int = DEFAULT_PORT, auth: tuple[str, str] | None = None,
+           block: bool = True):
+    """Serve the page; everything that would reach the internet (share links, SSR, MCP, PWA) is off."""
+    return demo.launch(
+        server_name=host, server_port=port, auth=auth, share=False, ssr_mode=False, mcp_server=False, pwa=False,
+        enable_monitoring=False, inbrowser=False, show_error=True, quiet=True, prevent_thread_lock=not block,
+        theme=theme(),
+    )
+
+
+def serve(cfg: Config, host: str | None = None, port: int | None = None, username: str | None = None,
+          password: str | None = None) -> None:
+    """`loralab webchat`: load the model and adapters once, then serve the page until Ctrl-C."""
+    password = password or os.environ.get("WEBCHAT_PASSWORD") or None
+    if bool(username) != bool(password):
+        raise LoralabError("--username/--password: give both (the password may come from WEBCHAT_PASSWORD), or neither")
+    host = host or "127.0.0.1"
+    port = port or DEFAULT_PORT
+    if host not in ("127.0.0.1", "localhost", "::1") and not username:
+        log.warning("serving on %s without a login: anyone who can reach this address can use the model", host)
+    engine = Engine(cfg)
+    demo = build_demo(engine)
+    log.info("web chat on http://%s:%d (models: %s)", host, port, ", ".join([engine.base_name, *engine.adapter_names]))
+    launch(demo, host, port, (username, password) if username else None)

@@ -1,0 +1,167 @@
+"""`loralab webchat`: the chat function in-process, and the page end to end in headless Chromium."""
+
+import os
+import shutil
+import socket
+import string
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+gr = pytest.importorskip("gradio")
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--no-first-run"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model, tiny_adapters):
+    import torch
+
+    from loralab.config import Config
+    from loralab.generate import Engine
+
+    threads = torch.get_num_threads()
+    yield Engine(Config(model_name_or_path=str(tiny_model), adapters={"alpha": tiny_adapters["alpha"]},
+                        max_new_tokens=64, torch_threads=1))
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_adapters(tiny_model, tmp_path_factory):
+    from test_api import make_adapter
+
+    return {"alpha": str(make_adapter(tiny_model, tmp_path_factory.mktemp("webchat-adapter") / "alpha", 1))}
+
+
+def final(gen):
+    texts = list(gen)
+    return texts[-1], texts
+
+
+def test_respond_streams_and_switches_models(engine):
+    from loralab.generate import GenerationSettings
+    from loralab.webchat import make_respond
+
+    respond = make_respond(engine)
+    base, texts = final(respond("hello", [], engine.base_name, "", 0.0, 1.0, 12))
+    assert len(texts) > 1 and all(b.startswith(a) for a, b in zip(texts, texts[1:])), "replies grow as they stream"
+    assert base == engine.generate([[{"role": "user", "content": "hello"}]], GenerationSettings(max_new_tokens=12))[0].text
+    tuned, _ = final(respond("hello", [], "alpha", "", 0.0, 1.0, 12))
+    assert tuned != base
+    # gradio 6 hands history back with content as a list of text parts; the system box is used.
+    history = [{"role": "user", "content": [{"type": "text", "text": "hello"}]},
+               {"role": "assistant", "content": [{"type": "text", "text": base}]}]
+    again, _ = final(respond("more", history, engine.base_name, "Be brief.", 0.0, 1.0, 12))
+    expected = engine.generate([[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"},
+                                 {"role": "assistant", "content": base}, {"role": "user", "content": "more"}]],
+                               GenerationSettings(max_new_tokens=12))[0].text
+    assert again == expected
+    with pytest.raises(gr.Error, match="unknown model"):
+        list(respond("hello", [], "nope", "", 0.0, 1.0, 12))
+    with pytest.raises(gr.Error, match="context"):
+        list(respond("word " * 900, [], "alpha", "", 0.0, 1.0, 500))
+
+
+def test_login_is_required_when_set(engine):
+    import httpx
+
+    from loralab.webchat import build_demo, launch
+
+    port = free_port()
+    demo = build_demo(engine)
+    launch(demo, "127.0.0.1", port, auth=("ada", "s3cret"), block=False)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.get(url + "/config").status_code in (401, 403)
+        assert httpx.post(url + "/login", data={"username": "ada", "password": "wrong"}).status_code >= 400
+        with httpx.Client() as c:
+            assert c.post(url + "/login", data={"username": "ada", "password": "s3cret"}).status_code == 200
+            assert c.get(url + "/config").status_code == 200
+    finally:
+        demo.close()
+
+
+def test_serve_refuses_half_a_login(engine, monkeypatch):
+    from loralab.config import Config
+    from loralab.errors import LoralabError
+    from loralab.webchat import serve
+
+    monkeypatch.delenv("WEBCHAT_PASSWORD", raising=False)
+    with pytest.raises(LoralabError, match="--username/--password"):
+        serve(Config(), username="ada")
+
+
+def alnum(text: str) -> str:
+    return "".join(ch for ch in text if ch in string.ascii_letters + string.digits)
+
+
+def test_page_streams_a_reply_in_a_real_browser(engine, artifacts_dir, tmp_path):
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} missing: install Debian's chromium (apt-get install chromium; .ci/run does this)")
+    playwright_api = pytest.importorskip("playwright.sync_api", reason="python package playwright (test extra) missing")
+    from loralab.webchat import build_demo, launch
+
+    port = free_port()
+    demo = build_demo(engine)
+    launch(demo, "127.0.0.1", port, block=False)
+    outside = []  # every request that tried to leave the machine
+    try:
+        with playwright_api.sync_playwright() as p:
+            browser = p.chromium.launch_persistent_context(
+                str(tmp_path / "chromium-profile"), executable_path=str(CHROMIUM), headless=True,
+                args=CHROMIUM_FLAGS, viewport={"width": 1100, "height": 800},
+            )
+
+            def only_local(route):
+                if route.request.url.startswith(f"http://127.0.0.1:{port}"):
+                    route.continue_()
+                else:
+                    outside.append(route.request.url)
+                    route.abort()
+
+            browser.route("**/*", only_local)
+            page = browser.pages[0] if browser.pages else browser.new_page()
+            page.goto(f"http://127.0.0.1:{port}/")
+            box = page.locator("#message textarea")
+            box.wait_for(timeout=60_000)
+            # Record every text the reply bubble shows, to see it grow while streaming.
+            page.evaluate("""() => {
+                window.seen = [];
+                new MutationObserver(() => {
+                    const bots = document.querySelectorAll('#chatbot .bot');
+                    if (!bots.length) return;
+                    const t = bots[bots.length - 1].innerText;
+                    if (t && window.seen[window.seen.length - 1] !== t) window.seen.push(t);
+                }).observe(document.body, {subtree: true, childList: true, characterData: true});
+            }""")
+            box.fill("Hello there")
+            box.press("Enter")
+            page.locator("#chatbot .bot").last.wait_for(timeout=60_000)
+            page.wait_for_function(
+                "() => !document.querySelector('#message .stop-button') && window.seen.length > 0", timeout=60_000)
+            page.wait_for_timeout(300)
+            page.screenshot(path=str(artifacts_dir / "webchat.png"), full_page=True)
+            shown = page.locator("#chatbot .bot").last.inner_text()
+            seen = page.evaluate("window.seen")
+            user_text = page.locator("#chatbot .user").last.inner_text()
+            browser.close()
+    finally:
+        demo.close()
+    from loralab.generate import GenerationSettings
+
+    expected = engine.generate([[{"role": "user", "content": "Hello there"}]],
+                               GenerationSettings(max_new_tokens=64), adapter="alpha")[0].text
+    assert "Hello there" in user_text
+    assert alnum(shown) and alnum(shown) == alnum(expected), (shown, expected)
+    assert len(seen) > 1, f"the reply did not stream: {seen}"
+    assert outside == [], f"the page tried to reach the network: {outside}"
+    assert (artifacts_dir / "webchat.png").stat().st_size > 10_000
