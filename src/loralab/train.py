@@ -450,8 +450,8 @@ def training_arguments(cfg: Config, run_dir: Path, has_eval: bool, dtype) -> tra
         restore_callback_states_from_checkpoint=True,  # early-stopping patience survives a resume
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5's name for gradient checkpointing
+        activation_checkpointing_kwargs={"use_reentrant": False},
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
         report_to="none",  # TensorBoard is added below, writing into RUN/tensorboard
@@ -482,6 +482,8 @@ def train(cfg: Config, callbacks: list | None = None) -> dict:
     state.wait_for_everyone()
     if is_main:
         add_log_file(run_dir / "train.log")
+        if logging.getLogger("loralab").getEffectiveLevel() > logging.INFO:  # called as a library: still log the run
+            logging.getLogger("loralab").setLevel(logging.INFO)
         if resume_from is not None:
             log.info("resuming from %s", resume_from)
             clean_for_resume(run_dir, resume_from)
@@ -545,7 +547,7 @@ def train(cfg: Config, callbacks: list | None = None) -> dict:
         train_dataset=train_examples,
         eval_dataset=eval_examples if has_eval else None,
         data_collator=PadCollator(tokenizer.pad_token_id, 8 if torch.cuda.is_available() else None),
-        callbacks=extra + list(callbacks or []),
+        callbacks=list(callbacks or []) + extra,  # the caller's first: they may act on a validation result
         optimizers=optimizers,
         lengths=[len(e["input_ids"]) for e in train_examples],
         group_by_length=cfg.group_by_length,

@@ -1,0 +1,355 @@
+"""Training and export on the tiny model: labels the Trainer sees, run folder, best/last, resume after
+SIGKILL, 2-process DDP, LoRA options, clear errors, merged export == adapter model."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from loralab.config import load_config
+from loralab.errors import LoralabError
+from loralab import train as train_mod
+from loralab.train import LengthGroupedSampler, encode_split, padding_efficiency, train
+
+MULTI_TURN = [{"conversations": [
+    {"from": "human", "value": "What is 2+2?"}, {"from": "gpt", "value": "It is 4."},
+    {"from": "human", "value": "And 3+3?"}, {"from": "gpt", "value": "It is 6."},
+]}]
+
+
+def records(n: int, start: int = 0) -> list[dict]:
+    # Varied lengths, so batching and padding matter.
+    return [{"instruction": f"Say number {i}" + " please" * (i % 11), "input": "",
+             "output": f"The number is {i}." + " Yes." * (i % 5)} for i in range(start, start + n)]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """A LLaMA-Factory style data folder: alpaca train/val splits, a ShareGPT multi-turn file, a manifest."""
+    folder = tmp_path_factory.mktemp("data")
+    (folder / "demo_train.json").write_text(json.dumps(records(32)))
+    (folder / "demo_val.json").write_text(json.dumps(records(8, start=100)))
+    (folder / "chat.json").write_text(json.dumps(MULTI_TURN))
+    (folder / "dataset_info.json").write_text(json.dumps({
+        "demo_train": {"file_name": "demo_train.json"},
+        "demo_val": {"file_name": "demo_val.json"},
+        "chat": {"file_name": "chat.json", "formatting": "sharegpt", "columns": {"messages": "conversations"}},
+    }))
+    (folder / "demo_manifest.json").write_text(json.dumps({"seed": 42, "note": "test manifest"}))
+    return folder
+
+
+def make_cfg(model, data_dir, out, **kw):
+    values = dict(model_name_or_path=str(model), dataset_dir=str(data_dir), dataset="demo_train",
+                  eval_dataset="demo_val", output_dir=str(out), max_steps=6, eval_steps=2, logging_steps=1,
+                  per_device_train_batch_size=4, per_device_eval_batch_size=8, learning_rate=1e-2,
+                  torch_threads=1, seed=7)
+    values.update(kw)
+    return load_config(None, values)
+
+
+class ScriptedEvalLoss(__import__("transformers").TrainerCallback):
+    """Replace validation losses by a script, so best step and early stopping are known in advance
+    (on_evaluate runs before the Trainer compares the metric, like an Optuna pruning callback would)."""
+
+    def __init__(self, losses):
+        self.losses = list(losses)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        metrics["eval_loss"] = self.losses.pop(0)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_model, data_dir, tmp_path_factory):
+    """A small LoRA run: validation every 2 steps, scripted losses (best at step 4, early stop at 8)."""
+    out = tmp_path_factory.mktemp("runs") / "lora"
+    cfg = make_cfg(tiny_model, data_dir, out, max_steps=12, early_stopping_patience=2, save_last=True,
+                   dataset="demo_train,chat")
+    summary = train(cfg, callbacks=[ScriptedEvalLoss([3.0, 2.0, 2.5, 2.6, 2.7, 2.8])])
+    return cfg, summary, out
+
+
+def adapter_tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def same_tensors(a: dict, b: dict, tol: float = 0.0) -> bool:
+    return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=tol, rtol=0) for k in a)
+
+
+@pytest.mark.parametrize("fixture, closer", [("tiny_model", "<|eot_id|>"), ("tiny_chatml_model", "<|im_end|>")])
+def test_trainer_receives_masked_labels(request, fixture, closer, data_dir, tmp_path, monkeypatch):
+    """The batches the Trainer trains on: prompt masked, every assistant turn + its closing token learned."""
+    model_dir = request.getfixturevalue(fixture)
+    seen = []
+    original = train_mod.LoralabTrainer.training_step
+
+    def spy(self, model, inputs, *args, **kwargs):
+        seen.append({k: v.clone() for k, v in inputs.items()})
+        return original(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod.LoralabTrainer, "training_step", spy)
+    (tmp_path / "few.json").write_text(json.dumps(records(3)))  # dataset: file paths work as well as names
+    cfg = make_cfg(model_dir, data_dir, tmp_path / "run", dataset=f"{data_dir / 'chat.json'},{tmp_path / 'few.json'}",
+                   eval_strategy="no",
+                   max_steps=1, group_by_length=False)
+    train(cfg)
+    from loralab.models import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg)
+    batch = seen[0]
+    assert batch["input_ids"].shape[0] == 4
+    texts = []
+    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+        assert (labels[mask == 0] == -100).all()  # padding is never learned
+        texts.append(tokenizer.decode(ids[labels != -100]))
+        prompt_part = tokenizer.decode(ids[(labels == -100) & (mask == 1)])
+        assert "Say number" in prompt_part or "What is 2+2?" in prompt_part
+    multi = next(t for t in texts if "It is 4." in t)
+    assert "It is 6." in multi and multi.count(closer) == 2  # both assistant turns, each closed
+    for text in texts:
+        assert text.rstrip("\n").endswith(closer) and "Say number" not in text and "What is" not in text and "user" not in text
+
+
+def test_run_folder_best_and_last(lora_run, data_dir):
+    cfg, summary, out = lora_run
+    # Scripted validation: best at step 4, no improvement for 2 validations -> stopped at step 8 of 12.
+    assert summary["best_step"] == 4 and summary["best_eval_loss"] == 2.0 and summary["steps"] == 8
+    assert summary["stopped_early"] and summary["max_steps"] == 12
+    assert abs(summary["best_eval_perplexity"] - 2.718281828 ** 2) < 1e-6
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "chat_template.jinja",
+                 "config.yaml", "run_info.json", "demo_manifest.json", "metrics.jsonl", "train.log",
+                 "train_results.json", "training_loss.png", "training_eval_loss.png"):
+        assert (out / name).is_file(), name
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    # The run folder's adapter is the best checkpoint's; last/ is the last step's.
+    assert same_tensors(adapter_tensors(out), adapter_tensors(out / "checkpoint-4"))
+    assert same_tensors(adapter_tensors(out / "last"), adapter_tensors(out / "checkpoint-8"))
+    assert not same_tensors(adapter_tensors(out), adapter_tensors(out / "last"))
+    assert "= checkpoint-4 (best validation loss 2.0000 at step 4 of 8)" in (out / "train.log").read_text()
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == cfg.model_name_or_path
+    results = json.loads((out / "train_results.json").read_text())
+    assert results["examples"] == {"train": 33, "eval": 8} and results["overflow"]["train"]["truncated"] == 0
+    assert results["tokens_per_s"] > 0 and 0 < results["padding_efficiency"] <= 1
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["seed"] == 7 and "transformers" in info["libraries"]
+    # metrics.jsonl: one line per training log and per validation.
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [r for r in lines if "loss" in r]
+    assert [r["step"] for r in train_lines] == list(range(1, 9))
+    assert all({"epoch", "learning_rate", "tokens_seen", "tokens_per_s"} <= r.keys() for r in train_lines)
+    assert [r["step"] for r in lines if "eval_loss" in r] == [2, 4, 6, 8]
+    assert all("eval_perplexity" in r for r in lines if "eval_loss" in r)
+    assert train_lines[-1]["tokens_seen"] > train_lines[0]["tokens_seen"] > 0
+
+
+def test_adapter_loads_in_peft_and_loralab(lora_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from loralab.models import load_model_and_tokenizer
+
+    cfg, _, out = lora_run
+    base = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path)
+    PeftModel.from_pretrained(base, str(out))
+    model, _ = load_model_and_tokenizer(load_config(None, {"model_name_or_path": cfg.model_name_or_path,
+                                                           "adapter_name_or_path": str(out)}))
+    assert type(model).__name__ == "PeftModelForCausalLM"
+
+
+def test_refuses_to_overwrite_and_overwrites_when_asked(lora_run, tiny_model, data_dir):
+    cfg, _, out = lora_run
+    with pytest.raises(LoralabError, match="exists and is not empty"):
+        train(make_cfg(tiny_model, data_dir, out))
+
+
+def test_overflow_counts(tiny_model, data_dir):
+    from loralab.data import load_conversations
+    from loralab.models import load_tokenizer
+
+    uncut = make_cfg(tiny_model, data_dir, "unused", cutoff_len=10**6)
+    tokenizer = load_tokenizer(uncut)
+    convs = load_conversations(uncut, "train")
+    lengths = [len(encode_split(tokenizer, [c], uncut)[0][0]["input_ids"]) for c in convs]
+    cutoff = sorted(lengths)[len(lengths) // 2]
+    over = sum(n > cutoff for n in lengths)
+    assert 0 < over < len(convs)
+    kept, counts = encode_split(tokenizer, convs, make_cfg(tiny_model, data_dir, "x", cutoff_len=cutoff))
+    assert counts["truncated"] + counts["no_labels"] == over and all(len(e["input_ids"]) <= cutoff for e in kept)
+    assert counts["truncated"] > 0 and len(kept) == len(convs) - counts["no_labels"]
+    kept, counts = encode_split(tokenizer, convs, make_cfg(tiny_model, data_dir, "x", cutoff_len=cutoff, overflow="drop"))
+    assert counts["dropped_too_long"] == over and len(kept) == len(convs) - over
+
+
+def test_length_grouped_sampler_is_deterministic_and_tight():
+    import random
+
+    rng = random.Random(0)
+    lengths = [rng.randint(10, 500) for _ in range(1000)]
+    sampler = LengthGroupedSampler(lengths, batch_size=8, seed=3)
+    first = list(sampler)
+    assert sorted(first) == list(range(1000)) and list(sampler) == first  # each index once, same order again
+    assert list(LengthGroupedSampler(lengths, 8, seed=3)) == first
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    batches = [first[i:i + 8] for i in range(0, 1000, 8)]
+    random_batches = [list(range(i, min(i + 8, 1000))) for i in range(0, 1000, 8)]
+    assert padding_efficiency(lengths, batches) > 0.95 > padding_efficiency(lengths, random_batches)
+
+
+def test_lora_options_and_callbacks(tiny_model, data_dir, tmp_path):
+    """rsLoRA + DoRA + target list in the adapter config; LoRA+ puts the B matrices at ratio * lr."""
+    seen = {}
+
+    class OptimizerSpy(__import__("transformers").TrainerCallback):
+        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+            seen["lrs"] = sorted({round(g["lr"], 9) for g in optimizer.param_groups if g["params"]})
+
+    out = tmp_path / "dora"
+    train(make_cfg(tiny_model, data_dir, out, max_steps=1, eval_strategy="no", lora_target="q_proj,v_proj",
+                   use_rslora=True, use_dora=True, loraplus_lr_ratio=16, lora_rank=4, lora_dropout=0.1),
+          callbacks=[OptimizerSpy()])
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["use_dora"] and config["use_rslora"] and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    assert config["r"] == 4 and config["lora_alpha"] == 8 and config["lora_dropout"] == 0.1
+    assert seen["lrs"] == [1e-2, 16e-2]
+
+
+def test_full_finetuning_saves_a_model(tiny_model, data_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "full"
+    summary = train(make_cfg(tiny_model, data_dir, out, finetuning_type="full", max_steps=2, eval_steps=2))
+    assert summary["parameters"]["trainable"] == summary["parameters"]["total"]
+    assert not (out / "adapter_config.json").exists()
+    tuned = AutoModelForCausalLM.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert not torch.equal(tuned.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+
+
+def test_clear_errors(tiny_model, data_dir, tmp_path, monkeypatch):
+    with pytest.raises(LoralabError, match=r"lora_target: qkv_proj is not a module .*valid names: all, .*q_proj"):
+        train(make_cfg(tiny_model, data_dir, tmp_path / "a", lora_target="q_proj,qkv_proj"))
+    with pytest.raises(LoralabError, match="no training example has a token to learn"):
+        train(make_cfg(tiny_model, data_dir, tmp_path / "b", cutoff_len=5))
+    with pytest.raises(LoralabError, match="model_name_or_path"):
+        train(make_cfg(tmp_path / "no-such-model", data_dir, tmp_path / "c"))
+    with pytest.raises(LoralabError, match="no complete checkpoint"):
+        train(make_cfg(tiny_model, data_dir, tmp_path / "d", resume_from_checkpoint=True))
+    if not torch.cuda.is_available():
+        with pytest.raises(LoralabError, match="CUDA"):
+            train(make_cfg(tiny_model, data_dir, tmp_path / "e", quantization_bit=4))
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(train_mod.LoralabTrainer, "training_step", out_of_memory)
+    with pytest.raises(LoralabError, match="per_device_train_batch_size: .*gradient_checkpointing"):
+        train(make_cfg(tiny_model, data_dir, tmp_path / "f", max_steps=1))
+
+
+def cli(*args, env=None, **kw):
+    return subprocess.run([sys.executable, "-m", "loralab.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, **kw)
+
+
+def cli_args(model, data_dir, out, **kw):
+    cfg = make_cfg(model, data_dir, out, **kw)
+    keys = ("model_name_or_path", "dataset_dir", "dataset", "eval_dataset", "output_dir", "max_steps", "eval_steps",
+            "logging_steps", "per_device_train_batch_size", "learning_rate", "torch_threads", "seed", "save_total_limit")
+    return [f"{k}={getattr(cfg, k)}" for k in keys]
+
+
+def test_sigkill_during_save_then_resume_matches_uninterrupted(tiny_model, data_dir, tmp_path):
+    """Kill the run while checkpoint-4 is being saved (its files written, completion marker not yet):
+    --resume continues from checkpoint-2 with the same data order and schedule and ends like an
+    uninterrupted run, at the same step, with the same weights."""
+    settings = dict(max_steps=8, eval_steps=2, save_total_limit=5)
+    reference = train(make_cfg(tiny_model, data_dir, tmp_path / "ref", **settings))
+    out = tmp_path / "killed"
+    args = ["train", *cli_args(tiny_model, data_dir, out, **settings)]
+    proc = subprocess.Popen([sys.executable, "-m", "loralab.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, train_mod.PAUSE_ENV: "4"})
+    try:
+        deadline = time.time() + 120
+        while not (out / "checkpoint-4" / "trainer_state.json").exists():
+            assert proc.poll() is None and time.time() < deadline, "training ended before the pause"
+            time.sleep(0.1)
+        time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert (out / "checkpoint-4").is_dir() and not (out / "checkpoint-4" / train_mod.COMPLETE_MARKER).exists()
+    assert train_mod.find_resume_checkpoint(out).name == "checkpoint-2"
+
+    with pytest.raises(LoralabError, match="--resume"):  # without --resume the folder is not touched
+        train(make_cfg(tiny_model, data_dir, out, **settings))
+    resumed = cli(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr and "checkpoint-2" in resumed.stderr
+    assert "checkpoint-4: its save was interrupted" in resumed.stderr
+    summary = json.loads((out / "train_results.json").read_text())
+    assert summary["steps"] == reference["steps"] == 8 and summary["resumed_from"].endswith("checkpoint-2")
+    assert summary["best_eval_loss"] == pytest.approx(reference["best_eval_loss"], abs=1e-5)
+    assert same_tensors(adapter_tensors(out), adapter_tensors(tmp_path / "ref"), tol=1e-5)
+    ref_lines = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    got_lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in got_lines] == [r["step"] for r in ref_lines]  # no duplicated steps after resume
+    for ref, got in zip(ref_lines, got_lines):
+        for key in ("loss", "eval_loss", "learning_rate"):
+            assert (key in ref) == (key in got) and got.get(key, 0) == pytest.approx(ref.get(key, 0), abs=1e-5)
+
+
+def test_two_process_ddp(tiny_model, data_dir, tmp_path):
+    out = tmp_path / "ddp"
+    args = cli_args(tiny_model, data_dir, out, max_steps=4, eval_steps=2)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "loralab.cli",
+                          "train", *args], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads((out / "train_results.json").read_text())
+    # 32 examples, 2 processes x batch 4: one epoch is 4 steps (a single process would need 8).
+    assert summary["steps"] == 4 and summary["epochs"] == pytest.approx(1.0)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(out))
+
+
+def test_export_merged_logits_match_adapter(lora_run, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loralab.export import export
+
+    cfg, _, run_dir = lora_run
+    target = tmp_path / "merged"
+    export_cfg = load_config(None, {"model_name_or_path": cfg.model_name_or_path,
+                                    "adapter_name_or_path": str(run_dir), "export_dir": str(target)})
+    export(export_cfg)
+    assert (target / "model.safetensors").is_file() and not (target / "adapter_config.json").exists()
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    assert tokenizer.chat_template and tokenizer.convert_tokens_to_ids("<|eot_id|>") in \
+        AutoModelForCausalLM.from_pretrained(target).generation_config.eos_token_id
+    ids = torch.tensor([tokenizer.apply_chat_template([{"role": "user", "content": "Say number 3"}],
+                                                      add_generation_prompt=True, tokenize=True, return_dict=False)])
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(target)(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path)
+        base_logits = base(ids).logits
+        adapted = PeftModel.from_pretrained(base, str(run_dir))(ids).logits
+    assert torch.allclose(merged, adapted, atol=1e-4)
+    assert not torch.allclose(base_logits, adapted, atol=1e-3)  # the adapter does change the model
+    with pytest.raises(LoralabError, match="export_dir: .* not empty"):
+        export(export_cfg)
+    export(export_cfg, overwrite=True)
+    out = cli("export", *[f"{k}={v}" for k, v in (("model_name_or_path", cfg.model_name_or_path),
+                                                  ("export_dir", str(tmp_path / "x")))])
+    assert out.returncode == 2 and "adapter_name_or_path" in out.stderr and "Traceback" not in out.stderr
