@@ -148,3 +148,51 @@ def test_smollm2_batched_equals_single():
              ("What is the capital of France?", "Give three tips for staying healthy.", "Translate 'cat' to French.")]
     settings = GenerationSettings(max_new_tokens=24)
     assert eng.generate(convs, settings, batch_size=3) == [eng.generate([c], settings)[0] for c in convs]
+
+
+def test_vllm_backend_requests(tiny_model, tmp_path, monkeypatch):
+    """The vLLM path with a stand-in `vllm` module (vLLM needs CUDA): what it asks vLLM and what it returns."""
+    import importlib.machinery
+    import sys
+    import types
+    from types import SimpleNamespace
+
+    import torch
+
+    calls = {}
+
+    class LLM:
+        def __init__(self, **kwargs):
+            calls["init"] = kwargs
+
+        def generate(self, prompts, params, lora_request=None, use_tqdm=True):
+            calls["generate"] = (prompts, params, lora_request)
+            return [SimpleNamespace(outputs=[SimpleNamespace(text=f"reply {i}", token_ids=[5, 6, 7],
+                                                             finish_reason="length" if i else "stop")])
+                    for i in range(len(prompts))]
+
+    def module(name, **attrs):
+        mod = types.ModuleType(name)
+        mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        mod.__dict__.update(attrs)
+        monkeypatch.setitem(sys.modules, name, mod)
+
+    module("vllm", LLM=LLM, SamplingParams=lambda **kw: kw)
+    module("vllm.lora")
+    module("vllm.lora.request", LoRARequest=lambda name, id_, path: (name, id_, path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    adapter = tmp_path / "ad"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"base_model_name_or_path": "%s", "r": 12}' % tiny_model)
+    eng = Engine(load_config(None, {"model_name_or_path": str(tiny_model), "infer_backend": "vllm"}), {"ad": str(adapter)})
+    assert calls["init"]["model"] == str(tiny_model) and calls["init"]["enable_lora"] and calls["init"]["max_lora_rank"] == 16
+    deltas = []
+    out = eng.generate(CONVERSATIONS[:2], GREEDY, adapter="ad", on_text=lambda i, d: deltas.append((i, d)))
+    prompts, params, lora = calls["generate"]
+    assert prompts == [{"prompt_token_ids": eng.prompt_ids(c)} for c in CONVERSATIONS[:2]]
+    assert params["temperature"] == 0.0 and params["max_tokens"] == 12 and params["stop_token_ids"] == eng.stop_ids
+    assert lora == ("ad", 1, str(adapter))
+    assert [o.finish_reason for o in out] == ["stop", "length"] and out[0].text == "reply 0"
+    assert deltas == [(0, "reply 0"), (1, "reply 1")]
+    eng.generate(CONVERSATIONS[:1], GenerationSettings(do_sample=True, temperature=0.7, seed=1))
+    assert calls["generate"][2] is None and calls["generate"][1]["temperature"] == 0.7

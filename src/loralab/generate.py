@@ -326,6 +326,9 @@ class Engine:
             thread.join()
 
 
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
 class VllmBackend:
     """`infer_backend: vllm`: the same prompts (token ids from our template) run on vLLM's offline LLM.
 
@@ -356,7 +359,8 @@ class VllmBackend:
             trust_remote_code=cfg.trust_remote_code,
             seed=cfg.seed,
             enable_lora=bool(adapters),
-            max_lora_rank=max(ranks + [8]),
+            # vLLM only takes some ranks as max_lora_rank: the smallest allowed one that fits every adapter
+            max_lora_rank=next((r for r in VLLM_LORA_RANKS if r >= max(ranks + [8])), max(ranks + [8])),
             max_loras=max(1, len(adapters)),
         )
         self.requests = {name: LoRARequest(name, i + 1, p) for i, (name, p) in enumerate(adapters.items())}
