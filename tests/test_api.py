@@ -96,6 +96,9 @@ def client(server):
 def test_models_lists_base_and_adapters(client, engine):
     ids = [m.id for m in client.models.list()]
     assert ids == [engine.base_name, "alpha", "beta"]
+    assert client.models.retrieve(engine.base_name).id == engine.base_name  # ids may hold slashes
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
 
 
 def test_each_model_answers_differently_without_reloading(client, engine):
@@ -177,6 +180,8 @@ def test_wrong_or_missing_key_is_401(server):
         ({"model": "alpha", "messages": []}, 400, "messages"),
         ({"model": "alpha", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
         ({"model": "alpha", "messages": [{"role": "user"}]}, 400, "messages[0].content"),
+        ({"model": "alpha", "messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+        ({"model": "alpha", "messages": [{"role": "user", "content": "hi", "strict": 1}]}, 400, "messages[0].strict"),
         ({"model": "nope", "messages": HELLO}, 404, "model"),
         ({"model": "alpha", "messages": HELLO, "n": 2}, 400, "n"),
         ({"model": "alpha", "messages": HELLO, "tools": []}, 400, "tools"),

@@ -125,3 +125,17 @@ def test_sigint_during_a_reply_in_a_real_process(tiny_model):
     # The reply stopped early, then the session went on: it still took commands and exited cleanly.
     assert text.endswith(" [interrupted]\n"), text[-300:]
     assert "(system prompt set)" in err.decode() and "Traceback" not in err.decode()
+
+
+def test_oldest_turns_are_forgotten_when_the_context_is_full(engine):
+    from loralab.chat import ChatSession
+    from loralab.generate import GenerationSettings
+
+    session = ChatSession(engine, GenerationSettings(max_new_tokens=700), system="Be brief.")
+    turn = "apple banana " * 10  # ~40 tokens per turn with the tiny tokenizer: 12 turns do not fit
+    session.history = [{"role": r, "content": f"{i} {turn}"} for i in range(6) for r in ("user", "assistant")]
+    session.history.append(user("last question"))
+    session._fit_context()
+    assert len(engine.prompt_ids(session.messages)) + 700 <= 1024
+    assert session.history[-1] == user("last question") and session.history[0]["role"] == "user"
+    assert 1 < len(session.history) < 13 and session.messages[0]["role"] == "system"

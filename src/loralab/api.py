@@ -137,9 +137,9 @@ def parse_request(raw: bytes) -> ChatRequest:
 
 def describe_invalid(err: ValidationError) -> APIError:
     first = err.errors()[0]
-    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"]).lstrip(".")
-    # Union types add the member type to the path (content.str, content.list[...]); keep the field.
-    param = param.split(".str")[0].split(".list[")[0]
+    # Union types add the member tried to the path (content -> str / list[TextPart]); name the field.
+    loc = [p for p in first["loc"] if not (isinstance(p, str) and (p == "str" or p.startswith("list[")))]
+    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
     if first["type"] == "extra_forbidden":
         return APIError(400, f"unsupported field `{param}` (supported: {SUPPORTED_FIELDS})", param=param,
                         code="unsupported_parameter")
@@ -386,6 +386,13 @@ def create_app(engine: Engine, api_key: str | None = None, max_batch_size: int =
     async def list_models():
         return {"object": "list",
                 "data": [{"id": m, "object": "model", "created": created, "owned_by": "loralab"} for m in models]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(check_key)])
+    async def get_model(model_id: str):
+        if model_id not in adapter_of:
+            raise APIError(404, f"model: unknown model {model_id!r}; available: {', '.join(models)}",
+                           param="model", code="model_not_found")
+        return {"id": model_id, "object": "model", "created": created, "owned_by": "loralab"}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat_completions(request: Request):

@@ -38,7 +38,9 @@ class ChatSession:
 
     def _fit_context(self) -> None:
         """Forget the oldest turns while prompt + reply would not fit the model's context."""
-        limit = getattr(getattr(self.engine.model, "config", None), "max_position_embeddings", None)
+        from loralab.api import context_length
+
+        limit = context_length(self.engine)
         if not limit:
             return
         while len(self.history) > 1 and len(self.engine.prompt_ids(self.messages)) + self.settings.max_new_tokens > limit:
