@@ -153,6 +153,19 @@ def test_page_streams_a_reply_in_a_real_browser(engine, artifacts_dir, tmp_path)
             shown = page.locator("#chatbot .bot").last.inner_text()
             seen = page.evaluate("window.seen")
             user_text = page.locator("#chatbot .user").last.inner_text()
+
+            # Clear the history, switch to the base model, ask again.
+            page.get_by_role("button", name="Clear").click()
+            page.wait_for_function("() => !document.querySelector('#chatbot .bot, #chatbot .user')", timeout=30_000)
+            page.get_by_role("combobox", name="model (base or adapter)").click()
+            page.get_by_role("option", name=engine.base_name).click()
+            box.fill("Hello there")
+            box.press("Enter")
+            page.locator("#chatbot .bot").last.wait_for(timeout=60_000)
+            page.wait_for_function("() => !document.querySelector('#message .stop-button')", timeout=60_000)
+            page.wait_for_timeout(300)
+            from_base = page.locator("#chatbot .bot").last.inner_text()
+            turns = page.locator("#chatbot .bot").count()
             browser.close()
     finally:
         demo.close()
@@ -160,6 +173,8 @@ def test_page_streams_a_reply_in_a_real_browser(engine, artifacts_dir, tmp_path)
 
     expected = engine.generate([[{"role": "user", "content": "Hello there"}]],
                                GenerationSettings(max_new_tokens=64), adapter="alpha")[0].text
+    base = engine.generate([[{"role": "user", "content": "Hello there"}]], GenerationSettings(max_new_tokens=64))[0].text
+    assert turns == 1 and alnum(from_base) == alnum(base) != alnum(expected), (from_base, base)
     assert "Hello there" in user_text
     assert alnum(shown) and alnum(shown) == alnum(expected), (shown, expected)
     assert len(seen) > 1, f"the reply did not stream: {seen}"
