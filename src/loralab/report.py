@@ -358,10 +358,10 @@ def paired_table(page: Page, comparison: dict) -> None:
     page.para(f"{n} paired samples; {comparison.get('ci', 'paired bootstrap CI')}; {comparison.get('test', '')}.")
 
 
-def comparison_section(page: Page, folder: Path, eval_dir: Path, summary: dict, name: str) -> None:
+def comparison_section(page: Page, folder: Path, eval_dir: Path, summary: dict, name: str, title: str | None = None) -> None:
     models = {k: v["metrics"] for k, v in summary["models"].items()}
     split = summary.get("split") or summary.get("data")
-    page.heading(f"Evaluation on {split} ({summary.get('n_samples')} samples)" if split else "Evaluation")
+    page.heading((title or "Evaluation") + (f" on {split} ({summary.get('n_samples')} samples)" if split else ""))
     page.para(f"Models: " + ", ".join(f"{k} = {v.get('adapter') or summary.get('model')}" for k, v in summary["models"].items())
               + f". Folder: {eval_dir.relative_to(folder) if eval_dir != folder else '.'}")
     models_table(page, models)
@@ -467,9 +467,11 @@ def write_report(folder: str | Path) -> Path:
             test_dir = Path(results["test"]["dir"])
             summary = _read_json(test_dir / "comparison.json")
             if summary:
-                page.heading("Test split: base config vs winner (evaluated once, after selection)")
-                comparison_section(page, folder, test_dir, summary, "test")
+                comparison_section(page, folder, test_dir, summary, "test",
+                                   title="Test split: base config vs winner (evaluated once, after selection)")
     else:
+        if found.runs:  # training first, then what the trained model scores
+            run_section(page, folder, found.runs)
         for eval_dir, summary in found.comparisons:
             comparison_section(page, folder, eval_dir, summary, eval_dir.name)
         for name, ev in found.evaluations.items():
@@ -477,8 +479,6 @@ def write_report(folder: str | Path) -> Path:
             page.heading(f"Evaluation {name}: {result.get('split') or result.get('data') or ''} ({result.get('n_samples')} samples)")
             metric_table(page, result["metrics"])
             examples_section(page, {"prediction": ev}, folder)
-        if found.runs:
-            run_section(page, folder, found.runs)
     (folder / "report.md").write_text("\n".join(page.md) + "\n", encoding="utf-8")
     out = folder / "report.html"
     out.write_text(page.render_html(), encoding="utf-8")

@@ -292,7 +292,13 @@ def requeue(study, trial) -> None:
     if set(trial.params) != set(_param_names(study, trial)):
         log.warning("trial %d: died before its parameters were set; not re-queued", trial.number)
         return
-    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+    import optuna
+
+    # A WAITING copy with the same parameters (and, for grid, the same grid point id): the next worker
+    # that asks pops it; popping is atomic in every Optuna storage.
+    study.add_trial(optuna.trial.create_trial(
+        state=optuna.trial.TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+        user_attrs={"retry_of": trial.number}, system_attrs=dict(trial.system_attrs)))
     log.info("trial %d: re-queued (its worker stopped before it finished)", trial.number)
 
 

@@ -1,0 +1,91 @@
+"""Reports: an experiment folder (tiny model: real training + base vs tuned evaluation), a plain
+evaluation folder and a run folder render to HTML + Markdown; the page is opened in headless Chromium
+and every image must load."""
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from loralab import report
+from loralab.errors import LoralabError
+
+CHROMIUM = Path("/usr/bin/chromium")
+BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"]
+
+
+def check_in_browser(page: Path, screenshot: Path) -> None:
+    """Open the page offline in headless Chromium: every <img> must have loaded; keep a screenshot."""
+    if not CHROMIUM.is_file():
+        pytest.skip(f"headless browser check: {CHROMIUM} not found (apt-get install chromium)")
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (test extra)")
+    with playwright.sync_playwright() as p, tempfile.TemporaryDirectory(prefix="loralab-chromium-") as profile:
+        browser = p.chromium.launch_persistent_context(profile, executable_path=str(CHROMIUM), headless=True,
+                                                       args=BROWSER_FLAGS, offline=True)
+        try:
+            tab = browser.new_page()
+            tab.goto(page.resolve().as_uri())
+            tab.wait_for_load_state("load")
+            images = tab.evaluate("Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth])")
+            assert images, "the report has no images"
+            broken = [alt for alt, complete, width in images if not complete or width == 0]
+            assert not broken, f"images that did not load: {broken}"
+            tab.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="module")
+def experiment_dir(tmp_path_factory, tiny_model):
+    """What `loralab run` leaves: data, train/ (a real tiny run), eval/ (base vs tuned on the test split)."""
+    from loralab import data, evaluate
+    from loralab.config import build_config
+    from loralab.train import train
+
+    out = tmp_path_factory.mktemp("experiment")
+    data.prepare("builtin:demo", output_dir=out / "data", sample=40, split="28,6,6", name="alpaca_data")
+    cfg = build_config({"model_name_or_path": str(tiny_model), "dataset_dir": str(out / "data"), "output_dir": str(out / "train"),
+                        "max_steps": 2, "eval_steps": 1, "logging_steps": 1, "per_device_train_batch_size": 8,
+                        "cutoff_len": 96, "max_new_tokens": 8, "torch_threads": 1})
+    train(cfg)
+    evaluate.evaluate_models(cfg, {"base": None, "tuned": str(out / "train")}, split="test", out_dir=out / "eval",
+                             n_boot=200, progress=False)
+    (out / "stages.json").write_text(json.dumps({"prepare": "x", "train": "y", "eval": "z"}))
+    return out
+
+
+def test_experiment_report_renders_offline(experiment_dir, artifacts_dir):
+    page = report.write_report(experiment_dir)
+    assert page == experiment_dir / "report.html"
+    text = page.read_text()
+    # metric table with CIs, paired comparison, loss curves, examples with the reference
+    assert "base (95% CI)" in text and "tuned (95% CI)" in text and "tuned vs base (paired)" in text
+    assert "p (paired)" in text and "Example predictions" in text and "reference" in text
+    assert text.count("<img src=\"data:image/png;base64,") >= 2  # metrics bar chart + loss curves
+    assert "http://" not in text and "https://" not in text  # nothing fetched from the network
+    md = (experiment_dir / "report.md").read_text()
+    for name in ("report_files/losses.png", "report_files/metrics_eval.png"):
+        assert name in md and (experiment_dir / name).is_file()
+    check_in_browser(page, artifacts_dir / "report.png")
+
+
+def test_evaluation_and_run_folders(experiment_dir, tmp_path):
+    """A single evaluation folder (`loralab eval`) and a single run folder (`loralab train`) report too."""
+    ev = tmp_path / "eval-tuned"
+    shutil.copytree(experiment_dir / "eval" / "tuned", ev)
+    text = report.write_report(ev).read_text()
+    assert "rougeL" in text and "95% CI low" in text and "prediction" in text
+    run = tmp_path / "run"
+    shutil.copytree(experiment_dir / "train", run)
+    text = report.write_report(run).read_text()
+    assert "best validation loss" in text and "Loss curves" in text
+
+
+def test_nothing_to_report(tmp_path):
+    with pytest.raises(LoralabError, match="nothing to report"):
+        report.write_report(tmp_path)
+    with pytest.raises(LoralabError, match="not a folder"):
+        report.write_report(tmp_path / "missing")
