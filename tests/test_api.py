@@ -284,3 +284,38 @@ def test_host_port_and_adapter_flags(monkeypatch):
     assert parse_adapter_flags(["a=/x", "b = /y"]) == {"a": "/x", "b": "/y"}
     with pytest.raises(LoralabError, match="--adapter"):
         parse_adapter_flags(["just-a-path"])
+
+
+def test_loralab_api_command(tiny_model, tiny_adapters):
+    """The real command: adapters from --adapter, key from API_KEY, host/port from API_HOST/API_PORT."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    port = free_port()
+    env = dict(os.environ, API_KEY="env-key", API_HOST="127.0.0.1", API_PORT=str(port), HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("loralab")), "api", f"model_name_or_path={tiny_model}",
+         "max_new_tokens=8", "torch_threads=1", "--adapter", f"tuned={tiny_adapters['alpha']}"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+            assert time.time() < deadline, "server did not start"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="env-key", max_retries=0)
+        assert [m.id for m in client.models.list()] == [str(tiny_model), "tuned"]
+        r = client.chat.completions.create(model="tuned", messages=HELLO)
+        assert r.usage.completion_tokens <= 8 and r.choices[0].finish_reason in ("stop", "length")
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="other", max_retries=0).models.list()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
