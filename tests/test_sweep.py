@@ -244,11 +244,11 @@ def test_killed_worker_then_two_workers_resume_on_journal_file(tmp_path, tiny_mo
     path = write_sweep(tmp_path, base=tiny_base(tiny_model, demo_data), strategy="grid", output_dir=str(tmp_path / "sw"),
                        search_space=GRID, pruner="none")
     victim = subprocess.Popen(_worker_cmd(path), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    trial_dir = tmp_path / "sw" / "trials" / "trial_001"
+    trial_dir = tmp_path / "sw" / "trials" / "trial_000"
     deadline = time.time() + 90
     while not trial_dir.is_dir() and time.time() < deadline and victim.poll() is None:
         time.sleep(0.2)
-    assert trial_dir.is_dir(), "the worker never started its second trial"
+    assert trial_dir.is_dir(), "the worker never started a trial"
     victim.send_signal(signal.SIGKILL)
     victim.wait()
 
@@ -256,9 +256,9 @@ def test_killed_worker_then_two_workers_resume_on_journal_file(tmp_path, tiny_mo
     assert all(o.returncode == 0 for o in outs), outs[0].stdout[-2000:] + outs[1].stdout[-2000:]
     study = study_of(path)
     trials = study.get_trials()
-    killed = trials[1]
+    killed = trials[0]
     assert killed.state.name == "FAIL" and "died" in killed.user_attrs["error"]
-    assert [t.params for t in trials if t.user_attrs.get("retry_of") == 1] == [killed.params]
+    assert [t.params for t in trials if t.user_attrs.get("retry_of") == 0] == [killed.params]
     check_no_trial_lost_or_doubled(study, GRID_POINTS)
 
 
@@ -302,7 +302,7 @@ def postgres_url():
         conn.close()
         yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/loralab_sweep"
     finally:
-        subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], capture_output=True, timeout=60)
+        subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True, timeout=60)
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -318,3 +318,21 @@ def test_two_workers_share_a_postgres_sweep(tmp_path, tiny_model, demo_data, pos
     assert len(workers) == 2, "both workers should have run trials"
     assert not (sweep_dir / sweep.JOURNAL_FILE).exists()  # the shared database, not the local file
     assert "***" not in postgres_url and "postgres@127.0.0.1" in (sweep_dir / "sweep.yaml").read_text()
+
+
+def test_base_config_is_the_first_trial_when_it_lies_in_the_space(tmp_path):
+    path = write_sweep(tmp_path, base={**BASE, "learning_rate": 1e-3, "lora_alpha": 16}, strategy="tpe", n_trials=3,
+                       output_dir=str(tmp_path / "sw"), pruner="none",
+                       search_space={"lora_rank": [4, 8], "lora_alpha_ratio": [1, 2],
+                                     "learning_rate": {"low": 1e-4, "high": 1e-2, "log": True}})
+    spec, base, _ = sweep.load_sweep(path)
+    assert sweep.base_params(spec, base) == {"lora_rank": 8, "lora_alpha_ratio": 2, "learning_rate": 1e-3}
+    fake = FakeTrain()
+    rows = sweep.run_sweep(path, trials_only=True, train_fn=fake)["leaderboard"]
+    assert fake.ran[0] == (8, 1e-3) and len(fake.ran) == 3
+    assert next(r for r in rows if r["trial"] == 0)["note"] == "base config"
+    trial0 = study_of(path).get_trials()[0]
+    assert sweep._same_as_base(trial0.params, base)
+    # outside the space (rank 16): no base trial; the base config is trained as its own run at the end
+    spec16 = spec.model_copy(update={"search_space": {"lora_rank": [4, 8]}})
+    assert sweep.base_params(spec16, base.model_copy(update={"lora_rank": 16})) is None

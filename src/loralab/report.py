@@ -425,7 +425,7 @@ def sweep_section(page: Page, folder: Path, found: Found) -> None:
     page.heading("Leaderboard")
     if board:
         cols = ["rank", "trial", "state", "objective" if objective == "eval_loss" else objective, *keys,
-                "best_eval_loss", "steps", "tokens_per_s", "runtime_s", "error"]
+                "best_eval_loss", "steps", "tokens_per_s", "runtime_s", "note", "error"]
         head = [f"validation {objective}" if c in ("objective", objective) and c not in keys else c for c in cols]
         page.table(head, [[_num(r.get(c)) if _num(r.get(c)) is not None and c not in ("rank", "trial", "steps") else r.get(c)
                            for c in cols] for r in board])

@@ -40,6 +40,9 @@ DERIVED_KEYS = {"lora_alpha_ratio": "sets lora_alpha = lora_alpha_ratio * lora_r
 # Keys a sweep owns (folders, resuming) or that would let selection see the test split.
 NOT_SEARCHABLE = {"output_dir", "overwrite_output_dir", "resume_from_checkpoint", "test_dataset",
                   "adapter_name_or_path", "export_dir", "adapters", "api_host", "api_port"}
+# Base-config keys that may differ between workers of one sweep (they do not change results).
+NEUTRAL_KEYS = {"output_dir", "overwrite_output_dir", "resume_from_checkpoint", "torch_threads", "infer_batch_size",
+                "per_device_eval_batch_size"}
 SWEEP_FILE = "sweep.yaml"      # the resolved sweep (spec + base config) in the sweep folder
 JOURNAL_FILE = "optuna_journal.log"
 RESULTS_FILE = "sweep_results.json"
@@ -60,7 +63,8 @@ class SweepSpec(BaseModel):
     """What a sweep file may say."""
 
     model_config = ConfigDict(extra="forbid")
-    base: str | dict[str, Any] = Field(..., description="Experiment config to start from: a YAML path or inline keys.")
+    base: str | dict[str, Any] = Field(..., description="Experiment config to start from: a YAML path (relative to the sweep file) or inline keys.")
+    base_overrides: dict[str, Any] = Field(default_factory=dict, description="Keys set on top of `base` (e.g. fewer steps for the sweep).")
     strategy: Literal["grid", "random", "tpe"] = Field("tpe", description="grid, random, or tpe (Bayesian).")
     search_space: dict[str, list[Any] | Range] = Field(
         ..., description="config key -> list of values, or {low, high, log, step} (random/tpe only)."
@@ -77,6 +81,7 @@ class SweepSpec(BaseModel):
     pruner: Literal["median", "none"] = Field("median", description="Stop bad trials early from their validation loss.")
     pruner_startup_trials: int = Field(2, ge=0, description="Trials that finish before pruning starts.")
     pruner_warmup_steps: int = Field(0, ge=0, description="Steps of a trial before it can be pruned.")
+    start_with_base: bool = Field(True, description="random/tpe: the first trial is the base config itself, when its values lie in the search space.")
     heartbeat_seconds: int = Field(60, gt=0, description="RDB storage: a trial without a heartbeat for 2x this is failed and re-queued.")
 
 
@@ -100,8 +105,8 @@ def _base_values(spec: SweepSpec, sweep_path: Path) -> tuple[dict, str]:
     if isinstance(spec.base, dict):
         return dict(spec.base), f"{sweep_path}: base"
     base = Path(spec.base)
-    if not base.is_absolute() and not base.is_file() and (sweep_path.parent / base).is_file():
-        base = sweep_path.parent / base  # relative to the sweep file
+    if not base.is_absolute() and (sweep_path.parent / base).is_file():
+        base = sweep_path.parent / base  # relative to the sweep file first, then to the working folder
     return read_yaml(base), str(base)
 
 
@@ -169,6 +174,9 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
     except ValidationError as e:
         raise LoralabError(_spec_error(e, str(path))) from None
     values, base_source = _base_values(spec, path)
+    if spec.base_overrides:
+        values.update(spec.base_overrides)
+        base_source += f" + {path}: base_overrides"
     if overrides:
         values.update(load_config(None, overrides).model_dump(exclude_unset=True))
     base = build_config(values, source=base_source)
@@ -229,17 +237,29 @@ def make_storage(url: str | None, sweep_dir: Path, heartbeat_seconds: int = 60):
         return optuna.storages.JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
     if "://" not in url:
         raise LoralabError(f"storage: {url!r} is not a database URL; expected e.g. postgresql://user:pass@host/db or sqlite:///file.db")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url, heartbeat_interval=heartbeat_seconds, grace_period=2 * heartbeat_seconds,
-                heartbeat_stale_trial_callback=requeue,
-                engine_kwargs={"pool_pre_ping": True},
-            )
-    except Exception as e:  # bad URL, server down, missing driver: one line, with the password hidden
-        why = (str(e).strip().splitlines() or [""])[0][:200]
-        raise LoralabError(f"storage: cannot open {redact(url)} ({type(e).__name__}: {why})") from None
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url, heartbeat_interval=heartbeat_seconds, grace_period=2 * heartbeat_seconds,
+                    heartbeat_stale_trial_callback=requeue,
+                    engine_kwargs={"pool_pre_ping": True},
+                )
+        except (IntegrityError, ProgrammingError) as e:
+            # Workers started together on a fresh database race to create Optuna's tables: the
+            # loser sees "already exists"; a moment later the tables are there.
+            if attempt == 4:
+                err = e
+            else:
+                time.sleep(1.0 + attempt)
+                continue
+        except Exception as e:  # bad URL, server down, missing driver
+            err = e
+        why = (str(err).strip().splitlines() or [""])[0][:200]  # one line, with the password hidden
+        raise LoralabError(f"storage: cannot open {redact(url)} ({type(err).__name__}: {why})") from None
 
 
 def open_study(spec: SweepSpec, sweep_dir: Path, storage_url: str | None):
@@ -345,6 +365,34 @@ def _suggest(trial, spec: SweepSpec) -> dict:
     return params
 
 
+def same_value(a, b) -> bool:
+    """Equal config values: numbers up to float rounding, true/false only to themselves."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-9)
+    return a == b
+
+
+def base_params(spec: SweepSpec, base: Config) -> dict | None:
+    """The base config's values of the swept keys, if every one of them lies in the search space."""
+    out = {}
+    for key, space in spec.search_space.items():
+        value = base.alpha / base.lora_rank if key == "lora_alpha_ratio" else getattr(base, key)
+        if isinstance(space, Range):
+            if not isinstance(value, (int, float)) or not space.low <= value <= space.high:
+                return None
+            if space.step and not math.isclose((value - space.low) / space.step, round((value - space.low) / space.step)):
+                return None
+            out[key] = int(value) if key not in DERIVED_KEYS and _is_int_key(key) else float(value)
+        else:
+            same = [v for v in space if same_value(v, value)]
+            if not same:
+                return None
+            out[key] = same[0]
+    return out
+
+
 class _Skip(Exception):
     """This trial must not run (over budget, or a duplicate); recorded as FAIL with `skipped`."""
 
@@ -363,15 +411,15 @@ def _check_slot(study, trial, spec: SweepSpec, params: dict) -> None:
         before = [t for t in counted_trials(trials) if t.number < trial.number]
         if limit is not None and len(before) >= limit:
             raise _Skip(f"over budget: {limit} trials already started")
-        retry_of = trial.user_attrs.get("retry_of")
-        if retry_of is not None:
-            twin = [t.number for t in trials if t.number < trial.number and t.user_attrs.get("retry_of") == retry_of]
-            if twin:
-                raise _Skip(f"duplicate retry of trial {retry_of} (trial {twin[0]} has it)")
+        for attr, what in (("retry_of", "retry of trial"), ("base_config", "base-config trial")):
+            mark = trial.user_attrs.get(attr)
+            twin = [t.number for t in trials if t.number < trial.number and mark is not None and t.user_attrs.get(attr) == mark]
+            if twin:  # two workers queued the same thing at once: the smaller number runs it
+                raise _Skip(f"duplicate {what} (trial {twin[0]} has it)")
         if spec.strategy != "grid":
             return
-        unset = [t for t in before if t.state in (TrialState.RUNNING, TrialState.WAITING) and not t.params
-                 and "fixed_params" not in t.system_attrs]
+        unset = [t for t in before if t.state in (TrialState.RUNNING, TrialState.WAITING)
+                 and len(t.params) < len(params) and "fixed_params" not in t.system_attrs]
         same = [t.number for t in before if (t.params or t.system_attrs.get("fixed_params")) == params]
         if same:
             raise _Skip(f"duplicate grid point (trial {same[0]} has it)")
@@ -494,7 +542,10 @@ def _check_same_sweep(sweep_dir: Path, resolved: dict) -> None:
         return
     old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     for key in ("base", "search_space", "strategy", "objective"):
-        if old.get(key) != resolved.get(key):
+        a, b = old.get(key), resolved.get(key)
+        if key == "base" and isinstance(a, dict) and isinstance(b, dict):  # settings that do not change results
+            a, b = ({k: v for k, v in d.items() if k not in NEUTRAL_KEYS} for d in (a, b))
+        if a != b:
             raise LoralabError(f"{sweep_dir}: holds a different sweep (its `{key}` differs); "
                                "set output_dir to a new folder, or restore the original sweep file")
 
@@ -540,6 +591,10 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, storage: str
     study = open_study(spec, sweep_dir, storage_url)
     if "search_keys" not in study.user_attrs:
         study.set_user_attr("search_keys", list(spec.search_space))
+    if spec.start_with_base and spec.strategy != "grid" and not study.get_trials(deepcopy=False):
+        start = base_params(spec, base)
+        if start is not None:  # the starting point is trial 0: a baseline for the sampler and for the test
+            study.enqueue_trial(start, user_attrs={"base_config": True})
     recover_dead_trials(study)
     limit = budget(spec)
 
@@ -591,7 +646,8 @@ def leaderboard_rows(study, spec: SweepSpec) -> list[dict]:
             "best_step": train.get("best_step"), "steps": train.get("steps"),
             "tokens_per_s": train.get("tokens_per_s"), "runtime_s": train.get("runtime_s"),
             "run_dir": t.user_attrs.get("run_dir"), "error": t.user_attrs.get("error"),
-            "retry_of": t.user_attrs.get("retry_of"),
+            "note": "base config" if t.user_attrs.get("base_config") else (
+                f"retry of trial {t.user_attrs['retry_of']}" if "retry_of" in t.user_attrs else None),
         })
     order = {"complete": 0, "pruned": 1, "running": 2, "waiting": 3, "fail": 4}
     key = "objective" if spec.objective == "eval_loss" else spec.objective
@@ -611,7 +667,7 @@ def _fmt(v: Any) -> str:
 
 def leaderboard_table(rows: list[dict], spec: SweepSpec, markdown: bool = False) -> str:
     key = "objective" if spec.objective == "eval_loss" else spec.objective
-    cols = ["rank", "trial", "state", key, *spec.search_space, "best_eval_loss", "steps", "tokens_per_s", "runtime_s", "error"]
+    cols = ["rank", "trial", "state", key, *spec.search_space, "best_eval_loss", "steps", "tokens_per_s", "runtime_s", "note", "error"]
     header = [("val_" + spec.objective) if c == key else c for c in cols]
     cells = [[_fmt(r.get(c))[:60] for c in cols] for r in rows]
     if markdown:
@@ -694,14 +750,8 @@ def print_leaderboard(rows: list[dict], spec: SweepSpec) -> None:
 
 # --- selection and the one test-split evaluation ------------------------------------------------------
 def _same_as_base(params: dict, base: Config) -> bool:
-    for key, value in params.items():
-        ref = base.alpha / base.lora_rank if key == "lora_alpha_ratio" else getattr(base, key)
-        if isinstance(value, float) or isinstance(ref, float):
-            if ref is None or value is None or not math.isclose(float(value), float(ref), rel_tol=1e-9):
-                return False
-        elif value != ref:
-            return False
-    return True
+    return all(same_value(value, base.alpha / base.lora_rank if key == "lora_alpha_ratio" else getattr(base, key))
+               for key, value in params.items())
 
 
 def finalize(study, spec: SweepSpec, base: Config, sweep_dir: Path) -> dict:
