@@ -224,7 +224,7 @@ def plot_params(trials: list[dict], keys: list[str], objective: str, files: Path
 
 def plot_importance(importance: dict, files: Path) -> Path | None:
     scores = importance.get("ped_anova") or {k: v["spread"] for k, v in importance.get("spread", {}).items()}
-    if not scores:
+    if not scores or not any(scores.values()):  # nothing to draw: every parameter scored 0
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 0.5 + 0.5 * len(scores)))
@@ -322,6 +322,13 @@ def _md_text(text: str) -> str:
     return html.escape(_clip(text, 300)).replace("|", "\\|").replace("\n", "<br>")
 
 
+def _space_text(space) -> str:
+    if isinstance(space, dict):  # a range
+        text = f"{space.get('low'):g} to {space.get('high'):g}"
+        return text + (" (log scale)" if space.get("log") else "") + (f", step {space['step']:g}" if space.get("step") else "")
+    return ", ".join(str(v) for v in space)
+
+
 def _num(v) -> float | None:
     try:
         return float(v)
@@ -369,13 +376,14 @@ def comparison_section(page: Page, folder: Path, eval_dir: Path, summary: dict, 
     for comp in summary.get("comparisons", {}).values():
         page.heading(f"{comp.get('b')} vs {comp.get('a')} (paired)")
         paired_table(page, comp)
-    examples_section(page, {k: Path(v.get("dir", eval_dir / k)) for k, v in summary["models"].items()}, eval_dir)
+    # evaluate_models writes OUT/NAME/; the recorded "dir" may be relative to another working folder
+    dirs = {k: eval_dir / k if (eval_dir / k).is_dir() else Path(v.get("dir", "")) for k, v in summary["models"].items()}
+    examples_section(page, dirs)
 
 
-def examples_section(page: Page, model_dirs: dict[str, Path], base: Path) -> None:
+def examples_section(page: Page, model_dirs: dict[str, Path]) -> None:
     preds = {}
     for name, d in model_dirs.items():
-        d = d if d.is_absolute() or d.is_dir() else base / d
         rows = _read_jsonl(d / "generated_predictions.jsonl", limit=N_EXAMPLES)
         if rows:
             preds[name] = rows
@@ -414,7 +422,7 @@ def sweep_section(page: Page, folder: Path, found: Found) -> None:
     page.para(f"Strategy {spec.get('strategy')}, objective: validation {objective} ({spec.get('direction')}), "
               f"budget {spec.get('n_trials')} trials, storage: {spec.get('storage')}. Trials: "
               + ", ".join(f"{n} {s}" for s, n in counts.items()) + ". Selection used the validation split only.")
-    page.table(["parameter", "searched over"], [[k, json.dumps(v)] for k, v in spec.get("search_space", {}).items()])
+    page.table(["parameter", "searched over"], [[k, _space_text(v)] for k, v in spec.get("search_space", {}).items()])
     if results:
         page.heading(f"Winner: trial {results['best_trial']}")
         page.table(["parameter", "base config", "winner"],
@@ -478,7 +486,7 @@ def write_report(folder: str | Path) -> Path:
             result = _read_json(ev / "metrics.json")
             page.heading(f"Evaluation {name}: {result.get('split') or result.get('data') or ''} ({result.get('n_samples')} samples)")
             metric_table(page, result["metrics"])
-            examples_section(page, {"prediction": ev}, folder)
+            examples_section(page, {"prediction": ev})
     (folder / "report.md").write_text("\n".join(page.md) + "\n", encoding="utf-8")
     out = folder / "report.html"
     out.write_text(page.render_html(), encoding="utf-8")

@@ -714,7 +714,8 @@ def param_importance(study, spec: SweepSpec) -> dict:
                 groups.setdefault(name, []).append(t.value)
         else:
             for t in done:
-                groups.setdefault(str(t.params.get(key)), []).append(t.value)
+                v = t.params.get(key)
+                groups.setdefault(f"{v:.4g}" if isinstance(v, float) else str(v), []).append(t.value)
         means = {g: sum(v) / len(v) for g, v in groups.items()}
         out["spread"][key] = {"groups": means, "spread": (max(means.values()) - min(means.values())) if len(means) > 1 else 0.0}
     if len(done) >= 4 and len([k for k in spec.search_space if len({str(t.params.get(k)) for t in done}) > 1]) >= 1:
