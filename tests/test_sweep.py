@@ -336,3 +336,17 @@ def test_base_config_is_the_first_trial_when_it_lies_in_the_space(tmp_path):
     # outside the space (rank 16): no base trial; the base config is trained as its own run at the end
     spec16 = spec.model_copy(update={"search_space": {"lora_rank": [4, 8]}})
     assert sweep.base_params(spec16, base.model_copy(update={"lora_rank": 16})) is None
+
+
+def test_data_source_prepared_once_and_checked(tmp_path):
+    """A base config with data_source gets its splits prepared (as `loralab run` does); other settings are refused."""
+    from loralab.config import build_config
+
+    cfg = build_config({"data_source": "builtin:demo", "data_sample": 50, "data_split": "30,10,10",
+                        "dataset_dir": str(tmp_path / "data"), "data_name": "demo"})
+    prepared = sweep.with_data(cfg)
+    assert (prepared.dataset, prepared.eval_dataset, prepared.test_dataset) == ("demo_train", "demo_val", "demo_test")
+    assert (tmp_path / "data" / "demo_val.json").is_file()
+    sweep.with_data(cfg)  # the same settings: reused
+    with pytest.raises(LoralabError, match="holds splits prepared with other settings.*split="):
+        sweep.with_data(cfg.model_copy(update={"data_split": "20,20,10"}))

@@ -309,7 +309,7 @@ def _cell(v) -> str:
     if v is None or v == "":
         return ""
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
     return str(v)
 
 

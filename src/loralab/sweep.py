@@ -568,7 +568,17 @@ def with_data(cfg: Config) -> Config:
     cfg = cfg.model_copy(update={"dataset": f"{cfg.data_name}_train", "eval_dataset": f"{cfg.data_name}_val",
                                  "test_dataset": f"{cfg.data_name}_test"})
     folder = Path(cfg.dataset_dir)
-    if not (folder / f"{cfg.data_name}_manifest.json").is_file():
+    manifest_path = folder / f"{cfg.data_name}_manifest.json"
+    wanted = {"source": cfg.data_source, "seed": cfg.seed, "sample": cfg.data_sample, "split": cfg.data_split}
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        found = {"source": manifest["source"]["path"], "seed": manifest["seed"], "sample": manifest["sample"],
+                 "split": manifest["split"]}
+        if found != wanted:
+            diff = ", ".join(f"{k}={found[k]!r} (wanted {wanted[k]!r})" for k in wanted if found[k] != wanted[k])
+            raise LoralabError(f"dataset_dir: {folder} holds splits prepared with other settings ({diff}); "
+                               "set dataset_dir to another folder for this sweep")
+    else:
         log.info("preparing %s from %s", folder, cfg.data_source)
         data.prepare(cfg.data_source, output_dir=folder, seed=cfg.seed, sample=cfg.data_sample,
                      split=cfg.data_split, name=cfg.data_name)
@@ -661,7 +671,7 @@ def _fmt(v: Any) -> str:
     if v is None:
         return ""
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
     return str(v)
 
 
