@@ -159,6 +159,18 @@ def test_stop_strings_and_seeded_sampling(client):
     assert a == b
 
 
+def test_content_parts_developer_role_and_max_completion_tokens(client):
+    plain = client.chat.completions.create(
+        model="alpha", max_tokens=6,
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}])
+    parts = client.chat.completions.create(
+        model="alpha", max_completion_tokens=6,
+        messages=[{"role": "developer", "content": "Be brief."},
+                  {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]}])
+    assert parts.choices[0].message.content == plain.choices[0].message.content
+    assert parts.usage.prompt_tokens == plain.usage.prompt_tokens
+
+
 def test_wrong_or_missing_key_is_401(server):
     for key in ("wrong", ""):
         bad = openai.OpenAI(base_url=server.url + "/v1", api_key=key or "x", max_retries=0,
@@ -182,6 +194,8 @@ def test_wrong_or_missing_key_is_401(server):
         ({"model": "alpha", "messages": [{"role": "user"}]}, 400, "messages[0].content"),
         ({"model": "alpha", "messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
         ({"model": "alpha", "messages": [{"role": "user", "content": "hi", "strict": 1}]}, 400, "messages[0].strict"),
+        ({"model": "alpha", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+         400, "messages[0].content[0].type"),
         ({"model": "nope", "messages": HELLO}, 404, "model"),
         ({"model": "alpha", "messages": HELLO, "n": 2}, 400, "n"),
         ({"model": "alpha", "messages": HELLO, "tools": []}, 400, "tools"),

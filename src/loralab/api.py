@@ -136,7 +136,8 @@ def parse_request(raw: bytes) -> ChatRequest:
 
 
 def describe_invalid(err: ValidationError) -> APIError:
-    first = err.errors()[0]
+    # The deepest error is the most specific one (content: not a string, and its part 0 has a bad type).
+    first = max(err.errors(), key=lambda e: len(e["loc"]))
     # Union types add the member tried to the path (content -> str / list[TextPart]); name the field.
     loc = [p for p in first["loc"] if not (isinstance(p, str) and (p == "str" or p.startswith("list[")))]
     param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
