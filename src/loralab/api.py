@@ -297,12 +297,12 @@ class Scheduler:
 
 
 # --- the app -------------------------------------------------------------------------------------
-def _chunk(base: dict, delta: dict, finish_reason: str | None = None, usage: dict | None = None,
-           with_usage: bool = False) -> str:
+def _chunk(base: dict, delta: dict, finish_reason: str | None = None, with_usage: bool = False) -> str:
+    """One chat.completion.chunk event; with stream_options.include_usage every chunk has usage: null."""
     body = dict(base, object="chat.completion.chunk",
                 choices=[{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}])
     if with_usage:
-        body["usage"] = usage
+        body["usage"] = None
     return sse(body)
 
 
