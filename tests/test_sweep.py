@@ -350,3 +350,19 @@ def test_data_source_prepared_once_and_checked(tmp_path):
     sweep.with_data(cfg)  # the same settings: reused
     with pytest.raises(LoralabError, match="holds splits prepared with other settings.*split="):
         sweep.with_data(cfg.model_copy(update={"data_split": "20,20,10"}))
+
+
+def test_pruning_follows_the_objective_direction(tmp_path, monkeypatch):
+    """With a maximized generation objective, the pruner still stops the trials with the higher loss."""
+    path = write_sweep(tmp_path, base=BASE, strategy="grid", output_dir=str(tmp_path / "sw"), objective="rougeL",
+                       search_space={"lora_rank": [16, 4], "learning_rate": [1e-4]}, pruner_startup_trials=1,
+                       seed=1)  # with Optuna 5's grid shuffle, seed 1 runs rank 16 first
+    monkeypatch.setattr(sweep, "validation_score", lambda cfg, *a: 50.0 if cfg.lora_rank == 16 else 40.0)
+    rows = sweep.run_sweep(path, trials_only=True, train_fn=FakeTrain())["leaderboard"]
+    by_rank = {r["lora_rank"]: r for r in rows}
+    # rank 16 has the lower validation loss (8/16 + ...): never pruned; rank 4 is pruned when it runs second
+    assert by_rank[16]["state"] == "complete" and by_rank[16]["rougeL"] == 50.0
+    if by_rank[16]["trial"] == 0:
+        assert by_rank[4]["state"] == "pruned" and by_rank[4]["best_eval_loss"] > by_rank[16]["best_eval_loss"]
+    else:
+        assert by_rank[4]["state"] == "complete"

@@ -429,7 +429,13 @@ def _check_slot(study, trial, spec: SweepSpec, params: dict) -> None:
     raise _Skip("gave up waiting for earlier trials to set their parameters")
 
 
-def _pruning_callback(trial):
+def loss_sign(spec: SweepSpec) -> int:
+    """Pruning compares validation losses in the study's direction: a maximized objective (ROUGE)
+    gets -loss reported, so that a higher loss still looks worse to the pruner."""
+    return 1 if direction(spec) == "minimize" else -1
+
+
+def _pruning_callback(trial, sign: int):
     """A transformers TrainerCallback: report each validation loss, stop training when Optuna prunes."""
     from transformers import TrainerCallback
 
@@ -442,7 +448,7 @@ def _pruning_callback(trial):
             if loss is None:
                 return
             self.last_loss = float(loss)
-            trial.report(self.last_loss, state.global_step)
+            trial.report(sign * self.last_loss, state.global_step)
             if trial.should_prune():
                 self.pruned_at = state.global_step
                 control.should_training_stop = True
@@ -490,7 +496,7 @@ def make_objective(study, spec: SweepSpec, base: Config, sweep_dir: Path, train_
         values = _apply(base.model_dump(), params) | {"output_dir": str(run_dir)}
         cfg = build_config(values, source=f"trial {trial.number}")
         log.info("trial %d: %s", trial.number, ", ".join(f"{k}={v}" for k, v in params.items()))
-        pruning = _pruning_callback(trial)
+        pruning = _pruning_callback(trial, loss_sign(spec))
         fn = train_fn
         if fn is None:
             from loralab.train import train as fn
@@ -632,8 +638,22 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, storage: str
         log.warning("trials %s are still running in other workers; run this command again when they finish "
                     "to select the winner and test it", active)
         return result
-    result["final"] = (finalize_fn or finalize)(study, spec, base, sweep_dir)
+    # Workers on this machine that finish together take turns; the second finds the results made.
+    with _locked(sweep_dir / ".finalize.lock"):
+        result["final"] = (finalize_fn or finalize)(study, spec, base, sweep_dir)
     return result
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    import fcntl
+
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # --- leaderboard ------------------------------------------------------------------------------------
@@ -648,7 +668,7 @@ def leaderboard_rows(study, spec: SweepSpec) -> list[dict]:
         value = t.value if t.state == TrialState.COMPLETE else None
         if t.state == TrialState.PRUNED and t.intermediate_values:
             last = max(t.intermediate_values)
-            train = {**train, "pruned_at_step": last, "last_eval_loss": t.intermediate_values[last]}
+            train = {**train, "pruned_at_step": last, "last_eval_loss": loss_sign(spec) * t.intermediate_values[last]}
         rows.append({
             "trial": t.number, "state": t.state.name.lower(), spec.objective if spec.objective != "eval_loss" else "objective": value,
             **{k: t.params.get(k) for k in spec.search_space},
