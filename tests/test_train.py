@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from loralab.config import load_config
 from loralab.errors import LoralabError
@@ -54,7 +55,7 @@ def make_cfg(model, data_dir, out, **kw):
     return load_config(None, values)
 
 
-class ScriptedEvalLoss(__import__("transformers").TrainerCallback):
+class ScriptedEvalLoss(TrainerCallback):
     """Replace validation losses by a script, so best step and early stopping are known in advance
     (on_evaluate runs before the Trainer compares the metric, like an Optuna pruning callback would)."""
 
@@ -209,7 +210,7 @@ def test_lora_options_and_callbacks(tiny_model, data_dir, tmp_path):
     """rsLoRA + DoRA + target list in the adapter config; LoRA+ puts the B matrices at ratio * lr."""
     seen = {}
 
-    class OptimizerSpy(__import__("transformers").TrainerCallback):
+    class OptimizerSpy(TrainerCallback):
         def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
             seen["lrs"] = sorted({round(g["lr"], 9) for g in optimizer.param_groups if g["params"]})
 
@@ -240,6 +241,7 @@ def test_clear_errors(tiny_model, data_dir, tmp_path, monkeypatch):
         train(make_cfg(tiny_model, data_dir, tmp_path / "a", lora_target="q_proj,qkv_proj"))
     with pytest.raises(LoralabError, match="no training example has a token to learn"):
         train(make_cfg(tiny_model, data_dir, tmp_path / "b", cutoff_len=5))
+    assert not any((tmp_path / "b").iterdir())  # nothing written: the corrected command needs no --overwrite
     with pytest.raises(LoralabError, match="model_name_or_path"):
         train(make_cfg(tmp_path / "no-such-model", data_dir, tmp_path / "c"))
     with pytest.raises(LoralabError, match="no complete checkpoint"):
@@ -353,3 +355,20 @@ def test_export_merged_logits_match_adapter(lora_run, tmp_path):
     out = cli("export", *[f"{k}={v}" for k, v in (("model_name_or_path", cfg.model_name_or_path),
                                                   ("export_dir", str(tmp_path / "x")))])
     assert out.returncode == 2 and "adapter_name_or_path" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_smollm2_adapter_names_builtin_base(tmp_path):
+    """On the real SmolLM2: the adapter names its base as written (builtin:...), and loads back by it."""
+    from loralab import data
+    from loralab.models import load_model_and_tokenizer
+
+    data.prepare(data.DEMO_SOURCE, output_dir=tmp_path / "data", seed=1, sample=60, split="40,20,0")
+    out = tmp_path / "run"
+    summary = train(load_config(None, {"dataset_dir": str(tmp_path / "data"), "output_dir": str(out), "max_steps": 2,
+                                       "eval_steps": 2, "per_device_train_batch_size": 2, "cutoff_len": 256}))
+    assert summary["steps"] == 2 and summary["best_eval_loss"] < 10
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "builtin:smollm2-135m-instruct"
+    model, _ = load_model_and_tokenizer(load_config(None, {"adapter_name_or_path": str(out)}))
+    assert type(model).__name__ == "PeftModelForCausalLM"

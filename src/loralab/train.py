@@ -160,7 +160,8 @@ def build_model(cfg: Config):
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     if cfg.finetuning_type == "full":
-        return model
+        # Trainable weights stay fp32 (bf16/fp16 is autocast on top), as optimizers and fp16 grad scaling need.
+        return model.float() if model.dtype != torch.float32 else model
     from peft import LoraConfig, get_peft_model
 
     check_target_modules(model, cfg)
@@ -478,16 +479,9 @@ def train(cfg: Config, callbacks: list | None = None) -> dict:
     is_main = state.is_main_process
 
     # 1. Run folder: never overwrite without asking; resume from the newest complete checkpoint.
+    #    Nothing is written into it before the data and model below have loaded, so a mistake there
+    #    leaves no half run folder behind that would block the corrected command.
     run_dir, resume_from = prepare_run_dir(cfg, is_main)
-    state.wait_for_everyone()
-    if is_main:
-        add_log_file(run_dir / "train.log")
-        if logging.getLogger("loralab").getEffectiveLevel() > logging.INFO:  # called as a library: still log the run
-            logging.getLogger("loralab").setLevel(logging.INFO)
-        if resume_from is not None:
-            log.info("resuming from %s", resume_from)
-            clean_for_resume(run_dir, resume_from)
-    state.wait_for_everyone()
 
     # 2. Tokenizer with the run's chat template, and the data encoded through the one template path.
     tokenizer = models.load_tokenizer(cfg)
@@ -501,21 +495,27 @@ def train(cfg: Config, callbacks: list | None = None) -> dict:
             f"cutting to cutoff_len={cfg.cutoff_len} ({train_counts}); raise cutoff_len, set overflow=truncate, "
             "or check that the records have non-empty outputs"
         )
-    if is_main:
-        for name, counts, n in (("train", train_counts, len(train_examples)), ("validation", eval_counts, len(eval_examples))):
-            if counts["conversations"]:
-                log.info("%s: %d of %d conversations used; over cutoff_len=%d: %d truncated, %d dropped; "
-                         "%d without answer tokens dropped", name, n, counts["conversations"], cfg.cutoff_len,
-                         counts["truncated"], counts["dropped_too_long"], counts["no_labels"])
-    if cfg.eval_strategy != "no" and not eval_examples and is_main:
-        log.warning("no validation data (eval_dataset unset/empty and val_size=0): the last step's model is kept")
 
     # 3. Model: LoRA adapter on the base (or full fine-tuning). Seeded so the adapter init is reproducible.
     transformers.set_seed(cfg.seed)
     model = build_model(cfg)
     trainable, total = count_params(model)
     dtype = models.pick_dtype(cfg)
-    if is_main:
+
+    if is_main:  # the run folder describes itself from here on
+        add_log_file(run_dir / "train.log")
+        if logging.getLogger("loralab").getEffectiveLevel() > logging.INFO:  # called as a library: still log the run
+            logging.getLogger("loralab").setLevel(logging.INFO)
+        if resume_from is not None:
+            log.info("resuming from %s", resume_from)
+            clean_for_resume(run_dir, resume_from)
+        for name, counts, n in (("train", train_counts, len(train_examples)), ("validation", eval_counts, len(eval_examples))):
+            if counts["conversations"]:
+                log.info("%s: %d of %d conversations used; over cutoff_len=%d: %d truncated, %d dropped; "
+                         "%d without answer tokens dropped", name, n, counts["conversations"], cfg.cutoff_len,
+                         counts["truncated"], counts["dropped_too_long"], counts["no_labels"])
+        if cfg.eval_strategy != "no" and not eval_examples:
+            log.warning("no validation data (eval_dataset unset/empty and val_size=0): the last step's model is kept")
         log.info("%s fine-tuning of %s: %s trainable of %s parameters (%.2f%%), %s", cfg.finetuning_type,
                  cfg.model_name_or_path, f"{trainable:,}", f"{total:,}", 100 * trainable / total, str(dtype).removeprefix("torch."))
         runinfo.write_run_info(run_dir, cfg, tokenizer, finetuning_type=cfg.finetuning_type,
@@ -523,6 +523,7 @@ def train(cfg: Config, callbacks: list | None = None) -> dict:
                                overflow={"train": train_counts, "eval": eval_counts},
                                parameters={"trainable": trainable, "total": total})
         copy_manifests(cfg, run_dir)
+    state.wait_for_everyone()
 
     # 4. Trainer: our collator and batch order; validation loss picks the best checkpoint.
     has_eval = cfg.eval_strategy != "no" and bool(eval_examples)
