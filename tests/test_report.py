@@ -89,3 +89,12 @@ def test_nothing_to_report(tmp_path):
         report.write_report(tmp_path)
     with pytest.raises(LoralabError, match="not a folder"):
         report.write_report(tmp_path / "missing")
+
+
+def test_report_command(experiment_dir):
+    from typer.testing import CliRunner
+
+    from loralab.cli import app
+
+    result = CliRunner().invoke(app, ["report", str(experiment_dir)])
+    assert result.exit_code == 0 and f"wrote {experiment_dir / 'report.html'}" in result.output

@@ -211,7 +211,12 @@ def plot_params(trials: list[dict], keys: list[str], objective: str, files: Path
             ax.scatter([x for x, _ in points], [y for _, y in points])
             dist = next((t["distributions"].get(key) for t in done if key in t.get("distributions", {})), None)
             if dist and '"log": true' in dist:
+                from matplotlib.ticker import LogLocator, NullFormatter
+
                 ax.set_xscale("log")
+                ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+                ax.xaxis.set_minor_formatter(NullFormatter())  # no overlapping 2x10^-4 labels
+            ax.tick_params(axis="x", labelrotation=20, labelsize=8)
         else:
             cats = sorted({str(x) for x, _ in points})
             ax.scatter([cats.index(str(x)) for x, _ in points], [y for _, y in points])
