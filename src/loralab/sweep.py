@@ -808,10 +808,13 @@ def finalize(study, spec: SweepSpec, base: Config, sweep_dir: Path) -> dict:
     else:
         base_dir = sweep_dir / "base_run"
         if not (base_dir / "train_results.json").is_file():
-            from loralab.train import train
+            from loralab.train import find_resume_checkpoint, train
 
-            log.info("training the base config as a normal run in %s", base_dir)
-            train(base.model_copy(update={"output_dir": str(base_dir), "overwrite_output_dir": True}))
+            # Our own folder: a run cut off earlier resumes from its last complete checkpoint.
+            resume = base_dir.is_dir() and find_resume_checkpoint(base_dir) is not None
+            log.info("training the base config as a normal run in %s%s", base_dir, " (resuming)" if resume else "")
+            train(base.model_copy(update={"output_dir": str(base_dir), "overwrite_output_dir": not resume,
+                                          "resume_from_checkpoint": True if resume else None}))
     result = {
         "objective": spec.objective, "direction": direction(spec), "selected_on": "validation split",
         "best_trial": best.number, "best_value": best.value, "best_params": best.params,
