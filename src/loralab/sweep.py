@@ -493,17 +493,20 @@ def make_objective(study, spec: SweepSpec, base: Config, sweep_dir: Path, train_
             raise
         run_dir = sweep_dir / "trials" / f"trial_{trial.number:03d}"
         trial.set_user_attr("run_dir", str(run_dir))
-        values = _apply(base.model_dump(), params) | {"output_dir": str(run_dir)}
-        cfg = build_config(values, source=f"trial {trial.number}")
         log.info("trial %d: %s", trial.number, ", ".join(f"{k}={v}" for k, v in params.items()))
         pruning = _pruning_callback(trial, loss_sign(spec))
         fn = train_fn
         if fn is None:
             from loralab.train import train as fn
         try:
+            cfg = build_config(_apply(base.model_dump(), params) | {"output_dir": str(run_dir)}, source=f"trial {trial.number}")
             summary = fn(cfg, callbacks=[pruning])
             record = {k: summary.get(k) for k in ("best_eval_loss", "best_step", "steps", "tokens_per_s", "runtime_s")}
             trial.set_user_attr("train", record)
+            # The run folder says which sweep trial it is (config.yaml already holds every setting).
+            (run_dir / "sweep_trial.json").write_text(json.dumps(
+                {"sweep_dir": str(sweep_dir), "trial": trial.number, "params": params,
+                 "pruned_at_step": pruning.pruned_at}, indent=2) + "\n", encoding="utf-8")
             if pruning.pruned_at is not None:
                 raise optuna.TrialPruned(f"validation loss {pruning.last_loss:.4f} at step {pruning.pruned_at}")
             if spec.objective == "eval_loss":
