@@ -132,18 +132,24 @@ def main() -> None:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         proc = start_server(model, port, args.max_batch_size, args.threads, args.max_tokens)
+        import httpx
+
         health = wait_ready(url, proc)
         served = health["models"][0]
         asyncio.run(run_level(url, served, 8, 4, args.max_tokens, 60))  # warm-up, not reported
         results = []
         for c in levels:
+            before = httpx.get(url + "/health").json()
             r = asyncio.run(run_level(url, served, args.requests, c, args.max_tokens, args.max_seconds))
+            after = httpx.get(url + "/health").json()
+            batches = after["batches"] - before["batches"]
+            r["mean_batch_size"] = round((after["requests"] - before["requests"]) / batches, 2) if batches else None
             results.append(r)
             print(f"C={c:>3}: {r['completed']:>4} ok, {r['errors']} errors in {r['seconds']:>6.1f}s | "
                   f"{r['requests_per_s']:>6.2f} req/s | {r['tokens_per_s']:>7.1f} tok/s | "
-                  f"p50 {r['p50_latency_s']}s p95 {r['p95_latency_s']}s"
+                  f"p50 {r['p50_latency_s']}s p95 {r['p95_latency_s']}s | mean batch {r['mean_batch_size']}"
                   + (" (time limit hit)" if r["hit_time_limit"] else ""), flush=True)
-        health = json.loads(__import__("httpx").get(url + "/health").text)
+        health = httpx.get(url + "/health").json()
     finally:
         if proc is not None:
             proc.terminate()

@@ -9,7 +9,8 @@ The official `openai` client works with it unchanged (base_url=http://127.0.0.1:
 
 How requests share one model: a single scheduler thread owns the engine. Requests go into a queue;
 the scheduler takes every waiting request, groups them by (adapter, sampling settings) and runs
-`Engine.generate` on up to `max_batch_size` of one group as one batch (dynamic batching). Text
+`Engine.generate` on up to `max_batch_size` of one group as one batch (dynamic batching; before a
+batch it waits up to `gather_ms` for the clients of the previous batch to come back). Text
 deltas travel from the engine's `on_text` callback to each request's asyncio queue
 (`loop.call_soon_threadsafe`); a client that disconnects flips its job's `cancelled` flag, the
 callback returns False and the engine stops that row.
@@ -218,12 +219,15 @@ class Job:
 class Scheduler:
     """One thread that owns the engine and runs waiting requests in batches of one group."""
 
-    def __init__(self, engine: Engine, max_batch_size: int = 16):
-        self.engine, self.max_batch_size = engine, max_batch_size
+    def __init__(self, engine: Engine, max_batch_size: int = 16, gather_ms: float = 10.0):
+        self.engine, self.max_batch_size, self.gather_s = engine, max_batch_size, gather_ms / 1000
         self.inbox: queue.Queue[Job | None] = queue.Queue()
         self.pending: list[Job] = []
+        self.stopping = False
+        self.expect = 1  # requests likely to be waiting at the next batch (see _loop)
         self.thread = threading.Thread(target=self._loop, name="loralab-scheduler", daemon=True)
         self.batches = 0  # counters for /health and the benchmark
+        self.rows = 0
         self.largest_batch = 0
         self.cancelled = 0  # requests stopped because their client went away
 
@@ -237,29 +241,41 @@ class Scheduler:
     def submit(self, job: Job) -> None:
         self.inbox.put(job)
 
+    def _take(self, timeout: float | None) -> bool:
+        """Move one job from the inbox to pending (timeout 0: only if one is waiting). False if none came."""
+        try:
+            job = self.inbox.get(timeout=timeout) if timeout != 0 else self.inbox.get_nowait()
+        except queue.Empty:
+            return False
+        if job is None:
+            self.stopping = True
+            return False
+        self.pending.append(job)
+        return True
+
     def _loop(self) -> None:
-        while True:
+        while not self.stopping:
             if not self.pending:
-                job = self.inbox.get()  # sleep until work arrives
-                if job is None:
-                    return
-                self.pending.append(job)
-            while True:  # take everything else that is waiting
-                try:
-                    job = self.inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    return
-                self.pending.append(job)
+                self._take(timeout=None)  # sleep until work arrives
+            while self._take(timeout=0):  # and take everything else that is waiting
+                pass
+            # The clients of the last batch usually send their next request a moment after their
+            # reply: wait for them (at most gather_ms) so they share the next batch with the requests
+            # that queued meanwhile, instead of alternating between two half batches. A lone client
+            # never waits: it is the only one expected.
+            deadline = time.monotonic() + self.gather_s
+            want = min(self.expect, self.max_batch_size)
+            while not self.stopping and len(self.pending) < want and (left := deadline - time.monotonic()) > 0:
+                self._take(timeout=left)
             self.pending = [j for j in self.pending if not j.cancelled]
-            if not self.pending:
+            if self.stopping or not self.pending:
                 continue
             # The oldest request's group goes first; at most max_batch_size of it per batch.
             key = self.pending[0].group_key()
             batch = [j for j in self.pending if j.group_key() == key][: self.max_batch_size]
             self.pending = [j for j in self.pending if j not in batch]
             self._run(batch)
+            self.expect = len(batch) + len(self.pending) + self.inbox.qsize()
 
     def _run(self, batch: list[Job]) -> None:
         first = batch[0]
@@ -273,6 +289,7 @@ class Scheduler:
             return True
 
         self.batches += 1
+        self.rows += len(batch)
         self.largest_batch = max(self.largest_batch, len(batch))
         try:
             completions = self.engine.generate([j.messages for j in batch], first.settings, adapter=first.adapter,
@@ -327,7 +344,7 @@ def _server_error(e: BaseException) -> APIError:
                     code="generation_failed")
 
 
-def create_app(engine: Engine, api_key: str | None = None, max_batch_size: int = 16):
+def create_app(engine: Engine, api_key: str | None = None, max_batch_size: int = 16, gather_ms: float = 10.0):
     """The FastAPI app serving `engine`; the scheduler thread runs while the app is up."""
     if max_batch_size < 1:
         raise LoralabError(f"--max-batch-size: got {max_batch_size}; expected a positive number")
@@ -341,7 +358,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_batch_size: int =
     check_tokenizer = copy.deepcopy(engine.tokenizer)
     defaults = replace(GenerationSettings.from_config(engine.cfg), seed=None)
     created = int(time.time())
-    scheduler = Scheduler(engine, max_batch_size)
+    scheduler = Scheduler(engine, max_batch_size, gather_ms)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -379,7 +396,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_batch_size: int =
     async def health():
         alive = scheduler.thread.is_alive()
         body = {"status": "ok" if alive else "scheduler stopped", "models": models,
-                "batches": scheduler.batches, "largest_batch": scheduler.largest_batch,
+                "batches": scheduler.batches, "requests": scheduler.rows, "largest_batch": scheduler.largest_batch,
                 "cancelled": scheduler.cancelled}
         return JSONResponse(body, status_code=200 if alive else 503)
 
