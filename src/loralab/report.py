@@ -361,6 +361,17 @@ def models_table(page: Page, models: dict[str, dict]) -> None:
     page.table(["metric", *[f"{n} (95% CI)" for n in names]], rows)
 
 
+def headline(comparison: dict, names=("rougeL", "sacrebleu")) -> str:
+    """'rougeL 12.30 -> 15.60 (+3.30, 95% CI [+1.0, +5.6], p=0.010); ...' for a paired comparison."""
+    parts = []
+    for k in names:
+        m = comparison["metrics"].get(k)
+        if m:
+            parts.append(f"{k} {m['value_a']:.2f} -> {m['value_b']:.2f} ({m['delta']:+.2f}, 95% CI "
+                         f"[{m['ci_low']:+.2f}, {m['ci_high']:+.2f}], p={m['p_value']:.3f})")
+    return f"{comparison.get('a', 'A')} -> {comparison.get('b', 'B')}: " + "; ".join(parts) + "."
+
+
 def paired_table(page: Page, comparison: dict) -> None:
     a, b = comparison.get("a", "A"), comparison.get("b", "B")
     rows = [[k, m["value_a"], m["value_b"], f"{m['delta']:+.2f}", f"[{m['ci_low']:+.2f}, {m['ci_high']:+.2f}]", f"{m['p_value']:.3f}"]
@@ -432,6 +443,9 @@ def sweep_section(page: Page, folder: Path, found: Found) -> None:
         page.heading(f"Winner: trial {results['best_trial']}")
         page.table(["parameter", "base config", "winner"],
                    [[k, (spec.get("base") or {}).get(k, "(derived)"), v] for k, v in results["best_params"].items()])
+        comp = (results.get("test") or {}).get("comparison")
+        if comp:
+            page.para(f"Test split ({comp.get('n_samples')} samples, read once after selection): " + headline(comp))
         page.para(f"Validation {objective} of the winner: {results['best_value']:.4f}. Run folder: {results['tuned_run']}. "
                   f"Base config run: {results['base_run']}"
                   + (f" (it was trial {results['base_is_trial']})." if results.get("base_is_trial") is not None else "."))
