@@ -139,3 +139,8 @@ def test_oldest_turns_are_forgotten_when_the_context_is_full(engine):
     assert len(engine.prompt_ids(session.messages)) + 700 <= 1024
     assert session.history[-1] == user("last question") and session.history[0]["role"] == "user"
     assert 1 < len(session.history) < 13 and session.messages[0]["role"] == "system"
+    # A single message that cannot fit is refused with a note; the session goes on.
+    session.history = []
+    note = io.StringIO()
+    assert session.handle("word " * 900, io.StringIO(), note)
+    assert "too long" in note.getvalue() and session.history == []

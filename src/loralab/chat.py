@@ -15,6 +15,7 @@ import sys
 from typing import TextIO
 
 from loralab.config import Config
+from loralab.errors import LoralabError
 from loralab.generate import Engine, GenerationSettings
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,11 @@ class ChatSession:
         limit = context_length(self.engine)
         if not limit:
             return
-        while len(self.history) > 1 and len(self.engine.prompt_ids(self.messages)) + self.settings.max_new_tokens > limit:
+        while len(self.engine.prompt_ids(self.messages)) + self.settings.max_new_tokens > limit:
+            if len(self.history) == 1:  # the new message alone is too long: do not send it
+                self.history = []
+                raise LoralabError(f"message: too long for the model's {limit}-token context together with "
+                                   f"max_new_tokens={self.settings.max_new_tokens}; not sent")
             drop = 2 if len(self.history) > 2 else 1  # a user turn and its reply
             self.history = self.history[drop:]
             log.warning("conversation too long for the model's %d-token context: forgot the oldest turn", limit)
@@ -90,7 +95,11 @@ class ChatSession:
                 note.write(f"unknown command {command}; {HELP}\n")
             note.flush()
             return True
-        self.send(line, out)
+        try:
+            self.send(line, out)
+        except LoralabError as e:  # a bad message ends that turn, not the session
+            note.write(f"error: {e}\n")
+            note.flush()
         return True
 
 
