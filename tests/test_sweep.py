@@ -300,7 +300,7 @@ def postgres_url():
         conn.autocommit = True
         conn.cursor().execute("CREATE DATABASE loralab_sweep")
         conn.close()
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/loralab_sweep"
+        yield f"postgresql://postgres@127.0.0.1:{port}/loralab_sweep"  # the URL a user types
     finally:
         subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True, timeout=60)
         shutil.rmtree(folder, ignore_errors=True)

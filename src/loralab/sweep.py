@@ -239,6 +239,7 @@ def make_storage(url: str | None, sweep_dir: Path, heartbeat_seconds: int = 60):
         raise LoralabError(f"storage: {url!r} is not a database URL; expected e.g. postgresql://user:pass@host/db or sqlite:///file.db")
     from sqlalchemy.exc import IntegrityError, ProgrammingError
 
+    url = _with_driver(url)
     for attempt in range(5):
         try:
             with warnings.catch_warnings():
@@ -259,7 +260,20 @@ def make_storage(url: str | None, sweep_dir: Path, heartbeat_seconds: int = 60):
         except Exception as e:  # bad URL, server down, missing driver
             err = e
         why = (str(err).strip().splitlines() or [""])[0][:200]  # one line, with the password hidden
-        raise LoralabError(f"storage: cannot open {redact(url)} ({type(err).__name__}: {why})") from None
+        hint = "; for PostgreSQL: pip install psycopg2-binary (loralab[postgres])" if isinstance(err, ImportError) else ""
+        raise LoralabError(f"storage: cannot open {redact(url)} ({type(err).__name__}: {why}){hint}") from None
+
+
+def _with_driver(url: str) -> str:
+    """postgresql://... -> postgresql+psycopg2://... when psycopg2 is installed and psycopg 3 is not
+    (SQLAlchemy 2.1 picks psycopg 3 for a bare postgresql:// URL)."""
+    import importlib.util
+
+    scheme, sep, rest = url.partition("://")
+    if scheme in ("postgresql", "postgres") and importlib.util.find_spec("psycopg") is None \
+            and importlib.util.find_spec("psycopg2") is not None:
+        return f"postgresql+psycopg2://{rest}"
+    return url
 
 
 def open_study(spec: SweepSpec, sweep_dir: Path, storage_url: str | None):
