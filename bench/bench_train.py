@@ -80,8 +80,8 @@ def write_records(n: int, folder: Path, model: str, batch: int, cutoff: int) -> 
     records, spec, _ = data.load_source(source)
     records = records[:n]
     cfg = load_config(None, {"model_name_or_path": model, "cutoff_len": cutoff})
-    lengths = [len(encode_split(load_tokenizer(cfg), [c], cfg)[0][0]["input_ids"])
-               for c in data.to_conversations(records, spec, source)]
+    tokenizer = load_tokenizer(cfg)
+    lengths = [len(encode_split(tokenizer, [c], cfg)[0][0]["input_ids"]) for c in data.to_conversations(records, spec, source)]
     longest = sorted(range(len(records)), key=lambda i: lengths[i])[-batch:]
     path, worst = folder / "records.json", folder / "longest.json"
     path.write_text(json.dumps(records, ensure_ascii=False))

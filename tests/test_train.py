@@ -136,6 +136,9 @@ def test_run_folder_best_and_last(lora_run, data_dir):
     assert same_tensors(adapter_tensors(out / "last"), adapter_tensors(out / "checkpoint-8"))
     assert not same_tensors(adapter_tensors(out), adapter_tensors(out / "last"))
     assert "= checkpoint-4 (best validation loss 2.0000 at step 4 of 8)" in (out / "train.log").read_text()
+    import logging  # the run's log file is detached when train() returns (sweeps train many times)
+
+    assert not [h for h in logging.getLogger().handlers if getattr(h, "baseFilename", "") == str(out / "train.log")]
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == cfg.model_name_or_path
     results = json.loads((out / "train_results.json").read_text())
     assert results["examples"] == {"train": 33, "eval": 8} and results["overflow"]["train"]["truncated"] == 0
@@ -319,6 +322,8 @@ def test_two_process_ddp(tiny_model, data_dir, tmp_path):
     summary = json.loads((out / "train_results.json").read_text())
     # 32 examples, 2 processes x batch 4: one epoch is 4 steps (a single process would need 8).
     assert summary["steps"] == 4 and summary["epochs"] == pytest.approx(1.0)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3, 4]  # written by the main process only
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

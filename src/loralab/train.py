@@ -467,8 +467,21 @@ def training_arguments(cfg: Config, run_dir: Path, has_eval: bool, dtype) -> tra
 def train(cfg: Config, callbacks: list | None = None) -> dict:
     """Fine-tune cfg.model_name_or_path on cfg.dataset; returns the summary (also RUN/train_results.json).
 
-    `callbacks`: extra transformers TrainerCallbacks (e.g. Optuna pruning on the validation loss).
+    `callbacks`: extra transformers TrainerCallbacks (e.g. Optuna pruning on the validation loss); they
+    run before ours. Only the main process of a multi-process run returns the summary (others: {}).
     """
+    try:
+        return _train(cfg, callbacks)
+    finally:
+        # One process may train many times (sweeps, `loralab run`): this run's log file stops here.
+        log_file = os.path.abspath(Path(cfg.output_dir) / "train.log")
+        root = logging.getLogger()
+        for handler in [h for h in root.handlers if getattr(h, "baseFilename", None) == log_file]:
+            root.removeHandler(handler)
+            handler.close()
+
+
+def _train(cfg: Config, callbacks: list | None) -> dict:
     from accelerate import PartialState
     from transformers.trainer_callback import EarlyStoppingCallback, ProgressCallback
 
