@@ -366,3 +366,16 @@ def test_pruning_follows_the_objective_direction(tmp_path, monkeypatch):
         assert by_rank[4]["state"] == "pruned" and by_rank[4]["best_eval_loss"] > by_rank[16]["best_eval_loss"]
     else:
         assert by_rank[4]["state"] == "complete"
+
+
+def test_winner_is_the_base_config(tmp_path, tiny_model, demo_data):
+    """When the starting config wins, it is tested once, alone, and the report says so."""
+    from loralab import report
+
+    path = write_sweep(tmp_path, base=tiny_base(tiny_model, demo_data, lora_rank=4), strategy="grid",
+                       output_dir=str(tmp_path / "sw"), search_space={"lora_rank": [4]}, pruner="none")
+    final = sweep.run_sweep(path)["final"]
+    assert final["winner_is_base"] and final["base_is_trial"] == 0 and final["test"]["comparison"] is None
+    assert set(json.loads((tmp_path / "sw" / "test_eval" / "comparison.json").read_text())["models"]) == {"tuned"}
+    assert not (tmp_path / "sw" / "base_run").exists()
+    assert "The starting config itself was the best trial" in report.write_report(tmp_path / "sw").read_text()

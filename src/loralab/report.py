@@ -444,6 +444,9 @@ def sweep_section(page: Page, folder: Path, found: Found) -> None:
         page.table(["parameter", "base config", "winner"],
                    [[k, (spec.get("base") or {}).get(k, "(derived)"), v] for k, v in results["best_params"].items()])
         comp = (results.get("test") or {}).get("comparison")
+        if results.get("winner_is_base"):
+            page.para("The starting config itself was the best trial: no other configuration beat it on validation, "
+                      "so there is no tuned-vs-base comparison; its test scores are below.")
         if comp:
             page.para(f"Test split ({comp.get('n_samples')} samples, read once after selection): " + headline(comp))
         page.para(f"Validation {objective} of the winner: {results['best_value']:.4f}. Run folder: {results['tuned_run']}. "

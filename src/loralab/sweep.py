@@ -332,7 +332,8 @@ def requeue(study, trial) -> None:
     # that asks pops it; popping is atomic in every Optuna storage.
     study.add_trial(optuna.trial.create_trial(
         state=optuna.trial.TrialState.WAITING, params=trial.params, distributions=trial.distributions,
-        user_attrs={"retry_of": trial.number}, system_attrs=dict(trial.system_attrs)))
+        user_attrs={"retry_of": trial.number, **({"base_config": True} if trial.user_attrs.get("base_config") else {})},
+        system_attrs=dict(trial.system_attrs)))
     log.info("trial %d: re-queued (its worker stopped before it finished)", trial.number)
 
 
@@ -427,7 +428,8 @@ def _check_slot(study, trial, spec: SweepSpec, params: dict) -> None:
             raise _Skip(f"over budget: {limit} trials already started")
         for attr, what in (("retry_of", "retry of trial"), ("base_config", "base-config trial")):
             mark = trial.user_attrs.get(attr)
-            twin = [t.number for t in trials if t.number < trial.number and mark is not None and t.user_attrs.get(attr) == mark]
+            twin = [t.number for t in counted_trials(trials)
+                    if t.number < trial.number and mark is not None and t.user_attrs.get(attr) == mark]
             if twin:  # two workers queued the same thing at once: the smaller number runs it
                 raise _Skip(f"duplicate {what} (trial {twin[0]} has it)")
         if spec.strategy != "grid":
@@ -693,8 +695,9 @@ def leaderboard_rows(study, spec: SweepSpec) -> list[dict]:
             "best_step": train.get("best_step"), "steps": train.get("steps"),
             "tokens_per_s": train.get("tokens_per_s"), "runtime_s": train.get("runtime_s"),
             "run_dir": t.user_attrs.get("run_dir"), "error": t.user_attrs.get("error"),
-            "note": "base config" if t.user_attrs.get("base_config") else (
-                f"retry of trial {t.user_attrs['retry_of']}" if "retry_of" in t.user_attrs else None),
+            "note": "; ".join(n for n in ("base config" if t.user_attrs.get("base_config") else "",
+                                          f"retry of trial {t.user_attrs['retry_of']}" if "retry_of" in t.user_attrs else "")
+                              if n) or None,
         })
     order = {"complete": 0, "pruned": 1, "running": 2, "waiting": 3, "fail": 4}
     key = "objective" if spec.objective == "eval_loss" else spec.objective
@@ -819,7 +822,9 @@ def finalize(study, spec: SweepSpec, base: Config, sweep_dir: Path) -> dict:
                            "Copy it (same path) or run this command on that machine")
 
     # The starting point as a normal run: reuse a trial with the base values, else train it once.
-    base_trial = next((t for t in done if _same_as_base(t.params, base)), None)
+    as_base = [t for t in done if _same_as_base(t.params, base)]
+    base_trial = best if best in as_base else next(iter(as_base), None)
+    winner_is_base = base_trial is not None and base_trial.number == best.number
     if base_trial is not None:
         base_dir = Path(base_trial.user_attrs["run_dir"])
     else:
@@ -836,13 +841,17 @@ def finalize(study, spec: SweepSpec, base: Config, sweep_dir: Path) -> dict:
         "objective": spec.objective, "direction": direction(spec), "selected_on": "validation split",
         "best_trial": best.number, "best_value": best.value, "best_params": best.params,
         "tuned_run": str(tuned_dir), "base_run": str(base_dir),
-        "base_is_trial": base_trial.number if base_trial is not None else None,
+        "base_is_trial": base_trial.number if base_trial is not None else None, "winner_is_base": winner_is_base,
     }
     results_path = sweep_dir / RESULTS_FILE
     old = json.loads(results_path.read_text(encoding="utf-8")) if results_path.is_file() else {}
     test_dir = sweep_dir / "test_eval"
     if old.get("best_trial") == best.number and (test_dir / evaluate.COMPARISON).is_file():
         summary = json.loads((test_dir / evaluate.COMPARISON).read_text(encoding="utf-8"))  # tested once already
+    elif winner_is_base:  # the starting config won: one model to test, nothing to compare
+        log.info("the base config (trial %d) is the best trial; evaluating it on the test split", best.number)
+        summary = evaluate.evaluate_models(base, {"tuned": str(tuned_dir)}, split="test", out_dir=test_dir,
+                                           overwrite=True, progress=False)
     else:
         # Both adapters on one loaded base model, the same test prompts, generation settings of the base config.
         log.info("evaluating the base config (%s) and the winner (trial %d) on the test split", base_dir, best.number)
