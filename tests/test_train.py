@@ -3,6 +3,7 @@ SIGKILL, 2-process DDP, LoRA options, clear errors, merged export == adapter mod
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -247,6 +248,11 @@ def test_clear_errors(tiny_model, data_dir, tmp_path, monkeypatch):
     assert not any((tmp_path / "b").iterdir())  # nothing written: the corrected command needs no --overwrite
     with pytest.raises(LoralabError, match="model_name_or_path"):
         train(make_cfg(tmp_path / "no-such-model", data_dir, tmp_path / "c"))
+    damaged = tmp_path / "damaged-model"
+    shutil.copytree(tiny_model, damaged)
+    (damaged / "model.safetensors").write_bytes((tiny_model / "model.safetensors").read_bytes()[:1000])
+    with pytest.raises(LoralabError, match="cannot read the weights"):
+        train(make_cfg(damaged, data_dir, tmp_path / "g"))
     with pytest.raises(LoralabError, match="no complete checkpoint"):
         train(make_cfg(tiny_model, data_dir, tmp_path / "d", resume_from_checkpoint=True))
     if not torch.cuda.is_available():
