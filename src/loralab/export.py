@@ -18,7 +18,6 @@ from loralab import models, runinfo
 from loralab.config import Config
 from loralab.errors import LoralabError
 from loralab.templates import stop_token_ids
-from loralab.train import load_base_model
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +46,7 @@ def export(cfg: Config, overwrite: bool = False) -> Path:
     from peft import PeftModel
 
     tokenizer = models.load_tokenizer(cfg)
-    model = load_base_model(cfg, for_training=False)
+    model = models.load_model(cfg)
     for path in cfg.adapter_paths:
         try:
             model = PeftModel.from_pretrained(model, path).merge_and_unload()

@@ -112,10 +112,13 @@ def strip_gguf_quantizer(model) -> None:
                 pass
 
 
-def _hub_error(name: str, err: Exception) -> LoralabError:
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+def _load_error(name: str, err: Exception) -> LoralabError:
+    """A failed from_pretrained as one line: a damaged local model, or a hub id that cannot be reached."""
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+    if name.startswith("builtin:") or Path(name).expanduser().exists():
+        return LoralabError(f"model_name_or_path: cannot read {name} ({first}); is the model folder complete?")
     return LoralabError(
-        f"model_name_or_path: cannot load {name!r} ({first[:160]}). Offline or no hub access: pass a local "
+        f"model_name_or_path: cannot load {name!r} ({first}). Offline or no hub access: pass a local "
         "model folder or .gguf file, or use builtin:smollm2-135m-instruct; gated models need HF_TOKEN"
     )
 
@@ -134,7 +137,7 @@ def load_tokenizer(cfg: Config):
             path, gguf_file=gguf, trust_remote_code=cfg.trust_remote_code, token=_token(cfg)
         )
     except (OSError, ValueError) as e:
-        raise _hub_error(cfg.model_name_or_path, e) from None
+        raise _load_error(cfg.model_name_or_path, e) from None
     return apply_template(tokenizer, cfg.template, cfg.model_name_or_path)
 
 
@@ -172,10 +175,12 @@ def load_model(cfg: Config, *, for_training: bool = False):
             bnb_4bit_compute_dtype=kwargs["dtype"],
             bnb_4bit_quant_type="nf4",
         )
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, **kwargs)
-    except (OSError, ValueError) as e:
-        raise _hub_error(cfg.model_name_or_path, e) from None
+    except (OSError, ValueError, SafetensorError, EOFError) as e:  # missing, unreachable or damaged weights
+        raise _load_error(cfg.model_name_or_path, e) from None
     if gguf:
         strip_gguf_quantizer(model)
     if not for_training and torch.cuda.is_available() and not cfg.quantization_bit:

@@ -146,23 +146,11 @@ def check_target_modules(model, cfg: Config) -> None:
         )
 
 
-def load_base_model(cfg: Config, for_training: bool = True):
-    """models.load_model, with damaged weight files (truncated download, bad disk) as a one-line error."""
-    from safetensors import SafetensorError
-
-    try:
-        return models.load_model(cfg, for_training=for_training)
-    except (SafetensorError, OSError, RuntimeError, EOFError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise LoralabError(f"model_name_or_path: cannot read the weights of {cfg.model_name_or_path} ({first}); "
-                           "is the model folder complete?") from None
-
-
 def build_model(cfg: Config):
     """The base model, ready for training: LoRA adapter (peft) or all weights trainable."""
     if cfg.quantization_bit and cfg.finetuning_type != "lora":
         raise LoralabError("quantization_bit: 4/8-bit base models can only be trained with finetuning_type=lora (QLoRA)")
-    model = load_base_model(cfg)
+    model = models.load_model(cfg, for_training=True)
     model.config.use_cache = False  # the KV cache is for generation; training does not use it
     if cfg.quantization_bit:
         from peft import prepare_model_for_kbit_training
