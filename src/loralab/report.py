@@ -14,6 +14,7 @@ import csv
 import html
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -318,6 +319,21 @@ def _cell(v) -> str:
     return str(v)
 
 
+def user_text(prompt: str) -> str:
+    """The last user message of a rendered chat prompt (ChatML, Llama 3, ...), else the prompt as is.
+
+    generated_predictions.jsonl keeps the rendered prompt with its special tokens; for reading, the
+    user's words are what matter."""
+    parts = re.split(r"<\|[^|>]+\|>", prompt)
+    for i in range(len(parts) - 1, -1, -1):
+        head, _, rest = parts[i].lstrip("\n").partition("\n")
+        if parts[i].strip() == "user" and i + 1 < len(parts):  # Llama 3: role and text are separate pieces
+            return parts[i + 1].strip() or prompt
+        if head.strip() == "user" and rest.strip():  # ChatML: "user\ntext"
+            return rest.strip()
+    return prompt
+
+
 def _clip(text: str, n: int = 600) -> str:
     text = str(text)
     return text if len(text) <= n else text[:n] + " …"
@@ -409,7 +425,7 @@ def examples_section(page: Page, model_dirs: dict[str, Path]) -> None:
     columns = {name: [r.get("predict", "") for r in rows] for name, rows in preds.items()}
     columns["reference"] = [r.get("label", "") for r in first]
     page.heading(f"Example predictions (first {len(first)})")
-    page.examples(columns, [r.get("prompt", "") for r in first])
+    page.examples(columns, [user_text(r.get("prompt", "")) for r in first])
 
 
 def run_section(page: Page, folder: Path, runs: dict[str, Path], highlight: str | None = None) -> None:
@@ -473,8 +489,10 @@ def sweep_section(page: Page, folder: Path, found: Found) -> None:
             note += f" PED-ANOVA was not computed: {imp['ped_anova_error']}"
         page.para(note)
         page.image(plot_importance(imp, folder / FILES_DIR), "parameter importance")
+    listed = {str(r.get("trial")) for r in board}  # the leaderboard's trials: not replaced or skipped ones
     runs = {f"trial {int(t['number'])}": Path(t["user_attrs"]["run_dir"]) for t in trials
-            if t.get("user_attrs", {}).get("run_dir") and (Path(t["user_attrs"]["run_dir"]) / "metrics.jsonl").is_file()}
+            if str(t["number"]) in listed and t.get("user_attrs", {}).get("run_dir")
+            and (Path(t["user_attrs"]["run_dir"]) / "metrics.jsonl").is_file()}
     winner = f"trial {results['best_trial']}" if results else None
     path = plot_losses(runs, folder / FILES_DIR, winner)
     if path:
