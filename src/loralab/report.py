@@ -490,9 +490,9 @@ def sweep_section(page: Page, folder: Path, found: Found) -> None:
         page.para(note)
         page.image(plot_importance(imp, folder / FILES_DIR), "parameter importance")
     listed = {str(r.get("trial")) for r in board}  # the leaderboard's trials: not replaced or skipped ones
-    runs = {f"trial {int(t['number'])}": Path(t["user_attrs"]["run_dir"]) for t in trials
-            if str(t["number"]) in listed and t.get("user_attrs", {}).get("run_dir")
-            and (Path(t["user_attrs"]["run_dir"]) / "metrics.jsonl").is_file()}
+    runs = {f"trial {int(t['number'])}": folder / "trials" / f"trial_{int(t['number']):03d}" for t in trials
+            if str(t["number"]) in listed}
+    runs = {name: run for name, run in runs.items() if (run / "metrics.jsonl").is_file()}
     winner = f"trial {results['best_trial']}" if results else None
     path = plot_losses(runs, folder / FILES_DIR, winner)
     if path:
@@ -512,7 +512,7 @@ def write_report(folder: str | Path) -> Path:
         sweep_section(page, folder, found)
         results = found.sweep["results"]
         if results and results.get("test"):
-            test_dir = Path(results["test"]["dir"])
+            test_dir = folder / "test_eval"  # where finalize writes it (the recorded path may be relative)
             summary = _read_json(test_dir / "comparison.json")
             if summary:
                 comparison_section(page, folder, test_dir, summary, "test",

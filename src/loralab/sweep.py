@@ -805,6 +805,12 @@ def _same_as_base(params: dict, base: Config) -> bool:
                for key, value in params.items())
 
 
+def trial_dir(sweep_dir: Path, trial) -> Path:
+    """A trial's run folder: SWEEP_DIR/trials/trial_NNN (the recorded path may be relative to another folder)."""
+    here = sweep_dir / "trials" / f"trial_{trial.number:03d}"
+    return here if here.is_dir() else Path(trial.user_attrs.get("run_dir", here))
+
+
 def finalize(study, spec: SweepSpec, base: Config, sweep_dir: Path) -> dict:
     """Pick the best trial on validation, then evaluate it and the base config once on the test split."""
     from optuna.trial import TrialState
@@ -815,7 +821,7 @@ def finalize(study, spec: SweepSpec, base: Config, sweep_dir: Path) -> dict:
     if not done:
         raise LoralabError(f"{sweep_dir}: no trial finished (see leaderboard.md for errors); nothing to select")
     best = study.best_trial
-    tuned_dir = Path(best.user_attrs["run_dir"])
+    tuned_dir = trial_dir(sweep_dir, best)
     if not tuned_dir.is_dir():
         host = (best.user_attrs.get("worker") or {}).get("host")
         raise LoralabError(f"{tuned_dir}: the best trial {best.number} ran on {host}; its run folder is not here. "
@@ -826,7 +832,7 @@ def finalize(study, spec: SweepSpec, base: Config, sweep_dir: Path) -> dict:
     base_trial = best if best in as_base else next(iter(as_base), None)
     winner_is_base = base_trial is not None and base_trial.number == best.number
     if base_trial is not None:
-        base_dir = Path(base_trial.user_attrs["run_dir"])
+        base_dir = trial_dir(sweep_dir, base_trial)
     else:
         base_dir = sweep_dir / "base_run"
         if not (base_dir / "train_results.json").is_file():
