@@ -99,7 +99,6 @@ def collect(folder: Path) -> Found:
             summary = _read_json(path)
             if isinstance(summary, dict) and isinstance(summary.get("models"), dict):
                 found.comparisons.append((path.parent, summary))
-                seen.update(Path(m.get("dir", "")).resolve() for m in summary["models"].values())
                 seen.update(p.parent.resolve() for p in path.parent.glob("*/metrics.json"))
     for depth in ("", "*/", "*/*/"):
         for path in sorted(folder.glob(f"{depth}metrics.json")):
