@@ -2,6 +2,7 @@
 
 import io
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -112,6 +113,8 @@ def test_sigint_during_a_reply_in_a_real_process(tiny_model):
     try:
         proc.stdin.write(b"Tell me a long story.\n")
         proc.stdin.flush()
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        assert ready, "no reply within 60 s"
         first = proc.stdout.read1(4096)  # the reply has started streaming
         assert first
         time.sleep(0.2)
@@ -135,12 +138,16 @@ def test_oldest_turns_are_forgotten_when_the_context_is_full(engine):
     turn = "apple banana " * 10  # ~40 tokens per turn with the tiny tokenizer: 12 turns do not fit
     session.history = [{"role": r, "content": f"{i} {turn}"} for i in range(6) for r in ("user", "assistant")]
     session.history.append(user("last question"))
-    session._fit_context()
+    assert session._fit_context() == 700
     assert len(engine.prompt_ids(session.messages)) + 700 <= 1024
     assert session.history[-1] == user("last question") and session.history[0]["role"] == "user"
     assert 1 < len(session.history) < 13 and session.messages[0]["role"] == "system"
-    # A single message that cannot fit is refused with a note; the session goes on.
+    # A message that leaves less room than max_new_tokens gets a shorter reply budget ...
+    session.history = [user("apple banana " * 100)]
+    n_prompt = len(engine.prompt_ids(session.messages))
+    assert n_prompt + 700 > 1024 and session._fit_context() == 1024 - n_prompt
+    # ... and one that cannot fit at all is refused with a note; the session goes on.
     session.history = []
     note = io.StringIO()
-    assert session.handle("word " * 900, io.StringIO(), note)
+    assert session.handle("word " * 1100, io.StringIO(), note)
     assert "too long" in note.getvalue() and session.history == []

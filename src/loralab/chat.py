@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import replace
 from typing import TextIO
 
 from loralab.config import Config
@@ -37,28 +38,33 @@ class ChatSession:
         system = [{"role": "system", "content": self.system}] if self.system else []
         return system + self.history
 
-    def _fit_context(self) -> None:
-        """Forget the oldest turns while prompt + reply would not fit the model's context."""
+    def _fit_context(self) -> int:
+        """Forget the oldest turns while prompt + reply would not fit the model's context.
+
+        Returns the reply's token budget: max_new_tokens, or less when the new message alone leaves
+        less room. A message that does not fit at all is refused (LoralabError) and forgotten.
+        """
         from loralab.api import context_length
 
         limit = context_length(self.engine)
+        budget = self.settings.max_new_tokens
         if not limit:
-            return
-        while len(self.engine.prompt_ids(self.messages)) + self.settings.max_new_tokens > limit:
-            if len(self.history) == 1:  # the new message alone is too long: do not send it
-                self.history = []
-                raise LoralabError(f"message: too long for the model's {limit}-token context together with "
-                                   f"max_new_tokens={self.settings.max_new_tokens}; not sent")
+            return budget
+        while (n_prompt := len(self.engine.prompt_ids(self.messages))) + budget > limit and len(self.history) > 1:
             drop = 2 if len(self.history) > 2 else 1  # a user turn and its reply
             self.history = self.history[drop:]
             log.warning("conversation too long for the model's %d-token context: forgot the oldest turn", limit)
+        if n_prompt >= limit:
+            self.history = []
+            raise LoralabError(f"message: {n_prompt} tokens, too long for the model's {limit}-token context; not sent")
+        return min(budget, limit - n_prompt)
 
     def send(self, text: str, out: TextIO) -> str:
         """Add a user message, stream the reply to `out`, return it. Ctrl-C stops the reply early."""
         self.history.append({"role": "user", "content": text})
-        self._fit_context()
+        settings = replace(self.settings, max_new_tokens=self._fit_context())
         parts: list[str] = []
-        deltas = self.engine.stream(self.messages, self.settings, adapter=self.adapter)
+        deltas = self.engine.stream(self.messages, settings, adapter=self.adapter)
         try:
             for delta in deltas:
                 parts.append(delta)
