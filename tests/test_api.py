@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from loralab.testing import make_random_adapter
+
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
@@ -17,15 +19,7 @@ HELLO = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 def make_adapter(base: Path, out: Path, seed: int) -> Path:
-    """An untrained LoRA adapter with random (non-zero) B matrices, so it changes the model's output."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base)
-    lora = LoraConfig(r=4, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
-    get_peft_model(model, lora).save_pretrained(out)
+    out = make_random_adapter(base, out, seed)
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
     return out
 

@@ -37,7 +37,7 @@ def engine(tiny_model, tiny_adapters):
 
 @pytest.fixture(scope="module")
 def tiny_adapters(tiny_model, tmp_path_factory):
-    from test_api import make_adapter
+    from loralab.testing import make_random_adapter as make_adapter
 
     return {"alpha": str(make_adapter(tiny_model, tmp_path_factory.mktemp("webchat-adapter") / "alpha", 1))}
 

@@ -87,3 +87,16 @@ def make_tiny_llama(folder: str | Path, style: str = "llama3", seed: int = 0, hi
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def make_random_adapter(base: str | Path, out: str | Path, seed: int, target_modules="all-linear") -> Path:
+    """An untrained LoRA adapter with random (non-zero) B matrices, so it visibly changes the model's output."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    lora = LoraConfig(r=4, lora_alpha=32, target_modules=target_modules, init_lora_weights=False)
+    get_peft_model(model, lora).save_pretrained(out)
+    return Path(out)
