@@ -456,8 +456,10 @@ def sweep_section(page: Page, folder: Path, found: Found) -> None:
     page.table(["parameter", "searched over"], [[k, _space_text(v)] for k, v in spec.get("search_space", {}).items()])
     if results:
         page.heading(f"Winner: trial {results['best_trial']}")
+        base = spec.get("base") or {}
+        ratio = (base.get("lora_alpha") or 2 * base.get("lora_rank", 8)) / base.get("lora_rank", 8)
         page.table(["parameter", "base config", "winner"],
-                   [[k, (spec.get("base") or {}).get(k, "(derived)"), v] for k, v in results["best_params"].items()])
+                   [[k, ratio if k == "lora_alpha_ratio" else base.get(k), v] for k, v in results["best_params"].items()])
         comp = (results.get("test") or {}).get("comparison")
         if results.get("winner_is_base"):
             page.para("The starting config itself was the best trial: no other configuration beat it on validation, "
