@@ -25,6 +25,9 @@ def setup_logging(verbose: bool = False, log_file: str | os.PathLike | None = No
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not verbose:
         warnings.filterwarnings("ignore", category=FutureWarning)
+    # peft looks for the base model's config under the adapter's base_model_name_or_path; for
+    # builtin: models that is a loralab name, not a folder, and the vocabulary check it wants is moot.
+    warnings.filterwarnings("ignore", message="Could not find a config file in builtin:")
 
 
 def add_log_file(path: str | os.PathLike) -> None:
