@@ -20,7 +20,7 @@ def setup_logging(verbose: bool = False, log_file: str | os.PathLike | None = No
     if log_file is not None:
         add_log_file(log_file)
     # Third-party libraries are chatty at INFO; keep their warnings, drop their noise.
-    for name in ("transformers", "datasets", "httpx", "urllib3", "jieba", "filelock", "matplotlib"):
+    for name in ("transformers", "datasets", "httpx", "urllib3", "jieba", "filelock", "matplotlib", "absl"):
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not verbose:
