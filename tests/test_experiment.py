@@ -42,7 +42,7 @@ def test_run_writes_every_stage(experiment):
     metric = comparison["models"]["tuned"]["metrics"]["predict_rouge-l"]
     assert metric["ci_low"] <= metric["value"] <= metric["ci_high"]
     assert (out / "report.html").is_file() and (out / "report.md").is_file()
-    assert json.loads((out / "stages.json").read_text()).keys() == {"prepare", "train", "eval"}
+    assert json.loads((out / "stages.json").read_text()).keys() == {"train", "eval"}
 
 
 def test_rerun_reuses_finished_stages(experiment):

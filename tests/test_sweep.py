@@ -341,15 +341,16 @@ def test_base_config_is_the_first_trial_when_it_lies_in_the_space(tmp_path):
 def test_data_source_prepared_once_and_checked(tmp_path):
     """A base config with data_source gets its splits prepared (as `loralab run` does); other settings are refused."""
     from loralab.config import build_config
+    from loralab.data import with_prepared_data
 
     cfg = build_config({"data_source": "builtin:demo", "data_sample": 50, "data_split": "30,10,10",
                         "dataset_dir": str(tmp_path / "data"), "data_name": "demo"})
-    prepared = sweep.with_data(cfg)
+    prepared = with_prepared_data(cfg)
     assert (prepared.dataset, prepared.eval_dataset, prepared.test_dataset) == ("demo_train", "demo_val", "demo_test")
     assert (tmp_path / "data" / "demo_val.json").is_file()
-    sweep.with_data(cfg)  # the same settings: reused
+    with_prepared_data(cfg)  # the same settings: reused
     with pytest.raises(LoralabError, match="holds splits prepared with other settings.*split="):
-        sweep.with_data(cfg.model_copy(update={"data_split": "20,20,10"}))
+        with_prepared_data(cfg.model_copy(update={"data_split": "20,20,10"}))
 
 
 def test_pruning_follows_the_objective_direction(tmp_path, monkeypatch):

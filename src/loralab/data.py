@@ -467,3 +467,32 @@ def load_conversations(cfg: Config, which: str) -> list[list[dict]]:
         raise LoralabError(f"val_size: {cfg.val_size} of {len(convs)} training records leaves none for training")
     held_out = set(random.Random(cfg.seed).sample(range(len(convs)), n_val))
     return [c for i, c in enumerate(convs) if (i in held_out) == (which == "eval")]
+
+
+def with_prepared_data(cfg: Config, force: bool = False) -> Config:
+    """A config with data_source uses the splits prepared from it (by `loralab run` and `loralab sweep`).
+
+    The splits are prepared once into dataset_dir and reused while their manifest says they were made
+    from the same source, seed, sample and split; other settings are an error unless `force`.
+    """
+    if not cfg.data_source:
+        return cfg
+    cfg = cfg.model_copy(update={"dataset": f"{cfg.data_name}_train", "eval_dataset": f"{cfg.data_name}_val",
+                                 "test_dataset": f"{cfg.data_name}_test"})
+    folder = Path(cfg.dataset_dir)
+    manifest_path = folder / f"{cfg.data_name}_manifest.json"
+    wanted = {"source": cfg.data_source, "seed": cfg.seed, "sample": cfg.data_sample, "split": cfg.data_split}
+    if manifest_path.is_file() and not force:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        found = {"source": manifest["source"]["path"], "seed": manifest["seed"], "sample": manifest["sample"],
+                 "split": manifest["split"]}
+        if found != wanted:
+            diff = ", ".join(f"{k}={found[k]!r} (wanted {wanted[k]!r})" for k in wanted if found[k] != wanted[k])
+            raise LoralabError(f"dataset_dir: {folder} holds splits prepared with other settings ({diff}); "
+                               "set dataset_dir to another folder, or pass --force to prepare them again")
+        log.info("prepare: reusing the splits in %s (same source, seed, sample and split)", folder)
+        return cfg
+    log.info("prepare: %s -> %s", cfg.data_source, folder)
+    prepare(cfg.data_source, output_dir=folder, seed=cfg.seed, sample=cfg.data_sample, split=cfg.data_split,
+            name=cfg.data_name, overwrite=force)
+    return cfg

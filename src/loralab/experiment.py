@@ -4,8 +4,9 @@
 
 Everything lands in `output_dir`:  data split (dataset_dir), `train/` (the run folder), `eval/`
 (base/ and tuned/ predictions and metrics, comparison.json), `report.html` / `report.md`.
-Each finished stage records a fingerprint of the settings it depends on in `stages.json`; running the
-same experiment again reuses finished stages, and a stage whose settings changed is redone only with
+The data split is reused while its manifest matches the data settings; train and eval record a
+fingerprint of the settings they depend on in `stages.json`. Running the same experiment again reuses
+finished stages, and a stage whose settings changed is redone only with
 `--force` (nothing already computed is thrown away without asking). A training run that was killed is
 resumed from its last complete checkpoint.
 """
@@ -35,13 +36,12 @@ def fingerprint(values: dict) -> str:
 
 
 def stage_keys(cfg: Config, data_sha: str) -> dict[str, str]:
-    """Fingerprints of what each stage depends on: data -> train -> eval."""
+    """Fingerprints of what each stage depends on: data files -> train -> eval."""
     settings = cfg.model_dump(mode="json")
-    data_fp = fingerprint({k: settings[k] for k in ("data_source", "data_sample", "data_split", "data_name", "seed")})
     train_fp = fingerprint({"data": data_sha, **{k: v for k, v in settings.items()
                                                  if k not in GENERATION_KEYS | NEUTRAL_KEYS}})
     eval_fp = fingerprint({"train": train_fp, **{k: settings[k] for k in GENERATION_KEYS}})
-    return {"prepare": data_fp, "train": train_fp, "eval": eval_fp}
+    return {"train": train_fp, "eval": eval_fp}
 
 
 def run_experiment(path: str | None, overrides: list[str] | None = None, force: bool = False) -> dict:
@@ -49,32 +49,18 @@ def run_experiment(path: str | None, overrides: list[str] | None = None, force: 
     from loralab.log import add_log_file
 
     cfg = load_config(path, overrides)
+    if cfg.adapter_name_or_path:
+        raise LoralabError("adapter_name_or_path: `loralab run` trains its own adapter; unset adapter_name_or_path")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     add_log_file(out / "experiment.log")
     stages_file = out / "stages.json"
     done = json.loads(stages_file.read_text()) if stages_file.is_file() else {}
-    if cfg.adapter_name_or_path:
-        raise LoralabError("adapter_name_or_path: `loralab run` trains its own adapter; unset adapter_name_or_path")
 
-    # 1. Data: sample, clean and split the source into dataset_dir (with its manifest).
-    if cfg.data_source:
-        names = {"dataset": f"{cfg.data_name}_train", "eval_dataset": f"{cfg.data_name}_val",
-                 "test_dataset": f"{cfg.data_name}_test"}
-        cfg = cfg.model_copy(update=names)
+    # 1. Data: sample, clean and split the source into dataset_dir (with its manifest), or reuse it.
+    log.info("stage 1/4 prepare")
+    cfg = data.with_prepared_data(cfg, force=force)
     manifest_file = Path(cfg.dataset_dir) / f"{cfg.data_name}_manifest.json"
-    keys = stage_keys(cfg, data_sha="")
-    if not cfg.data_source:
-        log.info("stage 1/4 prepare: skipped (no data_source; using dataset_dir=%s as it is)", cfg.dataset_dir)
-    elif done.get("prepare") == keys["prepare"] and manifest_file.is_file() and not force:
-        log.info("stage 1/4 prepare: reusing %s", cfg.dataset_dir)
-    else:
-        if "prepare" in done and not force:
-            raise _changed("prepare", "data_source/data_sample/data_split/data_name/seed")
-        log.info("stage 1/4 prepare: %s -> %s", cfg.data_source, cfg.dataset_dir)
-        data.prepare(cfg.data_source, output_dir=cfg.dataset_dir, seed=cfg.seed, sample=cfg.data_sample,
-                     split=cfg.data_split, name=cfg.data_name, overwrite=force)
-        done = _mark(stages_file, done, "prepare", keys["prepare"])
     data_sha = json.loads(manifest_file.read_text())["files"] if manifest_file.is_file() else ""
     keys = stage_keys(cfg, data_sha=fingerprint(data_sha))
 

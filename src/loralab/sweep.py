@@ -584,39 +584,15 @@ def _resolved(spec: SweepSpec, base: Config, storage_url: str | None) -> dict:
             "base": base.model_dump(mode="json")}
 
 
-def with_data(cfg: Config) -> Config:
-    """As `loralab run` does: a base config with data_source uses the splits prepared from it (made once)."""
-    if not cfg.data_source:
-        return cfg
-    from loralab import data
-
-    cfg = cfg.model_copy(update={"dataset": f"{cfg.data_name}_train", "eval_dataset": f"{cfg.data_name}_val",
-                                 "test_dataset": f"{cfg.data_name}_test"})
-    folder = Path(cfg.dataset_dir)
-    manifest_path = folder / f"{cfg.data_name}_manifest.json"
-    wanted = {"source": cfg.data_source, "seed": cfg.seed, "sample": cfg.data_sample, "split": cfg.data_split}
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        found = {"source": manifest["source"]["path"], "seed": manifest["seed"], "sample": manifest["sample"],
-                 "split": manifest["split"]}
-        if found != wanted:
-            diff = ", ".join(f"{k}={found[k]!r} (wanted {wanted[k]!r})" for k in wanted if found[k] != wanted[k])
-            raise LoralabError(f"dataset_dir: {folder} holds splits prepared with other settings ({diff}); "
-                               "set dataset_dir to another folder for this sweep")
-    else:
-        log.info("preparing %s from %s", folder, cfg.data_source)
-        data.prepare(cfg.data_source, output_dir=folder, seed=cfg.seed, sample=cfg.data_sample,
-                     split=cfg.data_split, name=cfg.data_name)
-    return cfg
-
-
 def run_sweep(path: str | Path, overrides: list[str] | None = None, storage: str | None = None,
               trials_only: bool = False, train_fn: TrainFn | None = None, finalize_fn=None) -> dict:
     """`loralab sweep`: run trials until the budget is spent, then (unless trials_only) select and test."""
     from optuna.trial import TrialState
 
     spec, base, sweep_dir = load_sweep(path, overrides)
-    base = with_data(base)
+    from loralab.data import with_prepared_data
+
+    base = with_prepared_data(base)
     storage_url = storage or spec.storage
     resolved = _resolved(spec, base, storage_url)
     _check_same_sweep(sweep_dir, resolved)
