@@ -228,10 +228,10 @@ def compare(
     seed: Annotated[int, typer.Option(help="Seed of the resampling.")] = 0,
 ) -> None:
     """Paired comparison of two evaluations of the same split: B-A, 95% CI, p-value per metric."""
-    import json
     from pathlib import Path
 
     from loralab import evaluate
+    from loralab.runinfo import write_json
 
     result = evaluate.compare_evaluations(run_a, run_b, n_boot=n_boot, seed=seed)
     typer.echo(f"B = {run_b} vs A = {run_a}: {result['n_samples']} samples")
@@ -239,7 +239,7 @@ def compare(
     if output:
         if Path(output).exists():
             raise LoralabError(f"--output: {output} already exists; choose another file")
-        Path(output).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        write_json(output, result)
         typer.echo(f"wrote {output}")
 
 

@@ -27,7 +27,7 @@ from loralab import data, metrics
 from loralab.config import Config
 from loralab.errors import LoralabError
 from loralab.generate import Engine, GenerationSettings
-from loralab.runinfo import check_output_dir, write_run_info
+from loralab.runinfo import check_output_dir, write_json, write_run_info
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +38,6 @@ METRICS = "metrics.json"
 PER_SAMPLE = "per_sample_scores.jsonl"
 COMPARISON = "comparison.json"
 PRED_FIELDS = ("prompt", "predict", "label")
-
-
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _sha(texts: list[str]) -> str:
@@ -168,7 +164,7 @@ def predict_into(engine: Engine, cfg: Config, prompts: list, labels: list[str], 
         "predict_runtime": round(seconds, 4),
         "predict_samples_per_second": round(len(rows) / seconds, 3),
     }
-    _write_json(out_dir / PREDICT_RESULTS, results)
+    write_json(out_dir / PREDICT_RESULTS, results)
     write_run_info(out_dir, cfg, engine.tokenizer, stage="predict", split=source.get("split"),
                    data=source.get("data"), adapter=results["adapter"])
     log.info("%d samples in %.1fs: %.2f samples/s, %.1f generated tokens/s (%d hit max_new_tokens)",
@@ -206,7 +202,7 @@ def score_into(out_dir: Path, rows: list[dict], info: dict, n_boot: int = 1000, 
     scored = metrics.score_predictions([r["predict"] for r in rows], [r["label"] for r in rows], n_boot=n_boot, seed=seed)
     per_sample = scored.pop("per_sample")
     result = {**info, "labels_sha256": _sha([r["label"] for r in rows]), **scored}
-    _write_json(out_dir / METRICS, result)
+    write_json(out_dir / METRICS, result)
     with (out_dir / PER_SAMPLE).open("w", encoding="utf-8") as f:
         for i, (row, scores) in enumerate(zip(rows, per_sample)):
             f.write(json.dumps({"index": i, **row, **scores}, ensure_ascii=False) + "\n")
@@ -242,7 +238,7 @@ def evaluate(cfg: Config, split: str = "test", data_file: str | None = None, pre
                             engine.adapter_names[0] if adapter_path else None, adapter_path, progress)
         info = {**source, "model": cfg.model_name_or_path, "adapter": adapter_path, "predictions": PREDICTIONS}
         result = score_into(out, pred["rows"], info, n_boot=n_boot, seed=cfg.seed)
-        _write_json(out / PREDICT_RESULTS, {**pred["results"], **_lf_metrics(result)})
+        write_json(out / PREDICT_RESULTS, {**pred["results"], **_lf_metrics(result)})
     return {"dir": str(out), **result}
 
 
@@ -273,7 +269,7 @@ def evaluate_models(cfg: Config, adapters: dict[str, str | None], split: str = "
         pred = predict_into(engine, cfg, prompts, labels, source, sub, name if path else None, path, progress)
         info = {**source, "model": cfg.model_name_or_path, "adapter": path, "predictions": PREDICTIONS}
         result = score_into(sub, pred["rows"], info, n_boot=n_boot, seed=cfg.seed)
-        _write_json(sub / PREDICT_RESULTS, {**pred["results"], **_lf_metrics(result)})
+        write_json(sub / PREDICT_RESULTS, {**pred["results"], **_lf_metrics(result)})
         per_sample[name] = read_per_sample(sub)
         models[name] = {"adapter": path, "dir": str(sub), "metrics": result["metrics"],
                         "timing": {k: pred["results"][k] for k in ("seconds", "samples_per_second", "generated_tokens_per_second")}}
@@ -287,7 +283,7 @@ def evaluate_models(cfg: Config, adapters: dict[str, str | None], split: str = "
         }
     summary = {**source, "model": cfg.model_name_or_path, "dir": str(out), "reference": names[0],
                "models": models, "comparisons": comparisons}
-    _write_json(out / COMPARISON, summary)
+    write_json(out / COMPARISON, summary)
     return summary
 
 

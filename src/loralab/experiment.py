@@ -20,6 +20,7 @@ from pathlib import Path
 
 from loralab.config import Config, load_config
 from loralab.errors import LoralabError
+from loralab.runinfo import write_json
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ def run_experiment(path: str | None, overrides: list[str] | None = None, force: 
 
 def _mark(stages_file: Path, done: dict, stage: str, key: str) -> dict:
     done = {**done, stage: key}
-    stages_file.write_text(json.dumps(done, indent=2) + "\n")
+    write_json(stages_file, done)
     return done
 
 

@@ -7,7 +7,6 @@ whose eos ids include the template's turn-closing token, so servers stop where t
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -64,7 +63,7 @@ def export(cfg: Config, overwrite: bool = False) -> Path:
         tokenizer.save_pretrained(tmp)
         info = {"base_model": cfg.model_name_or_path, "adapters": cfg.adapter_paths, "template": cfg.template,
                 "libraries": runinfo.library_versions(), "git_commit": runinfo.git_commit()}
-        (tmp / "loralab_export.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        runinfo.write_json(tmp / "loralab_export.json", info)
         if target.exists():
             shutil.rmtree(target)  # only reached with --overwrite (or an empty folder)
         os.replace(tmp, target)

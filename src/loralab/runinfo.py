@@ -17,6 +17,11 @@ LIBRARIES = ["torch", "transformers", "peft", "trl", "accelerate", "datasets", "
              "sacrebleu", "rouge-score", "nltk", "jieba", "rouge-chinese", "vllm"]
 
 
+def write_json(path: str | Path, obj) -> None:
+    """Every JSON file in a run folder: indented, UTF-8, newline at the end."""
+    Path(path).write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+
+
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version(), "loralab": __version__}
     for name in LIBRARIES:
@@ -67,6 +72,6 @@ def write_run_info(run_dir: str | Path, cfg: Config, tokenizer=None, **extra) ->
         "libraries": library_versions(),
         **extra,
     }
-    (run_dir / "run_info.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(run_dir / "run_info.json", info)
     if tokenizer is not None and tokenizer.chat_template:
         (run_dir / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")

@@ -30,6 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from loralab import metrics as metrics_mod
+from loralab.runinfo import write_json
 from loralab.config import FIELDS, Config, build_config, load_config, read_yaml
 from loralab.errors import LoralabError
 
@@ -520,9 +521,8 @@ def make_objective(study, spec: SweepSpec, base: Config, sweep_dir: Path, train_
             record = {k: summary.get(k) for k in ("best_eval_loss", "best_step", "steps", "tokens_per_s", "runtime_s")}
             trial.set_user_attr("train", record)
             # The run folder says which sweep trial it is (config.yaml already holds every setting).
-            (run_dir / "sweep_trial.json").write_text(json.dumps(
-                {"sweep_dir": str(sweep_dir), "trial": trial.number, "params": params,
-                 "pruned_at_step": pruning.pruned_at}, indent=2) + "\n", encoding="utf-8")
+            write_json(run_dir / "sweep_trial.json", {"sweep_dir": str(sweep_dir), "trial": trial.number,
+                                                      "params": params, "pruned_at_step": pruning.pruned_at})
             if pruning.pruned_at is not None:
                 raise optuna.TrialPruned(f"validation loss {pruning.last_loss:.4f} at step {pruning.pruned_at}")
             if spec.objective == "eval_loss":
@@ -766,8 +766,8 @@ def write_leaderboard(study, spec: SweepSpec, sweep_dir: Path) -> list[dict]:
         writer.writeheader()
         writer.writerows(rows)
     (sweep_dir / "leaderboard.md").write_text(leaderboard_table(rows, spec, markdown=True) + "\n", encoding="utf-8")
-    (sweep_dir / "trials.json").write_text(json.dumps(trials_json(study, spec), indent=2, default=str) + "\n", encoding="utf-8")
-    (sweep_dir / "importance.json").write_text(json.dumps(param_importance(study, spec), indent=2) + "\n", encoding="utf-8")
+    write_json(sweep_dir / "trials.json", trials_json(study, spec))
+    write_json(sweep_dir / "importance.json", param_importance(study, spec))
     return rows
 
 
@@ -843,5 +843,5 @@ def finalize(study, spec: SweepSpec, base: Config, sweep_dir: Path) -> dict:
                       "models": {k: v["metrics"] for k, v in summary["models"].items()},
                       "comparison": summary["comparisons"].get("tuned_vs_base_config")}
     result["table"] = evaluate.format_comparison_table(summary)
-    results_path.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
+    write_json(results_path, result)
     return result

@@ -622,7 +622,7 @@ def _train(cfg: Config, callbacks: list | None) -> dict:
         "padding_efficiency": trainer.real_tokens / trainer.padded_tokens if trainer.padded_tokens else None,
         "resumed_from": str(resume_from) if resume_from else None,
     }
-    (run_dir / "train_results.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    runinfo.write_json(run_dir / "train_results.json", summary)
     log.info("done: %d steps, best validation loss %s, %s tokens/s; results in %s", st.global_step,
              f"{best_loss:.4f}" if best_loss is not None else "n/a",
              f"{summary['tokens_per_s']:,.0f}" if summary["tokens_per_s"] else "n/a", run_dir / "train_results.json")
