@@ -5,19 +5,24 @@ The official `openai` client works with it unchanged (base_url=http://127.0.0.1:
 - GET  /v1/models             every servable id: the base model and each loaded adapter
 - POST /v1/chat/completions   `model` picks the base model or an adapter, per request; `stream: true`
                               answers with server-sent events in OpenAI's chunk format
-- GET  /health                readiness (no key needed)
+- GET  /health                readiness and counters (no key needed, no model paths)
 
-How requests share one model: a single scheduler thread owns the engine. Requests go into a queue;
-the scheduler takes every waiting request, groups them by (adapter, sampling settings) and runs
-`Engine.generate` on up to `max_batch_size` of one group as one batch (dynamic batching; before a
-batch it waits up to `gather_ms` for the clients of the previous batch to come back). Text
-deltas travel from the engine's `on_text` callback to each request's asyncio queue
-(`loop.call_soon_threadsafe`); a client that disconnects flips its job's `cancelled` flag, the
-callback returns False and the engine stops that row.
+How a request travels: FastAPI validates the body into `ChatRequest` (strict types: `"stream": "yes"`
+is an error, not true); the prompt is rendered and counted in the threadpool, never on the event
+loop; then a `scheduler.Job` goes to the one scheduler thread that owns the engine and batches
+requests (see `scheduler.py`). A client that disconnects (streaming or not) cancels its job, and the
+engine stops that row within one decoding step.
+
+Limits: the request body is capped (`max_request_bytes`, default 1 MB; Content-Length is checked
+before anything is read, and the bytes of a chunked body are counted as they arrive); a prompt
+longer than the model's context is refused, naming both lengths.
 
 Security: binds 127.0.0.1 unless told otherwise; with an API key set, every /v1 request needs
-`Authorization: Bearer <key>` (compared with hmac.compare_digest). Client mistakes are 4xx with
-OpenAI's error JSON `{"error": {"message", "type", "param", "code"}}`, never a 500.
+`Authorization: Bearer <key>` (compared with hmac.compare_digest).
+
+Errors: every client mistake is a 4xx with OpenAI's error JSON `{"error": {"message", "type",
+"param", "code"}}`; anything else is a 500 in the same shape whose message carries a request id
+that the server log names next to the traceback.
 """
 
 from __future__ import annotations
@@ -28,29 +33,34 @@ import hmac
 import json
 import logging
 import os
-import queue
 import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loralab.config import Config
 from loralab.errors import LoralabError
 from loralab.generate import Completion, Engine, GenerationSettings
+from loralab.scheduler import Job, Scheduler
 from loralab.templates import encode_prompt, with_default_system
 
 log = logging.getLogger(__name__)
 
+DEFAULT_MAX_REQUEST_BYTES = 1_000_000  # 1 MB: hundreds of pages of chat history
 
-# --- errors --------------------------------------------------------------------------------------
+
+# --- errors: the one formatter -------------------------------------------------------------------
 class APIError(Exception):
     """An error answered as OpenAI's error JSON with an HTTP status."""
 
@@ -62,93 +72,143 @@ class APIError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-
-# --- request body --------------------------------------------------------------------------------
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["text"]
-    text: str
+    def response(self, headers: dict | None = None) -> Response:
+        # ASCII JSON: a message may quote client text, and escaped text can never fail to encode.
+        return Response(json.dumps(self.body()), status_code=self.status, media_type="application/json",
+                        headers=headers)
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    # "developer" is what newer OpenAI clients send instead of "system".
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "...'"
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    include_usage: bool = False
-
-
-class ChatRequest(BaseModel):
-    """The fields of POST /v1/chat/completions that loralab honours; any other field is a 400."""
-
-    model_config = ConfigDict(extra="forbid")
-    model: str
-    messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(None, gt=0)
-    max_completion_tokens: int | None = Field(None, gt=0)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None
-    # Accepted only at their neutral values, so clients that always send them keep working.
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logprobs: bool | None = None
-
-
-SUPPORTED_FIELDS = ", ".join(ChatRequest.model_fields)
-
-
-def parse_request(raw: bytes) -> ChatRequest:
-    """Request bytes -> ChatRequest, or an APIError(400) naming the field and what is expected."""
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"request body is not valid JSON ({e})", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise APIError(400, f"request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
-    try:
-        req = ChatRequest.model_validate(body)
-    except ValidationError as e:
-        raise describe_invalid(e) from None
-    if req.n not in (None, 1):
-        raise APIError(400, f"n: only n=1 is supported, got {req.n}", param="n", code="unsupported_value")
-    for name in ("frequency_penalty", "presence_penalty"):
-        if getattr(req, name) not in (None, 0):
-            raise APIError(400, f"{name}: not supported (only 0), got {getattr(req, name)}", param=name,
-                           code="unsupported_value")
-    if req.logprobs:
-        raise APIError(400, "logprobs: not supported", param="logprobs", code="unsupported_value")
-    if req.stream_options is not None and not req.stream:
-        raise APIError(400, "stream_options: only allowed with stream=true", param="stream_options")
-    stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
-    if len(stops) > 4 or any(not s for s in stops):
-        raise APIError(400, "stop: expected up to 4 non-empty strings", param="stop")
-    return req
-
-
-def describe_invalid(err: ValidationError) -> APIError:
+def describe_invalid(errors: list[dict]) -> APIError:
+    """Pydantic/FastAPI validation errors of a request body -> one 400 naming the field and what is expected."""
     # The deepest error is the most specific one (content: not a string, and its part 0 has a bad type).
-    first = max(err.errors(), key=lambda e: len(e["loc"]))
-    # Union types add the member tried to the path (content -> str / list[TextPart]); name the field.
-    loc = [p for p in first["loc"] if not (isinstance(p, str) and (p == "str" or p.startswith("list[")))]
-    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    first = max(errors, key=lambda e: len(e["loc"]))
+    loc = list(first["loc"])
+    if loc[:1] == ["body"]:
+        loc = loc[1:]
+    if first["type"] == "json_invalid":
+        return APIError(400, f"request body is not valid JSON: {first.get('ctx', {}).get('error', 'decode error')} "
+                        f"at character {loc[0] if loc else '?'}", code="invalid_json")
+    # Union types add the member tried to the path (content -> str / list[...]); name the field.
+    loc = [p for p in loc if not (isinstance(p, str) and (p == "str" or p.startswith(("list[", "function-"))))]
+    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
+    if param is None:
+        what = "is empty" if first["type"] == "missing" else f"is a {type(first.get('input')).__name__}"
+        return APIError(400, f"request body {what}; expected a JSON object with `model` and `messages` "
+                        "(Content-Type: application/json)", code="invalid_json")
     if first["type"] == "extra_forbidden":
         return APIError(400, f"unsupported field `{param}` (supported: {SUPPORTED_FIELDS})", param=param,
                         code="unsupported_parameter")
     if first["type"] == "missing":
         return APIError(400, f"{param}: required field is missing", param=param, code="missing_required_parameter")
-    return APIError(400, f"{param}: {first['msg']}, got {first.get('input')!r}"[:500], param=param,
-                    code="invalid_value")
+    code = "unsupported_value" if first["type"] == "unsupported_value" else "invalid_value"
+    return APIError(400, f"{param}: {first['msg']}, got {_short(first.get('input'))}", param=param, code=code)
+
+
+def unsupported(message: str) -> PydanticCustomError:
+    return PydanticCustomError("unsupported_value", message)
+
+
+# --- request body --------------------------------------------------------------------------------
+def valid_text(text: str) -> str:
+    # JSON may carry lone UTF-16 surrogates ("\ud800"); they are not text and no tokenizer can encode them.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PydanticCustomError("invalid_text", "contains a lone UTF-16 surrogate (\\ud800-\\udfff); "
+                                  "send valid Unicode text") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(valid_text)]
+STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class TextPart(BaseModel):
+    model_config = STRICT
+    type: Literal["text"]
+    text: Text
+
+
+class Message(BaseModel):
+    model_config = STRICT
+    # "developer" is what newer OpenAI clients send instead of "system".
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Text | list[TextPart]
+    name: Text | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = STRICT
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    """The fields of POST /v1/chat/completions that loralab honours; any other field is a 400.
+
+    Strict types, as OpenAI's API: a string is not a number and "yes" is not true.
+    """
+
+    model_config = STRICT
+    model: Text
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, gt=0)
+    max_completion_tokens: int | None = Field(None, gt=0)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # OpenAI's int64
+    n: int | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    user: Text | None = None
+    # Accepted only at their neutral values, so clients that always send them keep working.
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logprobs: bool | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n: int | None) -> int | None:
+        if n not in (None, 1):
+            raise unsupported("only n=1 is supported")
+        return n
+
+    @field_validator("frequency_penalty", "presence_penalty")
+    @classmethod
+    def _no_penalty(cls, value: float | None) -> float | None:
+        if value not in (None, 0):
+            raise unsupported("not supported (only 0)")
+        return value
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: bool | None) -> bool | None:
+        if value:
+            raise unsupported("not supported")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        stops = [stop] if isinstance(stop, str) else (stop or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise PydanticCustomError("invalid_stop", "expected up to 4 non-empty strings")
+        return stop
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise unsupported("only allowed with stream=true")
+        return value
+
+
+SUPPORTED_FIELDS = ", ".join(ChatRequest.model_fields)
 
 
 def to_messages(req: ChatRequest) -> list[dict]:
@@ -190,130 +250,159 @@ def context_length(engine: Engine) -> int | None:
     return int(n) if n and n < 10**8 else None
 
 
-# --- scheduler -----------------------------------------------------------------------------------
-@dataclass(eq=False)  # jobs are compared by identity
-class Job:
-    """One request on its way through the scheduler; events go to `events` on the server's loop."""
-
-    messages: list[dict]
-    settings: GenerationSettings
-    adapter: str | None
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancelled: bool = False
-    streamed: bool = False  # some text already went out (a failed batch cannot be retried for it)
-
-    def push(self, kind: str, value: Any) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
-        except RuntimeError:  # the event loop is gone (server shutting down)
-            self.cancelled = True
-
-    def group_key(self) -> tuple:
-        if self.settings.do_sample and self.settings.seed is not None:
-            # A seeded sample must not depend on what it was batched with: it runs alone.
-            return (id(self),)
-        return (self.adapter, json.dumps(self.settings.as_dict(), sort_keys=True))
+def served_models(engine: Engine) -> list[str]:
+    """Model ids a request may name: the base model, then each adapter."""
+    models = [engine.base_name, *engine.adapter_names]
+    if len(set(models)) != len(models):
+        raise LoralabError(f"adapters: names must differ from each other and from the base model id, got {models}")
+    return models
 
 
-class Scheduler:
-    """One thread that owns the engine and runs waiting requests in batches of one group."""
+# --- what the routes share: built in the lifespan, kept on app.state -----------------------------
+@dataclass
+class Serving:
+    """The served engine, its scheduler and what every request is checked against."""
 
-    def __init__(self, engine: Engine, max_batch_size: int = 16, gather_ms: float = 10.0):
-        self.engine, self.max_batch_size, self.gather_s = engine, max_batch_size, gather_ms / 1000
-        self.inbox: queue.Queue[Job | None] = queue.Queue()
-        self.pending: list[Job] = []
-        self.stopping = False
-        self.expect = 1  # requests likely to be waiting at the next batch (see _loop)
-        self.thread = threading.Thread(target=self._loop, name="loralab-scheduler", daemon=True)
-        self.batches = 0  # counters for /health and the benchmark
-        self.rows = 0
-        self.largest_batch = 0
-        self.cancelled = 0  # requests stopped because their client went away
+    engine: Engine
+    scheduler: Scheduler
+    api_key: str | None
+    models: list[str]
+    max_context: int | None
+    defaults: GenerationSettings
+    created: int = field(default_factory=lambda: int(time.time()))
+    # The scheduler thread tokenizes inside the engine; requests are checked in the threadpool with a
+    # private copy (one fast tokenizer must not be used by two threads at once, hence the lock too).
+    check_tokenizer: Any = None
+    check_lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def start(self) -> None:
-        self.thread.start()
+    def adapter_of(self, model: str) -> str | None:
+        if model not in self.models:
+            raise APIError(404, f"model: unknown model {_short(model)}; available: {', '.join(self.models)}",
+                           param="model", code="model_not_found")
+        return None if model == self.engine.base_name else model
 
-    def stop(self) -> None:
-        self.inbox.put(None)
-        self.thread.join(timeout=30)
-
-    def submit(self, job: Job) -> None:
-        self.inbox.put(job)
-
-    def _take(self, timeout: float | None) -> bool:
-        """Move one job from the inbox to pending (timeout 0: only if one is waiting). False if none came."""
-        try:
-            job = self.inbox.get(timeout=timeout) if timeout != 0 else self.inbox.get_nowait()
-        except queue.Empty:
-            return False
-        if job is None:
-            self.stopping = True
-            return False
-        self.pending.append(job)
-        return True
-
-    def _loop(self) -> None:
-        while not self.stopping:
-            if not self.pending:
-                self._take(timeout=None)  # sleep until work arrives
-            while self._take(timeout=0):  # and take everything else that is waiting
-                pass
-            # The clients of the last batch usually send their next request a moment after their
-            # reply: wait for them (at most gather_ms) so they share the next batch with the requests
-            # that queued meanwhile, instead of alternating between two half batches. A lone client
-            # never waits: it is the only one expected.
-            deadline = time.monotonic() + self.gather_s
-            want = min(self.expect, self.max_batch_size)
-            while not self.stopping and len(self.pending) < want and (left := deadline - time.monotonic()) > 0:
-                self._take(timeout=left)
-            self.pending = [j for j in self.pending if not j.cancelled]
-            if self.stopping or not self.pending:
-                continue
-            # The oldest request's group goes first; at most max_batch_size of it per batch.
-            key = self.pending[0].group_key()
-            batch = [j for j in self.pending if j.group_key() == key][: self.max_batch_size]
-            self.pending = [j for j in self.pending if j not in batch]
-            self._run(batch)
-            self.expect = len(batch) + len(self.pending) + self.inbox.qsize()
-
-    def _run(self, batch: list[Job]) -> None:
-        first = batch[0]
-
-        def on_text(i: int, delta: str) -> bool:
-            job = batch[i]
-            if job.cancelled:
-                return False
-            job.streamed = True
-            job.push("delta", delta)
-            return True
-
-        self.batches += 1
-        self.rows += len(batch)
-        self.largest_batch = max(self.largest_batch, len(batch))
-        try:
-            completions = self.engine.generate([j.messages for j in batch], first.settings, adapter=first.adapter,
-                                               batch_size=len(batch), on_text=on_text)
-        except Exception as e:  # noqa: BLE001 - one bad batch must not stop the server
-            if len(batch) > 1:
-                # Retry one at a time, so only the request that breaks fails; rows that already
-                # streamed text cannot start over and get the error.
-                log.warning("batch of %d failed (%s); retrying its requests one by one", len(batch), e)
-                for job in batch:
-                    if job.streamed:
-                        job.push("error", e)
-                    else:
-                        self._run([job])
-                return
-            log.exception("generation failed")
-            first.push("error", e)
-            return
-        for job, completion in zip(batch, completions):
-            self.cancelled += completion.finish_reason == "cancelled"
-            job.push("done", completion)
+    def prompt_tokens(self, messages: list[dict]) -> int:
+        """Tokens of the rendered prompt (runs in the threadpool: rendering can take a while)."""
+        with self.check_lock:
+            try:
+                return len(encode_prompt(self.check_tokenizer,
+                                         with_default_system(messages, self.engine.cfg.default_system)))
+            except LoralabError as e:  # the chat template refused the conversation
+                raise APIError(400, f"messages: {e}", param="messages", code="invalid_conversation") from None
 
 
-# --- the app -------------------------------------------------------------------------------------
+@dataclass
+class ServerOptions:
+    api_key: str | None = None
+    max_batch_size: int = 16
+    gather_ms: float = 10.0
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    """Start the scheduler thread with the server and stop it on shutdown."""
+    engine, options = app.state.engine, app.state.options
+    serving = Serving(
+        engine=engine,
+        scheduler=Scheduler(engine, options.max_batch_size, options.gather_ms),
+        api_key=options.api_key,
+        models=served_models(engine),
+        max_context=context_length(engine),
+        defaults=replace(GenerationSettings.from_config(engine.cfg), seed=None),
+        check_tokenizer=copy.deepcopy(engine.tokenizer),
+    )
+    app.state.serving = serving
+    serving.scheduler.start()
+    try:
+        yield
+    finally:
+        serving.scheduler.stop()
+
+
+def get_serving(request: Request) -> Serving:
+    return request.app.state.serving
+
+
+ServingDep = Annotated[Serving, Depends(get_serving)]
+bearer = HTTPBearer(auto_error=False)
+
+
+def require_api_key(serving: ServingDep,
+                    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+    if not serving.api_key:
+        return
+    given = credentials.credentials.strip() if credentials else ""
+    if not hmac.compare_digest(given.encode(), serving.api_key.encode()):
+        raise APIError(401, "invalid or missing API key: send the header `Authorization: Bearer <key>`",
+                       code="invalid_api_key")
+
+
+# --- routes --------------------------------------------------------------------------------------
+router = APIRouter()
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+
+
+@router.get("/health")
+async def health(serving: ServingDep):
+    s = serving.scheduler
+    alive = s.is_alive()
+    body = {"status": "ok" if alive else "scheduler stopped", "served_models": len(serving.models),
+            "batches": s.batches, "requests": s.rows, "largest_batch": s.largest_batch, "cancelled": s.cancelled}
+    return JSONResponse(body, status_code=200 if alive else 503)
+
+
+def _model_card(serving: Serving, model: str) -> dict:
+    return {"id": model, "object": "model", "created": serving.created, "owned_by": "loralab"}
+
+
+@v1.get("/models")
+async def list_models(serving: ServingDep):
+    return {"object": "list", "data": [_model_card(serving, m) for m in serving.models]}
+
+
+@v1.get("/models/{model_id:path}")
+async def get_model(model_id: str, serving: ServingDep):
+    serving.adapter_of(model_id)  # 404 for an unknown id
+    return _model_card(serving, model_id)
+
+
+@v1.post("/chat/completions")
+async def chat_completions(req: ChatRequest, request: Request, serving: ServingDep):
+    adapter = serving.adapter_of(req.model)
+    messages = to_messages(req)
+    n_prompt = await run_in_threadpool(serving.prompt_tokens, messages)
+    asked = req.max_completion_tokens or req.max_tokens
+    max_new = asked or serving.defaults.max_new_tokens
+    limit = serving.max_context
+    if limit:
+        if n_prompt >= limit:
+            raise APIError(400, f"messages: the prompt has {n_prompt} tokens, but the model's context is {limit} "
+                           "tokens; shorten the conversation", param="messages", code="context_length_exceeded")
+        if asked and n_prompt + asked > limit:
+            param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+            raise APIError(400, f"{param}: prompt ({n_prompt} tokens) + {param} ({asked}) exceeds the model's "
+                           f"context of {limit} tokens", param=param, code="context_length_exceeded")
+        max_new = min(max_new, limit - n_prompt)  # the default shrinks to what fits
+    settings = settings_for(req, serving.defaults, max_new)
+    try:
+        settings.check()
+    except LoralabError as e:
+        raise APIError(400, str(e)) from None
+    request_id = uuid.uuid4().hex[:24]
+    job = Job(messages, settings, adapter, asyncio.get_running_loop(), streaming=bool(req.stream),
+              request_id=request_id)
+    serving.scheduler.submit(job)
+    base = {"id": f"chatcmpl-{request_id}", "created": int(time.time()), "model": req.model,
+            "system_fingerprint": None}
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        # Starlette cancels this generator when the client disconnects; its `finally` cancels the job.
+        return StreamingResponse(stream_events(job, base, include_usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return await collect(job, base, request)
+
+
 def _chunk(base: dict, delta: dict, finish_reason: str | None = None, with_usage: bool = False) -> str:
     """One chat.completion.chunk event; with stream_options.include_usage every chunk has usage: null."""
     body = dict(base, object="chat.completion.chunk",
@@ -337,166 +426,156 @@ def _finish(c: Completion) -> str:
     return "length" if c.finish_reason == "length" else "stop"
 
 
-def _server_error(e: BaseException) -> APIError:
+def generation_error(e: BaseException, request_id: str) -> APIError:
     if isinstance(e, LoralabError):
         return APIError(400, str(e))
-    return APIError(500, f"generation failed: {type(e).__name__}: {e}"[:500], type="server_error",
-                    code="generation_failed")
+    return APIError(500, f"generation failed (request id {request_id}; the server log has the details)",
+                    type="server_error", code="generation_failed")
 
 
-def create_app(engine: Engine, api_key: str | None = None, max_batch_size: int = 16, gather_ms: float = 10.0):
+async def stream_events(job: Job, base: dict, include_usage: bool):
+    try:
+        yield _chunk(base, {"role": "assistant", "content": ""}, with_usage=include_usage)
+        while True:
+            kind, value = await job.events.get()
+            if kind == "delta":
+                yield _chunk(base, {"content": value}, with_usage=include_usage)
+            elif kind == "done":
+                yield _chunk(base, {}, finish_reason=_finish(value), with_usage=include_usage)
+                if include_usage:
+                    yield sse(dict(base, object="chat.completion.chunk", choices=[], usage=usage_of(value)))
+                yield sse("[DONE]")
+                return
+            else:  # the headers are sent already: report the error in the stream, as OpenAI does
+                yield sse(generation_error(value, job.request_id).body())
+                return
+    finally:
+        job.cancel()  # done, or the client went away: either way the row can stop
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Returns when the client hangs up (the body is already read, so only http.disconnect comes)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def collect(job: Job, base: dict, request: Request):
+    """The whole reply of a non-streaming request; a disconnect cancels the job at once."""
+    reply = asyncio.ensure_future(job.events.get())
+    hangup = asyncio.ensure_future(wait_for_disconnect(request))
+    try:
+        await asyncio.wait({reply, hangup}, return_when=asyncio.FIRST_COMPLETED)
+        if not reply.done():  # nobody is listening any more
+            return Response(status_code=499)
+        kind, value = reply.result()
+        if kind == "error":
+            raise generation_error(value, job.request_id)
+        return dict(base, object="chat.completion", usage=usage_of(value), choices=[{
+            "index": 0, "message": {"role": "assistant", "content": value.text},
+            "logprobs": None, "finish_reason": _finish(value)}])
+    finally:
+        job.cancel()
+        reply.cancel()
+        hangup.cancel()
+
+
+# --- the app -------------------------------------------------------------------------------------
+def too_large(limit: int) -> APIError:
+    return APIError(413, f"request body is larger than this server's limit of {limit} bytes",
+                    code="request_too_large")
+
+
+class RequestSizeLimit:
+    """Refuse request bodies over `limit` bytes before they are parsed (pure ASGI middleware).
+
+    A Content-Length over the limit is answered at once, before a byte of the body is read; a body
+    without one (chunked) is counted as it arrives and refused when the count passes the limit.
+    (FastAPI's own `max_body_size` answers an oversized Content-Length in plain text, not in
+    OpenAI's error shape, and sits outside every middleware of ours.)
+    """
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await too_large(self.limit).response(headers={"Connection": "close"})(scope, receive, send)
+        received = 0
+
+        async def counting_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:  # raised into the body read: answered by on_http_error
+                raise StarletteHTTPException(413)
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+async def on_api_error(request: Request, e: APIError) -> Response:
+    return e.response()
+
+
+async def on_http_error(request: Request, e: StarletteHTTPException) -> Response:
+    if e.status_code == 413:
+        return too_large(request.app.state.options.max_request_bytes).response()
+    code = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+    return APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", code=code).response(
+        headers=getattr(e, "headers", None))
+
+
+async def on_invalid_request(request: Request, e: RequestValidationError) -> Response:
+    return describe_invalid(list(e.errors())).response()
+
+
+async def on_unexpected_error(request: Request, e: Exception) -> Response:
+    """A bug, not a client mistake: a 500 in OpenAI's shape, the traceback in the server log under an id."""
+    request_id = uuid.uuid4().hex[:12]
+    log.error("request %s: %s %s failed", request_id, request.method, request.url.path, exc_info=e)
+    return APIError(500, f"internal server error (request id {request_id}; the server log has the details)",
+                    type="server_error", code="internal_error").response()
+
+
+def create_app(engine: Engine, api_key: str | None = None, max_batch_size: int = 16, gather_ms: float = 10.0,
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
     """The FastAPI app serving `engine`; the scheduler thread runs while the app is up."""
     if max_batch_size < 1:
         raise LoralabError(f"--max-batch-size: got {max_batch_size}; expected a positive number")
-    models = [engine.base_name, *engine.adapter_names]
-    if len(set(models)) != len(models):
-        raise LoralabError(f"adapters: names must differ from each other and from the base model id, got {models}")
-    adapter_of = {engine.base_name: None} | {name: name for name in engine.adapter_names}
-    max_context = context_length(engine)
-    # The scheduler thread tokenizes inside the engine; requests are checked on the event loop with a
-    # private copy, because one fast tokenizer must not be used by two threads at once.
-    check_tokenizer = copy.deepcopy(engine.tokenizer)
-    defaults = replace(GenerationSettings.from_config(engine.cfg), seed=None)
-    created = int(time.time())
-    scheduler = Scheduler(engine, max_batch_size, gather_ms)
-
-    @asynccontextmanager
-    async def lifespan(app):
-        scheduler.start()
-        yield
-        scheduler.stop()
-
+    if max_request_bytes < 1:
+        raise LoralabError(f"--max-request-bytes: got {max_request_bytes}; expected a positive number of bytes")
+    served_models(engine)  # duplicate names fail now, not when the server starts
     app = FastAPI(title="loralab", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.scheduler = scheduler
-
-    @app.exception_handler(APIError)
-    async def _api_error(request, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, e):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-        return JSONResponse(APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}",
-                                     code=code).body(), status_code=e.status_code)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request, e):
-        return JSONResponse(APIError(400, str(e)[:500]).body(), status_code=400)
-
-    def check_key(request: Request) -> None:
-        if not api_key:
-            return
-        auth = request.headers.get("authorization", "")
-        scheme, _, given = auth.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
-            raise APIError(401, "invalid or missing API key: send the header `Authorization: Bearer <key>`",
-                           code="invalid_api_key")
-
-    @app.get("/health")
-    async def health():
-        alive = scheduler.thread.is_alive()
-        body = {"status": "ok" if alive else "scheduler stopped", "models": models,
-                "batches": scheduler.batches, "requests": scheduler.rows, "largest_batch": scheduler.largest_batch,
-                "cancelled": scheduler.cancelled}
-        return JSONResponse(body, status_code=200 if alive else 503)
-
-    @app.get("/v1/models", dependencies=[Depends(check_key)])
-    async def list_models():
-        return {"object": "list",
-                "data": [{"id": m, "object": "model", "created": created, "owned_by": "loralab"} for m in models]}
-
-    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(check_key)])
-    async def get_model(model_id: str):
-        if model_id not in adapter_of:
-            raise APIError(404, f"model: unknown model {model_id!r}; available: {', '.join(models)}",
-                           param="model", code="model_not_found")
-        return {"id": model_id, "object": "model", "created": created, "owned_by": "loralab"}
-
-    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
-    async def chat_completions(request: Request):
-        req = parse_request(await request.body())
-        if req.model not in adapter_of:
-            raise APIError(404, f"model: unknown model {req.model!r}; available: {', '.join(models)}",
-                           param="model", code="model_not_found")
-        messages = to_messages(req)
-        n_prompt = len(encode_prompt(check_tokenizer, with_default_system(messages, engine.cfg.default_system)))
-        asked = req.max_completion_tokens or req.max_tokens
-        max_new = asked or defaults.max_new_tokens
-        if max_context:
-            if n_prompt >= max_context:
-                raise APIError(400, f"messages: the prompt has {n_prompt} tokens, but the model's context is "
-                               f"{max_context} tokens; shorten the conversation", param="messages",
-                               code="context_length_exceeded")
-            if asked and n_prompt + asked > max_context:
-                raise APIError(400, f"max_tokens: prompt ({n_prompt} tokens) + max_tokens ({asked}) exceeds the "
-                               f"model's context of {max_context} tokens", param="max_tokens",
-                               code="context_length_exceeded")
-            max_new = min(max_new, max_context - n_prompt)  # the default shrinks to what fits
-        settings = settings_for(req, defaults, max_new)
-        try:
-            settings.check()
-        except LoralabError as e:
-            raise APIError(400, str(e)) from None
-        job = Job(messages, settings, adapter_of[req.model], asyncio.get_running_loop())
-        scheduler.submit(job)
-        base = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": req.model,
-                "system_fingerprint": None}
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(stream_events(job, base, include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await collect(job, base, request)
-
-    async def stream_events(job: Job, base: dict, include_usage: bool):
-        try:
-            yield _chunk(base, {"role": "assistant", "content": ""}, with_usage=include_usage)
-            while True:
-                kind, value = await job.events.get()
-                if kind == "delta":
-                    yield _chunk(base, {"content": value}, with_usage=include_usage)
-                elif kind == "done":
-                    yield _chunk(base, {}, finish_reason=_finish(value), with_usage=include_usage)
-                    if include_usage:
-                        yield sse(dict(base, object="chat.completion.chunk", choices=[], usage=usage_of(value)))
-                    yield sse("[DONE]")
-                    return
-                else:  # the headers are sent already: report the error in the stream, as OpenAI does
-                    yield sse(_server_error(value).body())
-                    return
-        finally:
-            job.cancelled = True  # done, or the client went away: either way the row can stop
-
-    async def collect(job: Job, base: dict, request: Request):
-        try:
-            while True:
-                try:
-                    kind, value = await asyncio.wait_for(job.events.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return JSONResponse({}, status_code=499)
-                    continue
-                if kind == "done":
-                    return dict(base, object="chat.completion", usage=usage_of(value), choices=[{
-                        "index": 0, "message": {"role": "assistant", "content": value.text},
-                        "logprobs": None, "finish_reason": _finish(value)}])
-                if kind == "error":
-                    raise _server_error(value)
-        finally:
-            job.cancelled = True
-
+    app.state.engine = engine
+    app.state.options = ServerOptions(api_key or None, max_batch_size, gather_ms, max_request_bytes)
+    app.add_middleware(RequestSizeLimit, limit=max_request_bytes)
+    app.include_router(router)
+    app.include_router(v1)
+    app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(RequestValidationError, on_invalid_request)
+    app.add_exception_handler(Exception, on_unexpected_error)
     return app
 
 
 def resolve_host_port(cfg: Config, host: str | None, port: int | None) -> tuple[str, int]:
     """Flag, else API_HOST / API_PORT (as in LLaMA-Factory), else the config (127.0.0.1:8000)."""
     host = host or os.environ.get("API_HOST") or cfg.api_host
-    raw_port = port if port is not None else os.environ.get("API_PORT") or cfg.api_port
+    if port is not None:
+        source, raw_port = "--port", port
+    elif os.environ.get("API_PORT"):
+        source, raw_port = "API_PORT", os.environ["API_PORT"]
+    else:
+        source, raw_port = "api_port", cfg.api_port
     try:
         port = int(raw_port)
         if not 0 < port < 65536:
             raise ValueError
     except ValueError:
-        raise LoralabError(f"API_PORT: expected a port number 1-65535, got {raw_port!r}") from None
+        raise LoralabError(f"{source}: expected a port number 1-65535, got {raw_port!r}") from None
     return host, port
 
 
@@ -512,16 +591,20 @@ def parse_adapter_flags(flags: list[str] | None) -> dict[str, str]:
 
 
 def serve(cfg: Config, host: str | None = None, port: int | None = None, api_key: str | None = None,
-          max_batch_size: int = 16) -> None:
+          max_batch_size: int = 16, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
     """Load the model and adapters once, then serve until Ctrl-C."""
     import uvicorn
 
     host, port = resolve_host_port(cfg, host, port)
     api_key = api_key or os.environ.get("API_KEY") or None
+    if max_batch_size < 1:
+        raise LoralabError(f"--max-batch-size: got {max_batch_size}; expected a positive number")
+    if max_request_bytes < 1:
+        raise LoralabError(f"--max-request-bytes: got {max_request_bytes}; expected a positive number of bytes")
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning("serving on %s without an API key: anyone who can reach this address can use the model", host)
     engine = Engine(cfg)
-    app = create_app(engine, api_key=api_key, max_batch_size=max_batch_size)
-    log.info("serving %s on http://%s:%d/v1 (models: %s)", cfg.model_name_or_path, host, port,
-             ", ".join([engine.base_name, *engine.adapter_names]))
+    app = create_app(engine, api_key=api_key, max_batch_size=max_batch_size, max_request_bytes=max_request_bytes)
+    log.info("serving %s on http://%s:%d/v1 (models: %s; request limit %d bytes)", cfg.model_name_or_path, host,
+             port, ", ".join([engine.base_name, *engine.adapter_names]), max_request_bytes)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

@@ -9,8 +9,9 @@ rendered exactly as in training. `Engine.generate` takes a list of conversations
 - greedy by default, so a prediction file is reproducible and batched output equals one-at-a-time
   output; sampling (temperature, top_p, top_k, repetition_penalty, seed) when asked;
 - stops on the template's stop tokens (`templates.stop_token_ids`) and on extra stop strings;
-- streams: `on_text(index, delta)` gets each row's new text as it appears; returning False cancels
-  that row.
+- streams: `on_text(index, delta)` gets each row's new text as it appears (called after every
+  decoding step for every live row, delta "" when nothing new is ready); returning False cancels
+  that row within that step.
 
 `infer_backend: vllm` runs the same interface on vLLM (CUDA only, optional extra `loralab[vllm]`).
 """
@@ -150,10 +151,13 @@ class _Rows:
                 continue  # the rest is streamed by `finish_row`
             if self.on_text is not None:
                 ready = text[: len(text) - _holdback(text, self.stops)]
+                delta = ""
                 if len(ready) > len(self.sent[r]) and ready.startswith(self.sent[r]):
                     delta, self.sent[r] = ready[len(self.sent[r]):], ready
-                    if self.on_text(self.index[r], delta) is False:
-                        self.finish[r], self.n_tokens[r] = "cancelled", step
+                # Called every step, with "" while text is held back, so a consumer that went away
+                # stops its row within one step.
+                if self.on_text(self.index[r], delta) is False:
+                    self.finish[r], self.n_tokens[r] = "cancelled", step
         done = [f is not None for f in self.finish]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
@@ -300,7 +304,8 @@ class Engine:
         END = object()
 
         def on_text(_: int, delta: str) -> bool:
-            deltas.put(delta)
+            if delta:
+                deltas.put(delta)
             return not stop.is_set()
 
         def work() -> None:

@@ -85,7 +85,14 @@ def with_default_system(messages: list[dict], default_system: str | None) -> lis
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as e:
+        # A template may refuse a conversation on purpose (`raise_exception("System role not
+        # supported")` in Gemma/Mistral templates): that is the user's message to fix, not a crash.
+        raise LoralabError(f"chat template: {e}") from None
 
 
 def encode_text(tokenizer, text: str) -> list[int]:
