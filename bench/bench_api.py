@@ -135,7 +135,7 @@ def main() -> None:
         import httpx
 
         health = wait_ready(url, proc)
-        served = health["models"][0]
+        served = httpx.get(url + "/v1/models").json()["data"][0]["id"]  # /health names no model (no paths)
         asyncio.run(run_level(url, served, 8, 4, args.max_tokens, 60))  # warm-up, not reported
         results = []
         for c in levels:

@@ -131,23 +131,61 @@ def test_sigint_during_a_reply_in_a_real_process(tiny_model):
 
 
 def test_oldest_turns_are_forgotten_when_the_context_is_full(engine):
-    from loralab.chat import ChatSession
+    from loralab.chat import ChatSession, fit_context
     from loralab.generate import GenerationSettings
 
-    session = ChatSession(engine, GenerationSettings(max_new_tokens=700), system="Be brief.")
+    system = "Be brief."
     turn = "apple banana " * 10  # ~40 tokens per turn with the tiny tokenizer: 12 turns do not fit
-    session.history = [{"role": r, "content": f"{i} {turn}"} for i in range(6) for r in ("user", "assistant")]
-    session.history.append(user("last question"))
-    assert session._fit_context() == 700
-    assert len(engine.prompt_ids(session.messages)) + 700 <= 1024
-    assert session.history[-1] == user("last question") and session.history[0]["role"] == "user"
-    assert 1 < len(session.history) < 13 and session.messages[0]["role"] == "system"
+    history = [{"role": r, "content": f"{i} {turn}"} for i in range(6) for r in ("user", "assistant")]
+    history.append(user("last question"))
+    kept, budget = fit_context(engine, system, history, 700)
+    assert budget == 700
+    assert len(engine.prompt_ids([{"role": "system", "content": system}, *kept])) + 700 <= 1024
+    assert kept[-1] == user("last question") and kept[0]["role"] == "user"
+    assert 1 < len(kept) < 13 and kept == history[len(history) - len(kept):]
     # A message that leaves less room than max_new_tokens gets a shorter reply budget ...
-    session.history = [user("apple banana " * 100)]
-    n_prompt = len(engine.prompt_ids(session.messages))
-    assert n_prompt + 700 > 1024 and session._fit_context() == 1024 - n_prompt
-    # ... and one that cannot fit at all is refused with a note; the session goes on.
-    session.history = []
+    long = [user("apple banana " * 100)]
+    n_prompt = len(engine.prompt_ids([{"role": "system", "content": system}, *long]))
+    assert n_prompt + 700 > 1024 and fit_context(engine, system, long, 700) == (long, 1024 - n_prompt)
+    # ... and one that cannot fit at all is refused with a note; the session and its history go on.
+    session = ChatSession(engine, GenerationSettings(max_new_tokens=700), system=system)
+    session.history = history[:2]
     note = io.StringIO()
     assert session.handle("word " * 1100, io.StringIO(), note)
-    assert "too long" in note.getvalue() and session.history == []
+    assert "too long" in note.getvalue() and session.history == history[:2]
+
+
+def test_a_template_that_refuses_the_conversation_is_one_line_and_the_session_goes_on(tiny_model, tmp_path):
+    """Gemma/Mistral-style templates raise_exception("System role not supported"): an error line, not a crash."""
+    import shutil
+
+    model = tmp_path / "no-system-model"
+    shutil.copytree(tiny_model, model)
+    template = model / "chat_template.jinja"
+    template.write_text("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                        "{% endif %}" + template.read_text())
+    proc = subprocess.run(
+        [str(LORALAB), "chat", f"model_name_or_path={model}", "max_new_tokens=4", "torch_threads=1"],
+        input=b"/system Be brief.\nhello\n/system\nhello\n", capture_output=True, timeout=120, env=env(),
+    )
+    err = proc.stderr.decode()
+    assert proc.returncode == 0, err[-2000:]
+    assert "error: chat template: System role not supported" in err and "Traceback" not in err
+    assert len(proc.stdout.decode().splitlines()) == 1  # the refused message got no reply, the next one did
+
+
+@pytest.mark.parametrize("redirect, message", [("0<&-", "stdin: closed"), (">&-", "stdout: closed")])
+def test_chat_with_a_closed_stdin_or_stdout_ends_with_one_line(tiny_model, redirect, message):
+    proc = subprocess.run(f"'{LORALAB}' chat model_name_or_path='{tiny_model}' {redirect}", shell=True,
+                          stderr=subprocess.PIPE, timeout=120, env=env(),
+                          stdin=subprocess.DEVNULL if redirect == ">&-" else None)
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and f"error: {message}" in err and "Traceback" not in err, err[-2000:]
+
+
+def test_reader_of_stdout_going_away_ends_the_session_quietly(tiny_model):
+    proc = subprocess.run(f"printf 'hi\\nhello\\nhey\\n' | '{LORALAB}' chat model_name_or_path='{tiny_model}' "
+                          "max_new_tokens=40 torch_threads=1 | head -c 1; exit ${PIPESTATUS[1]}", shell=True,
+                          executable="/bin/bash", capture_output=True, timeout=120, env=env())
+    err = proc.stderr.decode()
+    assert proc.returncode == 0 and "Traceback" not in err and "Error" not in err, err[-2000:]

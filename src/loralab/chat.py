@@ -11,10 +11,12 @@ line), so the command can be scripted: `printf 'hi\\n/clear\\nbye\\n' | loralab 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from dataclasses import replace
 from typing import TextIO
 
+from loralab.api import context_length
 from loralab.config import Config
 from loralab.errors import LoralabError
 from loralab.generate import Engine, GenerationSettings
@@ -38,31 +40,15 @@ class ChatSession:
         system = [{"role": "system", "content": self.system}] if self.system else []
         return system + self.history
 
-    def _fit_context(self) -> int:
-        """Forget the oldest turns while prompt + reply would not fit the model's context.
-
-        Returns the reply's token budget: max_new_tokens, or less when the new message alone leaves
-        less room. A message that does not fit at all is refused (LoralabError) and forgotten.
-        """
-        from loralab.api import context_length
-
-        limit = context_length(self.engine)
-        budget = self.settings.max_new_tokens
-        if not limit:
-            return budget
-        while (n_prompt := len(self.engine.prompt_ids(self.messages))) + budget > limit and len(self.history) > 1:
-            drop = 2 if len(self.history) > 2 else 1  # a user turn and its reply
-            self.history = self.history[drop:]
-            log.warning("conversation too long for the model's %d-token context: forgot the oldest turn", limit)
-        if n_prompt >= limit:
-            self.history = []
-            raise LoralabError(f"message: {n_prompt} tokens, too long for the model's {limit}-token context; not sent")
-        return min(budget, limit - n_prompt)
-
     def send(self, text: str, out: TextIO) -> str:
-        """Add a user message, stream the reply to `out`, return it. Ctrl-C stops the reply early."""
-        self.history.append({"role": "user", "content": text})
-        settings = replace(self.settings, max_new_tokens=self._fit_context())
+        """Add a user message, stream the reply to `out`, return it. Ctrl-C stops the reply early.
+
+        A message the model cannot take (too long for its context, refused by its chat template)
+        raises LoralabError and leaves the history as it was.
+        """
+        self.history, budget = fit_context(self.engine, self.system, [*self.history, {"role": "user", "content": text}],
+                                           self.settings.max_new_tokens)
+        settings = replace(self.settings, max_new_tokens=budget)
         parts: list[str] = []
         deltas = self.engine.stream(self.messages, settings, adapter=self.adapter)
         try:
@@ -71,9 +57,9 @@ class ChatSession:
                 out.write(delta)
                 out.flush()
         except KeyboardInterrupt:
-            deltas.close()  # stops the generation thread
             out.write(" [interrupted]")
         finally:
+            deltas.close()  # stops the generation thread (Ctrl-C, or `out` went away)
             out.write("\n")
             out.flush()
         reply = "".join(parts)
@@ -109,6 +95,27 @@ class ChatSession:
         return True
 
 
+def fit_context(engine: Engine, system: str | None, history: list[dict], max_new_tokens: int) -> tuple[list[dict], int]:
+    """Forget the oldest turns of `history` while prompt + reply would not fit the model's context.
+
+    Returns the history that fits and the reply's token budget: max_new_tokens, or less when the
+    last message alone leaves less room. A last message that does not fit at all is refused
+    (LoralabError). A chat template that refuses the conversation raises LoralabError too.
+    """
+    limit = context_length(engine)
+    prefix = [{"role": "system", "content": system}] if system else []
+    n_prompt = len(engine.prompt_ids(prefix + history))  # also where a template's raise_exception surfaces
+    if not limit:
+        return history, max_new_tokens
+    while n_prompt + max_new_tokens > limit and len(history) > 1:
+        history = history[2 if len(history) > 2 else 1:]  # a user turn and its reply
+        log.warning("conversation too long for the model's %d-token context: forgot the oldest turn", limit)
+        n_prompt = len(engine.prompt_ids(prefix + history))
+    if n_prompt >= limit:
+        raise LoralabError(f"message: {n_prompt} tokens, too long for the model's {limit}-token context; not sent")
+    return history, min(max_new_tokens, limit - n_prompt)
+
+
 def run(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextIO, interactive: bool) -> None:
     """The read-reply loop: a prompt per line on a terminal, bare replies when reading a pipe."""
     if interactive:
@@ -138,10 +145,20 @@ def run(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextIO, int
 def chat(cfg: Config, stdin: TextIO | None = None, stdout: TextIO | None = None) -> None:
     """`loralab chat`: load the model (and adapter) once, then talk until /exit or end of input."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    # Python sets sys.stdin/stdout to None when the descriptor was closed (`0<&-`, `>&-`).
+    if stdin is None:
+        raise LoralabError("stdin: closed; pipe messages in (printf 'hi\\n' | loralab chat ...) or run in a terminal")
+    if stdout is None:
+        raise LoralabError("stdout: closed; replies need somewhere to go (a terminal, a file or a pipe)")
     engine = Engine(cfg)
     adapter = engine.adapter_names[0] if engine.adapter_names else None
     if len(engine.adapter_names) > 1:
         log.info("several adapters loaded; chatting with the first: %s", adapter)
     # No system prompt of our own: the engine adds cfg.default_system to conversations without one.
     session = ChatSession(engine, GenerationSettings.from_config(cfg), adapter)
-    run(session, stdin, stdout, sys.stderr, interactive=stdin.isatty())
+    try:
+        run(session, stdin, stdout, sys.stderr, interactive=stdin.isatty())
+    except BrokenPipeError:
+        # The reader of our stdout went away (`loralab chat ... | head -1`): nobody to answer, end quietly.
+        # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stdout.fileno())

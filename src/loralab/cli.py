@@ -134,10 +134,16 @@ def train_cmd(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last complete checkpoint in output_dir.")] = False,
 ) -> None:
     """Fine-tune with LoRA (or full) on the train split, validated on the validation split."""
-    from loralab.train import train
+    from loralab import data
 
     cfg = config_from_args(args, overwrite_output_dir=True if overwrite else None,
                            resume_from_checkpoint=True if resume else None)
+    # A typo in the config or a missing data file fails here in about a second, before the
+    # 10-20 s of importing torch/transformers (reading the data twice costs far less).
+    data.load_conversations(cfg, "train")
+    data.load_conversations(cfg, "eval")
+    from loralab.train import train
+
     summary = train(cfg)
     if summary:  # only the main process of a multi-process run reports
         best = summary["best_eval_loss"]
@@ -279,11 +285,14 @@ def api(
         Optional[str], typer.Option("--api-key", help="Require Authorization: Bearer KEY on /v1 (default: API_KEY env).")
     ] = None,
     max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Requests generated together at most.")] = 16,
+    max_request_bytes: Annotated[
+        int, typer.Option("--max-request-bytes", help="Largest request body accepted (413 above it).")
+    ] = 1_000_000,
 ) -> None:
     """OpenAI-compatible server: /v1/models, /v1/chat/completions (streaming), /health; model = base or adapter."""
     from loralab import api as api_stage
 
-    api_stage.serve(_serving_config(args, adapter), host, port, api_key, max_batch_size)
+    api_stage.serve(_serving_config(args, adapter), host, port, api_key, max_batch_size, max_request_bytes)
 
 
 @app.command()

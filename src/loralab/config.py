@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -227,7 +228,7 @@ def parse_split(text: str) -> list[float]:
         parts = [float(p) for p in str(text).split(",")]
     except ValueError:
         parts = []
-    if len(parts) != 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
+    if len(parts) != 3 or not all(math.isfinite(p) and p >= 0 for p in parts) or sum(parts) <= 0:
         raise ValueError(f"expected three non-negative numbers train,val,test like 7000,2000,1000 or 0.7,0.2,0.1, got {text!r}")
     return parts
 

@@ -349,6 +349,8 @@ def prepare(source: str, output_dir: str | Path = "data", seed: int = 42, sample
             max_tokens: int | None = None, tokenizer: str | None = None, overwrite: bool = False) -> dict:
     """Clean, sample and split a source into NAME_{train,val,test}.json + NAME_manifest.json; returns the manifest."""
     out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise LoralabError(f"--output-dir: {out} is a file; expected a folder (new or existing) for the split files")
     files = {s: out / f"{name}_{s}.json" for s in SPLITS}
     manifest_path = out / f"{name}_manifest.json"
     if not overwrite:
@@ -386,8 +388,16 @@ def prepare(source: str, output_dir: str | Path = "data", seed: int = 42, sample
              where, len(records), format_name(spec), dropped["empty_output"], dropped["duplicate"],
              dropped["too_long"], max_tokens, len(keep))
 
+    if not keep:
+        raise LoralabError(f"{where}: no usable record ({len(records)} read; {dropped['empty_output']} without an "
+                           f"answer, {dropped['duplicate']} duplicates, {dropped['too_long']} over --max-tokens)")
     # Sample and split with our own seeded RNG (never the global one): same input + seed -> same bytes.
     sizes = split_sizes(split, sample, len(keep), where)
+    asked = parse_split(split)
+    empty = [s for s, size, part in zip(SPLITS, sizes, asked) if size == 0 and (part > 0 or s == "train")]
+    if empty:
+        raise LoralabError(f"--split {split}: the {' and '.join(empty)} split would be empty ({len(keep)} usable "
+                           "records); ask for more records per split or use fractions of a larger sample")
     order = list(keep)
     random.Random(seed).shuffle(order)
     chunks, start = {}, 0

@@ -191,6 +191,8 @@ def load_model(cfg: Config, *, for_training: bool = False):
 def read_adapter_base(adapter_path: str) -> str:
     """The base model an adapter folder was trained on (from its adapter_config.json)."""
     config_file = Path(adapter_path) / "adapter_config.json"
+    if not Path(adapter_path).exists():
+        raise LoralabError(f"adapter_name_or_path: {adapter_path} not found")
     if not config_file.is_file():
         raise LoralabError(f"adapter_name_or_path: {adapter_path} has no adapter_config.json (not a peft adapter folder)")
     try:
