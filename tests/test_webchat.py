@@ -71,23 +71,62 @@ def test_respond_streams_and_switches_models(engine):
         list(respond("word " * 900, [], "alpha", "", 0.0, 1.0, 500))
 
 
-def test_login_is_required_when_set(engine):
+def test_login_is_required_when_set_and_guessing_is_braked(engine):
+    import time
+
     import httpx
+
+    from loralab.webchat import LoginGuard, build_demo, launch
+
+    port = free_port()
+    demo = build_demo(engine)
+    launch(demo, "127.0.0.1", port, auth=LoginGuard("ada", "s3cret", max_failures=3, window_s=2.0, delay_s=0.2),
+           block=False)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.get(url + "/config").status_code in (401, 403)
+        with httpx.Client() as c:
+            assert c.post(url + "/login", data={"username": "ada", "password": "s3cret"}).status_code == 200
+            assert c.get(url + "/config").status_code == 200
+        # Guessing: failures are answered one at a time after a delay, then refused outright for a while.
+        t0 = time.perf_counter()
+        codes = [httpx.post(url + "/login", data={"username": "ada", "password": f"guess{i}"}).status_code
+                 for i in range(5)]
+        assert codes == [400, 400, 400, 429, 429] and time.perf_counter() - t0 >= 0.6
+        refused = httpx.post(url + "/login", data={"username": "ada", "password": "s3cret"})
+        assert refused.status_code == 429 and "too many failed logins" in refused.text
+        time.sleep(2.1)  # the window passes: the right password works again
+        assert httpx.post(url + "/login", data={"username": "ada", "password": "s3cret"}).status_code == 200
+    finally:
+        demo.close()
+
+
+def test_rejected_inputs_are_errors_in_the_page_without_a_traceback_in_the_log(engine, capfd):
+    """Gradio's API accepts any value: out-of-range sliders, unknown models, oversize conversations."""
+    from gradio_client import Client
 
     from loralab.webchat import build_demo, launch
 
     port = free_port()
     demo = build_demo(engine)
-    launch(demo, "127.0.0.1", port, auth=("ada", "s3cret"), block=False)
+    launch(demo, "127.0.0.1", port, block=False)
     try:
-        url = f"http://127.0.0.1:{port}"
-        assert httpx.get(url + "/config").status_code in (401, 403)
-        assert httpx.post(url + "/login", data={"username": "ada", "password": "wrong"}).status_code >= 400
-        with httpx.Client() as c:
-            assert c.post(url + "/login", data={"username": "ada", "password": "s3cret"}).status_code == 200
-            assert c.get(url + "/config").status_code == 200
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        base = engine.base_name
+        ok = client.predict("hello", base, "", 0.0, 1.0, 4, api_name="/respond")
+        assert isinstance(ok, str)
+        bad = [("hello", "nope", "", 0.0, 1.0, 4, "not in the list of choices"),
+               ("hello", base, "", 0.0, 1.0, -5, "less than minimum"),
+               ("hello", base, "", 7.0, 1.0, 4, "greater than maximum"),
+               ("hello", base, "", 0.0, 0.0, 4, "less than minimum"),
+               ("word " * 1100, base, "", 0.0, 1.0, 60, "context")]
+        for *args, expected in bad:
+            with pytest.raises(Exception, match=expected):
+                client.predict(*args, api_name="/respond")
     finally:
         demo.close()
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err, (out + err)[-3000:]
 
 
 def test_serve_refuses_half_a_login(engine, monkeypatch):

@@ -8,13 +8,17 @@ Gradio's analytics are off and the page uses system fonts, so nothing reaches th
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import logging
 import os
+import time
 from dataclasses import replace
 
 # Must be set before gradio is imported: no usage statistics, no version check.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+from loralab.api import context_length  # noqa: E402
 from loralab.config import Config  # noqa: E402
 from loralab.errors import LoralabError  # noqa: E402
 from loralab.generate import Engine, GenerationSettings  # noqa: E402
@@ -36,26 +40,58 @@ def history_to_messages(history: list[dict]) -> list[dict]:
     return out
 
 
-def make_respond(engine: Engine):
-    """The chat function: (message, history, model, system, temperature, top_p, max_new_tokens) -> text so far."""
+def rejected(message: str):
+    """A user mistake shown in the page; the server log gets no traceback for it."""
     import gradio as gr
 
-    from loralab.api import context_length
+    return gr.Error(message, print_exception=False)
 
+
+def quiet(component):
+    """`component`, with the values it refuses (a slider out of bounds, a choice not offered) reported
+    to the page without a server-side traceback, like our own refusals. Gradio's API accepts any
+    value, so these refusals are everyday client input, not server faults."""
+    import gradio as gr
+
+    check = component.preprocess
+
+    def preprocess(payload):
+        try:
+            return check(payload)
+        except gr.Error as e:
+            e.print_exception = False
+            raise
+
+    component.preprocess = preprocess
+    return component
+
+
+def make_respond(engine: Engine):
+    """The chat function: (message, history, model, system, temperature, top_p, max_new_tokens) -> text so far."""
     models = [engine.base_name, *engine.adapter_names]
     defaults = replace(GenerationSettings.from_config(engine.cfg), seed=None)
     limit = context_length(engine)
 
     def respond(message: str, history: list[dict], model: str, system: str, temperature: float, top_p: float,
                 max_new_tokens: float):
+        # The page only sends sane values, but Gradio's API takes anything: check what the engine relies on.
         if model not in models:
-            raise gr.Error(f"unknown model {model!r}; choose one of {', '.join(models)}")
-        messages = ([{"role": "system", "content": system.strip()}] if system and system.strip() else [])
-        messages += history_to_messages(history) + [{"role": "user", "content": message}]
-        settings = replace(defaults, max_new_tokens=int(max_new_tokens), do_sample=temperature > 0,
-                           temperature=temperature if temperature > 0 else defaults.temperature, top_p=top_p)
-        if limit and len(engine.prompt_ids(messages)) + settings.max_new_tokens > limit:
-            raise gr.Error(f"the conversation plus {settings.max_new_tokens} new tokens does not fit the model's "
+            raise rejected(f"unknown model {model!r}; choose one of {', '.join(models)}")
+        try:
+            settings = replace(defaults, max_new_tokens=int(max_new_tokens), do_sample=temperature > 0,
+                               temperature=temperature if temperature > 0 else defaults.temperature, top_p=top_p)
+            settings.check()
+            messages = ([{"role": "system", "content": system.strip()}] if system and system.strip() else [])
+            messages += history_to_messages(history) + [{"role": "user", "content": message}]
+            for m in messages:
+                m["content"].encode("utf-8")  # lone surrogates are not text
+            n_prompt = len(engine.prompt_ids(messages))
+        except LoralabError as e:
+            raise rejected(str(e)) from None
+        except (TypeError, ValueError, OverflowError, AttributeError) as e:
+            raise rejected(f"invalid input: {type(e).__name__}: {e}"[:300]) from None
+        if limit and n_prompt + settings.max_new_tokens > limit:
+            raise rejected(f"the conversation plus {settings.max_new_tokens} new tokens does not fit the model's "
                            f"{limit}-token context; clear the chat or lower max new tokens")
         text = ""
         try:
@@ -65,11 +101,42 @@ def make_respond(engine: Engine):
                 text += delta
                 yield text
         except LoralabError as e:
-            raise gr.Error(str(e)) from None
+            raise rejected(str(e)) from None
         if not text:
             yield ""
 
     return respond
+
+
+class LoginGuard:
+    """Gradio's login check with a brake on guessing: failed attempts are answered one at a time,
+    each after `delay_s`, and after `max_failures` failures within `window_s` every attempt gets a
+    429 until the oldest of them leaves the window."""
+
+    def __init__(self, username: str, password: str, max_failures: int = 5, window_s: float = 60.0,
+                 delay_s: float = 1.0):
+        self.username, self.password = username, password
+        self.max_failures, self.window_s, self.delay_s = max_failures, window_s, delay_s
+        self.failures: list[float] = []
+        self.lock = asyncio.Lock()
+
+    async def check(self, username: str, password: str) -> bool:
+        """Gradio's `auth` function (a coroutine function: Gradio awaits only those)."""
+        from fastapi import HTTPException
+
+        async with self.lock:
+            now = time.monotonic()
+            self.failures = [t for t in self.failures if now - t < self.window_s]
+            if len(self.failures) >= self.max_failures:
+                wait = int(self.failures[0] + self.window_s - now) + 1
+                raise HTTPException(429, f"too many failed logins; try again in {wait} s")
+            ok = hmac.compare_digest(username.encode(), self.username.encode()) & hmac.compare_digest(
+                password.encode(), self.password.encode())
+            if not ok:
+                self.failures.append(now)
+                log.warning("webchat: failed login for user %r", username[:40])
+                await asyncio.sleep(self.delay_s)
+            return ok
 
 
 def build_demo(engine: Engine):
@@ -79,21 +146,19 @@ def build_demo(engine: Engine):
     cfg = engine.cfg
     models = [engine.base_name, *engine.adapter_names]
     respond = make_respond(engine)
-    from loralab.api import context_length
-
     max_tokens_cap = min(4096, context_length(engine) or 4096)
     with gr.Blocks(title="loralab chat", fill_height=True) as demo:
         gr.Markdown(f"### loralab chat: `{engine.base_name}`")
         with gr.Row():
-            model = gr.Dropdown(models, value=models[-1] if engine.adapter_names else models[0],
-                                label="model (base or adapter)", scale=2, elem_id="model")
+            model = quiet(gr.Dropdown(models, value=models[-1] if engine.adapter_names else models[0],
+                                      label="model (base or adapter)", scale=2, elem_id="model"))
             system = gr.Textbox(cfg.default_system or "", label="system prompt", scale=3, elem_id="system")
         with gr.Row():
-            temperature = gr.Slider(0.0, 2.0, value=cfg.temperature if cfg.do_sample else 0.0, step=0.05,
-                                    label="temperature (0 = greedy)")
-            top_p = gr.Slider(0.05, 1.0, value=cfg.top_p, step=0.05, label="top_p")
-            max_new = gr.Slider(1, max_tokens_cap, value=min(cfg.max_new_tokens, max_tokens_cap), step=1,
-                                label="max new tokens")
+            temperature = quiet(gr.Slider(0.0, 2.0, value=cfg.temperature if cfg.do_sample else 0.0, step=0.05,
+                                          label="temperature (0 = greedy)"))
+            top_p = quiet(gr.Slider(0.05, 1.0, value=cfg.top_p, step=0.05, label="top_p"))
+            max_new = quiet(gr.Slider(1, max_tokens_cap, value=min(cfg.max_new_tokens, max_tokens_cap), step=1,
+                                      label="max new tokens"))
         gr.ChatInterface(
             respond,
             chatbot=gr.Chatbot(elem_id="chatbot", scale=1),
@@ -112,11 +177,11 @@ def theme():
     return gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 
 
-def launch(demo, host: str = "127.0.0.1", port: int = DEFAULT_PORT, auth: tuple[str, str] | None = None,
+def launch(demo, host: str = "127.0.0.1", port: int = DEFAULT_PORT, auth: LoginGuard | None = None,
            block: bool = True):
     """Serve the page; everything that would reach the internet (share links, SSR, MCP, PWA) is off."""
     return demo.launch(
-        server_name=host, server_port=port, auth=auth, share=False, ssr_mode=False, mcp_server=False, pwa=False,
+        server_name=host, server_port=port, auth=auth.check if auth else None, share=False, ssr_mode=False, mcp_server=False, pwa=False,
         enable_monitoring=False, inbrowser=False, show_error=True, quiet=True, prevent_thread_lock=not block,
         theme=theme(),
     )
@@ -130,9 +195,11 @@ def serve(cfg: Config, host: str | None = None, port: int | None = None, usernam
         raise LoralabError("--username/--password: give both (the password may come from WEBCHAT_PASSWORD), or neither")
     host = host or "127.0.0.1"
     port = port or DEFAULT_PORT
+    if not 0 < port < 65536:
+        raise LoralabError(f"--port: expected a port number 1-65535, got {port}")
     if host not in ("127.0.0.1", "localhost", "::1") and not username:
         log.warning("serving on %s without a login: anyone who can reach this address can use the model", host)
     engine = Engine(cfg)
     demo = build_demo(engine)
     log.info("web chat on http://%s:%d (models: %s)", host, port, ", ".join([engine.base_name, *engine.adapter_names]))
-    launch(demo, host, port, (username, password) if username else None)
+    launch(demo, host, port, LoginGuard(username, password) if username else None)
