@@ -383,3 +383,33 @@ def test_smollm2_adapter_names_builtin_base(tmp_path):
     assert config["base_model_name_or_path"] == "builtin:smollm2-135m-instruct"
     model, _ = load_model_and_tokenizer(load_config(None, {"adapter_name_or_path": str(out)}))
     assert type(model).__name__ == "PeftModelForCausalLM"
+
+
+class PoisonWeights(TrainerCallback):
+    """Make training diverge at a known step: a LoRA weight becomes NaN before that step runs."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 == self.step:
+            with torch.no_grad():
+                next(p for n, p in model.named_parameters() if "lora_A" in n).fill_(float("nan"))
+
+
+def test_divergence_stops_the_run_with_one_line_and_saves_no_nan(tiny_model, data_dir, tmp_path):
+    out = tmp_path / "diverged"
+    cfg = make_cfg(tiny_model, data_dir, out, max_steps=8, eval_steps=2, save_steps=2)
+    with pytest.raises(LoralabError, match=r"^step 3: training diverged: .*not? .*finite.*lower learning_rate"):
+        train(cfg, callbacks=[PoisonWeights(3)])
+    saved = sorted(out.rglob("*.safetensors"))
+    assert [p.parent.name for p in saved] == ["checkpoint-2"]  # from before the divergence; no final adapter
+    assert all(torch.isfinite(t).all() for p in saved for t in adapter_tensors(p.parent).values())
+
+    def no_constants(name):
+        raise AssertionError(f"metrics.jsonl holds {name}, which is not JSON")
+
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert lines and all(json.loads(line, parse_constant=no_constants) for line in lines)
+    assert train_mod.finite_or_none({"loss": float("nan"), "grad_norm": float("inf"), "step": 3}) == {
+        "loss": None, "grad_norm": None, "step": 3}

@@ -62,7 +62,7 @@ LLAMAFACTORY_IGNORED_KEYS = {
 class Config(BaseModel):
     """Every setting of every loralab command. Keys follow LLaMA-Factory where it has one."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # no inf/nan settings
 
     # --- model --------------------------------------------------------------------------------
     model_name_or_path: str = Field(

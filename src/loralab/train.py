@@ -299,6 +299,35 @@ class CompleteCheckpoints(TrainerCallback):
                 remove_checkpoint(old)
 
 
+class StopOnNonFinite(TrainerCallback):
+    """Stop the run with a one-line error once the loss, gradient norm or weights stop being finite.
+
+    Checked after every optimizer step (trainable weights) and every log (loss, grad_norm,
+    eval_loss), i.e. before the Trainer saves or picks a best checkpoint, so no NaN adapter is ever
+    written. The checkpoints from before are kept for a resume with a lower learning_rate.
+    """
+
+    HINT = "lower learning_rate (or raise warmup_steps / lower max_grad_norm); earlier checkpoints are kept"
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            for name, param in model.named_parameters():
+                if param.requires_grad and not bool(torch.isfinite(param).all()):
+                    raise LoralabError(f"step {state.global_step}: training diverged: weights of {name} are no "
+                                       f"longer finite (inf/nan); {self.HINT}")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "grad_norm", "eval_loss"):
+            value = (logs or {}).get(key)
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                raise LoralabError(f"step {state.global_step}: training diverged: {key} is {value}; {self.HINT}")
+
+
+def finite_or_none(record: dict) -> dict:
+    """JSON has no NaN/Infinity: a non-finite number is written as null, so every line stays strict JSON."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+
+
 class RunLog(TrainerCallback):
     """Main process: progress bar (step, loss, tokens/s, ETA), metrics.jsonl, validation log lines."""
 
@@ -350,7 +379,7 @@ class RunLog(TrainerCallback):
             log.info("step %d: validation loss %.4f, perplexity %.2f%s", state.global_step, logs["eval_loss"],
                      record["eval_perplexity"], " (best so far)" if logs["eval_loss"] <= best else f" (best {best:.4f})")
         with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(finite_or_none(record), allow_nan=False) + "\n")
         if self.bar is not None and self.last_loss is not None:
             postfix = {"loss": f"{self.last_loss:.4f}"}
             if self.tokens_per_s:
@@ -561,7 +590,9 @@ def _train(cfg: Config, callbacks: list | None) -> dict:
         train_dataset=train_examples,
         eval_dataset=eval_examples if has_eval else None,
         data_collator=PadCollator(tokenizer.pad_token_id, 8 if torch.cuda.is_available() else None),
-        callbacks=list(callbacks or []) + extra,  # the caller's first: they may act on a validation result
+        # The divergence check first (nothing may act on a NaN), then the caller's: they may act on a
+        # validation result.
+        callbacks=[StopOnNonFinite(), *(callbacks or [])] + extra,
         optimizers=optimizers,
         lengths=[len(e["input_ids"]) for e in train_examples],
         group_by_length=cfg.group_by_length,
