@@ -376,13 +376,18 @@ def main() -> None:
         log.debug("user error", exc_info=True)
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except click.exceptions.Exit as e:
+    # typer >= 0.26 carries its own copy of click (typer.Exit, typer.Abort, typer.TyperException);
+    # older ones raise click's own exceptions: a usage mistake is one message either way.
+    except (click.exceptions.Exit, typer.Exit) as e:
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, typer.Abort):
         typer.echo("aborted", err=True)
         sys.exit(130)
-    except click.ClickException as e:
-        e.show()
+    except (click.ClickException, typer.TyperException) as e:
+        if hasattr(e, "show"):
+            e.show()
+        else:
+            typer.echo(f"error: {e.format_message()}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

@@ -277,6 +277,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise LoralabError(f"{path}: config file not found")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise LoralabError(f"{path}: not a YAML text file (not UTF-8: byte {e.start})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
