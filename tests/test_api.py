@@ -601,6 +601,10 @@ def test_load_with_disconnecting_clients(server, engine):
 
     statuses: list[int] = []
     cancelled_before = httpx.get(server.url + "/health").json()["cancelled"]
+    t1 = time.perf_counter()
+    assert httpx.post(server.url + "/v1/chat/completions", json=J(max_tokens=4),
+                      headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    idle = time.perf_counter() - t1
 
     async def one(client, i):
         hang_up = i % 4 in (0, 1)  # half of the clients leave mid-reply: streaming (i % 4 == 0) or not (1)
@@ -639,5 +643,5 @@ def test_load_with_disconnecting_clients(server, engine):
     assert r.status_code == 200 and fresh < 2.0, f"fresh request took {fresh:.2f}s after the load"
     health = httpx.get(server.url + "/health").json()
     assert health["cancelled"] - cancelled_before >= 12  # 16 hung up; a row may also end on its own first
-    print(f"load: 32 requests from 16 clients in {took:.1f}s, fresh request {fresh * 1000:.0f} ms, "
-          f"{health['cancelled'] - cancelled_before} cancelled")
+    print(f"load: 32 requests from 16 clients in {took:.1f}s, fresh request {fresh * 1000:.0f} ms "
+          f"(idle server: {idle * 1000:.0f} ms), {health['cancelled'] - cancelled_before} cancelled")
