@@ -638,7 +638,8 @@ def test_load_with_disconnecting_clients(server, engine):
     assert statuses and all(s == 200 for s in statuses), statuses
     # The hung-up requests were cancelled, so a fresh request does not wait behind them.
     t1 = time.perf_counter()
-    r = httpx.post(server.url + "/v1/chat/completions", json=J(max_tokens=4), headers={"Authorization": f"Bearer {KEY}"})
+    r = httpx.post(server.url + "/v1/chat/completions", json=J(max_tokens=4),
+                   headers={"Authorization": f"Bearer {KEY}"})
     fresh = time.perf_counter() - t1
     assert r.status_code == 200 and fresh < 2.0, f"fresh request took {fresh:.2f}s after the load"
     health = httpx.get(server.url + "/health").json()

@@ -44,7 +44,8 @@ def inputs(tmp_path_factory) -> Path:
         "data/no-answers.json": json.dumps([{"instruction": f"q{i}", "input": "", "output": ""} for i in range(20)]),
         "data/bad-line.jsonl": '{"instruction": "a", "output": "b"}\n{oops\n',
         "data/unknown-format.json": json.dumps([{"question": "a", "reply": "b"}]),
-        "data/dataset_info.json": json.dumps({"good": {"file_name": "good.json"}, "broken": {"file_name": "gone.json"}}),
+        "data/dataset_info.json": json.dumps({"good": {"file_name": "good.json"},
+                                              "broken": {"file_name": "gone.json"}}),
         "bad-info/dataset_info.json": "{not json",
         "predictions.jsonl": '{"predict": "a"}\n',
         "out-file": "I am a file, not a folder\n",
@@ -175,7 +176,7 @@ def fresh_log_handler():
 def test_cli_bad_input_corpus(case, inputs, tiny_model, monkeypatch, capsys):
     from loralab import cli
 
-    name, args, env, status, expected = case
+    _, args, env, status, expected = case
     args = [a.format(d=inputs, model=tiny_model) for a in args]
     for key in ("API_KEY", "API_HOST", "API_PORT", "WEBCHAT_PASSWORD"):
         monkeypatch.delenv(key, raising=False)
@@ -204,6 +205,6 @@ def test_train_typo_fails_before_torch_is_imported(inputs):
     code = ("import sys; from loralab import cli; sys.argv = ['loralab', 'train', 'lora_rnk=8']\n"
             "try:\n    cli.main()\nexcept SystemExit as e:\n    print('torch' in sys.modules, e.code)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=inputs,
-                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)), check=False)
     assert proc.stdout.split() == ["False", "2"], proc.stderr[-2000:]
     assert "did you mean `lora_rank`" in proc.stderr and "Traceback" not in proc.stderr

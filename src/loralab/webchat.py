@@ -181,7 +181,8 @@ def launch(demo, host: str = "127.0.0.1", port: int = DEFAULT_PORT, auth: LoginG
            block: bool = True):
     """Serve the page; everything that would reach the internet (share links, SSR, MCP, PWA) is off."""
     return demo.launch(
-        server_name=host, server_port=port, auth=auth.check if auth else None, share=False, ssr_mode=False, mcp_server=False, pwa=False,
+        server_name=host, server_port=port, auth=auth.check if auth else None, share=False, ssr_mode=False,
+        mcp_server=False, pwa=False,
         enable_monitoring=False, inbrowser=False, show_error=True, quiet=True, prevent_thread_lock=not block,
         theme=theme(),
     )
