@@ -646,3 +646,22 @@ def test_load_with_disconnecting_clients(server, engine):
     assert health["cancelled"] - cancelled_before >= 12  # 16 hung up; a row may also end on its own first
     print(f"load: 32 requests from 16 clients in {took:.1f}s, fresh request {fresh * 1000:.0f} ms "
           f"(idle server: {idle * 1000:.0f} ms), {health['cancelled'] - cancelled_before} cancelled")
+
+
+def test_engine_stops_a_cancelled_row_within_one_step(engine):
+    """The scheduler's contract with the engine: on_text is asked after every decoding step (with "" while
+    text is held back), so a row whose client left stops after one more token at most."""
+    from loralab.generate import GenerationSettings
+
+    convs = [[{"role": "user", "content": f"Tell me a long story about {x}."}] for x in ("cats", "the sea")]
+    calls = []
+
+    def on_text(i, delta):
+        calls.append((i, delta))
+        return i != 0  # row 0's client is gone from the start
+
+    out = engine.generate(convs, GenerationSettings(max_new_tokens=40), batch_size=2, on_text=on_text)
+    assert out[0].finish_reason == "cancelled" and out[0].completion_tokens == 1
+    assert len([1 for i, _ in calls if i == 0]) == 1
+    # Row 1 was asked after every one of its tokens, not only when new text was ready to show.
+    assert len([1 for i, _ in calls if i == 1]) >= out[1].completion_tokens
