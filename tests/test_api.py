@@ -568,6 +568,16 @@ def test_a_bug_is_a_500_in_openai_shape_with_a_request_id(server, engine, monkey
     assert error["type"] == "server_error" and "request id" in error["message"]
     request_id = error["message"].split("request id ")[1].split(";")[0]
     assert any(request_id in rec.getMessage() and rec.exc_info for rec in caplog.records)
+    # A bug in the request handling itself goes through the app's catch-all handler, same shape.
+    import loralab.api
+
+    monkeypatch.setattr(loralab.api, "to_messages", broken)
+    r = httpx.post(server.url + "/v1/chat/completions", json=J(), headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 500 and r.headers["content-type"] == "application/json" and "Traceback" not in r.text
+    error = r.json()["error"]
+    assert error["type"] == "server_error" and error["code"] == "internal_error"
+    request_id = error["message"].split("request id ")[1].split(";")[0]
+    assert any(request_id in rec.getMessage() and rec.exc_info for rec in caplog.records)
 
 
 def test_a_template_that_refuses_a_conversation_is_a_400(tiny_model, tmp_path):
