@@ -18,19 +18,11 @@ import json
 import logging
 from pathlib import Path
 
-from loralab.config import Config, load_config
+from loralab.config import EVAL_KEYS, TRAIN_KEYS, Config, load_config
 from loralab.errors import LoralabError
 from loralab.runinfo import write_json
 
 log = logging.getLogger(__name__)
-
-# Keys that change what `loralab eval` produces but not the trained model.
-GENERATION_KEYS = {"infer_backend", "infer_batch_size", "max_new_tokens", "do_sample", "temperature", "top_p",
-                   "top_k", "repetition_penalty", "test_dataset"}
-# Keys that change neither (where things are written, serving, export).
-NEUTRAL_KEYS = {"output_dir", "overwrite_output_dir", "resume_from_checkpoint", "adapter_name_or_path", "adapters",
-                "api_host", "api_port", "export_dir", "torch_threads", "dataset_dir"}
-
 
 def fingerprint(values: dict) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -39,9 +31,9 @@ def fingerprint(values: dict) -> str:
 def stage_keys(cfg: Config, data_sha: str) -> dict[str, str]:
     """Fingerprints of what each stage depends on: data files -> train -> eval."""
     settings = cfg.model_dump(mode="json")
-    train_fp = fingerprint({"data": data_sha, **{k: v for k, v in settings.items()
-                                                 if k not in GENERATION_KEYS | NEUTRAL_KEYS}})
-    eval_fp = fingerprint({"train": train_fp, **{k: settings[k] for k in GENERATION_KEYS}})
+    # The split files' fingerprint stands for the folder they are in: moving the folder changes nothing.
+    train_fp = fingerprint({"data": data_sha, **{k: settings[k] for k in TRAIN_KEYS - {"dataset_dir"}}})
+    eval_fp = fingerprint({"train": train_fp, **{k: settings[k] for k in EVAL_KEYS}})
     return {"train": train_fp, "eval": eval_fp}
 
 

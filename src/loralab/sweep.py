@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import difflib
 import json
 import logging
 import math
@@ -31,19 +30,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from loralab import metrics as metrics_mod
 from loralab.runinfo import write_json
-from loralab.config import FIELDS, Config, build_config, load_config, read_yaml
+from loralab.config import (FIELDS, NOT_SEARCHABLE_KEYS, RESULT_NEUTRAL_KEYS, Config, build_config, did_you_mean,
+                            load_config, read_yaml)
 from loralab.errors import LoralabError
 
 log = logging.getLogger(__name__)
 
 # Keys that are not config fields but set one: lora_alpha = lora_alpha_ratio * lora_rank.
 DERIVED_KEYS = {"lora_alpha_ratio": "sets lora_alpha = lora_alpha_ratio * lora_rank"}
-# Keys a sweep owns (folders, resuming) or that would let selection see the test split.
-NOT_SEARCHABLE = {"output_dir", "overwrite_output_dir", "resume_from_checkpoint", "test_dataset",
-                  "adapter_name_or_path", "export_dir", "adapters", "api_host", "api_port"}
-# Base-config keys that may differ between workers of one sweep (they do not change results).
-NEUTRAL_KEYS = {"output_dir", "overwrite_output_dir", "resume_from_checkpoint", "torch_threads", "infer_batch_size",
-                "per_device_eval_batch_size"}
 SWEEP_FILE = "sweep.yaml"      # the resolved sweep (spec + base config) in the sweep folder
 JOURNAL_FILE = "optuna_journal.log"
 RESULTS_FILE = "sweep_results.json"
@@ -90,8 +84,7 @@ def _spec_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(key.split(".")[-1], list(SweepSpec.model_fields) + list(Range.model_fields), n=1)
-        hint = f"; did you mean `{close[0]}`?" if close else ""
+        hint = did_you_mean(key.split(".")[-1], [*SweepSpec.model_fields, *Range.model_fields])
         return f"{source}: unknown key `{key}`{hint}"
     got = first.get("input")
     shown = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
@@ -127,11 +120,10 @@ def _check_search_space(spec: SweepSpec, base_values: dict, source: str) -> None
         raise LoralabError(f"{source}: `search_space` is empty; expected at least one config key to vary")
     for key, space in spec.search_space.items():
         where = f"{source}: search_space.{key}"
-        if key in NOT_SEARCHABLE:
+        if key in NOT_SEARCHABLE_KEYS:
             raise LoralabError(f"{where}: `{key}` cannot be swept (the sweep sets it for each trial)")
         if key not in FIELDS and key not in DERIVED_KEYS:
-            close = difflib.get_close_matches(key, FIELDS + list(DERIVED_KEYS), n=1, cutoff=0.6)
-            hint = f"; did you mean `{close[0]}`?" if close else ""
+            hint = did_you_mean(key, [*FIELDS, *DERIVED_KEYS])
             raise LoralabError(f"{where}: unknown config key `{key}`{hint} (see `loralab config show --keys`)")
         if isinstance(space, Range):
             if spec.strategy == "grid":
@@ -184,8 +176,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
     _check_search_space(spec, values, str(path))
     if spec.objective != "eval_loss" and spec.objective not in metrics_mod.METRICS:
         choices = ["eval_loss", *metrics_mod.METRICS]
-        close = difflib.get_close_matches(spec.objective, choices, n=1)
-        hint = f"; did you mean `{close[0]}`?" if close else ""
+        hint = did_you_mean(spec.objective, choices)
         raise LoralabError(f"{path}: `objective`: unknown {spec.objective!r}{hint} (expected one of {', '.join(choices)})")
     if base.eval_dataset is None and base.val_size <= 0:
         raise LoralabError(f"{base_source}: the sweep selects on the validation split; set eval_dataset or val_size > 0")
@@ -569,7 +560,7 @@ def _check_same_sweep(sweep_dir: Path, resolved: dict) -> None:
     for key in ("base", "search_space", "strategy", "objective"):
         a, b = old.get(key), resolved.get(key)
         if key == "base" and isinstance(a, dict) and isinstance(b, dict):  # settings that do not change results
-            a, b = ({k: v for k, v in d.items() if k not in NEUTRAL_KEYS} for d in (a, b))
+            a, b = ({k: v for k, v in d.items() if k not in RESULT_NEUTRAL_KEYS} for d in (a, b))
         if a != b:
             raise LoralabError(f"{sweep_dir}: holds a different sweep (its `{key}` differs); "
                                "set output_dir to a new folder, or restore the original sweep file")
