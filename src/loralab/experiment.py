@@ -20,6 +20,7 @@ from pathlib import Path
 
 from loralab.config import EVAL_KEYS, TRAIN_KEYS, Config, load_config
 from loralab.errors import LoralabError
+from loralab.log import log_to_file
 from loralab.runinfo import write_json
 
 log = logging.getLogger(__name__)
@@ -38,15 +39,19 @@ def stage_keys(cfg: Config, data_sha: str) -> dict[str, str]:
 
 
 def run_experiment(path: str | None, overrides: list[str] | None = None, force: bool = False) -> dict:
-    from loralab import data, evaluate, train
-    from loralab.log import add_log_file
-
     cfg = load_config(path, overrides)
     if cfg.adapter_name_or_path:
         raise LoralabError("adapter_name_or_path: `loralab run` trains its own adapter; unset adapter_name_or_path")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    add_log_file(out / "experiment.log")
+    with log_to_file(out / "experiment.log"):
+        return run_stages(cfg, out, force)
+
+
+def run_stages(cfg: Config, out: Path, force: bool) -> dict:
+    """The four stages in the experiment folder `out`, each reused when its fingerprint matches."""
+    from loralab import data, evaluate, train
+
     stages_file = out / "stages.json"
     done = json.loads(stages_file.read_text()) if stages_file.is_file() else {}
 

@@ -14,6 +14,7 @@ what is ours is the data encoding, the batch order, the run folder and the user-
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -30,7 +31,7 @@ from transformers import TrainerCallback
 from loralab import models, runinfo
 from loralab.config import Config
 from loralab.errors import LoralabError
-from loralab.log import add_log_file
+from loralab.log import log_to_file
 from loralab.templates import encode_for_training, with_default_system
 
 log = logging.getLogger(__name__)
@@ -40,9 +41,6 @@ CHECKPOINT_PREFIX = "checkpoint-"
 COMPLETE_MARKER = "loralab_complete.json"
 # Files of a checkpoint that only the Trainer needs to resume (not part of the model/adapter itself).
 TRAINER_ONLY_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin", COMPLETE_MARKER)
-# Test hook: pause (sleep) before the completion marker of checkpoint-N is written, so a test can
-# SIGKILL the run "in the middle of saving" at a known point.
-PAUSE_ENV = "LORALAB_TEST_PAUSE_BEFORE_MARKER"
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -284,9 +282,6 @@ class CompleteCheckpoints(TrainerCallback):
         if not state.is_world_process_zero:
             return
         checkpoint = self.run_dir / f"{CHECKPOINT_PREFIX}{state.global_step}"
-        if os.environ.get(PAUSE_ENV) == str(state.global_step):
-            log.warning("%s=%s: pausing before marking %s complete", PAUSE_ENV, state.global_step, checkpoint)
-            time.sleep(3600)
         marker = {"step": state.global_step, "time": time.time()}
         tmp = checkpoint / (COMPLETE_MARKER + ".tmp")
         tmp.write_text(json.dumps(marker) + "\n")
@@ -372,10 +367,25 @@ class LoralabTrainer(transformers.Trainer):
         self.real_tokens = 0  # this process, this session: non-padding tokens
         self.padded_tokens = 0  # ... and tokens including padding
 
-    def _get_train_sampler(self, train_dataset=None):
-        if self.group_by_length:
-            return LengthGroupedSampler(self.lengths, self.args.per_device_train_batch_size, self.args.seed)
-        return super()._get_train_sampler(train_dataset)
+    def get_train_dataloader(self):
+        """Batches in our length-grouped order (the Trainer's public hook for a custom training loader).
+
+        transformers' own `train_sampling_strategy="group_by_length"` groups by batch x accumulation and
+        takes its order from the global RNG; ours depends only on (seed, epoch), so a resumed run sees
+        the same batches. The loader goes through accelerate like the Trainer's own (sharded under DDP)."""
+        if not self.group_by_length:
+            return super().get_train_dataloader()
+        args = self.args
+        loader = torch.utils.data.DataLoader(
+            self.train_dataset,
+            batch_size=args.per_device_train_batch_size,
+            sampler=LengthGroupedSampler(self.lengths, args.per_device_train_batch_size, args.seed),
+            collate_fn=self.data_collator,
+            num_workers=args.dataloader_num_workers,
+            pin_memory=args.dataloader_pin_memory,
+            drop_last=args.dataloader_drop_last,
+        )
+        return self.accelerator.prepare(loader)
 
     def training_step(self, model, inputs, *args, **kwargs):
         self.real_tokens += int(inputs["attention_mask"].sum())
@@ -470,18 +480,13 @@ def train(cfg: Config, callbacks: list | None = None) -> dict:
     `callbacks`: extra transformers TrainerCallbacks (e.g. Optuna pruning on the validation loss); they
     run before ours. Only the main process of a multi-process run returns the summary (others: {}).
     """
-    try:
-        return _train(cfg, callbacks)
-    finally:
-        # One process may train many times (sweeps, `loralab run`): this run's log file stops here.
-        log_file = os.path.abspath(Path(cfg.output_dir) / "train.log")
-        root = logging.getLogger()
-        for handler in [h for h in root.handlers if getattr(h, "baseFilename", None) == log_file]:
-            root.removeHandler(handler)
-            handler.close()
+    # The run's log file (RUN/train.log) is attached once the run folder is written to, and detached
+    # when this call returns: one process may train many times (sweeps, `loralab run`).
+    with contextlib.ExitStack() as run_log_file:
+        return _train(cfg, callbacks, run_log_file)
 
 
-def _train(cfg: Config, callbacks: list | None) -> dict:
+def _train(cfg: Config, callbacks: list | None, run_log_file: contextlib.ExitStack) -> dict:
     from accelerate import PartialState
     from transformers.trainer_callback import EarlyStoppingCallback, ProgressCallback
 
@@ -514,9 +519,12 @@ def _train(cfg: Config, callbacks: list | None) -> dict:
     model = build_model(cfg)
     trainable, total = count_params(model)
     dtype = models.pick_dtype(cfg)
+    facts = {"examples": {"train": len(train_examples), "eval": len(eval_examples)},
+             "overflow": {"train": train_counts, "eval": eval_counts},
+             "parameters": {"trainable": trainable, "total": total}}
 
     if is_main:  # the run folder describes itself from here on
-        add_log_file(run_dir / "train.log")
+        run_log_file.enter_context(log_to_file(run_dir / "train.log"))
         if logging.getLogger("loralab").getEffectiveLevel() > logging.INFO:  # called as a library: still log the run
             logging.getLogger("loralab").setLevel(logging.INFO)
         if resume_from is not None:
@@ -531,10 +539,7 @@ def _train(cfg: Config, callbacks: list | None) -> dict:
             log.warning("no validation data (eval_dataset unset/empty and val_size=0): the last step's model is kept")
         log.info("%s fine-tuning of %s: %s trainable of %s parameters (%.2f%%), %s", cfg.finetuning_type,
                  cfg.model_name_or_path, f"{trainable:,}", f"{total:,}", 100 * trainable / total, str(dtype).removeprefix("torch."))
-        runinfo.write_run_info(run_dir, cfg, tokenizer, finetuning_type=cfg.finetuning_type,
-                               examples={"train": len(train_examples), "eval": len(eval_examples)},
-                               overflow={"train": train_counts, "eval": eval_counts},
-                               parameters={"trainable": trainable, "total": total})
+        runinfo.write_run_info(run_dir, cfg, tokenizer, finetuning_type=cfg.finetuning_type, **facts)
         copy_manifests(cfg, run_dir)
     state.wait_for_everyone()
 
@@ -578,8 +583,16 @@ def _train(cfg: Config, callbacks: list | None) -> dict:
             "gradient_accumulation_steps to keep the effective batch), lower cutoff_len, or set gradient_checkpointing=true"
         ) from None
 
-    # 6. The final model at the top of the run folder: the best checkpoint by validation loss (loaded
-    #    back by the Trainer), else the last step's. save_model gathers sharded (DeepSpeed/FSDP) weights.
+    # 6. The final model, loss plots and the summary.
+    return finish_run(trainer, result, cfg, tokenizer, run_dir, is_main, resume_from, facts)
+
+
+def finish_run(trainer: LoralabTrainer, result, cfg: Config, tokenizer, run_dir: Path, is_main: bool,
+               resume_from: Path | None, facts: dict) -> dict:
+    """The final model at the top of the run folder: the best checkpoint by validation loss (loaded back
+    by the Trainer), else the last step's; then the loss plots and RUN/train_results.json (the summary).
+    save_model gathers sharded (DeepSpeed/FSDP) weights, so every process calls it; only the main process
+    writes the rest and returns the summary (others: {})."""
     st = trainer.state
     last_checkpoint = run_dir / f"{CHECKPOINT_PREFIX}{st.global_step}"
     trainer.save_model(str(run_dir))
@@ -612,9 +625,9 @@ def _train(cfg: Config, callbacks: list | None) -> dict:
         "best_eval_loss": best_loss,
         "best_eval_perplexity": math.exp(min(best_loss, 50.0)) if best_loss is not None else None,
         "train_loss": result.training_loss,
-        "examples": {"train": len(train_examples), "eval": len(eval_examples)},
-        "overflow": {"cutoff_len": cfg.cutoff_len, "mode": cfg.overflow, "train": train_counts, "eval": eval_counts},
-        "parameters": {"trainable": trainable, "total": total},
+        "examples": facts["examples"],
+        "overflow": {"cutoff_len": cfg.cutoff_len, "mode": cfg.overflow, **facts["overflow"]},
+        "parameters": facts["parameters"],
         "runtime_s": result.metrics.get("train_runtime"),
         "train_step_time_s": run_log.step_time,
         "tokens_seen": st.num_input_tokens_seen,
