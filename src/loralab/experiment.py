@@ -8,7 +8,7 @@ The data split is reused while its manifest matches the data settings; train and
 fingerprint of the settings they depend on in `stages.json`. Running the same experiment again reuses
 finished stages, and a stage whose settings changed is redone only with
 `--force` (nothing already computed is thrown away without asking). A training run that was killed is
-resumed from its last complete checkpoint.
+resumed from its last complete checkpoint, or started again when it had none.
 """
 
 from __future__ import annotations
@@ -72,8 +72,11 @@ def run_stages(cfg: Config, out: Path, force: bool) -> dict:
     else:
         if finished and not force:
             raise _changed("train", "model, data or training settings")
-        resuming = not force and run_dir.is_dir() and any(run_dir.glob("checkpoint-*"))
-        train_cfg = train_cfg.model_copy(update={"overwrite_output_dir": force, "resume_from_checkpoint": resuming or None})
+        # A training run of this experiment that was cut off resumes from its last complete checkpoint
+        # (the rule train and sweep use); without one there is nothing to keep and it starts over.
+        resuming = not force and run_dir.is_dir() and train.find_resume_checkpoint(run_dir) is not None
+        train_cfg = train_cfg.model_copy(update={"overwrite_output_dir": not resuming,
+                                                 "resume_from_checkpoint": resuming or None})
         log.info("stage 2/4 train: %s%s", run_dir, " (resuming)" if resuming else "")
         summary = train.train(train_cfg)
         done = _mark(stages_file, done, "train", keys["train"])
