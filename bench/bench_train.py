@@ -42,6 +42,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ALPACA = Path(os.environ.get("LORALAB_ALPACA", REPO.parent / "shared" / "data" / "alpaca_data_cleaned.json"))
+# The data file as the results record it: as given in LORALAB_ALPACA, else relative to the repo (no
+# absolute path of the machine that ran it).
+ALPACA_SHOWN = os.environ.get("LORALAB_ALPACA") or os.path.relpath(ALPACA, REPO)
 CONFIGS = {  # batch 8 = per_device_train_batch_size x gradient_accumulation_steps in both
     "baseline": {"group_by_length": False, "gradient_checkpointing": True, "per_device_train_batch_size": 8,
                  "gradient_accumulation_steps": 1},
@@ -200,7 +203,7 @@ def main() -> None:
     report = {
         "benchmark": "train",
         "model": args.model,
-        "data": {"source": source, "records": args.records, **stats},
+        "data": {"source": ALPACA_SHOWN if source == str(ALPACA) else source, "records": args.records, **stats},
         "settings": {"steps": args.steps, "batch_size": batch, "cutoff_len": args.cutoff, "lora_rank": 8,
                      "lora_target": "all", "threads": args.threads},
         "flops_formula": FORMULA,
