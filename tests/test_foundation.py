@@ -141,6 +141,15 @@ CONVERSATION = [
 ]
 
 
+def test_missing_extra_is_named_in_one_line(tmp_path):
+    # As if fastapi were not installed: `import fastapi` fails (a None entry in sys.modules).
+    script = "import sys; sys.modules['fastapi'] = None; sys.argv = ['loralab', 'api']; from loralab.cli import main; main()"
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1] == ("error: this command needs fastapi, which is not installed: "
+                                                   "pip install 'loralab[serve]'")
+
+
 def test_builtin_llama3_matches_meta_template(tiny_model):
     tokenizer = load_tokenizer(load_config(None, {"model_name_or_path": str(tiny_model)}))
     meta_train = tokenizer(render(tokenizer, CONVERSATION), add_special_tokens=False)["input_ids"]

@@ -32,6 +32,9 @@ app.add_typer(config_app, name="config")
 
 log = logging.getLogger("loralab")
 
+# Libraries of optional stages -> the extra of pyproject.toml that installs them.
+EXTRA_OF_MODULE = {"fastapi": "serve", "uvicorn": "serve", "gradio": "webchat", "optuna": "sweep", "sqlalchemy": "sweep"}
+
 ConfigArgs = Annotated[
     Optional[list[str]],
     typer.Argument(help="CONFIG.yaml (optional) followed by key=value overrides, e.g. lora_rank=16."),
@@ -378,6 +381,12 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except ModuleNotFoundError as e:  # an optional stage whose extra is not installed
+        extra = EXTRA_OF_MODULE.get((e.name or "").split(".")[0])
+        if extra is None:
+            raise
+        typer.echo(f"error: this command needs {e.name}, which is not installed: pip install 'loralab[{extra}]'", err=True)
+        sys.exit(2)
     sys.exit(rc if isinstance(rc, int) else 0)
 
 
