@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from loralab import sweep
+from loralab import sweep, sweep_workers
 from loralab.errors import LoralabError
 
 
@@ -64,7 +64,7 @@ def test_sweep_file_base_path_and_ranges(tmp_path):
     spec, base, out = sweep.load_sweep(path, ["seed=7"])
     assert base.lora_rank == 16 and base.seed == 7 and out == Path("runs/sweep_sweep")
     assert sweep.direction(spec) == "minimize" and sweep.budget(spec) == 3
-    assert sweep._apply(base.model_dump(), {"lora_alpha_ratio": 2})["lora_alpha"] == 32
+    assert sweep.apply_params(base.model_dump(), {"lora_alpha_ratio": 2})["lora_alpha"] == 32
 
 
 # --- Optuna plumbing with a stand-in for training -----------------------------------------------------
@@ -137,16 +137,16 @@ def test_random_budget_and_dead_worker_requeued(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     trial = study.ask()
-    params = sweep._suggest(trial, spec)
+    params = sweep.suggest_params(trial, spec)
     trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": dead.pid, "started": 0.0})
 
     fake = FakeTrain()
     sweep.run_sweep(path, trials_only=True, train_fn=fake)
     trials = study_of(path).get_trials()
     assert trials[0].state.name == "FAIL" and "died" in trials[0].user_attrs["error"]
-    retry = [t for t in trials if t.user_attrs.get("retry_of") == 0]
+    retry = [t for t in trials if sweep_workers.retry_of(t) == 0]
     assert len(retry) == 1 and retry[0].params == params and retry[0].state.name == "COMPLETE"
-    counted = sweep.counted_trials(trials)
+    counted = sweep_workers.counted_trials(trials)
     assert len(counted) == 3 and all(t.state.name == "COMPLETE" for t in counted) and len(fake.ran) == 3
 
 
@@ -226,7 +226,7 @@ def _run_workers(cmd, n=2, timeout=150) -> list[subprocess.CompletedProcess]:
 
 def check_no_trial_lost_or_doubled(study, grid: set) -> list:
     trials = study.get_trials()
-    counted = sweep.counted_trials(trials)
+    counted = sweep_workers.counted_trials(trials)
     assert all(t.state.name == "COMPLETE" for t in counted), [(t.number, t.state.name, t.user_attrs.get("error")) for t in counted]
     points = [tuple(sorted(t.params.items())) for t in counted]
     assert len(points) == len(set(points)) and set(points) == grid  # every grid point exactly once
@@ -258,7 +258,7 @@ def test_killed_worker_then_two_workers_resume_on_journal_file(tmp_path, tiny_mo
     trials = study.get_trials()
     killed = trials[0]
     assert killed.state.name == "FAIL" and "died" in killed.user_attrs["error"]
-    assert [t.params for t in trials if t.user_attrs.get("retry_of") == 0] == [killed.params]
+    assert [t.params for t in trials if sweep_workers.retry_of(t) == 0] == [killed.params]
     check_no_trial_lost_or_doubled(study, GRID_POINTS)
 
 
@@ -316,7 +316,7 @@ def test_two_workers_share_a_postgres_sweep(tmp_path, tiny_model, demo_data, pos
     counted = check_no_trial_lost_or_doubled(study, GRID_POINTS)
     workers = {t.user_attrs["worker"]["pid"] for t in counted}
     assert len(workers) == 2, "both workers should have run trials"
-    assert not (sweep_dir / sweep.JOURNAL_FILE).exists()  # the shared database, not the local file
+    assert not (sweep_dir / sweep_workers.JOURNAL_FILE).exists()  # the shared database, not the local file
     assert "***" not in postgres_url and "postgres@127.0.0.1" in (sweep_dir / "sweep.yaml").read_text()
 
 
@@ -332,7 +332,7 @@ def test_base_config_is_the_first_trial_when_it_lies_in_the_space(tmp_path):
     assert fake.ran[0] == (8, 1e-3) and len(fake.ran) == 3
     assert next(r for r in rows if r["trial"] == 0)["note"] == "base config"
     trial0 = study_of(path).get_trials()[0]
-    assert sweep._same_as_base(trial0.params, base)
+    assert sweep.same_as_base(trial0.params, base)
     # outside the space (rank 16): no base trial; the base config is trained as its own run at the end
     spec16 = spec.model_copy(update={"search_space": {"lora_rank": [4, 8]}})
     assert sweep.base_params(spec16, base.model_copy(update={"lora_rank": 16})) is None
