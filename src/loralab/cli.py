@@ -18,6 +18,7 @@ from loralab import __version__
 from loralab.config import Config, config_to_yaml, describe_fields, load_config
 from loralab.errors import LoralabError
 from loralab.log import setup_logging
+from loralab.runinfo import write_json
 
 app = typer.Typer(
     name="loralab",
@@ -234,7 +235,6 @@ def compare(
     from pathlib import Path
 
     from loralab import evaluate
-    from loralab.runinfo import write_json
 
     result = evaluate.compare_evaluations(run_a, run_b, n_boot=n_boot, seed=seed)
     typer.echo(f"B = {run_b} vs A = {run_a}: {result['n_samples']} samples")

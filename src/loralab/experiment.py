@@ -18,6 +18,7 @@ import json
 import logging
 from pathlib import Path
 
+from loralab import data, evaluate, report, train
 from loralab.config import EVAL_KEYS, TRAIN_KEYS, Config, load_config
 from loralab.errors import LoralabError
 from loralab.log import log_to_file
@@ -50,8 +51,6 @@ def run_experiment(path: str | None, overrides: list[str] | None = None, force: 
 
 def run_stages(cfg: Config, out: Path, force: bool) -> dict:
     """The four stages in the experiment folder `out`, each reused when its fingerprint matches."""
-    from loralab import data, evaluate, train
-
     stages_file = out / "stages.json"
     done = json.loads(stages_file.read_text()) if stages_file.is_file() else {}
 
@@ -96,8 +95,6 @@ def run_stages(cfg: Config, out: Path, force: bool) -> dict:
         done = _mark(stages_file, done, "eval", keys["eval"])
 
     # 4. Report: metric table with CIs, loss curves, example predictions.
-    from loralab import report
-
     report_path = report.write_report(out)
     log.info("stage 4/4 report: %s", report_path)
     table = evaluate.format_comparison_table(comparison)

@@ -28,7 +28,7 @@ import torch
 import transformers
 from transformers import TrainerCallback
 
-from loralab import models, runinfo
+from loralab import data, models, runinfo
 from loralab.config import Config
 from loralab.errors import LoralabError
 from loralab.log import log_to_file
@@ -503,8 +503,6 @@ def _train(cfg: Config, callbacks: list | None, run_log_file: contextlib.ExitSta
 
     # 2. Tokenizer with the run's chat template, and the data encoded through the one template path.
     tokenizer = models.load_tokenizer(cfg)
-    from loralab import data
-
     train_examples, train_counts = encode_split(tokenizer, data.load_conversations(cfg, "train"), cfg)
     eval_examples, eval_counts = encode_split(tokenizer, data.load_conversations(cfg, "eval"), cfg)
     if not train_examples:
