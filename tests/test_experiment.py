@@ -11,8 +11,9 @@ from loralab.experiment import run_experiment
 
 
 def run(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "loralab.cli", "run", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "loralab.cli", "run", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +78,15 @@ def test_cut_off_training_resumes_only_from_a_complete_checkpoint(tiny_model, tm
         raise TrainCalled
 
     monkeypatch.setattr(train, "train", record)
-    values = {"model_name_or_path": str(tiny_model), "data_source": "builtin:demo", "data_sample": 30,
-              "data_split": "20,5,5", "data_name": "demo", "dataset_dir": str(tmp_path / "data"),
-              "output_dir": str(tmp_path / "exp")}
+    values = {
+        "model_name_or_path": str(tiny_model),
+        "data_source": "builtin:demo",
+        "data_sample": 30,
+        "data_split": "20,5,5",
+        "data_name": "demo",
+        "dataset_dir": str(tmp_path / "data"),
+        "output_dir": str(tmp_path / "exp"),
+    }
     overrides = [f"{k}={v}" for k, v in values.items()]
     half = tmp_path / "exp" / "train" / "checkpoint-2"
     half.mkdir(parents=True)

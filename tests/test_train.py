@@ -14,9 +14,9 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
+from loralab import train as train_mod
 from loralab.config import load_config
 from loralab.errors import LoralabError
-from loralab import train as train_mod
 from loralab.train import LengthGroupedSampler, encode_split, padding_efficiency, train
 
 MULTI_TURN = [{"conversations": [
@@ -118,7 +118,8 @@ def test_trainer_receives_masked_labels(request, fixture, closer, data_dir, tmp_
     multi = next(t for t in texts if "It is 4." in t)
     assert "It is 6." in multi and multi.count(closer) == 2  # both assistant turns, each closed
     for text in texts:
-        assert text.rstrip("\n").endswith(closer) and "Say number" not in text and "What is" not in text and "user" not in text
+        assert text.rstrip("\n").endswith(closer)
+        assert "Say number" not in text and "What is" not in text and "user" not in text
 
 
 def test_run_folder_best_and_last(lora_run, data_dir):
@@ -202,7 +203,8 @@ def test_overflow_counts(tiny_model, data_dir):
     kept, counts = encode_split(tokenizer, convs, make_cfg(tiny_model, data_dir, "x", cutoff_len=cutoff))
     assert counts["truncated"] + counts["no_labels"] == over and all(len(e["input_ids"]) <= cutoff for e in kept)
     assert counts["truncated"] > 0 and len(kept) == len(convs) - counts["no_labels"]
-    kept, counts = encode_split(tokenizer, convs, make_cfg(tiny_model, data_dir, "x", cutoff_len=cutoff, overflow="drop"))
+    dropping = make_cfg(tiny_model, data_dir, "x", cutoff_len=cutoff, overflow="drop")
+    kept, counts = encode_split(tokenizer, convs, dropping)
     assert counts["dropped_too_long"] == over and len(kept) == len(convs) - over
 
 
@@ -308,7 +310,8 @@ def cli(*args, env=None, **kw):
 def cli_args(model, data_dir, out, **kw):
     cfg = make_cfg(model, data_dir, out, **kw)
     keys = ("model_name_or_path", "dataset_dir", "dataset", "eval_dataset", "output_dir", "max_steps", "eval_steps",
-            "logging_steps", "per_device_train_batch_size", "learning_rate", "torch_threads", "seed", "save_total_limit")
+            "logging_steps", "per_device_train_batch_size", "learning_rate", "torch_threads", "seed",
+            "save_total_limit")
     return [f"{k}={getattr(cfg, k)}" for k in keys]
 
 

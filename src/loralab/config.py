@@ -228,7 +228,8 @@ def parse_split(text: str) -> list[float]:
     except ValueError:
         parts = []
     if len(parts) != 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
-        raise ValueError(f"expected three non-negative numbers train,val,test like 7000,2000,1000 or 0.7,0.2,0.1, got {text!r}")
+        raise ValueError("expected three non-negative numbers train,val,test like 7000,2000,1000 or 0.7,0.2,0.1, "
+                         f"got {text!r}")
     return parts
 
 
@@ -293,7 +294,8 @@ def describe_validation_error(err: ValidationError, source: str) -> str:
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
         return f"{source}: unknown key `{key}`{did_you_mean(key, FIELDS)} (see `loralab config show` for all keys)"
-    if first["type"].startswith(("float_", "int_")) or first["type"] in ("literal_error", "bool_parsing", "string_type"):
+    kind = first["type"]
+    if kind.startswith(("float_", "int_")) or kind in ("literal_error", "bool_parsing", "string_type"):
         return f"{source}: `{key}` {msg.lower()}, got {got!r}"
     return f"{source}: `{key}`: {msg}" + (f" (got {got!r})" if got is not None and not isinstance(got, dict) else "")
 

@@ -26,6 +26,7 @@ from loralab.runinfo import write_json
 
 log = logging.getLogger(__name__)
 
+
 def fingerprint(values: dict) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -74,8 +75,9 @@ def run_stages(cfg: Config, out: Path, force: bool) -> dict:
         # A training run of this experiment that was cut off resumes from its last complete checkpoint
         # (the rule train and sweep use); without one there is nothing to keep and it starts over.
         resuming = not force and run_dir.is_dir() and train.find_resume_checkpoint(run_dir) is not None
-        train_cfg = train_cfg.model_copy(update={"overwrite_output_dir": not resuming,
-                                                 "resume_from_checkpoint": resuming or None})
+        train_cfg = train_cfg.model_copy(
+            update={"overwrite_output_dir": not resuming, "resume_from_checkpoint": resuming or None}
+        )
         log.info("stage 2/4 train: %s%s", run_dir, " (resuming)" if resuming else "")
         summary = train.train(train_cfg)
         done = _mark(stages_file, done, "train", keys["train"])
@@ -90,16 +92,22 @@ def run_stages(cfg: Config, out: Path, force: bool) -> dict:
         if done.get("eval") and not force:
             raise _changed("eval", "generation settings")
         log.info("stage 3/4 eval: base and tuned on %s", cfg.test_dataset)
-        comparison = evaluate.evaluate_models(cfg, {"base": None, "tuned": str(run_dir)}, split="test",
-                                              out_dir=eval_dir, overwrite=True)
+        comparison = evaluate.evaluate_models(
+            cfg, {"base": None, "tuned": str(run_dir)}, split="test", out_dir=eval_dir, overwrite=True
+        )
         done = _mark(stages_file, done, "eval", keys["eval"])
 
     # 4. Report: metric table with CIs, loss curves, example predictions.
     report_path = report.write_report(out)
     log.info("stage 4/4 report: %s", report_path)
     table = evaluate.format_comparison_table(comparison)
-    return {"output_dir": str(out), "train": summary, "comparison": comparison, "report": str(report_path),
-            "table": table}
+    return {
+        "output_dir": str(out),
+        "train": summary,
+        "comparison": comparison,
+        "report": str(report_path),
+        "table": table,
+    }
 
 
 def _mark(stages_file: Path, done: dict, stage: str, key: str) -> dict:

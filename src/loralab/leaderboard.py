@@ -37,17 +37,30 @@ def leaderboard_rows(study, objective: str, direction: str, keys: list[str]) -> 
         if t.state == TrialState.PRUNED and t.intermediate_values:
             last = max(t.intermediate_values)
             train = {**train, "pruned_at_step": last, "last_eval_loss": sign * t.intermediate_values[last]}
-        rows.append({
-            "trial": t.number, "state": t.state.name.lower(), column: value,
-            **{k: t.params.get(k) for k in keys},
-            "best_eval_loss": train.get("best_eval_loss", train.get("last_eval_loss")),
-            "best_step": train.get("best_step"), "steps": train.get("steps"),
-            "tokens_per_s": train.get("tokens_per_s"), "runtime_s": train.get("runtime_s"),
-            "run_dir": t.user_attrs.get("run_dir"), "error": t.user_attrs.get("error"),
-            "note": "; ".join(n for n in ("base config" if t.user_attrs.get("base_config") else "",
-                                          f"retry of trial {retry_of(t)}" if retry_of(t) is not None else "")
-                              if n) or None,
-        })
+        rows.append(
+            {
+                "trial": t.number,
+                "state": t.state.name.lower(),
+                column: value,
+                **{k: t.params.get(k) for k in keys},
+                "best_eval_loss": train.get("best_eval_loss", train.get("last_eval_loss")),
+                "best_step": train.get("best_step"),
+                "steps": train.get("steps"),
+                "tokens_per_s": train.get("tokens_per_s"),
+                "runtime_s": train.get("runtime_s"),
+                "run_dir": t.user_attrs.get("run_dir"),
+                "error": t.user_attrs.get("error"),
+                "note": "; ".join(
+                    n
+                    for n in (
+                        "base config" if t.user_attrs.get("base_config") else "",
+                        f"retry of trial {retry_of(t)}" if retry_of(t) is not None else "",
+                    )
+                    if n
+                )
+                or None,
+            }
+        )
     order = {"complete": 0, "pruned": 1, "running": 2, "waiting": 3, "fail": 4}
     rows.sort(key=lambda r: (order.get(r["state"], 5), sign * r[column] if r[column] is not None else 0.0, r["trial"]))
     for rank, r in enumerate(rows, 1):
@@ -65,7 +78,19 @@ def _fmt(v: Any) -> str:
 
 def leaderboard_table(rows: list[dict], objective: str, keys: list[str], markdown: bool = False) -> str:
     column = objective_column(objective)
-    cols = ["rank", "trial", "state", column, *keys, "best_eval_loss", "steps", "tokens_per_s", "runtime_s", "note", "error"]
+    cols = [
+        "rank",
+        "trial",
+        "state",
+        column,
+        *keys,
+        "best_eval_loss",
+        "steps",
+        "tokens_per_s",
+        "runtime_s",
+        "note",
+        "error",
+    ]
     header = [("val_" + objective) if c == column else c for c in cols]
     cells = [[_fmt(r.get(c))[:60] for c in cols] for r in rows]
     if markdown:
@@ -84,12 +109,19 @@ def trials_json(study) -> list[dict]:
 
     out = []
     for t in study.get_trials(deepcopy=False):
-        out.append({"number": t.number, "state": t.state.name, "value": t.value if t.values else None,
-                    "params": t.params, "distributions": {k: distribution_to_json(d) for k, d in t.distributions.items()},
-                    "intermediate_values": {str(k): v for k, v in t.intermediate_values.items()},
-                    "user_attrs": t.user_attrs,
-                    "datetime_start": t.datetime_start.isoformat() if t.datetime_start else None,
-                    "datetime_complete": t.datetime_complete.isoformat() if t.datetime_complete else None})
+        out.append(
+            {
+                "number": t.number,
+                "state": t.state.name,
+                "value": t.value if t.values else None,
+                "params": t.params,
+                "distributions": {k: distribution_to_json(d) for k, d in t.distributions.items()},
+                "intermediate_values": {str(k): v for k, v in t.intermediate_values.items()},
+                "user_attrs": t.user_attrs,
+                "datetime_start": t.datetime_start.isoformat() if t.datetime_start else None,
+                "datetime_complete": t.datetime_complete.isoformat() if t.datetime_complete else None,
+            }
+        )
     return out
 
 
@@ -102,7 +134,9 @@ def param_importance(study, keys: list[str]) -> dict:
     out: dict[str, Any] = {"n_complete": len(done), "spread": {}}
     for key in keys:
         groups: dict[str, list[float]] = {}
-        numeric = all(isinstance(t.params.get(key), (int, float)) and not isinstance(t.params.get(key), bool) for t in done)
+        numeric = all(
+            isinstance(t.params.get(key), (int, float)) and not isinstance(t.params.get(key), bool) for t in done
+        )
         values = sorted({t.params[key] for t in done if key in t.params}, key=lambda v: (str(type(v)), v))
         if numeric and len(values) > 3:  # bin a continuous parameter into low / middle / high thirds
             edges = [values[len(values) * i // 3] for i in (1, 2)]
@@ -115,7 +149,10 @@ def param_importance(study, keys: list[str]) -> dict:
                 v = t.params.get(key)
                 groups.setdefault(f"{v:.4g}" if isinstance(v, float) else str(v), []).append(t.value)
         means = {g: sum(v) / len(v) for g, v in groups.items()}
-        out["spread"][key] = {"groups": means, "spread": (max(means.values()) - min(means.values())) if len(means) > 1 else 0.0}
+        out["spread"][key] = {
+            "groups": means,
+            "spread": (max(means.values()) - min(means.values())) if len(means) > 1 else 0.0,
+        }
     if len(done) >= 4 and len([k for k in keys if len({str(t.params.get(k)) for t in done}) > 1]) >= 1:
         try:
             import optuna
@@ -138,8 +175,9 @@ def write_leaderboard(study, sweep_dir: Path, objective: str, direction: str, ke
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    (sweep_dir / "leaderboard.md").write_text(leaderboard_table(rows, objective, keys, markdown=True) + "\n",
-                                              encoding="utf-8")
+    (sweep_dir / "leaderboard.md").write_text(
+        leaderboard_table(rows, objective, keys, markdown=True) + "\n", encoding="utf-8"
+    )
     write_json(sweep_dir / "trials.json", trials_json(study))
     write_json(sweep_dir / "importance.json", param_importance(study, keys))
     return rows

@@ -63,7 +63,7 @@ log = logging.getLogger(__name__)
 
 # Keys that are not config fields but set one: lora_alpha = lora_alpha_ratio * lora_rank.
 DERIVED_KEYS = {"lora_alpha_ratio": "sets lora_alpha = lora_alpha_ratio * lora_rank"}
-SWEEP_FILE = "sweep.yaml"      # the resolved sweep (spec + base config) in the sweep folder
+SWEEP_FILE = "sweep.yaml"  # the resolved sweep (spec + base config) in the sweep folder
 RESULTS_FILE = "sweep_results.json"
 
 
@@ -82,26 +82,46 @@ class SweepSpec(BaseModel):
     """What a sweep file may say."""
 
     model_config = ConfigDict(extra="forbid")
-    base: str | dict[str, Any] = Field(..., description="Experiment config to start from: a YAML path (relative to the sweep file) or inline keys.")
-    base_overrides: dict[str, Any] = Field(default_factory=dict, description="Keys set on top of `base` (e.g. fewer steps for the sweep).")
+    base: str | dict[str, Any] = Field(
+        ..., description="Experiment config to start from: a YAML path (relative to the sweep file) or inline keys."
+    )
+    base_overrides: dict[str, Any] = Field(
+        default_factory=dict, description="Keys set on top of `base` (e.g. fewer steps for the sweep)."
+    )
     strategy: Literal["grid", "random", "tpe"] = Field("tpe", description="grid, random, or tpe (Bayesian).")
     search_space: dict[str, list[Any] | Range] = Field(
         ..., description="config key -> list of values, or {low, high, log, step} (random/tpe only)."
     )
     n_trials: int | None = Field(None, gt=0, description="Trial budget of the whole sweep (grid: default = grid size).")
-    timeout_minutes: float | None = Field(None, gt=0, description="Stop starting new trials after this long (per worker run).")
-    objective: str = Field("eval_loss", description="eval_loss, or a metric on a fixed validation subset (rougeL, predict_rouge-l, sacrebleu, ...).")
-    objective_samples: int = Field(64, gt=0, description="Validation records generated for a generation-metric objective.")
-    direction: Literal["minimize", "maximize"] | None = Field(None, description="Default: minimize eval_loss, maximize metrics.")
-    storage: str | None = Field(None, description="Optuna RDB URL (postgresql://...); default: a journal file in the sweep folder.")
+    timeout_minutes: float | None = Field(
+        None, gt=0, description="Stop starting new trials after this long (per worker run)."
+    )
+    objective: str = Field(
+        "eval_loss",
+        description="eval_loss, or a metric on a fixed validation subset (rougeL, predict_rouge-l, sacrebleu, ...).",
+    )
+    objective_samples: int = Field(
+        64, gt=0, description="Validation records generated for a generation-metric objective."
+    )
+    direction: Literal["minimize", "maximize"] | None = Field(
+        None, description="Default: minimize eval_loss, maximize metrics."
+    )
+    storage: str | None = Field(
+        None, description="Optuna RDB URL (postgresql://...); default: a journal file in the sweep folder."
+    )
     study_name: str | None = Field(None, description="Optuna study name; default: the sweep folder's name.")
     output_dir: str | None = Field(None, description="Sweep folder; default: runs/sweep_<sweep file name>.")
     seed: int = Field(0, description="Sampler seed (grid order; random/tpe mix in the worker's process id).")
     pruner: Literal["median", "none"] = Field("median", description="Stop bad trials early from their validation loss.")
     pruner_startup_trials: int = Field(2, ge=0, description="Trials that finish before pruning starts.")
     pruner_warmup_steps: int = Field(0, ge=0, description="Steps of a trial before it can be pruned.")
-    start_with_base: bool = Field(True, description="random/tpe: the first trial is the base config itself, when its values lie in the search space.")
-    heartbeat_seconds: int = Field(60, gt=0, description="RDB storage: a trial without a heartbeat for 2x this is failed and re-queued.")
+    start_with_base: bool = Field(
+        True,
+        description="random/tpe: the first trial is the base config itself, when its values lie in the search space.",
+    )
+    heartbeat_seconds: int = Field(
+        60, gt=0, description="RDB storage: a trial without a heartbeat for 2x this is failed and re-queued."
+    )
 
 
 def _spec_error(err: ValidationError, source: str) -> str:
@@ -135,7 +155,9 @@ def apply_params(values: dict, params: dict) -> dict:
         if key not in DERIVED_KEYS:
             out[key] = value
     if "lora_alpha_ratio" in params:
-        out["lora_alpha"] = float(params["lora_alpha_ratio"]) * int(out.get("lora_rank", Config.model_fields["lora_rank"].default))
+        out["lora_alpha"] = float(params["lora_alpha_ratio"]) * int(
+            out.get("lora_rank", Config.model_fields["lora_rank"].default)
+        )
     return out
 
 
@@ -201,12 +223,18 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
     if spec.objective != "eval_loss" and spec.objective not in metrics_mod.METRICS:
         choices = ["eval_loss", *metrics_mod.METRICS]
         hint = did_you_mean(spec.objective, choices)
-        raise LoralabError(f"{path}: `objective`: unknown {spec.objective!r}{hint} (expected one of {', '.join(choices)})")
+        raise LoralabError(
+            f"{path}: `objective`: unknown {spec.objective!r}{hint} (expected one of {', '.join(choices)})"
+        )
     if base.eval_dataset is None and base.val_size <= 0:
-        raise LoralabError(f"{base_source}: the sweep selects on the validation split; set eval_dataset or val_size > 0")
+        raise LoralabError(
+            f"{base_source}: the sweep selects on the validation split; set eval_dataset or val_size > 0"
+        )
     if base.eval_strategy == "no" and (spec.objective == "eval_loss" or spec.pruner != "none"):
-        raise LoralabError(f"{base_source}: eval_strategy is `no`, but the sweep needs the validation loss "
-                           "(objective eval_loss / pruning); set eval_strategy: steps")
+        raise LoralabError(
+            f"{base_source}: eval_strategy is `no`, but the sweep needs the validation loss "
+            "(objective eval_loss / pruning); set eval_strategy: steps"
+        )
     if spec.strategy == "grid":
         size = grid_size(spec)
         if spec.n_trials is not None and spec.n_trials > size:
@@ -244,13 +272,26 @@ def open_study(spec: SweepSpec, sweep_dir: Path, storage_url: str | None):
     else:
         # Workers that started together must not draw the same points: mix in the process id.
         seed = spec.seed * 1_000_003 + os.getpid()
-        sampler = (optuna.samplers.RandomSampler(seed=seed) if spec.strategy == "random"
-                   else optuna.samplers.TPESampler(seed=seed))
-    pruner = (optuna.pruners.MedianPruner(n_startup_trials=spec.pruner_startup_trials,
-                                          n_warmup_steps=spec.pruner_warmup_steps)
-              if spec.pruner == "median" else optuna.pruners.NopPruner())
-    return optuna.create_study(storage=storage, study_name=spec.study_name or sweep_dir.name, sampler=sampler,
-                               pruner=pruner, direction=direction(spec), load_if_exists=True)
+        sampler = (
+            optuna.samplers.RandomSampler(seed=seed)
+            if spec.strategy == "random"
+            else optuna.samplers.TPESampler(seed=seed)
+        )
+    pruner = (
+        optuna.pruners.MedianPruner(
+            n_startup_trials=spec.pruner_startup_trials, n_warmup_steps=spec.pruner_warmup_steps
+        )
+        if spec.pruner == "median"
+        else optuna.pruners.NopPruner()
+    )
+    return optuna.create_study(
+        storage=storage,
+        study_name=spec.study_name or sweep_dir.name,
+        sampler=sampler,
+        pruner=pruner,
+        direction=direction(spec),
+        load_if_exists=True,
+    )
 
 
 # --- a trial ------------------------------------------------------------------------------------------
@@ -260,8 +301,9 @@ def suggest_params(trial, spec: SweepSpec) -> dict:
     for key, space in spec.search_space.items():
         if isinstance(space, Range):
             if key not in DERIVED_KEYS and _is_int_key(key):
-                params[key] = trial.suggest_int(key, int(space.low), int(space.high), log=space.log,
-                                                step=int(space.step or 1))
+                params[key] = trial.suggest_int(
+                    key, int(space.low), int(space.high), log=space.log, step=int(space.step or 1)
+                )
             else:
                 params[key] = trial.suggest_float(key, space.low, space.high, log=space.log, step=space.step)
         else:
@@ -286,7 +328,9 @@ def base_params(spec: SweepSpec, base: Config) -> dict | None:
         if isinstance(space, Range):
             if not isinstance(value, (int, float)) or not space.low <= value <= space.high:
                 return None
-            if space.step and not math.isclose((value - space.low) / space.step, round((value - space.low) / space.step)):
+            if space.step and not math.isclose(
+                (value - space.low) / space.step, round((value - space.low) / space.step)
+            ):
                 return None
             out[key] = int(value) if key not in DERIVED_KEYS and _is_int_key(key) else float(value)
         else:
@@ -362,13 +406,22 @@ def make_objective(study, spec: SweepSpec, base: Config, sweep_dir: Path, train_
         pruning = _pruning_callback(trial, loss_sign(spec))
         fn = train_fn or train.train
         try:
-            cfg = build_config(apply_params(base.model_dump(), params) | {"output_dir": str(run_dir)}, source=f"trial {trial.number}")
+            cfg = build_config(
+                apply_params(base.model_dump(), params) | {"output_dir": str(run_dir)}, source=f"trial {trial.number}"
+            )
             summary = fn(cfg, callbacks=[pruning])
             record = {k: summary.get(k) for k in ("best_eval_loss", "best_step", "steps", "tokens_per_s", "runtime_s")}
             trial.set_user_attr("train", record)
             # The run folder says which sweep trial it is (config.yaml already holds every setting).
-            write_json(run_dir / "sweep_trial.json", {"sweep_dir": str(sweep_dir), "trial": trial.number,
-                                                      "params": params, "pruned_at_step": pruning.pruned_at})
+            write_json(
+                run_dir / "sweep_trial.json",
+                {
+                    "sweep_dir": str(sweep_dir),
+                    "trial": trial.number,
+                    "params": params,
+                    "pruned_at_step": pruning.pruned_at,
+                },
+            )
             if pruning.pruned_at is not None:
                 raise optuna.TrialPruned(f"validation loss {pruning.last_loss:.4f} at step {pruning.pruned_at}")
             if spec.objective == "eval_loss":
@@ -376,7 +429,9 @@ def make_objective(study, spec: SweepSpec, base: Config, sweep_dir: Path, train_
                 if value is None:
                     raise RuntimeError("training reported no validation loss")
             else:
-                value = validation_score(cfg, summary.get("run_dir", str(run_dir)), spec.objective, spec.objective_samples)
+                value = validation_score(
+                    cfg, summary.get("run_dir", str(run_dir)), spec.objective, spec.objective_samples
+                )
             return float(value)
         except optuna.TrialPruned:
             raise
@@ -415,24 +470,36 @@ def _check_same_sweep(sweep_dir: Path, resolved: dict) -> None:
         if key == "base" and isinstance(a, dict) and isinstance(b, dict):  # settings that do not change results
             a, b = ({k: v for k, v in d.items() if k not in RESULT_NEUTRAL_KEYS} for d in (a, b))
         if a != b:
-            raise LoralabError(f"{sweep_dir}: holds a different sweep (its `{key}` differs); "
-                               "set output_dir to a new folder, or restore the original sweep file")
+            raise LoralabError(
+                f"{sweep_dir}: holds a different sweep (its `{key}` differs); "
+                "set output_dir to a new folder, or restore the original sweep file"
+            )
 
 
 def _resolved(spec: SweepSpec, base: Config, storage_url: str | None) -> dict:
     space = {k: (v.model_dump() if isinstance(v, Range) else list(v)) for k, v in spec.search_space.items()}
-    return {"strategy": spec.strategy, "objective": spec.objective, "direction": direction(spec),
-            "n_trials": budget(spec), "timeout_minutes": spec.timeout_minutes, "search_space": space,
-            "storage": redact(storage_url) if storage_url else f"journal file {JOURNAL_FILE}",
-            "objective_samples": spec.objective_samples, "pruner": spec.pruner, "seed": spec.seed,
-            "base": base.model_dump(mode="json")}
+    return {
+        "strategy": spec.strategy,
+        "objective": spec.objective,
+        "direction": direction(spec),
+        "n_trials": budget(spec),
+        "timeout_minutes": spec.timeout_minutes,
+        "search_space": space,
+        "storage": redact(storage_url) if storage_url else f"journal file {JOURNAL_FILE}",
+        "objective_samples": spec.objective_samples,
+        "pruner": spec.pruner,
+        "seed": spec.seed,
+        "base": base.model_dump(mode="json"),
+    }
 
 
 # --- selection and the one test-split evaluation ------------------------------------------------------
 def same_as_base(params: dict, base: Config) -> bool:
     """Are a trial's parameters the base config's own values?"""
-    return all(same_value(value, base.alpha / base.lora_rank if key == "lora_alpha_ratio" else getattr(base, key))
-               for key, value in params.items())
+    return all(
+        same_value(value, base.alpha / base.lora_rank if key == "lora_alpha_ratio" else getattr(base, key))
+        for key, value in params.items()
+    )
 
 
 def trial_dir(sweep_dir: Path, trial) -> Path:
@@ -452,8 +519,10 @@ def finalize(study, spec: SweepSpec, base: Config, sweep_dir: Path) -> dict:
     tuned_dir = trial_dir(sweep_dir, best)
     if not tuned_dir.is_dir():
         host = (best.user_attrs.get("worker") or {}).get("host")
-        raise LoralabError(f"{tuned_dir}: the best trial {best.number} ran on {host}; its run folder is not here. "
-                           "Copy it (same path) or run this command on that machine")
+        raise LoralabError(
+            f"{tuned_dir}: the best trial {best.number} ran on {host}; its run folder is not here. "
+            "Copy it (same path) or run this command on that machine"
+        )
 
     # The starting point as a normal run: reuse a trial with the base values, else train it once.
     as_base = [t for t in done if same_as_base(t.params, base)]
@@ -467,13 +536,26 @@ def finalize(study, spec: SweepSpec, base: Config, sweep_dir: Path) -> dict:
             # Our own folder: a run cut off earlier resumes from its last complete checkpoint.
             resume = base_dir.is_dir() and train.find_resume_checkpoint(base_dir) is not None
             log.info("training the base config as a normal run in %s%s", base_dir, " (resuming)" if resume else "")
-            train.train(base.model_copy(update={"output_dir": str(base_dir), "overwrite_output_dir": not resume,
-                                          "resume_from_checkpoint": True if resume else None}))
+            train.train(
+                base.model_copy(
+                    update={
+                        "output_dir": str(base_dir),
+                        "overwrite_output_dir": not resume,
+                        "resume_from_checkpoint": True if resume else None,
+                    }
+                )
+            )
     result = {
-        "objective": spec.objective, "direction": direction(spec), "selected_on": "validation split",
-        "best_trial": best.number, "best_value": best.value, "best_params": best.params,
-        "tuned_run": str(tuned_dir), "base_run": str(base_dir),
-        "base_is_trial": base_trial.number if base_trial is not None else None, "winner_is_base": winner_is_base,
+        "objective": spec.objective,
+        "direction": direction(spec),
+        "selected_on": "validation split",
+        "best_trial": best.number,
+        "best_value": best.value,
+        "best_params": best.params,
+        "tuned_run": str(tuned_dir),
+        "base_run": str(base_dir),
+        "base_is_trial": base_trial.number if base_trial is not None else None,
+        "winner_is_base": winner_is_base,
     }
     results_path = sweep_dir / RESULTS_FILE
     old = json.loads(results_path.read_text(encoding="utf-8")) if results_path.is_file() else {}
@@ -482,24 +564,40 @@ def finalize(study, spec: SweepSpec, base: Config, sweep_dir: Path) -> dict:
         summary = json.loads((test_dir / evaluate.COMPARISON).read_text(encoding="utf-8"))  # tested once already
     elif winner_is_base:  # the starting config won: one model to test, nothing to compare
         log.info("the base config (trial %d) is the best trial; evaluating it on the test split", best.number)
-        summary = evaluate.evaluate_models(base, {"tuned": str(tuned_dir)}, split="test", out_dir=test_dir,
-                                           overwrite=True, progress=False)
+        summary = evaluate.evaluate_models(
+            base, {"tuned": str(tuned_dir)}, split="test", out_dir=test_dir, overwrite=True, progress=False
+        )
     else:
         # Both adapters on one loaded base model, the same test prompts, generation settings of the base config.
         log.info("evaluating the base config (%s) and the winner (trial %d) on the test split", base_dir, best.number)
-        summary = evaluate.evaluate_models(base, {"base_config": str(base_dir), "tuned": str(tuned_dir)}, split="test",
-                                           out_dir=test_dir, overwrite=True, progress=False)
-    result["test"] = {"dir": str(test_dir), "n_samples": summary.get("n_samples"),
-                      "models": {k: v["metrics"] for k, v in summary["models"].items()},
-                      "comparison": summary["comparisons"].get("tuned_vs_base_config")}
+        summary = evaluate.evaluate_models(
+            base,
+            {"base_config": str(base_dir), "tuned": str(tuned_dir)},
+            split="test",
+            out_dir=test_dir,
+            overwrite=True,
+            progress=False,
+        )
+    result["test"] = {
+        "dir": str(test_dir),
+        "n_samples": summary.get("n_samples"),
+        "models": {k: v["metrics"] for k, v in summary["models"].items()},
+        "comparison": summary["comparisons"].get("tuned_vs_base_config"),
+    }
     result["table"] = evaluate.format_comparison_table(summary)
     write_json(results_path, result)
     return result
 
 
 # --- the recipe -------------------------------------------------------------------------------------
-def run_sweep(path: str | Path, overrides: list[str] | None = None, storage: str | None = None,
-              trials_only: bool = False, train_fn: TrainFn | None = None, finalize_fn=None) -> dict:
+def run_sweep(
+    path: str | Path,
+    overrides: list[str] | None = None,
+    storage: str | None = None,
+    trials_only: bool = False,
+    train_fn: TrainFn | None = None,
+    finalize_fn=None,
+) -> dict:
     """`loralab sweep`: run trials until the budget is spent, then (unless trials_only) select and test."""
     from optuna.trial import TrialState
 
@@ -528,22 +626,43 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, storage: str
             study.stop()
 
     trials = study.get_trials(deepcopy=False)
-    if limit is None or len(counted_trials(trials)) < limit or any(t.state == TrialState.WAITING for t in counted_trials(trials)):
-        log.info("sweep %s: %s, %s trials, objective %s (%s)", sweep_dir, spec.strategy,
-                 limit if limit is not None else "until timeout", spec.objective, direction(spec))
-        study.optimize(make_objective(study, spec, base, sweep_dir, train_fn), n_trials=None,
-                       timeout=spec.timeout_minutes * 60 if spec.timeout_minutes else None,
-                       catch=(Exception,), callbacks=[stop_when_spent], gc_after_trial=True)
+    if (
+        limit is None
+        or len(counted_trials(trials)) < limit
+        or any(t.state == TrialState.WAITING for t in counted_trials(trials))
+    ):
+        log.info(
+            "sweep %s: %s, %s trials, objective %s (%s)",
+            sweep_dir,
+            spec.strategy,
+            limit if limit is not None else "until timeout",
+            spec.objective,
+            direction(spec),
+        )
+        study.optimize(
+            make_objective(study, spec, base, sweep_dir, train_fn),
+            n_trials=None,
+            timeout=spec.timeout_minutes * 60 if spec.timeout_minutes else None,
+            catch=(Exception,),
+            callbacks=[stop_when_spent],
+            gc_after_trial=True,
+        )
     rows = write_leaderboard(study, sweep_dir, spec.objective, direction(spec), list(spec.search_space))
     print(leaderboard_table(rows, spec.objective, list(spec.search_space)))
     result = {"sweep_dir": str(sweep_dir), "leaderboard": rows}
     if trials_only:
         return result
-    active = [t.number for t in counted_trials(study.get_trials(deepcopy=False))
-              if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    active = [
+        t.number
+        for t in counted_trials(study.get_trials(deepcopy=False))
+        if t.state in (TrialState.RUNNING, TrialState.WAITING)
+    ]
     if active:
-        log.warning("trials %s are still running in other workers; run this command again when they finish "
-                    "to select the winner and test it", active)
+        log.warning(
+            "trials %s are still running in other workers; run this command again when they finish "
+            "to select the winner and test it",
+            active,
+        )
         return result
     # Workers on this machine that finish together take turns; the second finds the results made.
     with _locked(sweep_dir / ".finalize.lock"):

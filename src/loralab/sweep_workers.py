@@ -59,8 +59,9 @@ def make_storage(url: str | None, sweep_dir: Path, heartbeat_seconds: int = 60):
         path = str(sweep_dir / JOURNAL_FILE)
         return optuna.storages.JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
     if "://" not in url:
-        raise LoralabError(f"storage: {url!r} is not a database URL; expected e.g. postgresql://user:pass@host/db "
-                           "or sqlite:///file.db")
+        raise LoralabError(
+            f"storage: {url!r} is not a database URL; expected e.g. postgresql://user:pass@host/db or sqlite:///file.db"
+        )
     from sqlalchemy.exc import IntegrityError, ProgrammingError
 
     url = _with_driver(url)
@@ -69,8 +70,11 @@ def make_storage(url: str | None, sweep_dir: Path, heartbeat_seconds: int = 60):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(
-                    url, heartbeat_interval=heartbeat_seconds, grace_period=2 * heartbeat_seconds,
-                    heartbeat_stale_trial_callback=retry, engine_kwargs={"pool_pre_ping": True},
+                    url,
+                    heartbeat_interval=heartbeat_seconds,
+                    grace_period=2 * heartbeat_seconds,
+                    heartbeat_stale_trial_callback=retry,
+                    engine_kwargs={"pool_pre_ping": True},
                 )
         except (IntegrityError, ProgrammingError) as e:
             # Workers started together on a fresh database race to create Optuna's tables: the
@@ -83,7 +87,9 @@ def make_storage(url: str | None, sweep_dir: Path, heartbeat_seconds: int = 60):
         except Exception as e:  # bad URL, server down, missing driver
             err = e
         why = (str(err).strip().splitlines() or [""])[0][:200]  # one line, with the password hidden
-        hint = "; for PostgreSQL: pip install psycopg2-binary (loralab[postgres])" if isinstance(err, ImportError) else ""
+        hint = (
+            "; for PostgreSQL: pip install psycopg2-binary (loralab[postgres])" if isinstance(err, ImportError) else ""
+        )
         raise LoralabError(f"storage: cannot open {redact(url)} ({type(err).__name__}: {why}){hint}") from None
 
 
@@ -91,8 +97,11 @@ def _with_driver(url: str) -> str:
     """postgresql://... -> postgresql+psycopg2://... when psycopg2 is installed and psycopg 3 is not
     (SQLAlchemy 2.1 picks psycopg 3 for a bare postgresql:// URL)."""
     scheme, sep, rest = url.partition("://")
-    if scheme in ("postgresql", "postgres") and importlib.util.find_spec("psycopg") is None \
-            and importlib.util.find_spec("psycopg2") is not None:
+    if (
+        scheme in ("postgresql", "postgres")
+        and importlib.util.find_spec("psycopg") is None
+        and importlib.util.find_spec("psycopg2") is not None
+    ):
         return f"postgresql+psycopg2://{rest}"
     return url
 
@@ -171,7 +180,9 @@ def recover_dead_trials(study) -> None:
             try:
                 # Optuna's storage directly: `study.tell` would also run the sampler's after-trial hook
                 # (GridSampler may stop the study there), and no public call annotates another's trial.
-                study._storage.set_trial_user_attr(t._trial_id, "error", f"worker {host}:{w['pid']} died while running it")
+                study._storage.set_trial_user_attr(
+                    t._trial_id, "error", f"worker {host}:{w['pid']} died while running it"
+                )
                 # The state change is the lock: of two workers recovering at once, one wins.
                 study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
             except (UpdateFinishedTrialError, RuntimeError):
@@ -201,15 +212,23 @@ def check_slot(study, trial, params: dict, limit: int | None, grid: bool) -> Non
         if limit is not None and len(before) >= limit:
             raise Skip(f"over budget: {limit} trials already started")
         me = next(t for t in trials if t.number == trial.number)  # as stored (a live Trial has no system attrs)
-        for mark, what in ((retry_of, "retry of trial"), (lambda t: t.user_attrs.get("base_config"), "base-config trial")):
+        for mark, what in (
+            (retry_of, "retry of trial"),
+            (lambda t: t.user_attrs.get("base_config"), "base-config trial"),
+        ):
             mine = mark(me)
             twin = [t.number for t in before if mine is not None and mark(t) == mine]
             if twin:  # two workers queued the same thing at once: the smaller number runs it
                 raise Skip(f"duplicate {what} (trial {twin[0]} has it)")
         if not grid:
             return
-        unset = [t for t in before if t.state in (TrialState.RUNNING, TrialState.WAITING)
-                 and len(t.params) < len(params) and "fixed_params" not in t.system_attrs]
+        unset = [
+            t
+            for t in before
+            if t.state in (TrialState.RUNNING, TrialState.WAITING)
+            and len(t.params) < len(params)
+            and "fixed_params" not in t.system_attrs
+        ]
         same = [t.number for t in before if (t.params or t.system_attrs.get("fixed_params")) == params]
         if same:
             raise Skip(f"duplicate grid point (trial {same[0]} has it)")

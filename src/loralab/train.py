@@ -40,7 +40,8 @@ CHECKPOINT_PREFIX = "checkpoint-"
 # Written into checkpoint-N/ once every file of it is on disk; resume only trusts marked checkpoints.
 COMPLETE_MARKER = "loralab_complete.json"
 # Files of a checkpoint that only the Trainer needs to resume (not part of the model/adapter itself).
-TRAINER_ONLY_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin", COMPLETE_MARKER)
+TRAINER_ONLY_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin",
+                      COMPLETE_MARKER)
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -147,7 +148,8 @@ def check_target_modules(model, cfg: Config) -> None:
 def build_model(cfg: Config):
     """The base model, ready for training: LoRA adapter (peft) or all weights trainable."""
     if cfg.quantization_bit and cfg.finetuning_type != "lora":
-        raise LoralabError("quantization_bit: 4/8-bit base models can only be trained with finetuning_type=lora (QLoRA)")
+        raise LoralabError(
+            "quantization_bit: 4/8-bit base models can only be trained with finetuning_type=lora (QLoRA)")
     model = models.load_model(cfg, for_training=True)
     model.config.use_cache = False  # the KV cache is for generation; training does not use it
     if cfg.quantization_bit:
@@ -191,7 +193,8 @@ def checkpoint_step(path: Path) -> int:
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """checkpoint-N folders, oldest first."""
-    found = [p for p in run_dir.glob(CHECKPOINT_PREFIX + "*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    found = [p for p in run_dir.glob(CHECKPOINT_PREFIX + "*")
+             if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
     return sorted(found, key=checkpoint_step)
 
 
@@ -311,7 +314,8 @@ class RunLog(TrainerCallback):
         if state.is_world_process_zero:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
+                            dynamic_ncols=True)
         self.start_tokens = state.num_input_tokens_seen
         self._last = (state.num_input_tokens_seen, 0.0)
 
@@ -343,7 +347,8 @@ class RunLog(TrainerCallback):
             record["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
             best = state.best_metric if state.best_metric is not None else logs["eval_loss"]
             log.info("step %d: validation loss %.4f, perplexity %.2f%s", state.global_step, logs["eval_loss"],
-                     record["eval_perplexity"], " (best so far)" if logs["eval_loss"] <= best else f" (best {best:.4f})")
+                     record["eval_perplexity"],
+                     " (best so far)" if logs["eval_loss"] <= best else f" (best {best:.4f})")
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self.bar is not None and self.last_loss is not None:
@@ -528,7 +533,8 @@ def _train(cfg: Config, callbacks: list | None, run_log_file: contextlib.ExitSta
         if resume_from is not None:
             log.info("resuming from %s", resume_from)
             clean_for_resume(run_dir, resume_from)
-        for name, counts, n in (("train", train_counts, len(train_examples)), ("validation", eval_counts, len(eval_examples))):
+        for name, counts, n in (("train", train_counts, len(train_examples)),
+                                ("validation", eval_counts, len(eval_examples))):
             if counts["conversations"]:
                 log.info("%s: %d of %d conversations used; over cutoff_len=%d: %d truncated, %d dropped; "
                          "%d without answer tokens dropped", name, n, counts["conversations"], cfg.cutoff_len,
@@ -536,7 +542,8 @@ def _train(cfg: Config, callbacks: list | None, run_log_file: contextlib.ExitSta
         if cfg.eval_strategy != "no" and not eval_examples:
             log.warning("no validation data (eval_dataset unset/empty and val_size=0): the last step's model is kept")
         log.info("%s fine-tuning of %s: %s trainable of %s parameters (%.2f%%), %s", cfg.finetuning_type,
-                 cfg.model_name_or_path, f"{trainable:,}", f"{total:,}", 100 * trainable / total, str(dtype).removeprefix("torch."))
+                 cfg.model_name_or_path, f"{trainable:,}", f"{total:,}", 100 * trainable / total,
+                 str(dtype).removeprefix("torch."))
         runinfo.write_run_info(run_dir, cfg, tokenizer, finetuning_type=cfg.finetuning_type, **facts)
         copy_manifests(cfg, run_dir)
     state.wait_for_everyone()
@@ -549,7 +556,8 @@ def _train(cfg: Config, callbacks: list | None, run_log_file: contextlib.ExitSta
         from peft.optimizers import create_loraplus_optimizer
 
         optimizers = (create_loraplus_optimizer(model, torch.optim.AdamW, lr=cfg.learning_rate,
-                                                loraplus_lr_ratio=cfg.loraplus_lr_ratio, weight_decay=cfg.weight_decay), None)
+                                                loraplus_lr_ratio=cfg.loraplus_lr_ratio,
+                                                weight_decay=cfg.weight_decay), None)
     extra = [CompleteCheckpoints(run_dir, cfg.save_total_limit), RunLog(run_dir)]
     if has_eval and cfg.early_stopping_patience:
         extra.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
@@ -578,7 +586,8 @@ def _train(cfg: Config, callbacks: list | None, run_log_file: contextlib.ExitSta
         raise LoralabError(
             f"per_device_train_batch_size: a batch of {cfg.per_device_train_batch_size} sequences of up to "
             f"{cfg.cutoff_len} tokens does not fit in memory; lower per_device_train_batch_size (raise "
-            "gradient_accumulation_steps to keep the effective batch), lower cutoff_len, or set gradient_checkpointing=true"
+            "gradient_accumulation_steps to keep the effective batch), lower cutoff_len, or set "
+            "gradient_checkpointing=true"
         ) from None
 
     # 6. The final model, loss plots and the summary.
