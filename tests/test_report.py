@@ -48,8 +48,8 @@ def experiment_dir(tmp_path_factory, tiny_model):
     out = tmp_path_factory.mktemp("experiment")
     data.prepare("builtin:demo", output_dir=out / "data", sample=40, split="28,6,6", name="alpaca_data")
     cfg = build_config({"model_name_or_path": str(tiny_model), "dataset_dir": str(out / "data"),
-                        "output_dir": str(out / "train"), "max_steps": 2, "eval_steps": 1, "logging_steps": 1, "per_device_train_batch_size": 8,
-                        "cutoff_len": 96, "max_new_tokens": 8, "torch_threads": 1})
+                        "output_dir": str(out / "train"), "max_steps": 2, "eval_steps": 1, "logging_steps": 1,
+                        "per_device_train_batch_size": 8, "cutoff_len": 96, "max_new_tokens": 8, "torch_threads": 1})
     train(cfg)
     evaluate.evaluate_models(cfg, {"base": None, "tuned": str(out / "train")}, split="test", out_dir=out / "eval",
                              n_boot=200, progress=False)
