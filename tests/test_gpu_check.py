@@ -247,3 +247,19 @@ def test_train_check_runs_loralab_and_judges_it(tiny_model, tmp_path):
     assert figures["tokens_per_s"] > 0 and figures["mfu_datasheet"] is None  # no GPU: no peak to divide by
     assert figures["flops_per_token"] == 4 * figures["n_matmul_params"] + 2 * figures["parameters"]["trainable"]
     assert figures["adapter"]["lora_b_nonzero"] and figures["adapter"]["differs_from_base"] is not None
+
+
+def test_without_a_gpu_the_real_run_fails_in_setup_and_still_writes_its_summary(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the real run would start")
+    rc = gpu_check.main(["--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "s.json"), "--data",
+                         str(tmp_path / "none.json"), "--only", "bf16_smollm2,api_vllm", "--python", sys.executable])
+    assert rc == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "FAIL setup: step gpu info: exit status 1: error: torch sees no CUDA device (see logs/setup.log)"
+    assert [line.split()[:2] for line in out[1:3]] == [["FAIL", "bf16_smollm2"], ["FAIL", "api_vllm"]]
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["fail"] == ["bf16_smollm2", "api_vllm"] and summary["setup_error"].startswith("step gpu info")
+    assert summary["versions"]["torch"] and "vllm" in summary["versions"]
