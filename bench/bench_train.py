@@ -42,11 +42,22 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ALPACA = Path(os.environ.get("LORALAB_ALPACA", REPO.parent / "shared" / "data" / "alpaca_data_cleaned.json"))
+# The data file as the results record it: as given in LORALAB_ALPACA, else relative to the repo (no
+# absolute path of the machine that ran it).
+ALPACA_SHOWN = os.environ.get("LORALAB_ALPACA") or os.path.relpath(ALPACA, REPO)
 CONFIGS = {  # batch 8 = per_device_train_batch_size x gradient_accumulation_steps in both
-    "baseline": {"group_by_length": False, "gradient_checkpointing": True, "per_device_train_batch_size": 8,
-                 "gradient_accumulation_steps": 1},
-    "loralab": {"group_by_length": True, "gradient_checkpointing": False, "per_device_train_batch_size": 2,
-                "gradient_accumulation_steps": 4},
+    "baseline": {
+        "group_by_length": False,
+        "gradient_checkpointing": True,
+        "per_device_train_batch_size": 8,
+        "gradient_accumulation_steps": 1,
+    },
+    "loralab": {
+        "group_by_length": True,
+        "gradient_checkpointing": False,
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 4,
+    },
 }
 FORMULA = "model FLOPs = non-padding tokens * (4 * N_all + 2 * N_trainable)"
 
@@ -81,13 +92,18 @@ def write_records(n: int, folder: Path, model: str, batch: int, cutoff: int) -> 
     records = records[:n]
     cfg = load_config(None, {"model_name_or_path": model, "cutoff_len": cutoff})
     tokenizer = load_tokenizer(cfg)
-    lengths = [len(encode_split(tokenizer, [c], cfg)[0][0]["input_ids"]) for c in data.to_conversations(records, spec, source)]
+    lengths = [
+        len(encode_split(tokenizer, [c], cfg)[0][0]["input_ids"]) for c in data.to_conversations(records, spec, source)
+    ]
     longest = sorted(range(len(records)), key=lambda i: lengths[i])[-batch:]
     path, worst = folder / "records.json", folder / "longest.json"
     path.write_text(json.dumps(records, ensure_ascii=False))
     worst.write_text(json.dumps([records[i] for i in longest], ensure_ascii=False))
-    stats = {"mean_tokens": sum(lengths) / len(lengths), "max_tokens": max(lengths),
-             "longest_batch_tokens": [lengths[i] for i in longest]}
+    stats = {
+        "mean_tokens": sum(lengths) / len(lengths),
+        "max_tokens": max(lengths),
+        "longest_batch_tokens": [lengths[i] for i in longest],
+    }
     return path, worst, source, stats
 
 
@@ -99,17 +115,34 @@ def worker(args) -> dict:
     from loralab.train import train
 
     peak_flops = 0.0 if args.probe else matmul_flops(args.threads)
-    cfg = load_config(None, {
-        "model_name_or_path": args.model, "dataset": args.data, "eval_dataset": None, "eval_strategy": "no",
-        "output_dir": args.output_dir, "overwrite_output_dir": True, "max_steps": args.steps,
-        "cutoff_len": args.cutoff, "lora_rank": 8,
-        "lora_target": "all", "logging_steps": 1, "save_steps": 10**6, "torch_threads": args.threads,
-        "learning_rate": 1e-4, "seed": 42, **CONFIGS[args.worker],
-    })
+    cfg = load_config(
+        None,
+        {
+            "model_name_or_path": args.model,
+            "dataset": args.data,
+            "eval_dataset": None,
+            "eval_strategy": "no",
+            "output_dir": args.output_dir,
+            "overwrite_output_dir": True,
+            "max_steps": args.steps,
+            "cutoff_len": args.cutoff,
+            "lora_rank": 8,
+            "lora_target": "all",
+            "logging_steps": 1,
+            "save_steps": 10**6,
+            "torch_threads": args.threads,
+            "learning_rate": 1e-4,
+            "seed": 42,
+            **CONFIGS[args.worker],
+        },
+    )
     summary = train(cfg)
     if args.probe:  # the worst-batch memory probe: only the peak RSS matters
-        return {"config": args.worker, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                "tokens": summary["tokens_seen"]}
+        return {
+            "config": args.worker,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "tokens": summary["tokens_seen"],
+        }
     steps = [json.loads(line) for line in (Path(args.output_dir) / "metrics.jsonl").read_text().splitlines()]
     steps = [s for s in steps if "loss" in s]
     # Steps 2..N: per-step tokens and time from the per-step log (tokens_per_s = tokens / step time).
@@ -169,13 +202,30 @@ def main() -> None:
     batch = 8
     with tempfile.TemporaryDirectory() as tmp:
         data_file, longest_file, source, stats = write_records(args.records, Path(tmp), args.model, batch, args.cutoff)
-        print(f"{args.records} records: mean {stats['mean_tokens']:.0f} tokens, longest {stats['max_tokens']}",
-              file=sys.stderr)
+        print(
+            f"{args.records} records: mean {stats['mean_tokens']:.0f} tokens, longest {stats['max_tokens']}",
+            file=sys.stderr,
+        )
 
         def run_worker(name: str, data: Path, steps: int) -> dict:
-            cmd = [sys.executable, __file__, "--worker", name, "--data", str(data), "--output-dir",
-                   str(Path(tmp) / f"{name}-{steps}"), "--steps", str(steps), "--threads", str(args.threads),
-                   "--cutoff", str(args.cutoff), "--model", args.model] + (["--probe"] if steps == 1 else [])
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                name,
+                "--data",
+                str(data),
+                "--output-dir",
+                str(Path(tmp) / f"{name}-{steps}"),
+                "--steps",
+                str(steps),
+                "--threads",
+                str(args.threads),
+                "--cutoff",
+                str(args.cutoff),
+                "--model",
+                args.model,
+            ] + (["--probe"] if steps == 1 else [])
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
             run = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if run.returncode != 0:
@@ -200,12 +250,22 @@ def main() -> None:
     report = {
         "benchmark": "train",
         "model": args.model,
-        "data": {"source": source, "records": args.records, **stats},
-        "settings": {"steps": args.steps, "batch_size": batch, "cutoff_len": args.cutoff, "lora_rank": 8,
-                     "lora_target": "all", "threads": args.threads},
+        "data": {"source": ALPACA_SHOWN if source == str(ALPACA) else source, "records": args.records, **stats},
+        "settings": {
+            "steps": args.steps,
+            "batch_size": batch,
+            "cutoff_len": args.cutoff,
+            "lora_rank": 8,
+            "lora_target": "all",
+            "threads": args.threads,
+        },
         "flops_formula": FORMULA,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "load_avg": os.getloadavg()},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "load_avg": os.getloadavg(),
+        },
         "results": results,
         "speedup_tokens_per_s": speedup,
         "targets": targets,
@@ -213,12 +273,16 @@ def main() -> None:
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
 
-    print(f"{'config':<10} {'tokens/s':>9} {'pad eff':>8} {'RSS MB':>7} {'RSS MB longest':>15} "
-          f"{'model GFLOP/s':>14} {'matmul GFLOP/s':>15} {'fraction':>9}")
+    print(
+        f"{'config':<10} {'tokens/s':>9} {'pad eff':>8} {'RSS MB':>7} {'RSS MB longest':>15} "
+        f"{'model GFLOP/s':>14} {'matmul GFLOP/s':>15} {'fraction':>9}"
+    )
     for r in (base, ours):
-        print(f"{r['config']:<10} {r['tokens_per_s']:>9.1f} {r['padding_efficiency']:>8.3f} {r['peak_rss_mb']:>7.0f} "
-              f"{r['worst_batch_peak_rss_mb']:>15.0f} {r['model_flops_per_s'] / 1e9:>14.2f} "
-              f"{r['matmul_flops_per_s'] / 1e9:>15.2f} {r['flops_fraction']:>9.2f}")
+        print(
+            f"{r['config']:<10} {r['tokens_per_s']:>9.1f} {r['padding_efficiency']:>8.3f} {r['peak_rss_mb']:>7.0f} "
+            f"{r['worst_batch_peak_rss_mb']:>15.0f} {r['model_flops_per_s'] / 1e9:>14.2f} "
+            f"{r['matmul_flops_per_s'] / 1e9:>15.2f} {r['flops_fraction']:>9.2f}"
+        )
     print(f"speedup (non-padding tokens/s): {speedup:.2f}x   formula: {FORMULA}")
     for name, ok in targets.items():
         print(f"  {'PASS' if ok else 'MISS'}  {name}")

@@ -6,10 +6,14 @@ import sys
 
 import pytest
 
+from loralab import train
+from loralab.experiment import run_experiment
+
 
 def run(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "loralab.cli", "run", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "loralab.cli", "run", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +62,38 @@ def test_rerun_reuses_finished_stages(experiment):
     changed = run(str(cfg), "learning_rate=5e-4")
     assert changed.returncode == 2 and "--force" in changed.stderr and "Traceback" not in changed.stderr
     assert adapter.stat().st_mtime_ns == before
+
+
+class TrainCalled(Exception):
+    pass
+
+
+def test_cut_off_training_resumes_only_from_a_complete_checkpoint(tiny_model, tmp_path, monkeypatch):
+    """train/ with a checkpoint cut off mid-save starts over; with a complete one it resumes (the rule of
+    train and sweep), instead of failing with flags `loralab run` does not have."""
+    seen = []
+
+    def record(cfg, callbacks=None):
+        seen.append((cfg.resume_from_checkpoint, cfg.overwrite_output_dir))
+        raise TrainCalled
+
+    monkeypatch.setattr(train, "train", record)
+    values = {
+        "model_name_or_path": str(tiny_model),
+        "data_source": "builtin:demo",
+        "data_sample": 30,
+        "data_split": "20,5,5",
+        "data_name": "demo",
+        "dataset_dir": str(tmp_path / "data"),
+        "output_dir": str(tmp_path / "exp"),
+    }
+    overrides = [f"{k}={v}" for k, v in values.items()]
+    half = tmp_path / "exp" / "train" / "checkpoint-2"
+    half.mkdir(parents=True)
+    (half / "adapter_model.safetensors").write_text("cut off")
+    with pytest.raises(TrainCalled):
+        run_experiment(None, overrides)
+    (half / train.COMPLETE_MARKER).write_text("{}")
+    with pytest.raises(TrainCalled):
+        run_experiment(None, overrides)
+    assert seen == [(None, True), (True, False)]

@@ -100,6 +100,23 @@ def test_bad_keys_are_one_line_errors(override, expected):
     assert expected in str(err.value) and "\n" not in str(err.value)
 
 
+def test_stage_tags_decide_which_keys_matter():
+    from loralab import config
+
+    assert set(config.STAGE_OF_KEY) <= set(config.FIELDS)  # every tag names a real key
+    assert set(config.STAGE_OF_KEY.values()) <= set(config.STAGES)
+    every = [config.TRAIN_KEYS, config.EVAL_KEYS, config.keys_of("speed", "files", "serve")]
+    assert sum(len(s) for s in every) == len(config.FIELDS) and set().union(*every) == set(config.FIELDS)
+    # The validation batch size changes the validation loss that picks the best checkpoint: a training
+    # setting for `loralab run` and for a sweep alike; the thread count changes no result.
+    assert "per_device_eval_batch_size" in config.TRAIN_KEYS
+    assert "per_device_eval_batch_size" not in config.RESULT_NEUTRAL_KEYS
+    assert "torch_threads" in config.RESULT_NEUTRAL_KEYS and "torch_threads" not in config.TRAIN_KEYS | config.EVAL_KEYS
+    assert "max_new_tokens" in config.EVAL_KEYS and "test_dataset" in config.NOT_SEARCHABLE_KEYS
+    assert config.did_you_mean("lora_rnak", config.FIELDS) == "; did you mean `lora_rank`?"
+    assert config.did_you_mean("zzz", config.FIELDS) == ""
+
+
 def test_cli_config_show_and_errors(tmp_path):
     out = cli("config", "show", "lora_rank=4")
     assert out.returncode == 0, out.stderr
@@ -123,6 +140,16 @@ CONVERSATION = [
     {"role": "user", "content": "And 3+3?"},
     {"role": "assistant", "content": "It is 6."},
 ]
+
+
+def test_missing_extra_is_named_in_one_line(tmp_path):
+    # As if fastapi were not installed: `import fastapi` fails (a None entry in sys.modules).
+    script = ("import sys; sys.modules['fastapi'] = None; sys.argv = ['loralab', 'api']; "
+              "from loralab.cli import main; main()")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1] == ("error: this command needs fastapi, which is not installed: "
+                                                   "pip install 'loralab[serve]'")
 
 
 def test_builtin_llama3_matches_meta_template(tiny_model):
@@ -198,5 +225,6 @@ def test_builtin_smollm2_converts_and_chats():
     ids = encode_prompt(tokenizer, [{"role": "user", "content": "What is the capital of France?"}])
     import torch
 
-    out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=stop_token_ids(tokenizer))
+    out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
+                         eos_token_id=stop_token_ids(tokenizer))
     assert "Paris" in tokenizer.decode(out[0, len(ids):])

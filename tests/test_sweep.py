@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from loralab import sweep
+from loralab import sweep, sweep_workers
 from loralab.errors import LoralabError
 
 
@@ -31,18 +31,27 @@ def write_sweep(folder: Path, **spec) -> Path:
 BASE = {"max_steps": 3, "lora_rank": 8}
 
 
-@pytest.mark.parametrize("spec, message", [
-    ({"search_space": {"lora_rnak": [4, 8]}}, "search_space.lora_rnak: unknown config key `lora_rnak`; did you mean `lora_rank`?"),
-    ({"search_space": {"lora_rank": [0, 8]}}, "search_space.lora_rank"),
-    ({"search_space": {"learning_rate": {"low": 1e-5, "high": 1e-3}}}, "grid needs a list of values"),
-    ({"search_space": {"lora_rank": [4]}, "stratgy": "tpe"}, "unknown key `stratgy`; did you mean `strategy`?"),
-    ({"search_space": {"lora_rank": [4]}, "objective": "rougel"}, "did you mean `rougeL`?"),
-    ({"search_space": {"output_dir": ["a", "b"]}}, "cannot be swept"),
-    ({"search_space": {"test_dataset": ["a"]}}, "cannot be swept"),
-    ({"search_space": {"lora_rank": {"low": 2.5, "high": 8}}, "strategy": "random", "n_trials": 2}, "expected integer low/high"),
-    ({"search_space": {"lora_rank": [4]}, "strategy": "tpe"}, "needs a budget"),
-    ({"search_space": {"lora_rank": [4]}, "strategy": "grids"}, "`strategy`"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (
+            {"search_space": {"lora_rnak": [4, 8]}},
+            "search_space.lora_rnak: unknown config key `lora_rnak`; did you mean `lora_rank`?",
+        ),
+        ({"search_space": {"lora_rank": [0, 8]}}, "search_space.lora_rank"),
+        ({"search_space": {"learning_rate": {"low": 1e-5, "high": 1e-3}}}, "grid needs a list of values"),
+        ({"search_space": {"lora_rank": [4]}, "stratgy": "tpe"}, "unknown key `stratgy`; did you mean `strategy`?"),
+        ({"search_space": {"lora_rank": [4]}, "objective": "rougel"}, "did you mean `rougeL`?"),
+        ({"search_space": {"output_dir": ["a", "b"]}}, "cannot be swept"),
+        ({"search_space": {"test_dataset": ["a"]}}, "cannot be swept"),
+        (
+            {"search_space": {"lora_rank": {"low": 2.5, "high": 8}}, "strategy": "random", "n_trials": 2},
+            "expected integer low/high",
+        ),
+        ({"search_space": {"lora_rank": [4]}, "strategy": "tpe"}, "needs a budget"),
+        ({"search_space": {"lora_rank": [4]}, "strategy": "grids"}, "`strategy`"),
+    ],
+)
 def test_sweep_file_errors_name_the_key(tmp_path, spec, message):
     path = write_sweep(tmp_path, base=BASE, **({"strategy": "grid"} | spec))
     with pytest.raises(LoralabError) as e:
@@ -58,13 +67,21 @@ def test_sweep_file_base_needs_validation_data(tmp_path):
 
 def test_sweep_file_base_path_and_ranges(tmp_path):
     (tmp_path / "base.yaml").write_text("lora_rank: 16\nlearning_rate: 2.0e-4\n")
-    path = write_sweep(tmp_path, base="base.yaml", strategy="tpe", n_trials=3,
-                       search_space={"learning_rate": {"low": 1e-5, "high": 1e-3, "log": True},
-                                     "lora_alpha_ratio": [1, 2], "lora_target": ["all", "q_proj,v_proj"]})
+    path = write_sweep(
+        tmp_path,
+        base="base.yaml",
+        strategy="tpe",
+        n_trials=3,
+        search_space={
+            "learning_rate": {"low": 1e-5, "high": 1e-3, "log": True},
+            "lora_alpha_ratio": [1, 2],
+            "lora_target": ["all", "q_proj,v_proj"],
+        },
+    )
     spec, base, out = sweep.load_sweep(path, ["seed=7"])
     assert base.lora_rank == 16 and base.seed == 7 and out == Path("runs/sweep_sweep")
     assert sweep.direction(spec) == "minimize" and sweep.budget(spec) == 3
-    assert sweep._apply(base.model_dump(), {"lora_alpha_ratio": 2})["lora_alpha"] == 32
+    assert sweep.apply_params(base.model_dump(), {"lora_alpha_ratio": 2})["lora_alpha"] == 32
 
 
 # --- Optuna plumbing with a stand-in for training -----------------------------------------------------
@@ -88,8 +105,14 @@ class FakeTrain:
                 cb.on_evaluate(None, SimpleNamespace(global_step=step), control, metrics={"eval_loss": losses[-1]})
             if control.should_training_stop:
                 break
-        return {"run_dir": cfg.output_dir, "best_eval_loss": min(losses), "best_step": step, "steps": step,
-                "tokens_per_s": 100.0, "runtime_s": 0.5}
+        return {
+            "run_dir": cfg.output_dir,
+            "best_eval_loss": min(losses),
+            "best_step": step,
+            "steps": step,
+            "tokens_per_s": 100.0,
+            "runtime_s": 0.5,
+        }
 
 
 def study_of(sweep_file):
@@ -98,9 +121,14 @@ def study_of(sweep_file):
 
 
 def test_grid_prunes_records_failures_and_resumes(tmp_path):
-    path = write_sweep(tmp_path, base=BASE, strategy="grid", output_dir=str(tmp_path / "sw"),
-                       search_space={"lora_rank": [4, 16], "learning_rate": [1e-3, 1e-4]},
-                       pruner_startup_trials=1)
+    path = write_sweep(
+        tmp_path,
+        base=BASE,
+        strategy="grid",
+        output_dir=str(tmp_path / "sw"),
+        search_space={"lora_rank": [4, 16], "learning_rate": [1e-3, 1e-4]},
+        pruner_startup_trials=1,
+    )
     fake = FakeTrain()
     result = sweep.run_sweep(path, trials_only=True, train_fn=fake)
     rows = result["leaderboard"]
@@ -113,22 +141,33 @@ def test_grid_prunes_records_failures_and_resumes(tmp_path):
     assert "pruned" in states.values()  # worse than the median at the same step
     for name in ("leaderboard.csv", "leaderboard.md", "trials.json", "importance.json", "sweep.yaml"):
         assert (tmp_path / "sw" / name).is_file()
-    assert "| rank | trial | state | val_eval_loss | lora_rank | learning_rate |" in (tmp_path / "sw" / "leaderboard.md").read_text()
+    assert (
+        "| rank | trial | state | val_eval_loss | lora_rank | learning_rate |"
+        in (tmp_path / "sw" / "leaderboard.md").read_text()
+    )
 
     # The same command again: nothing is re-run.
     again = FakeTrain()
     sweep.run_sweep(path, trials_only=True, train_fn=again)
     assert again.ran == []
     # A different sweep in the same folder is refused.
-    changed = write_sweep(tmp_path, base=BASE, strategy="grid", output_dir=str(tmp_path / "sw"),
-                          search_space={"lora_rank": [4, 32]})
+    changed = write_sweep(
+        tmp_path, base=BASE, strategy="grid", output_dir=str(tmp_path / "sw"), search_space={"lora_rank": [4, 32]}
+    )
     with pytest.raises(LoralabError, match="holds a different sweep"):
         sweep.run_sweep(changed, trials_only=True, train_fn=again)
 
 
 def test_random_budget_and_dead_worker_requeued(tmp_path):
-    path = write_sweep(tmp_path, base=BASE, strategy="random", n_trials=3, output_dir=str(tmp_path / "sw"), pruner="none",
-                       search_space={"lora_rank": [4, 8], "learning_rate": {"low": 1e-5, "high": 1e-3, "log": True}})
+    path = write_sweep(
+        tmp_path,
+        base=BASE,
+        strategy="random",
+        n_trials=3,
+        output_dir=str(tmp_path / "sw"),
+        pruner="none",
+        search_space={"lora_rank": [4, 8], "learning_rate": {"low": 1e-5, "high": 1e-3, "log": True}},
+    )
     spec, _, sweep_dir = sweep.load_sweep(path)
     sweep_dir.mkdir(parents=True)
     study = sweep.open_study(spec, sweep_dir, None)
@@ -137,16 +176,16 @@ def test_random_budget_and_dead_worker_requeued(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     trial = study.ask()
-    params = sweep._suggest(trial, spec)
+    params = sweep.suggest_params(trial, spec)
     trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": dead.pid, "started": 0.0})
 
     fake = FakeTrain()
     sweep.run_sweep(path, trials_only=True, train_fn=fake)
     trials = study_of(path).get_trials()
     assert trials[0].state.name == "FAIL" and "died" in trials[0].user_attrs["error"]
-    retry = [t for t in trials if t.user_attrs.get("retry_of") == 0]
+    retry = [t for t in trials if sweep_workers.retry_of(t) == 0]
     assert len(retry) == 1 and retry[0].params == params and retry[0].state.name == "COMPLETE"
-    counted = sweep.counted_trials(trials)
+    counted = sweep_workers.counted_trials(trials)
     assert len(counted) == 3 and all(t.state.name == "COMPLETE" for t in counted) and len(fake.ran) == 3
 
 
@@ -161,9 +200,20 @@ def demo_data(tmp_path_factory):
 
 
 def tiny_base(tiny_model, demo_data, **extra) -> dict:
-    return {"model_name_or_path": str(tiny_model), "dataset_dir": str(demo_data), "max_steps": 2, "eval_steps": 1,
-            "logging_steps": 1, "per_device_train_batch_size": 8, "cutoff_len": 96, "max_new_tokens": 8,
-            "lora_rank": 4, "learning_rate": 1e-3, "torch_threads": 1, **extra}
+    return {
+        "model_name_or_path": str(tiny_model),
+        "dataset_dir": str(demo_data),
+        "max_steps": 2,
+        "eval_steps": 1,
+        "logging_steps": 1,
+        "per_device_train_batch_size": 8,
+        "cutoff_len": 96,
+        "max_new_tokens": 8,
+        "lora_rank": 4,
+        "learning_rate": 1e-3,
+        "torch_threads": 1,
+        **extra,
+    }
 
 
 def test_sweep_selects_on_validation_then_tests_once(tmp_path, tiny_model, demo_data, monkeypatch, artifacts_dir):
@@ -173,9 +223,16 @@ def test_sweep_selects_on_validation_then_tests_once(tmp_path, tiny_model, demo_
     reads = []
     real_load = data.load_conversations
     monkeypatch.setattr(data, "load_conversations", lambda cfg, which: reads.append(which) or real_load(cfg, which))
-    path = write_sweep(tmp_path, base=tiny_base(tiny_model, demo_data, lora_rank=8), strategy="tpe", n_trials=2,
-                       objective="rougeL", objective_samples=4, output_dir=str(tmp_path / "sw"),
-                       search_space={"lora_rank": [2, 4], "learning_rate": {"low": 1e-4, "high": 1e-2, "log": True}})
+    path = write_sweep(
+        tmp_path,
+        base=tiny_base(tiny_model, demo_data, lora_rank=8),
+        strategy="tpe",
+        n_trials=2,
+        objective="rougeL",
+        objective_samples=4,
+        output_dir=str(tmp_path / "sw"),
+        search_space={"lora_rank": [2, 4], "learning_rate": {"low": 1e-4, "high": 1e-2, "log": True}},
+    )
     result = sweep.run_sweep(path)
     final = result["final"]
     sweep_dir = tmp_path / "sw"
@@ -216,7 +273,9 @@ def _env() -> dict:
 
 
 def _run_workers(cmd, n=2, timeout=150) -> list[subprocess.CompletedProcess]:
-    procs = [subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(n)]
+    procs = [
+        subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(n)
+    ]
     outs = []
     for p in procs:
         out, _ = p.communicate(timeout=timeout)
@@ -226,23 +285,37 @@ def _run_workers(cmd, n=2, timeout=150) -> list[subprocess.CompletedProcess]:
 
 def check_no_trial_lost_or_doubled(study, grid: set) -> list:
     trials = study.get_trials()
-    counted = sweep.counted_trials(trials)
-    assert all(t.state.name == "COMPLETE" for t in counted), [(t.number, t.state.name, t.user_attrs.get("error")) for t in counted]
+    counted = sweep_workers.counted_trials(trials)
+    assert all(t.state.name == "COMPLETE" for t in counted), [
+        (t.number, t.state.name, t.user_attrs.get("error")) for t in counted
+    ]
     points = [tuple(sorted(t.params.items())) for t in counted]
     assert len(points) == len(set(points)) and set(points) == grid  # every grid point exactly once
-    trained = [d for d in Path(counted[0].user_attrs["run_dir"]).parent.iterdir() if (d / "train_results.json").is_file()]
+    trained = [
+        d for d in Path(counted[0].user_attrs["run_dir"]).parent.iterdir() if (d / "train_results.json").is_file()
+    ]
     assert len(trained) == len(counted)  # no skipped or extra trial trained anything
     return counted
 
 
 GRID = {"lora_rank": [2, 4], "learning_rate": [1e-3, 3e-4]}
-GRID_POINTS = {tuple(sorted({"lora_rank": r, "learning_rate": lr}.items())) for r in GRID["lora_rank"] for lr in GRID["learning_rate"]}
+GRID_POINTS = {
+    tuple(sorted({"lora_rank": r, "learning_rate": lr}.items()))
+    for r in GRID["lora_rank"]
+    for lr in GRID["learning_rate"]
+}
 
 
 def test_killed_worker_then_two_workers_resume_on_journal_file(tmp_path, tiny_model, demo_data):
     """SIGKILL a worker in the middle of a trial; two workers resume together on the default journal storage."""
-    path = write_sweep(tmp_path, base=tiny_base(tiny_model, demo_data), strategy="grid", output_dir=str(tmp_path / "sw"),
-                       search_space=GRID, pruner="none")
+    path = write_sweep(
+        tmp_path,
+        base=tiny_base(tiny_model, demo_data),
+        strategy="grid",
+        output_dir=str(tmp_path / "sw"),
+        search_space=GRID,
+        pruner="none",
+    )
     victim = subprocess.Popen(_worker_cmd(path), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     trial_dir = tmp_path / "sw" / "trials" / "trial_000"
     deadline = time.time() + 90
@@ -258,7 +331,7 @@ def test_killed_worker_then_two_workers_resume_on_journal_file(tmp_path, tiny_mo
     trials = study.get_trials()
     killed = trials[0]
     assert killed.state.name == "FAIL" and "died" in killed.user_attrs["error"]
-    assert [t.params for t in trials if t.user_attrs.get("retry_of") == 0] == [killed.params]
+    assert [t.params for t in trials if sweep_workers.retry_of(t) == 0] == [killed.params]
     check_no_trial_lost_or_doubled(study, GRID_POINTS)
 
 
@@ -290,10 +363,31 @@ def postgres_url():
         as_user = ["runuser", "-u", "postgres", "--"]
     data, port = folder / "data", _free_port()
     try:
-        subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
-                        "-E", "UTF8"], check=True, capture_output=True, timeout=120)
-        subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-w", "-t", "60", "-l", str(folder / "log"),
-                        "-o", f"-h 127.0.0.1 -p {port} -k {folder}", "start"], check=True, capture_output=True, timeout=90)
+        subprocess.run(
+            [*as_user, str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        subprocess.run(
+            [
+                *as_user,
+                str(bin_dir / "pg_ctl"),
+                "-D",
+                str(data),
+                "-w",
+                "-t",
+                "60",
+                "-l",
+                str(folder / "log"),
+                "-o",
+                f"-h 127.0.0.1 -p {port} -k {folder}",
+                "start",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=90,
+        )
         import psycopg2
 
         conn = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
@@ -302,13 +396,23 @@ def postgres_url():
         conn.close()
         yield f"postgresql://postgres@127.0.0.1:{port}/loralab_sweep"  # the URL a user types
     finally:
-        subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True, timeout=60)
+        subprocess.run(
+            [*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+            capture_output=True,
+            timeout=60,
+        )
         shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_two_workers_share_a_postgres_sweep(tmp_path, tiny_model, demo_data, postgres_url):
-    path = write_sweep(tmp_path, base=tiny_base(tiny_model, demo_data), strategy="grid", output_dir=str(tmp_path / "sw"),
-                       search_space=GRID, pruner="none")
+    path = write_sweep(
+        tmp_path,
+        base=tiny_base(tiny_model, demo_data),
+        strategy="grid",
+        output_dir=str(tmp_path / "sw"),
+        search_space=GRID,
+        pruner="none",
+    )
     outs = _run_workers(_worker_cmd(path, postgres_url))
     assert all(o.returncode == 0 for o in outs), outs[0].stdout[-2000:] + outs[1].stdout[-2000:]
     spec, _, sweep_dir = sweep.load_sweep(path)
@@ -316,15 +420,24 @@ def test_two_workers_share_a_postgres_sweep(tmp_path, tiny_model, demo_data, pos
     counted = check_no_trial_lost_or_doubled(study, GRID_POINTS)
     workers = {t.user_attrs["worker"]["pid"] for t in counted}
     assert len(workers) == 2, "both workers should have run trials"
-    assert not (sweep_dir / sweep.JOURNAL_FILE).exists()  # the shared database, not the local file
+    assert not (sweep_dir / sweep_workers.JOURNAL_FILE).exists()  # the shared database, not the local file
     assert "***" not in postgres_url and "postgres@127.0.0.1" in (sweep_dir / "sweep.yaml").read_text()
 
 
 def test_base_config_is_the_first_trial_when_it_lies_in_the_space(tmp_path):
-    path = write_sweep(tmp_path, base={**BASE, "learning_rate": 1e-3, "lora_alpha": 16}, strategy="tpe", n_trials=3,
-                       output_dir=str(tmp_path / "sw"), pruner="none",
-                       search_space={"lora_rank": [4, 8], "lora_alpha_ratio": [1, 2],
-                                     "learning_rate": {"low": 1e-4, "high": 1e-2, "log": True}})
+    path = write_sweep(
+        tmp_path,
+        base={**BASE, "learning_rate": 1e-3, "lora_alpha": 16},
+        strategy="tpe",
+        n_trials=3,
+        output_dir=str(tmp_path / "sw"),
+        pruner="none",
+        search_space={
+            "lora_rank": [4, 8],
+            "lora_alpha_ratio": [1, 2],
+            "learning_rate": {"low": 1e-4, "high": 1e-2, "log": True},
+        },
+    )
     spec, base, _ = sweep.load_sweep(path)
     assert sweep.base_params(spec, base) == {"lora_rank": 8, "lora_alpha_ratio": 2, "learning_rate": 1e-3}
     fake = FakeTrain()
@@ -332,7 +445,7 @@ def test_base_config_is_the_first_trial_when_it_lies_in_the_space(tmp_path):
     assert fake.ran[0] == (8, 1e-3) and len(fake.ran) == 3
     assert next(r for r in rows if r["trial"] == 0)["note"] == "base config"
     trial0 = study_of(path).get_trials()[0]
-    assert sweep._same_as_base(trial0.params, base)
+    assert sweep.same_as_base(trial0.params, base)
     # outside the space (rank 16): no base trial; the base config is trained as its own run at the end
     spec16 = spec.model_copy(update={"search_space": {"lora_rank": [4, 8]}})
     assert sweep.base_params(spec16, base.model_copy(update={"lora_rank": 16})) is None
@@ -343,8 +456,15 @@ def test_data_source_prepared_once_and_checked(tmp_path):
     from loralab.config import build_config
     from loralab.data import with_prepared_data
 
-    cfg = build_config({"data_source": "builtin:demo", "data_sample": 50, "data_split": "30,10,10",
-                        "dataset_dir": str(tmp_path / "data"), "data_name": "demo"})
+    cfg = build_config(
+        {
+            "data_source": "builtin:demo",
+            "data_sample": 50,
+            "data_split": "30,10,10",
+            "dataset_dir": str(tmp_path / "data"),
+            "data_name": "demo",
+        }
+    )
     prepared = with_prepared_data(cfg)
     assert (prepared.dataset, prepared.eval_dataset, prepared.test_dataset) == ("demo_train", "demo_val", "demo_test")
     assert (tmp_path / "data" / "demo_val.json").is_file()
@@ -355,9 +475,16 @@ def test_data_source_prepared_once_and_checked(tmp_path):
 
 def test_pruning_follows_the_objective_direction(tmp_path, monkeypatch):
     """With a maximized generation objective, the pruner still stops the trials with the higher loss."""
-    path = write_sweep(tmp_path, base=BASE, strategy="grid", output_dir=str(tmp_path / "sw"), objective="rougeL",
-                       search_space={"lora_rank": [16, 4], "learning_rate": [1e-4]}, pruner_startup_trials=1,
-                       seed=1)  # with Optuna 5's grid shuffle, seed 1 runs rank 16 first
+    path = write_sweep(
+        tmp_path,
+        base=BASE,
+        strategy="grid",
+        output_dir=str(tmp_path / "sw"),
+        objective="rougeL",
+        search_space={"lora_rank": [16, 4], "learning_rate": [1e-4]},
+        pruner_startup_trials=1,
+        seed=1,
+    )  # with Optuna 5's grid shuffle, seed 1 runs rank 16 first
     monkeypatch.setattr(sweep, "validation_score", lambda cfg, *a: 50.0 if cfg.lora_rank == 16 else 40.0)
     rows = sweep.run_sweep(path, trials_only=True, train_fn=FakeTrain())["leaderboard"]
     by_rank = {r["lora_rank"]: r for r in rows}
@@ -373,8 +500,14 @@ def test_winner_is_the_base_config(tmp_path, tiny_model, demo_data):
     """When the starting config wins, it is tested once, alone, and the report says so."""
     from loralab import report
 
-    path = write_sweep(tmp_path, base=tiny_base(tiny_model, demo_data, lora_rank=4), strategy="grid",
-                       output_dir=str(tmp_path / "sw"), search_space={"lora_rank": [4]}, pruner="none")
+    path = write_sweep(
+        tmp_path,
+        base=tiny_base(tiny_model, demo_data, lora_rank=4),
+        strategy="grid",
+        output_dir=str(tmp_path / "sw"),
+        search_space={"lora_rank": [4]},
+        pruner="none",
+    )
     final = sweep.run_sweep(path)["final"]
     assert final["winner_is_base"] and final["base_is_trial"] == 0 and final["test"]["comparison"] is None
     assert set(json.loads((tmp_path / "sw" / "test_eval" / "comparison.json").read_text())["models"]) == {"tuned"}

@@ -14,9 +14,9 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
+from loralab import train as train_mod
 from loralab.config import load_config
 from loralab.errors import LoralabError
-from loralab import train as train_mod
 from loralab.train import LengthGroupedSampler, encode_split, padding_efficiency, train
 
 MULTI_TURN = [{"conversations": [
@@ -118,7 +118,8 @@ def test_trainer_receives_masked_labels(request, fixture, closer, data_dir, tmp_
     multi = next(t for t in texts if "It is 4." in t)
     assert "It is 6." in multi and multi.count(closer) == 2  # both assistant turns, each closed
     for text in texts:
-        assert text.rstrip("\n").endswith(closer) and "Say number" not in text and "What is" not in text and "user" not in text
+        assert text.rstrip("\n").endswith(closer)
+        assert "Say number" not in text and "What is" not in text and "user" not in text
 
 
 def test_run_folder_best_and_last(lora_run, data_dir):
@@ -170,10 +171,22 @@ def test_adapter_loads_in_peft_and_loralab(lora_run):
     assert type(model).__name__ == "PeftModelForCausalLM"
 
 
-def test_refuses_to_overwrite_and_overwrites_when_asked(lora_run, tiny_model, data_dir):
-    cfg, _, out = lora_run
+def test_refuses_to_overwrite_and_overwrites_when_asked(lora_run, tiny_model, data_dir, tmp_path):
+    cfg, _, first = lora_run
     with pytest.raises(LoralabError, match="exists and is not empty"):
-        train(make_cfg(tiny_model, data_dir, out))
+        train(make_cfg(tiny_model, data_dir, first))
+    out = tmp_path / "again"  # a copy: other tests read the first run
+    shutil.copytree(first, out)
+    old_events = {p.name for p in (out / "tensorboard").glob("events.out.tfevents.*")}
+    assert old_events and {"checkpoint-4", "checkpoint-8", "last"} <= {p.name for p in out.iterdir()}
+    summary = train(make_cfg(tiny_model, data_dir, out, max_steps=2, overwrite_output_dir=True))
+    # Nothing of the old run is left to mix with the new one (or to be resumed later).
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"] and not (out / "last").exists()
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in lines) == 2 and summary["steps"] == 2
+    events = {p.name for p in (out / "tensorboard").glob("events.out.tfevents.*")}
+    assert events and not events & old_events
+    assert "= checkpoint-4" not in (out / "train.log").read_text()
 
 
 def test_overflow_counts(tiny_model, data_dir):
@@ -190,7 +203,8 @@ def test_overflow_counts(tiny_model, data_dir):
     kept, counts = encode_split(tokenizer, convs, make_cfg(tiny_model, data_dir, "x", cutoff_len=cutoff))
     assert counts["truncated"] + counts["no_labels"] == over and all(len(e["input_ids"]) <= cutoff for e in kept)
     assert counts["truncated"] > 0 and len(kept) == len(convs) - counts["no_labels"]
-    kept, counts = encode_split(tokenizer, convs, make_cfg(tiny_model, data_dir, "x", cutoff_len=cutoff, overflow="drop"))
+    dropping = make_cfg(tiny_model, data_dir, "x", cutoff_len=cutoff, overflow="drop")
+    kept, counts = encode_split(tokenizer, convs, dropping)
     assert counts["dropped_too_long"] == over and len(kept) == len(convs) - over
 
 
@@ -208,6 +222,27 @@ def test_length_grouped_sampler_is_deterministic_and_tight():
     batches = [first[i:i + 8] for i in range(0, 1000, 8)]
     random_batches = [list(range(i, min(i + 8, 1000))) for i in range(0, 1000, 8)]
     assert padding_efficiency(lengths, batches) > 0.95 > padding_efficiency(lengths, random_batches)
+
+
+def test_trainer_trains_in_length_grouped_order(tiny_model, data_dir, tmp_path, monkeypatch):
+    """group_by_length: the batches the Trainer trains on are LengthGroupedSampler's, in its order."""
+    from loralab.data import load_conversations
+    from loralab.models import load_tokenizer
+
+    seen = []
+    original = train_mod.LoralabTrainer.training_step
+
+    def spy(self, model, inputs, *args, **kwargs):
+        seen.append(sorted(inputs["attention_mask"].sum(dim=1).tolist()))
+        return original(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod.LoralabTrainer, "training_step", spy)
+    cfg = make_cfg(tiny_model, data_dir, tmp_path / "run", eval_strategy="no", max_steps=3)
+    train(cfg)
+    examples, _ = encode_split(load_tokenizer(cfg), load_conversations(cfg, "train"), cfg)
+    lengths = [len(e["input_ids"]) for e in examples]
+    batches = LengthGroupedSampler(lengths, cfg.per_device_train_batch_size, seed=cfg.seed).batches()
+    assert seen == [sorted(lengths[i] for i in batch) for batch in batches[:3]]
 
 
 def test_lora_options_and_callbacks(tiny_model, data_dir, tmp_path):
@@ -275,8 +310,26 @@ def cli(*args, env=None, **kw):
 def cli_args(model, data_dir, out, **kw):
     cfg = make_cfg(model, data_dir, out, **kw)
     keys = ("model_name_or_path", "dataset_dir", "dataset", "eval_dataset", "output_dir", "max_steps", "eval_steps",
-            "logging_steps", "per_device_train_batch_size", "learning_rate", "torch_threads", "seed", "save_total_limit")
+            "logging_steps", "per_device_train_batch_size", "learning_rate", "torch_threads", "seed",
+            "save_total_limit")
     return [f"{k}={getattr(cfg, k)}" for k in keys]
+
+
+# A training run that stops for an hour in checkpoint-4's on_save: the caller's callbacks run before
+# loralab's own, which writes the completion marker, so the test can SIGKILL it "in the middle of saving".
+PAUSE_BEFORE_MARKER = """
+import json, sys, time
+from transformers import TrainerCallback
+from loralab.config import load_config
+from loralab.train import train
+
+class PauseBeforeMarker(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == 4:
+            time.sleep(3600)
+
+train(load_config(None, json.loads(sys.argv[1])), callbacks=[PauseBeforeMarker()])
+"""
 
 
 def test_sigkill_during_save_then_resume_matches_uninterrupted(tiny_model, data_dir, tmp_path):
@@ -287,8 +340,9 @@ def test_sigkill_during_save_then_resume_matches_uninterrupted(tiny_model, data_
     reference = train(make_cfg(tiny_model, data_dir, tmp_path / "ref", **settings))
     out = tmp_path / "killed"
     args = ["train", *cli_args(tiny_model, data_dir, out, **settings)]
-    proc = subprocess.Popen([sys.executable, "-m", "loralab.cli", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, train_mod.PAUSE_ENV: "4"})
+    values = json.dumps(make_cfg(tiny_model, data_dir, out, **settings).model_dump(mode="json"))
+    proc = subprocess.Popen([sys.executable, "-c", PAUSE_BEFORE_MARKER, values], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
         while not (out / "checkpoint-4" / "trainer_state.json").exists():

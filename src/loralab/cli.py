@@ -18,6 +18,7 @@ from loralab import __version__
 from loralab.config import Config, config_to_yaml, describe_fields, load_config
 from loralab.errors import LoralabError
 from loralab.log import setup_logging
+from loralab.runinfo import write_json
 
 app = typer.Typer(
     name="loralab",
@@ -31,6 +32,9 @@ config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True
 app.add_typer(config_app, name="config")
 
 log = logging.getLogger("loralab")
+
+# Libraries of optional stages -> the extra of pyproject.toml that installs them.
+EXTRA_OF_MODULE = {"fastapi": "serve", "uvicorn": "serve", "gradio": "webchat", "optuna": "sweep", "sqlalchemy": "sweep"}
 
 ConfigArgs = Annotated[
     Optional[list[str]],
@@ -237,7 +241,6 @@ def compare(
     from pathlib import Path
 
     from loralab import evaluate
-    from loralab.runinfo import write_json
 
     result = evaluate.compare_evaluations(run_a, run_b, n_boot=n_boot, seed=seed)
     typer.echo(f"B = {run_b} vs A = {run_a}: {result['n_samples']} samples")
@@ -392,6 +395,12 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except ModuleNotFoundError as e:  # an optional stage whose extra is not installed
+        extra = EXTRA_OF_MODULE.get((e.name or "").split(".")[0])
+        if extra is None:
+            raise
+        typer.echo(f"error: this command needs {e.name}, which is not installed: pip install 'loralab[{extra}]'", err=True)
+        sys.exit(2)
     sys.exit(rc if isinstance(rc, int) else 0)
 
 

@@ -229,15 +229,61 @@ def parse_split(text: str) -> list[float]:
     except ValueError:
         parts = []
     if len(parts) != 3 or not all(math.isfinite(p) and p >= 0 for p in parts) or sum(parts) <= 0:
-        raise ValueError(f"expected three non-negative numbers train,val,test like 7000,2000,1000 or 0.7,0.2,0.1, got {text!r}")
+        raise ValueError("expected three non-negative numbers train,val,test like 7000,2000,1000 or 0.7,0.2,0.1, "
+                         f"got {text!r}")
     return parts
 
 
 FIELDS = list(Config.model_fields)
 
+# --- which stage each key affects ------------------------------------------------------------------
+# One tag per key. Every "which keys matter here" set (what `loralab run` fingerprints to reuse a
+# finished stage, what a sweep may vary, what may differ between a sweep's workers) is derived from
+# these tags below, never written out again elsewhere. A key not named here changes the trained
+# model ("train"): the safe default for a new key.
+STAGES = {
+    "train": "the trained model (model, method, data, training and validation settings)",
+    "generate": "generated text and its scores (predict, eval, chat, serving), not the trained model",
+    "test": "which records are the test split: only the final test evaluation",
+    "speed": "only speed and memory; results are the same",
+    "files": "where results are written, and whether earlier ones are replaced or resumed",
+    "serve": "which adapters serving loads and where it listens",
+}
+STAGE_OF_KEY = {
+    **dict.fromkeys(("infer_backend", "infer_batch_size", "max_new_tokens", "do_sample", "temperature", "top_p",
+                     "top_k", "repetition_penalty"), "generate"),
+    "test_dataset": "test",
+    "torch_threads": "speed",
+    **dict.fromkeys(("output_dir", "overwrite_output_dir", "resume_from_checkpoint", "export_dir"), "files"),
+    **dict.fromkeys(("adapter_name_or_path", "adapters", "api_host", "api_port"), "serve"),
+}
 
-def _suggest(key: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.6)
+
+def stage_of(key: str) -> str:
+    """The stage whose results `key` changes (one of STAGES)."""
+    return STAGE_OF_KEY.get(key, "train")
+
+
+def keys_of(*stages: str) -> frozenset[str]:
+    """Every config key tagged with one of `stages`."""
+    if set(stages) - set(STAGES):
+        raise ValueError(f"unknown stage(s) {set(stages) - set(STAGES)}; expected some of {list(STAGES)}")
+    return frozenset(k for k in FIELDS if stage_of(k) in stages)
+
+
+# Change the trained model: `loralab run` retrains when one differs.
+TRAIN_KEYS = keys_of("train")
+# Change what evaluation produces but not the trained model: `loralab run` re-evaluates when one differs.
+EVAL_KEYS = keys_of("generate", "test")
+# Change no result: they may differ between the workers of one sweep.
+RESULT_NEUTRAL_KEYS = keys_of("speed", "files", "serve")
+# A sweep sets these for each trial itself, or varying them would let selection see the test split.
+NOT_SEARCHABLE_KEYS = keys_of("files", "serve", "test")
+
+
+def did_you_mean(key: str, choices) -> str:
+    """'; did you mean `x`?' for the closest of `choices` to a mistyped `key`, or '' when none is close."""
+    close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.6)
     return f"; did you mean `{close[0]}`?" if close else ""
 
 
@@ -248,8 +294,9 @@ def describe_validation_error(err: ValidationError, source: str) -> str:
     got = first.get("input")
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
-        return f"{source}: unknown key `{key}`{_suggest(key, FIELDS)} (see `loralab config show` for all keys)"
-    if first["type"].startswith(("float_", "int_")) or first["type"] in ("literal_error", "bool_parsing", "string_type"):
+        return f"{source}: unknown key `{key}`{did_you_mean(key, FIELDS)} (see `loralab config show` for all keys)"
+    kind = first["type"]
+    if kind.startswith(("float_", "int_")) or kind in ("literal_error", "bool_parsing", "string_type"):
         return f"{source}: `{key}` {msg.lower()}, got {got!r}"
     return f"{source}: `{key}`: {msg}" + (f" (got {got!r})" if got is not None and not isinstance(got, dict) else "")
 

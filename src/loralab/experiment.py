@@ -8,7 +8,7 @@ The data split is reused while its manifest matches the data settings; train and
 fingerprint of the settings they depend on in `stages.json`. Running the same experiment again reuses
 finished stages, and a stage whose settings changed is redone only with
 `--force` (nothing already computed is thrown away without asking). A training run that was killed is
-resumed from its last complete checkpoint.
+resumed from its last complete checkpoint, or started again when it had none.
 """
 
 from __future__ import annotations
@@ -18,18 +18,13 @@ import json
 import logging
 from pathlib import Path
 
-from loralab.config import Config, load_config
+from loralab import data, evaluate, report, train
+from loralab.config import EVAL_KEYS, TRAIN_KEYS, Config, load_config
 from loralab.errors import LoralabError
+from loralab.log import log_to_file
 from loralab.runinfo import write_json
 
 log = logging.getLogger(__name__)
-
-# Keys that change what `loralab eval` produces but not the trained model.
-GENERATION_KEYS = {"infer_backend", "infer_batch_size", "max_new_tokens", "do_sample", "temperature", "top_p",
-                   "top_k", "repetition_penalty", "test_dataset"}
-# Keys that change neither (where things are written, serving, export).
-NEUTRAL_KEYS = {"output_dir", "overwrite_output_dir", "resume_from_checkpoint", "adapter_name_or_path", "adapters",
-                "api_host", "api_port", "export_dir", "torch_threads", "dataset_dir"}
 
 
 def fingerprint(values: dict) -> str:
@@ -39,22 +34,24 @@ def fingerprint(values: dict) -> str:
 def stage_keys(cfg: Config, data_sha: str) -> dict[str, str]:
     """Fingerprints of what each stage depends on: data files -> train -> eval."""
     settings = cfg.model_dump(mode="json")
-    train_fp = fingerprint({"data": data_sha, **{k: v for k, v in settings.items()
-                                                 if k not in GENERATION_KEYS | NEUTRAL_KEYS}})
-    eval_fp = fingerprint({"train": train_fp, **{k: settings[k] for k in GENERATION_KEYS}})
+    # The split files' fingerprint stands for the folder they are in: moving the folder changes nothing.
+    train_fp = fingerprint({"data": data_sha, **{k: settings[k] for k in TRAIN_KEYS - {"dataset_dir"}}})
+    eval_fp = fingerprint({"train": train_fp, **{k: settings[k] for k in EVAL_KEYS}})
     return {"train": train_fp, "eval": eval_fp}
 
 
 def run_experiment(path: str | None, overrides: list[str] | None = None, force: bool = False) -> dict:
-    from loralab import data, evaluate, train
-    from loralab.log import add_log_file
-
     cfg = load_config(path, overrides)
     if cfg.adapter_name_or_path:
         raise LoralabError("adapter_name_or_path: `loralab run` trains its own adapter; unset adapter_name_or_path")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    add_log_file(out / "experiment.log")
+    with log_to_file(out / "experiment.log"):
+        return run_stages(cfg, out, force)
+
+
+def run_stages(cfg: Config, out: Path, force: bool) -> dict:
+    """The four stages in the experiment folder `out`, each reused when its fingerprint matches."""
     stages_file = out / "stages.json"
     done = json.loads(stages_file.read_text()) if stages_file.is_file() else {}
 
@@ -75,8 +72,12 @@ def run_experiment(path: str | None, overrides: list[str] | None = None, force: 
     else:
         if finished and not force:
             raise _changed("train", "model, data or training settings")
-        resuming = not force and run_dir.is_dir() and any(run_dir.glob("checkpoint-*"))
-        train_cfg = train_cfg.model_copy(update={"overwrite_output_dir": force, "resume_from_checkpoint": resuming or None})
+        # A training run of this experiment that was cut off resumes from its last complete checkpoint
+        # (the rule train and sweep use); without one there is nothing to keep and it starts over.
+        resuming = not force and run_dir.is_dir() and train.find_resume_checkpoint(run_dir) is not None
+        train_cfg = train_cfg.model_copy(
+            update={"overwrite_output_dir": not resuming, "resume_from_checkpoint": resuming or None}
+        )
         log.info("stage 2/4 train: %s%s", run_dir, " (resuming)" if resuming else "")
         summary = train.train(train_cfg)
         done = _mark(stages_file, done, "train", keys["train"])
@@ -91,18 +92,22 @@ def run_experiment(path: str | None, overrides: list[str] | None = None, force: 
         if done.get("eval") and not force:
             raise _changed("eval", "generation settings")
         log.info("stage 3/4 eval: base and tuned on %s", cfg.test_dataset)
-        comparison = evaluate.evaluate_models(cfg, {"base": None, "tuned": str(run_dir)}, split="test",
-                                              out_dir=eval_dir, overwrite=True)
+        comparison = evaluate.evaluate_models(
+            cfg, {"base": None, "tuned": str(run_dir)}, split="test", out_dir=eval_dir, overwrite=True
+        )
         done = _mark(stages_file, done, "eval", keys["eval"])
 
     # 4. Report: metric table with CIs, loss curves, example predictions.
-    from loralab import report
-
     report_path = report.write_report(out)
     log.info("stage 4/4 report: %s", report_path)
     table = evaluate.format_comparison_table(comparison)
-    return {"output_dir": str(out), "train": summary, "comparison": comparison, "report": str(report_path),
-            "table": table}
+    return {
+        "output_dir": str(out),
+        "train": summary,
+        "comparison": comparison,
+        "report": str(report_path),
+        "table": table,
+    }
 
 
 def _mark(stages_file: Path, done: dict, stage: str, key: str) -> dict:

@@ -35,9 +35,11 @@ def check_export_dir(cfg: Config, overwrite: bool) -> Path:
 def export(cfg: Config, overwrite: bool = False) -> Path:
     """Load base + adapters (merged in order), save into export_dir atomically; returns the folder."""
     if not cfg.adapter_paths:
-        raise LoralabError("adapter_name_or_path: not set; pass the adapter (run) folder to merge, e.g. adapter_name_or_path=runs/my-run")
+        raise LoralabError("adapter_name_or_path: not set; pass the adapter (run) folder to merge, "
+                           "e.g. adapter_name_or_path=runs/my-run")
     if cfg.quantization_bit:
-        raise LoralabError("quantization_bit: a quantized base cannot be merged; unset it to merge into full-precision weights")
+        raise LoralabError("quantization_bit: a quantized base cannot be merged; "
+                           "unset it to merge into full-precision weights")
     target = check_export_dir(cfg, overwrite)
     for path in cfg.adapter_paths:
         models.check_adapter_base(cfg, path)

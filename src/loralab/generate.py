@@ -28,6 +28,7 @@ from pathlib import Path
 
 from loralab.config import Config
 from loralab.errors import LoralabError
+from loralab.models import default_adapters, peft_adapter_names
 from loralab.templates import encode_prompt, stop_token_ids, with_default_system
 
 log = logging.getLogger(__name__)
@@ -190,8 +191,9 @@ class Engine:
         self.cfg = cfg
         self.base_name = cfg.model_name_or_path
         if adapters is None:
-            adapters = {Path(p).name or p: p for p in cfg.adapter_paths} | dict(cfg.adapters)
-        self.adapter_names = list(adapters)
+            adapters = default_adapters(cfg)
+        self.adapter_names = list(adapters)  # as users name them; the model knows them by _peft_name
+        self._peft_name = peft_adapter_names(adapters)
         self.backend = cfg.infer_backend
         self._lock = threading.Lock()  # one generate at a time: adapters are switched on the shared model
         self._vllm = None
@@ -260,7 +262,7 @@ class Engine:
             if adapter is None:
                 adapter_ctx = self.model.disable_adapter()
             else:
-                self.model.set_adapter(adapter)
+                self.model.set_adapter(self._peft_name[adapter])
                 adapter_ctx = contextlib.nullcontext()
         else:
             adapter_ctx = contextlib.nullcontext()

@@ -1,13 +1,15 @@
 """The one place that sets up logging for every command."""
 
+import contextlib
 import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 
 
-def setup_logging(verbose: bool = False, log_file: str | os.PathLike | None = None) -> None:
-    """Readable `HH:MM:SS level message` lines on stderr (and optionally a file in the run folder)."""
+def setup_logging(verbose: bool = False) -> None:
+    """Readable `HH:MM:SS level message` lines on stderr."""
     level = logging.DEBUG if verbose else logging.INFO
     fmt = logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
     root = logging.getLogger()
@@ -17,8 +19,6 @@ def setup_logging(verbose: bool = False, log_file: str | os.PathLike | None = No
         handler.setFormatter(fmt)
         handler._loralab = True  # type: ignore[attr-defined]
         root.addHandler(handler)
-    if log_file is not None:
-        add_log_file(log_file)
     # Third-party libraries are chatty at INFO; keep their warnings, drop their noise.
     for name in ("transformers", "datasets", "httpx", "urllib3", "jieba", "filelock", "matplotlib", "absl"):
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
@@ -30,12 +30,23 @@ def setup_logging(verbose: bool = False, log_file: str | os.PathLike | None = No
     warnings.filterwarnings("ignore", message="Could not find a config file in builtin:")
 
 
-def add_log_file(path: str | os.PathLike) -> None:
-    """Also write the log to `path` (e.g. RUN_DIR/train.log), once per path."""
-    path = os.fspath(path)
+@contextlib.contextmanager
+def log_to_file(path: str | os.PathLike) -> Iterator[None]:
+    """Also write the log to `path` (e.g. RUN_DIR/train.log) until the block ends.
+
+    One process may run many stages (sweeps train many times, `loralab run` trains then evaluates):
+    each run's file gets only that run's lines. A path already attached by an outer block is left to it.
+    """
+    path = os.path.abspath(path)
     root = logging.getLogger()
-    if any(getattr(h, "baseFilename", None) == os.path.abspath(path) for h in root.handlers):
+    if any(getattr(h, "baseFilename", None) == path for h in root.handlers):
+        yield
         return
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()

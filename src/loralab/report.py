@@ -58,9 +58,9 @@ def _read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
 @dataclass
 class Found:
     kind: str
-    runs: dict[str, Path] = field(default_factory=dict)          # name -> run folder (has metrics.jsonl)
+    runs: dict[str, Path] = field(default_factory=dict)  # name -> run folder (has metrics.jsonl)
     comparisons: list[tuple[Path, dict]] = field(default_factory=list)  # evaluate_models' comparison.json
-    evaluations: dict[str, Path] = field(default_factory=dict)   # name -> eval folder (metrics.json), standalone
+    evaluations: dict[str, Path] = field(default_factory=dict)  # name -> eval folder (metrics.json), standalone
     sweep: dict | None = None
 
 
@@ -109,8 +109,10 @@ def collect(folder: Path) -> Found:
             if isinstance(result, dict) and isinstance(result.get("metrics"), dict):
                 found.evaluations[str(ev.relative_to(folder)) if ev != folder else folder.name] = ev
     if found.kind == "evaluation" and not (found.comparisons or found.evaluations or found.runs):
-        raise LoralabError(f"{folder}: nothing to report; expected a run folder (metrics.jsonl, train_results.json), "
-                           "an evaluation folder (metrics.json, comparison.json), an experiment or a sweep folder")
+        raise LoralabError(
+            f"{folder}: nothing to report; expected a run folder (metrics.jsonl, train_results.json), "
+            "an evaluation folder (metrics.json, comparison.json), an experiment or a sweep folder"
+        )
     return found
 
 
@@ -164,9 +166,14 @@ def plot_losses(runs: dict[str, Path], files: Path, highlight: str | None = None
             if not points:
                 continue
             strong = highlight is not None and name == highlight
-            ax.plot(*zip(*points), marker="o" if len(points) < 25 else None, markersize=3,
-                    linewidth=2.5 if strong else 1.2, alpha=1.0 if strong or highlight is None else 0.6,
-                    label=name + (" (winner)" if strong else ""))
+            ax.plot(
+                *zip(*points),
+                marker="o" if len(points) < 25 else None,
+                markersize=3,
+                linewidth=2.5 if strong else 1.2,
+                alpha=1.0 if strong or highlight is None else 0.6,
+                label=name + (" (winner)" if strong else ""),
+            )
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.set_ylabel(key)
@@ -187,7 +194,10 @@ def plot_metrics(models: dict[str, dict], files: Path, name: str = "test_metrics
     for i, (model, metrics) in enumerate(models.items()):
         xs = [j + i * width for j in range(len(keys))]
         vals = [metrics[k]["value"] for k in keys]
-        errs = [[v - metrics[k]["ci_low"] for k, v in zip(keys, vals)], [metrics[k]["ci_high"] - v for k, v in zip(keys, vals)]]
+        errs = [
+            [v - metrics[k]["ci_low"] for k, v in zip(keys, vals)],
+            [metrics[k]["ci_high"] - v for k, v in zip(keys, vals)],
+        ]
         ax.bar(xs, vals, width, yerr=errs, capsize=3, label=model)
     ax.set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(keys))], keys)
     ax.set_ylabel("score (x100), 95% CI")
@@ -198,8 +208,11 @@ def plot_metrics(models: dict[str, dict], files: Path, name: str = "test_metrics
 
 def plot_params(trials: list[dict], keys: list[str], objective: str, files: Path) -> Path | None:
     """The objective of each finished trial against each swept parameter."""
-    done = [t for t in trials if t.get("state") == "COMPLETE" and t.get("value") is not None
-            and "skipped" not in t.get("user_attrs", {})]
+    done = [
+        t
+        for t in trials
+        if t.get("state") == "COMPLETE" and t.get("value") is not None and "skipped" not in t.get("user_attrs", {})
+    ]
     if not done or not keys:
         return None
     plt = _plt()
@@ -272,8 +285,10 @@ class Page:
         rel = path.relative_to(self.folder).as_posix()
         self.md.append(f"![{alt}]({rel})\n")
         data = base64.b64encode(path.read_bytes()).decode("ascii")
-        self.html.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
-                         f"<figcaption>{html.escape(alt)} ({html.escape(rel)})</figcaption></figure>")
+        self.html.append(
+            f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+            f"<figcaption>{html.escape(alt)} ({html.escape(rel)})</figcaption></figure>"
+        )
 
     def examples(self, columns: dict[str, list[str]], prompts: list[str]) -> None:
         """Side by side: prompt, then one column per model and the reference."""
@@ -284,22 +299,30 @@ class Page:
         for i, prompt in enumerate(prompts):
             texts = [columns[n][i] if i < len(columns[n]) else "" for n in names]
             self.md.append(f"| {i} | " + " | ".join(_md_text(t) for t in [prompt, *texts]) + " |")
-            rows_html.append(f"<tr><td>{i}</td>" + "".join(f"<td><pre>{html.escape(_clip(t))}</pre></td>" for t in [prompt, *texts]) + "</tr>")
+            rows_html.append(
+                f"<tr><td>{i}</td>"
+                + "".join(f"<td><pre>{html.escape(_clip(t))}</pre></td>" for t in [prompt, *texts])
+                + "</tr>"
+            )
         self.md.append("")
         head = "".join(f"<th>{html.escape(h)}</th>" for h in ["#", "prompt", *names])
-        self.html.append(f"<table class='examples'><thead><tr>{head}</tr></thead><tbody>{''.join(rows_html)}</tbody></table>")
+        self.html.append(
+            f"<table class='examples'><thead><tr>{head}</tr></thead><tbody>{''.join(rows_html)}</tbody></table>"
+        )
 
     def render_html(self) -> str:
         return (
             "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
             f"<title>{html.escape(self.title)}</title><style>{CSS}</style></head><body>"
-            f"<h1>{html.escape(self.title)}</h1>" + "\n".join(self.html)
+            f"<h1>{html.escape(self.title)}</h1>"
+            + "\n".join(self.html)
             + f"<footer>loralab {html.escape(__version__)} · {time.strftime('%Y-%m-%d %H:%M')}</footer></body></html>\n"
         )
 
 
 CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1150px;color:#222;padding:0 1em}
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1150px;color:#222;
+padding:0 1em}
 h1{font-size:1.6em}h2{margin-top:1.8em;border-bottom:1px solid #ddd;padding-bottom:.2em}
 table{border-collapse:collapse;margin:.8em 0;font-size:.88em}
 th,td{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}
@@ -345,7 +368,11 @@ def _md_text(text: str) -> str:
 def _space_text(space) -> str:
     if isinstance(space, dict):  # a range
         text = f"{space.get('low'):g} to {space.get('high'):g}"
-        return text + (" (log scale)" if space.get("log") else "") + (f", step {space['step']:g}" if space.get("step") else "")
+        return (
+            text
+            + (" (log scale)" if space.get("log") else "")
+            + (f", step {space['step']:g}" if space.get("step") else "")
+        )
     return ", ".join(str(v) for v in space)
 
 
@@ -358,8 +385,10 @@ def _num(v) -> float | None:
 
 # --- sections ---------------------------------------------------------------------------------------------
 def metric_table(page: Page, metrics: dict) -> None:
-    page.table(["metric", "value", "95% CI low", "95% CI high"],
-               [[k, m.get("value"), m.get("ci_low"), m.get("ci_high")] for k, m in metrics.items()])
+    page.table(
+        ["metric", "value", "95% CI low", "95% CI high"],
+        [[k, m.get("value"), m.get("ci_low"), m.get("ci_high")] for k, m in metrics.items()],
+    )
 
 
 def models_table(page: Page, models: dict[str, dict]) -> None:
@@ -376,40 +405,112 @@ def models_table(page: Page, models: dict[str, dict]) -> None:
     page.table(["metric", *[f"{n} (95% CI)" for n in names]], rows)
 
 
-def headline(comparison: dict, names=("rougeL", "sacrebleu")) -> str:
+def headline(comparison: dict, names=("rougeL", "sacrebleu", "exact_match")) -> str:
     """'rougeL 12.30 -> 15.60 (+3.30, 95% CI [+1.0, +5.6], p=0.010); ...' for a paired comparison."""
     parts = []
     for k in names:
         m = comparison["metrics"].get(k)
         if m:
-            parts.append(f"{k} {m['value_a']:.2f} -> {m['value_b']:.2f} ({m['delta']:+.2f}, 95% CI "
-                         f"[{m['ci_low']:+.2f}, {m['ci_high']:+.2f}], p={m['p_value']:.3f})")
+            parts.append(
+                f"{k} {m['value_a']:.2f} -> {m['value_b']:.2f} ({m['delta']:+.2f}, 95% CI "
+                f"[{m['ci_low']:+.2f}, {m['ci_high']:+.2f}], p={m['p_value']:.3f})"
+            )
     return f"{comparison.get('a', 'A')} -> {comparison.get('b', 'B')}: " + "; ".join(parts) + "."
 
 
 def paired_table(page: Page, comparison: dict) -> None:
     a, b = comparison.get("a", "A"), comparison.get("b", "B")
-    rows = [[k, m["value_a"], m["value_b"], f"{m['delta']:+.2f}", f"[{m['ci_low']:+.2f}, {m['ci_high']:+.2f}]", f"{m['p_value']:.3f}"]
-            for k, m in comparison["metrics"].items()]
+    rows = [
+        [
+            k,
+            m["value_a"],
+            m["value_b"],
+            f"{m['delta']:+.2f}",
+            f"[{m['ci_low']:+.2f}, {m['ci_high']:+.2f}]",
+            f"{m['p_value']:.3f}",
+        ]
+        for k, m in comparison["metrics"].items()
+    ]
     page.table(["metric", a, b, f"{b} - {a}", "95% CI of the difference", "p (paired)"], rows)
     n = comparison.get("n_samples")
     page.para(f"{n} paired samples; {comparison.get('ci', 'paired bootstrap CI')}; {comparison.get('test', '')}.")
 
 
-def comparison_section(page: Page, folder: Path, eval_dir: Path, summary: dict, name: str, title: str | None = None) -> None:
+def comparison_section(
+    page: Page, folder: Path, eval_dir: Path, summary: dict, name: str, title: str | None = None
+) -> None:
     models = {k: v["metrics"] for k, v in summary["models"].items()}
     split = summary.get("split") or summary.get("data")
+    # evaluate_models writes OUT/NAME/; the recorded "dir" may be relative to another working folder
+    dirs = {k: eval_dir / k if (eval_dir / k).is_dir() else Path(v.get("dir", "")) for k, v in summary["models"].items()}
     page.heading((title or "Evaluation") + (f" on {split} ({summary.get('n_samples')} samples)" if split else ""))
-    page.para(f"Models: " + ", ".join(f"{k} = {v.get('adapter') or summary.get('model')}" for k, v in summary["models"].items())
-              + f". Folder: {eval_dir.relative_to(folder) if eval_dir != folder else '.'}")
+    page.para(
+        "Models: "
+        + ", ".join(f"{k} = {v.get('adapter') or summary.get('model')}" for k, v in summary["models"].items())
+        + f". Folder: {eval_dir.relative_to(folder) if eval_dir != folder else '.'}"
+    )
     models_table(page, models)
+    answers_table(page, {k: _read_json(d / "metrics.json") or {} for k, d in dirs.items()})
     page.image(plot_metrics(models, folder / FILES_DIR, f"metrics_{name}"), f"metrics with 95% CIs ({split})")
     for comp in summary.get("comparisons", {}).values():
         page.heading(f"{comp.get('b')} vs {comp.get('a')} (paired)")
         paired_table(page, comp)
-    # evaluate_models writes OUT/NAME/; the recorded "dir" may be relative to another working folder
-    dirs = {k: eval_dir / k if (eval_dir / k).is_dir() else Path(v.get("dir", "")) for k, v in summary["models"].items()}
+        if comp.get("a") in dirs and comp.get("b") in dirs:
+            wins_and_losses_section(page, comp["a"], comp["b"], dirs[comp["a"]], dirs[comp["b"]])
     examples_section(page, dirs)
+
+
+def answers_table(page: Page, results: dict[str, dict]) -> None:
+    """What the answers are, beyond n-gram overlap: exact match, lengths, replies cut at max_new_tokens."""
+    rows = []
+    for name, result in results.items():
+        em, lengths = (result.get("metrics") or {}).get("exact_match"), result.get("lengths") or {}
+        if em is None and not lengths:
+            continue  # scored before these metrics existed
+        cut = lengths.get("hit_max_new_tokens")
+        rows.append([name, f"{em['value']:.1f} [{em['ci_low']:.1f}, {em['ci_high']:.1f}]" if em else "",
+                     lengths.get("mean_pred_words"), lengths.get("mean_label_words"), lengths.get("ratio"),
+                     f"{cut:.0f}% ({lengths.get('n_hit_max_new_tokens')})" if cut is not None else "unknown"])
+    if not rows:
+        return
+    page.table(["model", "exact match % (95% CI)", "generated words (mean)", "reference words (mean)",
+                "generated / reference", "hit max_new_tokens"], rows)
+    page.para("Exact match: the reply equals the reference after SQuAD normalization (lowercase, no punctuation, "
+              "no a/an/the, single spaces); a reply in the right format with a wrong answer scores 0 here even when "
+              "its BLEU/ROUGE is high. Lengths are counted in whitespace-separated words.")
+
+
+def biggest_changes(rows_a: list[dict], rows_b: list[dict], key: str = "rougeL", n: int = 5) -> tuple[list[int], list[int]]:
+    """Sample indices where B beat A by most (wins) and lost to A by most (losses) on a per-sample score."""
+    deltas = [(row_b[key] - row_a[key], i) for i, (row_a, row_b) in enumerate(zip(rows_a, rows_b))
+              if key in row_a and key in row_b]
+    wins = [i for d, i in sorted(deltas, key=lambda t: (-t[0], t[1])) if d > 0][:n]
+    losses = [i for d, i in sorted(deltas, key=lambda t: (t[0], t[1])) if d < 0][:n]
+    return wins, losses
+
+
+def wins_and_losses_section(page: Page, a: str, b: str, dir_a: Path, dir_b: Path, key: str = "rougeL") -> None:
+    """The samples where B gained or lost most against A (per-sample scores of `loralab eval`)."""
+    rows_a, rows_b = _read_jsonl(dir_a / "per_sample_scores.jsonl"), _read_jsonl(dir_b / "per_sample_scores.jsonl")
+    if not rows_a or len(rows_a) != len(rows_b):
+        return
+    wins, losses = biggest_changes(rows_a, rows_b, key, N_EXAMPLES)
+    better = sum(rb[key] > ra[key] for ra, rb in zip(rows_a, rows_b))
+    worse = sum(rb[key] < ra[key] for ra, rb in zip(rows_a, rows_b))
+    page.heading(f"Biggest wins and losses of {b} vs {a} (per-sample {key})")
+    page.para(f"{b} scores higher than {a} on {better} of {len(rows_a)} samples, lower on {worse}, the same on "
+              f"{len(rows_a) - better - worse}.")
+    for label, picked in ((f"Wins: where {b} gained most", wins), (f"Losses: where {b} lost most", losses)):
+        if not picked:
+            continue
+        page.para(f"{label} ({len(picked)} samples; # = 0-based sample index in the evaluated data):")
+        rows = [[i, _clip(user_text(rows_a[i].get("prompt", "")), 300), _clip(rows_a[i].get("predict", ""), 300),
+                 _clip(rows_b[i].get("predict", ""), 300), _clip(rows_a[i].get("label", ""), 300),
+                 f"{rows_a[i][key]:.1f} -> {rows_b[i][key]:.1f}",
+                 f"{rows_a[i].get('exact_match', 0):.0f} -> {rows_b[i].get('exact_match', 0):.0f}"
+                 if "exact_match" in rows_a[i] and "exact_match" in rows_b[i] else ""]
+                for i in picked]
+        page.table(["#", "prompt", a, b, "reference", key, "exact match"], rows)
 
 
 def examples_section(page: Page, model_dirs: dict[str, Path]) -> None:
@@ -429,11 +530,24 @@ def examples_section(page: Page, model_dirs: dict[str, Path]) -> None:
 
 def run_section(page: Page, folder: Path, runs: dict[str, Path], highlight: str | None = None) -> None:
     summaries = {name: _read_json(run / "train_results.json") for name, run in runs.items()}
-    rows = [[name, s.get("steps"), s.get("best_step"), s.get("best_eval_loss"), s.get("train_loss"),
-             s.get("tokens_per_s"), s.get("runtime_s")] for name, s in summaries.items() if isinstance(s, dict)]
+    rows = [
+        [
+            name,
+            s.get("steps"),
+            s.get("best_step"),
+            s.get("best_eval_loss"),
+            s.get("train_loss"),
+            s.get("tokens_per_s"),
+            s.get("runtime_s"),
+        ]
+        for name, s in summaries.items()
+        if isinstance(s, dict)
+    ]
     if rows:
         page.heading("Training")
-        page.table(["run", "steps", "best step", "best validation loss", "mean training loss", "tokens/s", "runtime (s)"], rows)
+        page.table(
+            ["run", "steps", "best step", "best validation loss", "mean training loss", "tokens/s", "runtime (s)"], rows
+        )
     path = plot_losses(runs, folder / FILES_DIR, highlight)
     if path:
         page.heading("Loss curves")
@@ -450,49 +564,92 @@ def sweep_section(page: Page, folder: Path, found: Found) -> None:
     for row in board:
         counts[row.get("state", "?")] = counts.get(row.get("state", "?"), 0) + 1
     page.heading("Sweep")
-    page.para(f"Strategy {spec.get('strategy')}, objective: validation {objective} ({spec.get('direction')}), "
-              f"budget {spec.get('n_trials')} trials, storage: {spec.get('storage')}. Trials: "
-              + ", ".join(f"{n} {s}" for s, n in counts.items()) + ". Selection used the validation split only.")
+    page.para(
+        f"Strategy {spec.get('strategy')}, objective: validation {objective} ({spec.get('direction')}), "
+        f"budget {spec.get('n_trials')} trials, storage: {spec.get('storage')}. Trials: "
+        + ", ".join(f"{n} {s}" for s, n in counts.items())
+        + ". Selection used the validation split only."
+    )
     page.table(["parameter", "searched over"], [[k, _space_text(v)] for k, v in spec.get("search_space", {}).items()])
     if results:
         page.heading(f"Winner: trial {results['best_trial']}")
         base = spec.get("base") or {}
         ratio = (base.get("lora_alpha") or 2 * base.get("lora_rank", 8)) / base.get("lora_rank", 8)
-        page.table(["parameter", "base config", "winner"],
-                   [[k, ratio if k == "lora_alpha_ratio" else base.get(k), v] for k, v in results["best_params"].items()])
+        page.table(
+            ["parameter", "base config", "winner"],
+            [[k, ratio if k == "lora_alpha_ratio" else base.get(k), v] for k, v in results["best_params"].items()],
+        )
         comp = (results.get("test") or {}).get("comparison")
         if results.get("winner_is_base"):
-            page.para("The starting config itself was the best trial: no other configuration beat it on validation, "
-                      "so there is no tuned-vs-base comparison; its test scores are below.")
+            page.para(
+                "The starting config itself was the best trial: no other configuration beat it on validation, "
+                "so there is no tuned-vs-base comparison; its test scores are below."
+            )
         if comp:
             page.para(f"Test split ({comp.get('n_samples')} samples, read once after selection): " + headline(comp))
-        page.para(f"Validation {objective} of the winner: {results['best_value']:.4f}. Run folder: {results['tuned_run']}. "
-                  f"Base config run: {results['base_run']}"
-                  + (f" (it was trial {results['base_is_trial']})." if results.get("base_is_trial") is not None else "."))
+        page.para(
+            f"Validation {objective} of the winner: {results['best_value']:.4f}. Run folder: {results['tuned_run']}. "
+            f"Base config run: {results['base_run']}"
+            + (f" (it was trial {results['base_is_trial']})." if results.get("base_is_trial") is not None else ".")
+        )
     page.heading("Leaderboard")
     if board:
-        cols = ["rank", "trial", "state", "objective" if objective == "eval_loss" else objective, *keys,
-                "best_eval_loss", "steps", "tokens_per_s", "runtime_s", "note", "error"]
+        cols = [
+            "rank",
+            "trial",
+            "state",
+            "objective" if objective == "eval_loss" else objective,
+            *keys,
+            "best_eval_loss",
+            "steps",
+            "tokens_per_s",
+            "runtime_s",
+            "note",
+            "error",
+        ]
         head = [f"validation {objective}" if c in ("objective", objective) and c not in keys else c for c in cols]
-        page.table(head, [[_num(r.get(c)) if _num(r.get(c)) is not None and c not in ("rank", "trial", "steps") else r.get(c)
-                           for c in cols] for r in board])
-    page.image(plot_params(trials, keys, objective, folder / FILES_DIR), f"validation {objective} of each finished trial against each parameter")
+        page.table(
+            head,
+            [
+                [
+                    _num(r.get(c)) if _num(r.get(c)) is not None and c not in ("rank", "trial", "steps") else r.get(c)
+                    for c in cols
+                ]
+                for r in board
+            ],
+        )
+    page.image(
+        plot_params(trials, keys, objective, folder / FILES_DIR),
+        f"validation {objective} of each finished trial against each parameter",
+    )
     imp = sweep["importance"]
     if imp.get("spread"):
         page.heading("Parameter importance")
-        rows = [[k, (imp.get("ped_anova") or {}).get(k), v["spread"],
-                 ", ".join(f"{g}: {m:.4g}" for g, m in v["groups"].items())] for k, v in imp["spread"].items()]
+        rows = [
+            [
+                k,
+                (imp.get("ped_anova") or {}).get(k),
+                v["spread"],
+                ", ".join(f"{g}: {m:.4g}" for g, m in v["groups"].items()),
+            ]
+            for k, v in imp["spread"].items()
+        ]
         page.table(["parameter", "PED-ANOVA importance", "spread of mean objective", "mean objective by value"], rows)
-        note = (f"From {imp.get('n_complete')} finished trials. PED-ANOVA (Optuna) compares the parameter's distribution "
-                "in the best trials with all trials; the spread is the largest difference between the mean objective "
-                "of two values (numeric parameters binned in thirds). With few trials both are rough indications.")
+        note = (
+            f"From {imp.get('n_complete')} finished trials. PED-ANOVA (Optuna) compares the parameter's distribution "
+            "in the best trials with all trials; the spread is the largest difference between the mean objective "
+            "of two values (numeric parameters binned in thirds). With few trials both are rough indications."
+        )
         if imp.get("ped_anova_error"):
             note += f" PED-ANOVA was not computed: {imp['ped_anova_error']}"
         page.para(note)
         page.image(plot_importance(imp, folder / FILES_DIR), "parameter importance")
     listed = {str(r.get("trial")) for r in board}  # the leaderboard's trials: not replaced or skipped ones
-    runs = {f"trial {int(t['number'])}": folder / "trials" / f"trial_{int(t['number']):03d}" for t in trials
-            if str(t["number"]) in listed}
+    runs = {
+        f"trial {int(t['number'])}": folder / "trials" / f"trial_{int(t['number']):03d}"
+        for t in trials
+        if str(t["number"]) in listed
+    }
     runs = {name: run for name, run in runs.items() if (run / "metrics.jsonl").is_file()}
     winner = f"trial {results['best_trial']}" if results else None
     path = plot_losses(runs, folder / FILES_DIR, winner)
@@ -516,8 +673,14 @@ def write_report(folder: str | Path) -> Path:
             test_dir = folder / "test_eval"  # where finalize writes it (the recorded path may be relative)
             summary = _read_json(test_dir / "comparison.json")
             if summary:
-                comparison_section(page, folder, test_dir, summary, "test",
-                                   title="Test split: base config vs winner (evaluated once, after selection)")
+                comparison_section(
+                    page,
+                    folder,
+                    test_dir,
+                    summary,
+                    "test",
+                    title="Test split: base config vs winner (evaluated once, after selection)",
+                )
     else:
         if found.runs:  # training first, then what the trained model scores
             run_section(page, folder, found.runs)
@@ -525,8 +688,12 @@ def write_report(folder: str | Path) -> Path:
             comparison_section(page, folder, eval_dir, summary, eval_dir.name)
         for name, ev in found.evaluations.items():
             result = _read_json(ev / "metrics.json")
-            page.heading(f"Evaluation {name}: {result.get('split') or result.get('data') or ''} ({result.get('n_samples')} samples)")
+            page.heading(
+                f"Evaluation {name}: {result.get('split') or result.get('data') or ''} "
+                f"({result.get('n_samples')} samples)"
+            )
             metric_table(page, result["metrics"])
+            answers_table(page, {name: result})
             examples_section(page, {"prediction": ev})
     (folder / "report.md").write_text("\n".join(page.md) + "\n", encoding="utf-8")
     out = folder / "report.html"

@@ -13,7 +13,7 @@ from loralab import __version__
 from loralab.config import Config, save_config
 from loralab.errors import LoralabError
 
-LIBRARIES = ["torch", "transformers", "peft", "trl", "accelerate", "datasets", "tokenizers", "optuna",
+LIBRARIES = ["torch", "transformers", "peft", "accelerate", "datasets", "tokenizers", "optuna",
              "sacrebleu", "rouge-score", "nltk", "jieba", "rouge-chinese", "vllm"]
 
 

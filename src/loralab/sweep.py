@@ -8,44 +8,62 @@ trial and the base config are evaluated once on the test split, with CIs and a p
 Trials live in Optuna storage: by default a journal file in the sweep folder (safe with several
 processes on one machine), or any RDB URL (postgresql://...) shared by workers on several machines.
 Running the same command again resumes: finished trials stay, a trial whose worker died is failed
-and queued again with the same parameters.
+and queued again with the same parameters (sweep_workers.py: what several workers sharing one study
+need beyond Optuna). leaderboard.py writes the leaderboard the report shows.
+
+The recipe, top to bottom (`run_sweep`): sweep file -> checked base config and search space -> the
+Optuna study (sampler, pruner, storage) -> trials (each a `train.train` run with a pruning callback,
+scored on the validation split) -> leaderboard -> the best trial and the base config tested once.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import difflib
+import fcntl
+import gc
 import json
 import logging
 import math
 import os
-import socket
-import time
-import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from loralab import data, evaluate, train
 from loralab import metrics as metrics_mod
-from loralab.runinfo import write_json
-from loralab.config import FIELDS, Config, build_config, load_config, read_yaml
+from loralab.config import (
+    FIELDS,
+    NOT_SEARCHABLE_KEYS,
+    RESULT_NEUTRAL_KEYS,
+    Config,
+    build_config,
+    did_you_mean,
+    load_config,
+    read_yaml,
+)
 from loralab.errors import LoralabError
+from loralab.generate import Engine
+from loralab.leaderboard import leaderboard_table, write_leaderboard
+from loralab.runinfo import write_json
+from loralab.sweep_workers import (
+    JOURNAL_FILE,
+    Skip,
+    check_slot,
+    counted_trials,
+    make_storage,
+    recover_dead_trials,
+    redact,
+    worker_identity,
+)
 
 log = logging.getLogger(__name__)
 
 # Keys that are not config fields but set one: lora_alpha = lora_alpha_ratio * lora_rank.
 DERIVED_KEYS = {"lora_alpha_ratio": "sets lora_alpha = lora_alpha_ratio * lora_rank"}
-# Keys a sweep owns (folders, resuming) or that would let selection see the test split.
-NOT_SEARCHABLE = {"output_dir", "overwrite_output_dir", "resume_from_checkpoint", "test_dataset",
-                  "adapter_name_or_path", "export_dir", "adapters", "api_host", "api_port"}
-# Base-config keys that may differ between workers of one sweep (they do not change results).
-NEUTRAL_KEYS = {"output_dir", "overwrite_output_dir", "resume_from_checkpoint", "torch_threads", "infer_batch_size",
-                "per_device_eval_batch_size"}
-SWEEP_FILE = "sweep.yaml"      # the resolved sweep (spec + base config) in the sweep folder
-JOURNAL_FILE = "optuna_journal.log"
+SWEEP_FILE = "sweep.yaml"  # the resolved sweep (spec + base config) in the sweep folder
 RESULTS_FILE = "sweep_results.json"
 
 
@@ -64,34 +82,53 @@ class SweepSpec(BaseModel):
     """What a sweep file may say."""
 
     model_config = ConfigDict(extra="forbid")
-    base: str | dict[str, Any] = Field(..., description="Experiment config to start from: a YAML path (relative to the sweep file) or inline keys.")
-    base_overrides: dict[str, Any] = Field(default_factory=dict, description="Keys set on top of `base` (e.g. fewer steps for the sweep).")
+    base: str | dict[str, Any] = Field(
+        ..., description="Experiment config to start from: a YAML path (relative to the sweep file) or inline keys."
+    )
+    base_overrides: dict[str, Any] = Field(
+        default_factory=dict, description="Keys set on top of `base` (e.g. fewer steps for the sweep)."
+    )
     strategy: Literal["grid", "random", "tpe"] = Field("tpe", description="grid, random, or tpe (Bayesian).")
     search_space: dict[str, list[Any] | Range] = Field(
         ..., description="config key -> list of values, or {low, high, log, step} (random/tpe only)."
     )
     n_trials: int | None = Field(None, gt=0, description="Trial budget of the whole sweep (grid: default = grid size).")
-    timeout_minutes: float | None = Field(None, gt=0, description="Stop starting new trials after this long (per worker run).")
-    objective: str = Field("eval_loss", description="eval_loss, or a metric on a fixed validation subset (rougeL, predict_rouge-l, sacrebleu, ...).")
-    objective_samples: int = Field(64, gt=0, description="Validation records generated for a generation-metric objective.")
-    direction: Literal["minimize", "maximize"] | None = Field(None, description="Default: minimize eval_loss, maximize metrics.")
-    storage: str | None = Field(None, description="Optuna RDB URL (postgresql://...); default: a journal file in the sweep folder.")
+    timeout_minutes: float | None = Field(
+        None, gt=0, description="Stop starting new trials after this long (per worker run)."
+    )
+    objective: str = Field(
+        "eval_loss",
+        description="eval_loss, or a metric on a fixed validation subset (rougeL, predict_rouge-l, sacrebleu, ...).",
+    )
+    objective_samples: int = Field(
+        64, gt=0, description="Validation records generated for a generation-metric objective."
+    )
+    direction: Literal["minimize", "maximize"] | None = Field(
+        None, description="Default: minimize eval_loss, maximize metrics."
+    )
+    storage: str | None = Field(
+        None, description="Optuna RDB URL (postgresql://...); default: a journal file in the sweep folder."
+    )
     study_name: str | None = Field(None, description="Optuna study name; default: the sweep folder's name.")
     output_dir: str | None = Field(None, description="Sweep folder; default: runs/sweep_<sweep file name>.")
     seed: int = Field(0, description="Sampler seed (grid order; random/tpe mix in the worker's process id).")
     pruner: Literal["median", "none"] = Field("median", description="Stop bad trials early from their validation loss.")
     pruner_startup_trials: int = Field(2, ge=0, description="Trials that finish before pruning starts.")
     pruner_warmup_steps: int = Field(0, ge=0, description="Steps of a trial before it can be pruned.")
-    start_with_base: bool = Field(True, description="random/tpe: the first trial is the base config itself, when its values lie in the search space.")
-    heartbeat_seconds: int = Field(60, gt=0, description="RDB storage: a trial without a heartbeat for 2x this is failed and re-queued.")
+    start_with_base: bool = Field(
+        True,
+        description="random/tpe: the first trial is the base config itself, when its values lie in the search space.",
+    )
+    heartbeat_seconds: int = Field(
+        60, gt=0, description="RDB storage: a trial without a heartbeat for 2x this is failed and re-queued."
+    )
 
 
 def _spec_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(key.split(".")[-1], list(SweepSpec.model_fields) + list(Range.model_fields), n=1)
-        hint = f"; did you mean `{close[0]}`?" if close else ""
+        hint = did_you_mean(key.split(".")[-1], [*SweepSpec.model_fields, *Range.model_fields])
         return f"{source}: unknown key `{key}`{hint}"
     got = first.get("input")
     shown = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
@@ -111,14 +148,16 @@ def _base_values(spec: SweepSpec, sweep_path: Path) -> tuple[dict, str]:
     return read_yaml(base), str(base)
 
 
-def _apply(values: dict, params: dict) -> dict:
+def apply_params(values: dict, params: dict) -> dict:
     """Config values with a trial's parameters set (derived keys resolved)."""
     out = dict(values)
     for key, value in params.items():
         if key not in DERIVED_KEYS:
             out[key] = value
     if "lora_alpha_ratio" in params:
-        out["lora_alpha"] = float(params["lora_alpha_ratio"]) * int(out.get("lora_rank", Config.model_fields["lora_rank"].default))
+        out["lora_alpha"] = float(params["lora_alpha_ratio"]) * int(
+            out.get("lora_rank", Config.model_fields["lora_rank"].default)
+        )
     return out
 
 
@@ -127,11 +166,10 @@ def _check_search_space(spec: SweepSpec, base_values: dict, source: str) -> None
         raise LoralabError(f"{source}: `search_space` is empty; expected at least one config key to vary")
     for key, space in spec.search_space.items():
         where = f"{source}: search_space.{key}"
-        if key in NOT_SEARCHABLE:
+        if key in NOT_SEARCHABLE_KEYS:
             raise LoralabError(f"{where}: `{key}` cannot be swept (the sweep sets it for each trial)")
         if key not in FIELDS and key not in DERIVED_KEYS:
-            close = difflib.get_close_matches(key, FIELDS + list(DERIVED_KEYS), n=1, cutoff=0.6)
-            hint = f"; did you mean `{close[0]}`?" if close else ""
+            hint = did_you_mean(key, [*FIELDS, *DERIVED_KEYS])
             raise LoralabError(f"{where}: unknown config key `{key}`{hint} (see `loralab config show --keys`)")
         if isinstance(space, Range):
             if spec.strategy == "grid":
@@ -161,7 +199,7 @@ def _check_search_space(spec: SweepSpec, base_values: dict, source: str) -> None
             values = list(space)
         for v in values:  # every value must make a valid config on its own
             try:
-                build_config(_apply(base_values, {key: v}), source=where)
+                build_config(apply_params(base_values, {key: v}), source=where)
             except LoralabError as e:
                 raise LoralabError(f"{e} (value {v!r})") from None
 
@@ -184,14 +222,19 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
     _check_search_space(spec, values, str(path))
     if spec.objective != "eval_loss" and spec.objective not in metrics_mod.METRICS:
         choices = ["eval_loss", *metrics_mod.METRICS]
-        close = difflib.get_close_matches(spec.objective, choices, n=1)
-        hint = f"; did you mean `{close[0]}`?" if close else ""
-        raise LoralabError(f"{path}: `objective`: unknown {spec.objective!r}{hint} (expected one of {', '.join(choices)})")
+        hint = did_you_mean(spec.objective, choices)
+        raise LoralabError(
+            f"{path}: `objective`: unknown {spec.objective!r}{hint} (expected one of {', '.join(choices)})"
+        )
     if base.eval_dataset is None and base.val_size <= 0:
-        raise LoralabError(f"{base_source}: the sweep selects on the validation split; set eval_dataset or val_size > 0")
+        raise LoralabError(
+            f"{base_source}: the sweep selects on the validation split; set eval_dataset or val_size > 0"
+        )
     if base.eval_strategy == "no" and (spec.objective == "eval_loss" or spec.pruner != "none"):
-        raise LoralabError(f"{base_source}: eval_strategy is `no`, but the sweep needs the validation loss "
-                           "(objective eval_loss / pruning); set eval_strategy: steps")
+        raise LoralabError(
+            f"{base_source}: eval_strategy is `no`, but the sweep needs the validation loss "
+            "(objective eval_loss / pruning); set eval_strategy: steps"
+        )
     if spec.strategy == "grid":
         size = grid_size(spec)
         if spec.n_trials is not None and spec.n_trials > size:
@@ -216,67 +259,7 @@ def direction(spec: SweepSpec) -> str:
     return spec.direction or ("minimize" if spec.objective == "eval_loss" else "maximize")
 
 
-# --- storage and study -----------------------------------------------------------------------------
-def redact(url: str) -> str:
-    """postgresql://user:secret@host/db -> postgresql://user:***@host/db (for logs and files)."""
-    scheme, sep, rest = url.partition("://")
-    if sep and "@" in rest:
-        cred, _, host = rest.rpartition("@")
-        if ":" in cred:
-            cred = cred.split(":", 1)[0] + ":***"
-        return f"{scheme}://{cred}@{host}"
-    return url
-
-
-def make_storage(url: str | None, sweep_dir: Path, heartbeat_seconds: int = 60):
-    """The journal file in the sweep folder (default), or an Optuna RDB storage for `url`."""
-    import optuna
-    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
-
-    if url is None:
-        path = str(sweep_dir / JOURNAL_FILE)
-        return optuna.storages.JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
-    if "://" not in url:
-        raise LoralabError(f"storage: {url!r} is not a database URL; expected e.g. postgresql://user:pass@host/db or sqlite:///file.db")
-    from sqlalchemy.exc import IntegrityError, ProgrammingError
-
-    url = _with_driver(url)
-    for attempt in range(5):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(
-                    url, heartbeat_interval=heartbeat_seconds, grace_period=2 * heartbeat_seconds,
-                    heartbeat_stale_trial_callback=requeue,
-                    engine_kwargs={"pool_pre_ping": True},
-                )
-        except (IntegrityError, ProgrammingError) as e:
-            # Workers started together on a fresh database race to create Optuna's tables: the
-            # loser sees "already exists"; a moment later the tables are there.
-            if attempt == 4:
-                err = e
-            else:
-                time.sleep(1.0 + attempt)
-                continue
-        except Exception as e:  # bad URL, server down, missing driver
-            err = e
-        why = (str(err).strip().splitlines() or [""])[0][:200]  # one line, with the password hidden
-        hint = "; for PostgreSQL: pip install psycopg2-binary (loralab[postgres])" if isinstance(err, ImportError) else ""
-        raise LoralabError(f"storage: cannot open {redact(url)} ({type(err).__name__}: {why}){hint}") from None
-
-
-def _with_driver(url: str) -> str:
-    """postgresql://... -> postgresql+psycopg2://... when psycopg2 is installed and psycopg 3 is not
-    (SQLAlchemy 2.1 picks psycopg 3 for a bare postgresql:// URL)."""
-    import importlib.util
-
-    scheme, sep, rest = url.partition("://")
-    if scheme in ("postgresql", "postgres") and importlib.util.find_spec("psycopg") is None \
-            and importlib.util.find_spec("psycopg2") is not None:
-        return f"postgresql+psycopg2://{rest}"
-    return url
-
-
+# --- the study --------------------------------------------------------------------------------------
 def open_study(spec: SweepSpec, sweep_dir: Path, storage_url: str | None):
     import optuna
 
@@ -289,91 +272,38 @@ def open_study(spec: SweepSpec, sweep_dir: Path, storage_url: str | None):
     else:
         # Workers that started together must not draw the same points: mix in the process id.
         seed = spec.seed * 1_000_003 + os.getpid()
-        sampler = (optuna.samplers.RandomSampler(seed=seed) if spec.strategy == "random"
-                   else optuna.samplers.TPESampler(seed=seed))
-    pruner = (optuna.pruners.MedianPruner(n_startup_trials=spec.pruner_startup_trials,
-                                          n_warmup_steps=spec.pruner_warmup_steps)
-              if spec.pruner == "median" else optuna.pruners.NopPruner())
-    return optuna.create_study(storage=storage, study_name=spec.study_name or sweep_dir.name, sampler=sampler,
-                               pruner=pruner, direction=direction(spec), load_if_exists=True)
+        sampler = (
+            optuna.samplers.RandomSampler(seed=seed)
+            if spec.strategy == "random"
+            else optuna.samplers.TPESampler(seed=seed)
+        )
+    pruner = (
+        optuna.pruners.MedianPruner(
+            n_startup_trials=spec.pruner_startup_trials, n_warmup_steps=spec.pruner_warmup_steps
+        )
+        if spec.pruner == "median"
+        else optuna.pruners.NopPruner()
+    )
+    return optuna.create_study(
+        storage=storage,
+        study_name=spec.study_name or sweep_dir.name,
+        sampler=sampler,
+        pruner=pruner,
+        direction=direction(spec),
+        load_if_exists=True,
+    )
 
 
-# --- trial bookkeeping ------------------------------------------------------------------------------
-# Every trial the study holds is one of: counted (a real trial of the budget: waiting, running or
-# finished), replaced (its worker died or was interrupted; a retry with the same parameters was
-# queued), or skipped (started over budget or as a duplicate grid point; never trained).
-def _worker() -> dict:
-    import psutil
-
-    return {"host": socket.gethostname(), "pid": os.getpid(), "started": psutil.Process().create_time()}
-
-
-def _worker_alive(w: dict) -> bool:
-    import psutil
-
-    try:
-        return abs(psutil.Process(int(w["pid"])).create_time() - float(w["started"])) < 1.0
-    except (psutil.Error, KeyError, TypeError, ValueError):
-        return False
-
-
-def counted_trials(trials) -> list:
-    replaced = {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs}
-    return [t for t in trials if t.number not in replaced and "skipped" not in t.user_attrs]
-
-
-def requeue(study, trial) -> None:
-    """Queue a trial again with the same parameters (it was killed, not bad). Also Optuna's stale-trial callback."""
-    if set(trial.params) != set(_param_names(study, trial)):
-        log.warning("trial %d: died before its parameters were set; not re-queued", trial.number)
-        return
-    import optuna
-
-    # A WAITING copy with the same parameters (and, for grid, the same grid point id): the next worker
-    # that asks pops it; popping is atomic in every Optuna storage.
-    study.add_trial(optuna.trial.create_trial(
-        state=optuna.trial.TrialState.WAITING, params=trial.params, distributions=trial.distributions,
-        user_attrs={"retry_of": trial.number, **({"base_config": True} if trial.user_attrs.get("base_config") else {})},
-        system_attrs=dict(trial.system_attrs)))
-    log.info("trial %d: re-queued (its worker stopped before it finished)", trial.number)
-
-
-def _param_names(study, trial) -> list[str]:
-    names = study.user_attrs.get("search_keys")
-    return names if names is not None else list(trial.params)
-
-
-def recover_dead_trials(study) -> None:
-    """Trials left RUNNING by a dead worker on this host, or interrupted (Ctrl-C): fail and re-queue them."""
-    from optuna.exceptions import UpdateFinishedTrialError
-    from optuna.trial import TrialState
-
-    trials = study.get_trials(deepcopy=False)
-    retried = {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs}
-    host = socket.gethostname()
-    for t in trials:
-        if t.number in retried or "skipped" in t.user_attrs:
-            continue
-        w = t.user_attrs.get("worker")
-        if t.state == TrialState.RUNNING and w and w.get("host") == host and not _worker_alive(w):
-            try:
-                study._storage.set_trial_user_attr(t._trial_id, "error", f"worker {host}:{w['pid']} died while running it")
-                # The state change is the lock: of two workers recovering at once, one wins.
-                study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
-            except (UpdateFinishedTrialError, RuntimeError):
-                continue
-            requeue(study, t)
-        elif t.state == TrialState.FAIL and t.user_attrs.get("interrupted"):
-            requeue(study, t)  # a duplicate retry from a concurrent resume is skipped at its start
-
-
-def _suggest(trial, spec: SweepSpec) -> dict:
+# --- a trial ------------------------------------------------------------------------------------------
+def suggest_params(trial, spec: SweepSpec) -> dict:
+    """The trial's values of the swept keys, drawn by the study's sampler (a grid point, random, TPE)."""
     params = {}
     for key, space in spec.search_space.items():
         if isinstance(space, Range):
             if key not in DERIVED_KEYS and _is_int_key(key):
-                params[key] = trial.suggest_int(key, int(space.low), int(space.high), log=space.log,
-                                                step=int(space.step or 1))
+                params[key] = trial.suggest_int(
+                    key, int(space.low), int(space.high), log=space.log, step=int(space.step or 1)
+                )
             else:
                 params[key] = trial.suggest_float(key, space.low, space.high, log=space.log, step=space.step)
         else:
@@ -398,7 +328,9 @@ def base_params(spec: SweepSpec, base: Config) -> dict | None:
         if isinstance(space, Range):
             if not isinstance(value, (int, float)) or not space.low <= value <= space.high:
                 return None
-            if space.step and not math.isclose((value - space.low) / space.step, round((value - space.low) / space.step)):
+            if space.step and not math.isclose(
+                (value - space.low) / space.step, round((value - space.low) / space.step)
+            ):
                 return None
             out[key] = int(value) if key not in DERIVED_KEYS and _is_int_key(key) else float(value)
         else:
@@ -407,43 +339,6 @@ def base_params(spec: SweepSpec, base: Config) -> dict | None:
                 return None
             out[key] = same[0]
     return out
-
-
-class _Skip(Exception):
-    """This trial must not run (over budget, or a duplicate); recorded as FAIL with `skipped`."""
-
-
-def _check_slot(study, trial, spec: SweepSpec, params: dict) -> None:
-    """Refuse a trial over the budget or (grid) a grid point another trial already has.
-
-    Trial numbers are handed out atomically by the storage, so "the smaller number wins" gives the
-    same answer in every worker, whatever the timing.
-    """
-    from optuna.trial import TrialState
-
-    limit = budget(spec)
-    for _ in range(60):
-        trials = study.get_trials(deepcopy=False)
-        before = [t for t in counted_trials(trials) if t.number < trial.number]
-        if limit is not None and len(before) >= limit:
-            raise _Skip(f"over budget: {limit} trials already started")
-        for attr, what in (("retry_of", "retry of trial"), ("base_config", "base-config trial")):
-            mark = trial.user_attrs.get(attr)
-            twin = [t.number for t in counted_trials(trials)
-                    if t.number < trial.number and mark is not None and t.user_attrs.get(attr) == mark]
-            if twin:  # two workers queued the same thing at once: the smaller number runs it
-                raise _Skip(f"duplicate {what} (trial {twin[0]} has it)")
-        if spec.strategy != "grid":
-            return
-        unset = [t for t in before if t.state in (TrialState.RUNNING, TrialState.WAITING)
-                 and len(t.params) < len(params) and "fixed_params" not in t.system_attrs]
-        same = [t.number for t in before if (t.params or t.system_attrs.get("fixed_params")) == params]
-        if same:
-            raise _Skip(f"duplicate grid point (trial {same[0]} has it)")
-        if not unset:
-            return
-        time.sleep(0.5)  # a smaller trial has just started and not set its parameters yet
-    raise _Skip("gave up waiting for earlier trials to set their parameters")
 
 
 def loss_sign(spec: SweepSpec) -> int:
@@ -477,9 +372,6 @@ def validation_score(cfg: Config, run_dir: str, metric: str, n: int) -> float:
     """A generation metric of a trained run on the first n validation records (never the test split).
 
     The predictions and scores stay in RUN/val_generation/ so the number can be checked."""
-    from loralab import evaluate
-    from loralab.generate import Engine
-
     prompts, labels, source = evaluate.load_examples(cfg, "val")
     prompts, labels = prompts[:n], labels[:n]
     source = {**source, "n_samples": len(labels), "subset": f"first {len(labels)} validation records"}
@@ -498,11 +390,11 @@ def make_objective(study, spec: SweepSpec, base: Config, sweep_dir: Path, train_
     def objective(trial) -> float:
         import optuna
 
-        trial.set_user_attr("worker", _worker())
-        params = _suggest(trial, spec)
+        trial.set_user_attr("worker", worker_identity())
+        params = suggest_params(trial, spec)
         try:
-            _check_slot(study, trial, spec, params)
-        except _Skip as e:
+            check_slot(study, trial, params, budget(spec), grid=spec.strategy == "grid")
+        except Skip as e:
             trial.set_user_attr("skipped", str(e))
             log.info("trial %d not run: %s", trial.number, e)
             if str(e).startswith("over budget"):
@@ -512,17 +404,24 @@ def make_objective(study, spec: SweepSpec, base: Config, sweep_dir: Path, train_
         trial.set_user_attr("run_dir", str(run_dir))
         log.info("trial %d: %s", trial.number, ", ".join(f"{k}={v}" for k, v in params.items()))
         pruning = _pruning_callback(trial, loss_sign(spec))
-        fn = train_fn
-        if fn is None:
-            from loralab.train import train as fn
+        fn = train_fn or train.train
         try:
-            cfg = build_config(_apply(base.model_dump(), params) | {"output_dir": str(run_dir)}, source=f"trial {trial.number}")
+            cfg = build_config(
+                apply_params(base.model_dump(), params) | {"output_dir": str(run_dir)}, source=f"trial {trial.number}"
+            )
             summary = fn(cfg, callbacks=[pruning])
             record = {k: summary.get(k) for k in ("best_eval_loss", "best_step", "steps", "tokens_per_s", "runtime_s")}
             trial.set_user_attr("train", record)
             # The run folder says which sweep trial it is (config.yaml already holds every setting).
-            write_json(run_dir / "sweep_trial.json", {"sweep_dir": str(sweep_dir), "trial": trial.number,
-                                                      "params": params, "pruned_at_step": pruning.pruned_at})
+            write_json(
+                run_dir / "sweep_trial.json",
+                {
+                    "sweep_dir": str(sweep_dir),
+                    "trial": trial.number,
+                    "params": params,
+                    "pruned_at_step": pruning.pruned_at,
+                },
+            )
             if pruning.pruned_at is not None:
                 raise optuna.TrialPruned(f"validation loss {pruning.last_loss:.4f} at step {pruning.pruned_at}")
             if spec.objective == "eval_loss":
@@ -530,7 +429,9 @@ def make_objective(study, spec: SweepSpec, base: Config, sweep_dir: Path, train_
                 if value is None:
                     raise RuntimeError("training reported no validation loss")
             else:
-                value = validation_score(cfg, summary.get("run_dir", str(run_dir)), spec.objective, spec.objective_samples)
+                value = validation_score(
+                    cfg, summary.get("run_dir", str(run_dir)), spec.objective, spec.objective_samples
+                )
             return float(value)
         except optuna.TrialPruned:
             raise
@@ -549,8 +450,6 @@ def make_objective(study, spec: SweepSpec, base: Config, sweep_dir: Path, train_
 
 
 def _free_memory() -> None:
-    import gc
-
     gc.collect()
     with contextlib.suppress(Exception):
         import torch
@@ -559,7 +458,7 @@ def _free_memory() -> None:
             torch.cuda.empty_cache()
 
 
-# --- running ----------------------------------------------------------------------------------------
+# --- the sweep folder -----------------------------------------------------------------------------------
 def _check_same_sweep(sweep_dir: Path, resolved: dict) -> None:
     """A sweep folder belongs to one sweep: same base, search space and strategy."""
     path = sweep_dir / SWEEP_FILE
@@ -569,30 +468,141 @@ def _check_same_sweep(sweep_dir: Path, resolved: dict) -> None:
     for key in ("base", "search_space", "strategy", "objective"):
         a, b = old.get(key), resolved.get(key)
         if key == "base" and isinstance(a, dict) and isinstance(b, dict):  # settings that do not change results
-            a, b = ({k: v for k, v in d.items() if k not in NEUTRAL_KEYS} for d in (a, b))
+            a, b = ({k: v for k, v in d.items() if k not in RESULT_NEUTRAL_KEYS} for d in (a, b))
         if a != b:
-            raise LoralabError(f"{sweep_dir}: holds a different sweep (its `{key}` differs); "
-                               "set output_dir to a new folder, or restore the original sweep file")
+            raise LoralabError(
+                f"{sweep_dir}: holds a different sweep (its `{key}` differs); "
+                "set output_dir to a new folder, or restore the original sweep file"
+            )
 
 
 def _resolved(spec: SweepSpec, base: Config, storage_url: str | None) -> dict:
     space = {k: (v.model_dump() if isinstance(v, Range) else list(v)) for k, v in spec.search_space.items()}
-    return {"strategy": spec.strategy, "objective": spec.objective, "direction": direction(spec),
-            "n_trials": budget(spec), "timeout_minutes": spec.timeout_minutes, "search_space": space,
-            "storage": redact(storage_url) if storage_url else f"journal file {JOURNAL_FILE}",
-            "objective_samples": spec.objective_samples, "pruner": spec.pruner, "seed": spec.seed,
-            "base": base.model_dump(mode="json")}
+    return {
+        "strategy": spec.strategy,
+        "objective": spec.objective,
+        "direction": direction(spec),
+        "n_trials": budget(spec),
+        "timeout_minutes": spec.timeout_minutes,
+        "search_space": space,
+        "storage": redact(storage_url) if storage_url else f"journal file {JOURNAL_FILE}",
+        "objective_samples": spec.objective_samples,
+        "pruner": spec.pruner,
+        "seed": spec.seed,
+        "base": base.model_dump(mode="json"),
+    }
 
 
-def run_sweep(path: str | Path, overrides: list[str] | None = None, storage: str | None = None,
-              trials_only: bool = False, train_fn: TrainFn | None = None, finalize_fn=None) -> dict:
+# --- selection and the one test-split evaluation ------------------------------------------------------
+def same_as_base(params: dict, base: Config) -> bool:
+    """Are a trial's parameters the base config's own values?"""
+    return all(
+        same_value(value, base.alpha / base.lora_rank if key == "lora_alpha_ratio" else getattr(base, key))
+        for key, value in params.items()
+    )
+
+
+def trial_dir(sweep_dir: Path, trial) -> Path:
+    """A trial's run folder: SWEEP_DIR/trials/trial_NNN (the recorded path may be relative to another folder)."""
+    here = sweep_dir / "trials" / f"trial_{trial.number:03d}"
+    return here if here.is_dir() else Path(trial.user_attrs.get("run_dir", here))
+
+
+def finalize(study, spec: SweepSpec, base: Config, sweep_dir: Path) -> dict:
+    """Pick the best trial on validation, then evaluate it and the base config once on the test split."""
+    from optuna.trial import TrialState
+
+    done = [t for t in counted_trials(study.get_trials(deepcopy=False)) if t.state == TrialState.COMPLETE]
+    if not done:
+        raise LoralabError(f"{sweep_dir}: no trial finished (see leaderboard.md for errors); nothing to select")
+    best = study.best_trial
+    tuned_dir = trial_dir(sweep_dir, best)
+    if not tuned_dir.is_dir():
+        host = (best.user_attrs.get("worker") or {}).get("host")
+        raise LoralabError(
+            f"{tuned_dir}: the best trial {best.number} ran on {host}; its run folder is not here. "
+            "Copy it (same path) or run this command on that machine"
+        )
+
+    # The starting point as a normal run: reuse a trial with the base values, else train it once.
+    as_base = [t for t in done if same_as_base(t.params, base)]
+    base_trial = best if best in as_base else next(iter(as_base), None)
+    winner_is_base = base_trial is not None and base_trial.number == best.number
+    if base_trial is not None:
+        base_dir = trial_dir(sweep_dir, base_trial)
+    else:
+        base_dir = sweep_dir / "base_run"
+        if not (base_dir / "train_results.json").is_file():
+            # Our own folder: a run cut off earlier resumes from its last complete checkpoint.
+            resume = base_dir.is_dir() and train.find_resume_checkpoint(base_dir) is not None
+            log.info("training the base config as a normal run in %s%s", base_dir, " (resuming)" if resume else "")
+            train.train(
+                base.model_copy(
+                    update={
+                        "output_dir": str(base_dir),
+                        "overwrite_output_dir": not resume,
+                        "resume_from_checkpoint": True if resume else None,
+                    }
+                )
+            )
+    result = {
+        "objective": spec.objective,
+        "direction": direction(spec),
+        "selected_on": "validation split",
+        "best_trial": best.number,
+        "best_value": best.value,
+        "best_params": best.params,
+        "tuned_run": str(tuned_dir),
+        "base_run": str(base_dir),
+        "base_is_trial": base_trial.number if base_trial is not None else None,
+        "winner_is_base": winner_is_base,
+    }
+    results_path = sweep_dir / RESULTS_FILE
+    old = json.loads(results_path.read_text(encoding="utf-8")) if results_path.is_file() else {}
+    test_dir = sweep_dir / "test_eval"
+    if old.get("best_trial") == best.number and (test_dir / evaluate.COMPARISON).is_file():
+        summary = json.loads((test_dir / evaluate.COMPARISON).read_text(encoding="utf-8"))  # tested once already
+    elif winner_is_base:  # the starting config won: one model to test, nothing to compare
+        log.info("the base config (trial %d) is the best trial; evaluating it on the test split", best.number)
+        summary = evaluate.evaluate_models(
+            base, {"tuned": str(tuned_dir)}, split="test", out_dir=test_dir, overwrite=True, progress=False
+        )
+    else:
+        # Both adapters on one loaded base model, the same test prompts, generation settings of the base config.
+        log.info("evaluating the base config (%s) and the winner (trial %d) on the test split", base_dir, best.number)
+        summary = evaluate.evaluate_models(
+            base,
+            {"base_config": str(base_dir), "tuned": str(tuned_dir)},
+            split="test",
+            out_dir=test_dir,
+            overwrite=True,
+            progress=False,
+        )
+    result["test"] = {
+        "dir": str(test_dir),
+        "n_samples": summary.get("n_samples"),
+        "models": {k: v["metrics"] for k, v in summary["models"].items()},
+        "comparison": summary["comparisons"].get("tuned_vs_base_config"),
+    }
+    result["table"] = evaluate.format_comparison_table(summary)
+    write_json(results_path, result)
+    return result
+
+
+# --- the recipe -------------------------------------------------------------------------------------
+def run_sweep(
+    path: str | Path,
+    overrides: list[str] | None = None,
+    storage: str | None = None,
+    trials_only: bool = False,
+    train_fn: TrainFn | None = None,
+    finalize_fn=None,
+) -> dict:
     """`loralab sweep`: run trials until the budget is spent, then (unless trials_only) select and test."""
     from optuna.trial import TrialState
 
     spec, base, sweep_dir = load_sweep(path, overrides)
-    from loralab.data import with_prepared_data
-
-    base = with_prepared_data(base)
+    base = data.with_prepared_data(base)
     storage_url = storage or spec.storage
     resolved = _resolved(spec, base, storage_url)
     _check_same_sweep(sweep_dir, resolved)
@@ -611,27 +621,48 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, storage: str
 
     def stop_when_spent(study, trial) -> None:
         recover_dead_trials(study)
-        write_leaderboard(study, spec, sweep_dir)
+        write_leaderboard(study, sweep_dir, spec.objective, direction(spec), list(spec.search_space))
         if limit is not None and len(counted_trials(study.get_trials(deepcopy=False))) >= limit:
             study.stop()
 
     trials = study.get_trials(deepcopy=False)
-    if limit is None or len(counted_trials(trials)) < limit or any(t.state == TrialState.WAITING for t in counted_trials(trials)):
-        log.info("sweep %s: %s, %s trials, objective %s (%s)", sweep_dir, spec.strategy,
-                 limit if limit is not None else "until timeout", spec.objective, direction(spec))
-        study.optimize(make_objective(study, spec, base, sweep_dir, train_fn), n_trials=None,
-                       timeout=spec.timeout_minutes * 60 if spec.timeout_minutes else None,
-                       catch=(Exception,), callbacks=[stop_when_spent], gc_after_trial=True)
-    rows = write_leaderboard(study, spec, sweep_dir)
-    print_leaderboard(rows, spec)
+    if (
+        limit is None
+        or len(counted_trials(trials)) < limit
+        or any(t.state == TrialState.WAITING for t in counted_trials(trials))
+    ):
+        log.info(
+            "sweep %s: %s, %s trials, objective %s (%s)",
+            sweep_dir,
+            spec.strategy,
+            limit if limit is not None else "until timeout",
+            spec.objective,
+            direction(spec),
+        )
+        study.optimize(
+            make_objective(study, spec, base, sweep_dir, train_fn),
+            n_trials=None,
+            timeout=spec.timeout_minutes * 60 if spec.timeout_minutes else None,
+            catch=(Exception,),
+            callbacks=[stop_when_spent],
+            gc_after_trial=True,
+        )
+    rows = write_leaderboard(study, sweep_dir, spec.objective, direction(spec), list(spec.search_space))
+    print(leaderboard_table(rows, spec.objective, list(spec.search_space)))
     result = {"sweep_dir": str(sweep_dir), "leaderboard": rows}
     if trials_only:
         return result
-    active = [t.number for t in counted_trials(study.get_trials(deepcopy=False))
-              if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    active = [
+        t.number
+        for t in counted_trials(study.get_trials(deepcopy=False))
+        if t.state in (TrialState.RUNNING, TrialState.WAITING)
+    ]
     if active:
-        log.warning("trials %s are still running in other workers; run this command again when they finish "
-                    "to select the winner and test it", active)
+        log.warning(
+            "trials %s are still running in other workers; run this command again when they finish "
+            "to select the winner and test it",
+            active,
+        )
         return result
     # Workers on this machine that finish together take turns; the second finds the results made.
     with _locked(sweep_dir / ".finalize.lock"):
@@ -641,207 +672,9 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, storage: str
 
 @contextlib.contextmanager
 def _locked(path: Path):
-    import fcntl
-
     with open(path, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-# --- leaderboard ------------------------------------------------------------------------------------
-def leaderboard_rows(study, spec: SweepSpec) -> list[dict]:
-    """One row per counted trial: best first (finished trials by objective, then pruned, then failed)."""
-    from optuna.trial import TrialState
-
-    sign = 1 if direction(spec) == "minimize" else -1
-    rows = []
-    for t in counted_trials(study.get_trials(deepcopy=False)):
-        train = t.user_attrs.get("train") or {}
-        value = t.value if t.state == TrialState.COMPLETE else None
-        if t.state == TrialState.PRUNED and t.intermediate_values:
-            last = max(t.intermediate_values)
-            train = {**train, "pruned_at_step": last, "last_eval_loss": loss_sign(spec) * t.intermediate_values[last]}
-        rows.append({
-            "trial": t.number, "state": t.state.name.lower(), spec.objective if spec.objective != "eval_loss" else "objective": value,
-            **{k: t.params.get(k) for k in spec.search_space},
-            "best_eval_loss": train.get("best_eval_loss", train.get("last_eval_loss")),
-            "best_step": train.get("best_step"), "steps": train.get("steps"),
-            "tokens_per_s": train.get("tokens_per_s"), "runtime_s": train.get("runtime_s"),
-            "run_dir": t.user_attrs.get("run_dir"), "error": t.user_attrs.get("error"),
-            "note": "; ".join(n for n in ("base config" if t.user_attrs.get("base_config") else "",
-                                          f"retry of trial {t.user_attrs['retry_of']}" if "retry_of" in t.user_attrs else "")
-                              if n) or None,
-        })
-    order = {"complete": 0, "pruned": 1, "running": 2, "waiting": 3, "fail": 4}
-    key = "objective" if spec.objective == "eval_loss" else spec.objective
-    rows.sort(key=lambda r: (order.get(r["state"], 5), sign * r[key] if r[key] is not None else 0.0, r["trial"]))
-    for rank, r in enumerate(rows, 1):
-        r["rank"] = rank if r["state"] == "complete" else None
-    return rows
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
-    return str(v)
-
-
-def leaderboard_table(rows: list[dict], spec: SweepSpec, markdown: bool = False) -> str:
-    key = "objective" if spec.objective == "eval_loss" else spec.objective
-    cols = ["rank", "trial", "state", key, *spec.search_space, "best_eval_loss", "steps", "tokens_per_s", "runtime_s", "note", "error"]
-    header = [("val_" + spec.objective) if c == key else c for c in cols]
-    cells = [[_fmt(r.get(c))[:60] for c in cols] for r in rows]
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(cols)]
-        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
-        return "\n".join(lines)
-    widths = [max(len(h), *(len(row[i]) for row in cells)) if cells else len(h) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
-    return "\n".join(lines)
-
-
-def trials_json(study, spec: SweepSpec) -> list[dict]:
-    """Everything about every trial (for reports and importance), JSON-ready."""
-    from optuna.distributions import distribution_to_json
-
-    out = []
-    for t in study.get_trials(deepcopy=False):
-        out.append({"number": t.number, "state": t.state.name, "value": t.value if t.values else None,
-                    "params": t.params, "distributions": {k: distribution_to_json(d) for k, d in t.distributions.items()},
-                    "intermediate_values": {str(k): v for k, v in t.intermediate_values.items()},
-                    "user_attrs": t.user_attrs,
-                    "datetime_start": t.datetime_start.isoformat() if t.datetime_start else None,
-                    "datetime_complete": t.datetime_complete.isoformat() if t.datetime_complete else None})
-    return out
-
-
-def param_importance(study, spec: SweepSpec) -> dict:
-    """Which parameters mattered: Optuna's PED-ANOVA (numpy only) when there are enough finished trials,
-    and always the plain spread of the objective over each parameter's values."""
-    from optuna.trial import TrialState
-
-    done = [t for t in counted_trials(study.get_trials(deepcopy=False)) if t.state == TrialState.COMPLETE]
-    out: dict[str, Any] = {"n_complete": len(done), "spread": {}}
-    for key in spec.search_space:
-        groups: dict[str, list[float]] = {}
-        numeric = all(isinstance(t.params.get(key), (int, float)) and not isinstance(t.params.get(key), bool) for t in done)
-        values = sorted({t.params[key] for t in done if key in t.params}, key=lambda v: (str(type(v)), v))
-        if numeric and len(values) > 3:  # bin a continuous parameter into low / middle / high thirds
-            edges = [values[len(values) * i // 3] for i in (1, 2)]
-            for t in done:
-                v = t.params[key]
-                name = "low" if v < edges[0] else ("middle" if v < edges[1] else "high")
-                groups.setdefault(name, []).append(t.value)
-        else:
-            for t in done:
-                v = t.params.get(key)
-                groups.setdefault(f"{v:.4g}" if isinstance(v, float) else str(v), []).append(t.value)
-        means = {g: sum(v) / len(v) for g, v in groups.items()}
-        out["spread"][key] = {"groups": means, "spread": (max(means.values()) - min(means.values())) if len(means) > 1 else 0.0}
-    if len(done) >= 4 and len([k for k in spec.search_space if len({str(t.params.get(k)) for t in done}) > 1]) >= 1:
-        try:
-            import optuna
-            from optuna.importance import PedAnovaImportanceEvaluator
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                imp = optuna.importance.get_param_importances(study, evaluator=PedAnovaImportanceEvaluator())
-            out["ped_anova"] = {k: float(v) for k, v in imp.items()}
-        except Exception as e:  # too few distinct trials for the estimator: the spread still stands
-            out["ped_anova_error"] = f"{type(e).__name__}: {e}"[:300]
-    return out
-
-
-def write_leaderboard(study, spec: SweepSpec, sweep_dir: Path) -> list[dict]:
-    rows = leaderboard_rows(study, spec)
-    fields = list(rows[0]) if rows else ["trial", "state"]
-    with open(sweep_dir / "leaderboard.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    (sweep_dir / "leaderboard.md").write_text(leaderboard_table(rows, spec, markdown=True) + "\n", encoding="utf-8")
-    write_json(sweep_dir / "trials.json", trials_json(study, spec))
-    write_json(sweep_dir / "importance.json", param_importance(study, spec))
-    return rows
-
-
-def print_leaderboard(rows: list[dict], spec: SweepSpec) -> None:
-    print(leaderboard_table(rows, spec))
-
-
-# --- selection and the one test-split evaluation ------------------------------------------------------
-def _same_as_base(params: dict, base: Config) -> bool:
-    return all(same_value(value, base.alpha / base.lora_rank if key == "lora_alpha_ratio" else getattr(base, key))
-               for key, value in params.items())
-
-
-def trial_dir(sweep_dir: Path, trial) -> Path:
-    """A trial's run folder: SWEEP_DIR/trials/trial_NNN (the recorded path may be relative to another folder)."""
-    here = sweep_dir / "trials" / f"trial_{trial.number:03d}"
-    return here if here.is_dir() else Path(trial.user_attrs.get("run_dir", here))
-
-
-def finalize(study, spec: SweepSpec, base: Config, sweep_dir: Path) -> dict:
-    """Pick the best trial on validation, then evaluate it and the base config once on the test split."""
-    from optuna.trial import TrialState
-
-    from loralab import evaluate
-
-    done = [t for t in counted_trials(study.get_trials(deepcopy=False)) if t.state == TrialState.COMPLETE]
-    if not done:
-        raise LoralabError(f"{sweep_dir}: no trial finished (see leaderboard.md for errors); nothing to select")
-    best = study.best_trial
-    tuned_dir = trial_dir(sweep_dir, best)
-    if not tuned_dir.is_dir():
-        host = (best.user_attrs.get("worker") or {}).get("host")
-        raise LoralabError(f"{tuned_dir}: the best trial {best.number} ran on {host}; its run folder is not here. "
-                           "Copy it (same path) or run this command on that machine")
-
-    # The starting point as a normal run: reuse a trial with the base values, else train it once.
-    as_base = [t for t in done if _same_as_base(t.params, base)]
-    base_trial = best if best in as_base else next(iter(as_base), None)
-    winner_is_base = base_trial is not None and base_trial.number == best.number
-    if base_trial is not None:
-        base_dir = trial_dir(sweep_dir, base_trial)
-    else:
-        base_dir = sweep_dir / "base_run"
-        if not (base_dir / "train_results.json").is_file():
-            from loralab.train import find_resume_checkpoint, train
-
-            # Our own folder: a run cut off earlier resumes from its last complete checkpoint.
-            resume = base_dir.is_dir() and find_resume_checkpoint(base_dir) is not None
-            log.info("training the base config as a normal run in %s%s", base_dir, " (resuming)" if resume else "")
-            train(base.model_copy(update={"output_dir": str(base_dir), "overwrite_output_dir": not resume,
-                                          "resume_from_checkpoint": True if resume else None}))
-    result = {
-        "objective": spec.objective, "direction": direction(spec), "selected_on": "validation split",
-        "best_trial": best.number, "best_value": best.value, "best_params": best.params,
-        "tuned_run": str(tuned_dir), "base_run": str(base_dir),
-        "base_is_trial": base_trial.number if base_trial is not None else None, "winner_is_base": winner_is_base,
-    }
-    results_path = sweep_dir / RESULTS_FILE
-    old = json.loads(results_path.read_text(encoding="utf-8")) if results_path.is_file() else {}
-    test_dir = sweep_dir / "test_eval"
-    if old.get("best_trial") == best.number and (test_dir / evaluate.COMPARISON).is_file():
-        summary = json.loads((test_dir / evaluate.COMPARISON).read_text(encoding="utf-8"))  # tested once already
-    elif winner_is_base:  # the starting config won: one model to test, nothing to compare
-        log.info("the base config (trial %d) is the best trial; evaluating it on the test split", best.number)
-        summary = evaluate.evaluate_models(base, {"tuned": str(tuned_dir)}, split="test", out_dir=test_dir,
-                                           overwrite=True, progress=False)
-    else:
-        # Both adapters on one loaded base model, the same test prompts, generation settings of the base config.
-        log.info("evaluating the base config (%s) and the winner (trial %d) on the test split", base_dir, best.number)
-        summary = evaluate.evaluate_models(base, {"base_config": str(base_dir), "tuned": str(tuned_dir)}, split="test",
-                                           out_dir=test_dir, overwrite=True, progress=False)
-    result["test"] = {"dir": str(test_dir), "n_samples": summary.get("n_samples"),
-                      "models": {k: v["metrics"] for k, v in summary["models"].items()},
-                      "comparison": summary["comparisons"].get("tuned_vs_base_config")}
-    result["table"] = evaluate.format_comparison_table(summary)
-    write_json(results_path, result)
-    return result

@@ -14,6 +14,7 @@ what is ours is the data encoding, the batch order, the run folder and the user-
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -27,10 +28,10 @@ import torch
 import transformers
 from transformers import TrainerCallback
 
-from loralab import models, runinfo
+from loralab import data, models, runinfo
 from loralab.config import Config
 from loralab.errors import LoralabError
-from loralab.log import add_log_file
+from loralab.log import log_to_file
 from loralab.templates import encode_for_training, with_default_system
 
 log = logging.getLogger(__name__)
@@ -39,10 +40,8 @@ CHECKPOINT_PREFIX = "checkpoint-"
 # Written into checkpoint-N/ once every file of it is on disk; resume only trusts marked checkpoints.
 COMPLETE_MARKER = "loralab_complete.json"
 # Files of a checkpoint that only the Trainer needs to resume (not part of the model/adapter itself).
-TRAINER_ONLY_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin", COMPLETE_MARKER)
-# Test hook: pause (sleep) before the completion marker of checkpoint-N is written, so a test can
-# SIGKILL the run "in the middle of saving" at a known point.
-PAUSE_ENV = "LORALAB_TEST_PAUSE_BEFORE_MARKER"
+TRAINER_ONLY_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin",
+                      COMPLETE_MARKER)
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -149,7 +148,8 @@ def check_target_modules(model, cfg: Config) -> None:
 def build_model(cfg: Config):
     """The base model, ready for training: LoRA adapter (peft) or all weights trainable."""
     if cfg.quantization_bit and cfg.finetuning_type != "lora":
-        raise LoralabError("quantization_bit: 4/8-bit base models can only be trained with finetuning_type=lora (QLoRA)")
+        raise LoralabError(
+            "quantization_bit: 4/8-bit base models can only be trained with finetuning_type=lora (QLoRA)")
     model = models.load_model(cfg, for_training=True)
     model.config.use_cache = False  # the KV cache is for generation; training does not use it
     if cfg.quantization_bit:
@@ -193,7 +193,8 @@ def checkpoint_step(path: Path) -> int:
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """checkpoint-N folders, oldest first."""
-    found = [p for p in run_dir.glob(CHECKPOINT_PREFIX + "*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    found = [p for p in run_dir.glob(CHECKPOINT_PREFIX + "*")
+             if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
     return sorted(found, key=checkpoint_step)
 
 
@@ -284,9 +285,6 @@ class CompleteCheckpoints(TrainerCallback):
         if not state.is_world_process_zero:
             return
         checkpoint = self.run_dir / f"{CHECKPOINT_PREFIX}{state.global_step}"
-        if os.environ.get(PAUSE_ENV) == str(state.global_step):
-            log.warning("%s=%s: pausing before marking %s complete", PAUSE_ENV, state.global_step, checkpoint)
-            time.sleep(3600)
         marker = {"step": state.global_step, "time": time.time()}
         tmp = checkpoint / (COMPLETE_MARKER + ".tmp")
         tmp.write_text(json.dumps(marker) + "\n")
@@ -345,7 +343,8 @@ class RunLog(TrainerCallback):
         if state.is_world_process_zero:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
+                            dynamic_ncols=True)
         self.start_tokens = state.num_input_tokens_seen
         self._last = (state.num_input_tokens_seen, 0.0)
 
@@ -377,7 +376,8 @@ class RunLog(TrainerCallback):
             record["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
             best = state.best_metric if state.best_metric is not None else logs["eval_loss"]
             log.info("step %d: validation loss %.4f, perplexity %.2f%s", state.global_step, logs["eval_loss"],
-                     record["eval_perplexity"], " (best so far)" if logs["eval_loss"] <= best else f" (best {best:.4f})")
+                     record["eval_perplexity"],
+                     " (best so far)" if logs["eval_loss"] <= best else f" (best {best:.4f})")
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(finite_or_none(record), allow_nan=False) + "\n")
         if self.bar is not None and self.last_loss is not None:
@@ -401,10 +401,25 @@ class LoralabTrainer(transformers.Trainer):
         self.real_tokens = 0  # this process, this session: non-padding tokens
         self.padded_tokens = 0  # ... and tokens including padding
 
-    def _get_train_sampler(self, train_dataset=None):
-        if self.group_by_length:
-            return LengthGroupedSampler(self.lengths, self.args.per_device_train_batch_size, self.args.seed)
-        return super()._get_train_sampler(train_dataset)
+    def get_train_dataloader(self):
+        """Batches in our length-grouped order (the Trainer's public hook for a custom training loader).
+
+        transformers' own `train_sampling_strategy="group_by_length"` groups by batch x accumulation and
+        takes its order from the global RNG; ours depends only on (seed, epoch), so a resumed run sees
+        the same batches. The loader goes through accelerate like the Trainer's own (sharded under DDP)."""
+        if not self.group_by_length:
+            return super().get_train_dataloader()
+        args = self.args
+        loader = torch.utils.data.DataLoader(
+            self.train_dataset,
+            batch_size=args.per_device_train_batch_size,
+            sampler=LengthGroupedSampler(self.lengths, args.per_device_train_batch_size, args.seed),
+            collate_fn=self.data_collator,
+            num_workers=args.dataloader_num_workers,
+            pin_memory=args.dataloader_pin_memory,
+            drop_last=args.dataloader_drop_last,
+        )
+        return self.accelerator.prepare(loader)
 
     def training_step(self, model, inputs, *args, **kwargs):
         self.real_tokens += int(inputs["attention_mask"].sum())
@@ -499,18 +514,13 @@ def train(cfg: Config, callbacks: list | None = None) -> dict:
     `callbacks`: extra transformers TrainerCallbacks (e.g. Optuna pruning on the validation loss); they
     run before ours. Only the main process of a multi-process run returns the summary (others: {}).
     """
-    try:
-        return _train(cfg, callbacks)
-    finally:
-        # One process may train many times (sweeps, `loralab run`): this run's log file stops here.
-        log_file = os.path.abspath(Path(cfg.output_dir) / "train.log")
-        root = logging.getLogger()
-        for handler in [h for h in root.handlers if getattr(h, "baseFilename", None) == log_file]:
-            root.removeHandler(handler)
-            handler.close()
+    # The run's log file (RUN/train.log) is attached once the run folder is written to, and detached
+    # when this call returns: one process may train many times (sweeps, `loralab run`).
+    with contextlib.ExitStack() as run_log_file:
+        return _train(cfg, callbacks, run_log_file)
 
 
-def _train(cfg: Config, callbacks: list | None) -> dict:
+def _train(cfg: Config, callbacks: list | None, run_log_file: contextlib.ExitStack) -> dict:
     from accelerate import PartialState
     from transformers.trainer_callback import EarlyStoppingCallback, ProgressCallback
 
@@ -527,8 +537,6 @@ def _train(cfg: Config, callbacks: list | None) -> dict:
 
     # 2. Tokenizer with the run's chat template, and the data encoded through the one template path.
     tokenizer = models.load_tokenizer(cfg)
-    from loralab import data
-
     train_examples, train_counts = encode_split(tokenizer, data.load_conversations(cfg, "train"), cfg)
     eval_examples, eval_counts = encode_split(tokenizer, data.load_conversations(cfg, "eval"), cfg)
     if not train_examples:
@@ -543,15 +551,19 @@ def _train(cfg: Config, callbacks: list | None) -> dict:
     model = build_model(cfg)
     trainable, total = count_params(model)
     dtype = models.pick_dtype(cfg)
+    facts = {"examples": {"train": len(train_examples), "eval": len(eval_examples)},
+             "overflow": {"train": train_counts, "eval": eval_counts},
+             "parameters": {"trainable": trainable, "total": total}}
 
     if is_main:  # the run folder describes itself from here on
-        add_log_file(run_dir / "train.log")
+        run_log_file.enter_context(log_to_file(run_dir / "train.log"))
         if logging.getLogger("loralab").getEffectiveLevel() > logging.INFO:  # called as a library: still log the run
             logging.getLogger("loralab").setLevel(logging.INFO)
         if resume_from is not None:
             log.info("resuming from %s", resume_from)
             clean_for_resume(run_dir, resume_from)
-        for name, counts, n in (("train", train_counts, len(train_examples)), ("validation", eval_counts, len(eval_examples))):
+        for name, counts, n in (("train", train_counts, len(train_examples)),
+                                ("validation", eval_counts, len(eval_examples))):
             if counts["conversations"]:
                 log.info("%s: %d of %d conversations used; over cutoff_len=%d: %d truncated, %d dropped; "
                          "%d without answer tokens dropped", name, n, counts["conversations"], cfg.cutoff_len,
@@ -559,11 +571,9 @@ def _train(cfg: Config, callbacks: list | None) -> dict:
         if cfg.eval_strategy != "no" and not eval_examples:
             log.warning("no validation data (eval_dataset unset/empty and val_size=0): the last step's model is kept")
         log.info("%s fine-tuning of %s: %s trainable of %s parameters (%.2f%%), %s", cfg.finetuning_type,
-                 cfg.model_name_or_path, f"{trainable:,}", f"{total:,}", 100 * trainable / total, str(dtype).removeprefix("torch."))
-        runinfo.write_run_info(run_dir, cfg, tokenizer, finetuning_type=cfg.finetuning_type,
-                               examples={"train": len(train_examples), "eval": len(eval_examples)},
-                               overflow={"train": train_counts, "eval": eval_counts},
-                               parameters={"trainable": trainable, "total": total})
+                 cfg.model_name_or_path, f"{trainable:,}", f"{total:,}", 100 * trainable / total,
+                 str(dtype).removeprefix("torch."))
+        runinfo.write_run_info(run_dir, cfg, tokenizer, finetuning_type=cfg.finetuning_type, **facts)
         copy_manifests(cfg, run_dir)
     state.wait_for_everyone()
 
@@ -575,7 +585,8 @@ def _train(cfg: Config, callbacks: list | None) -> dict:
         from peft.optimizers import create_loraplus_optimizer
 
         optimizers = (create_loraplus_optimizer(model, torch.optim.AdamW, lr=cfg.learning_rate,
-                                                loraplus_lr_ratio=cfg.loraplus_lr_ratio, weight_decay=cfg.weight_decay), None)
+                                                loraplus_lr_ratio=cfg.loraplus_lr_ratio,
+                                                weight_decay=cfg.weight_decay), None)
     extra = [CompleteCheckpoints(run_dir, cfg.save_total_limit), RunLog(run_dir)]
     if has_eval and cfg.early_stopping_patience:
         extra.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
@@ -606,11 +617,20 @@ def _train(cfg: Config, callbacks: list | None) -> dict:
         raise LoralabError(
             f"per_device_train_batch_size: a batch of {cfg.per_device_train_batch_size} sequences of up to "
             f"{cfg.cutoff_len} tokens does not fit in memory; lower per_device_train_batch_size (raise "
-            "gradient_accumulation_steps to keep the effective batch), lower cutoff_len, or set gradient_checkpointing=true"
+            "gradient_accumulation_steps to keep the effective batch), lower cutoff_len, or set "
+            "gradient_checkpointing=true"
         ) from None
 
-    # 6. The final model at the top of the run folder: the best checkpoint by validation loss (loaded
-    #    back by the Trainer), else the last step's. save_model gathers sharded (DeepSpeed/FSDP) weights.
+    # 6. The final model, loss plots and the summary.
+    return finish_run(trainer, result, cfg, tokenizer, run_dir, is_main, resume_from, facts)
+
+
+def finish_run(trainer: LoralabTrainer, result, cfg: Config, tokenizer, run_dir: Path, is_main: bool,
+               resume_from: Path | None, facts: dict) -> dict:
+    """The final model at the top of the run folder: the best checkpoint by validation loss (loaded back
+    by the Trainer), else the last step's; then the loss plots and RUN/train_results.json (the summary).
+    save_model gathers sharded (DeepSpeed/FSDP) weights, so every process calls it; only the main process
+    writes the rest and returns the summary (others: {})."""
     st = trainer.state
     last_checkpoint = run_dir / f"{CHECKPOINT_PREFIX}{st.global_step}"
     trainer.save_model(str(run_dir))
@@ -643,9 +663,9 @@ def _train(cfg: Config, callbacks: list | None) -> dict:
         "best_eval_loss": best_loss,
         "best_eval_perplexity": math.exp(min(best_loss, 50.0)) if best_loss is not None else None,
         "train_loss": result.training_loss,
-        "examples": {"train": len(train_examples), "eval": len(eval_examples)},
-        "overflow": {"cutoff_len": cfg.cutoff_len, "mode": cfg.overflow, "train": train_counts, "eval": eval_counts},
-        "parameters": {"trainable": trainable, "total": total},
+        "examples": facts["examples"],
+        "overflow": {"cutoff_len": cfg.cutoff_len, "mode": cfg.overflow, **facts["overflow"]},
+        "parameters": facts["parameters"],
         "runtime_s": result.metrics.get("train_runtime"),
         "train_step_time_s": run_log.step_time,
         "tokens_seen": st.num_input_tokens_seen,
