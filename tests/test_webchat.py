@@ -1,7 +1,6 @@
 """`loralab webchat`: the chat function in-process, and the page end to end in headless Chromium."""
 
 import os
-import shutil
 import socket
 import string
 from pathlib import Path
@@ -54,7 +53,8 @@ def test_respond_streams_and_switches_models(engine):
     respond = make_respond(engine)
     base, texts = final(respond("hello", [], engine.base_name, "", 0.0, 1.0, 12))
     assert len(texts) > 1 and all(b.startswith(a) for a, b in zip(texts, texts[1:])), "replies grow as they stream"
-    assert base == engine.generate([[{"role": "user", "content": "hello"}]], GenerationSettings(max_new_tokens=12))[0].text
+    hello = [[{"role": "user", "content": "hello"}]]
+    assert base == engine.generate(hello, GenerationSettings(max_new_tokens=12))[0].text
     tuned, _ = final(respond("hello", [], "alpha", "", 0.0, 1.0, 12))
     assert tuned != base
     # gradio 6 hands history back with content as a list of text parts; the system box is used.
@@ -212,7 +212,8 @@ def test_page_streams_a_reply_in_a_real_browser(engine, artifacts_dir, tmp_path)
 
     expected = engine.generate([[{"role": "user", "content": "Hello there"}]],
                                GenerationSettings(max_new_tokens=64), adapter="alpha")[0].text
-    base = engine.generate([[{"role": "user", "content": "Hello there"}]], GenerationSettings(max_new_tokens=64))[0].text
+    base = engine.generate([[{"role": "user", "content": "Hello there"}]],
+                           GenerationSettings(max_new_tokens=64))[0].text
     assert turns == 1 and alnum(from_base) == alnum(base) != alnum(expected), (from_base, base)
     assert "Hello there" in user_text
     assert alnum(shown) and alnum(shown) == alnum(expected), (shown, expected)
