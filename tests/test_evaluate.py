@@ -38,7 +38,8 @@ def adapter(tiny_model, tmp_path_factory):
 
 def make_cfg(tiny_model, data_dir, tmp_path, **extra):
     return load_config(None, {"model_name_or_path": str(tiny_model), "dataset_dir": str(data_dir),
-                              "output_dir": str(tmp_path / "runs"), "max_new_tokens": 8, "infer_batch_size": 3, **extra})
+                              "output_dir": str(tmp_path / "runs"), "max_new_tokens": 8, "infer_batch_size": 3,
+                              "eval_dataset": "alpaca_data_val", **extra})
 
 
 def read_jsonl(path):

@@ -28,7 +28,7 @@ def write_sweep(folder: Path, **spec) -> Path:
     return path
 
 
-BASE = {"max_steps": 3, "lora_rank": 8}
+BASE = {"max_steps": 3, "lora_rank": 8, "eval_dataset": "alpaca_data_val"}
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -57,7 +57,7 @@ def test_sweep_file_base_needs_validation_data(tmp_path):
 
 
 def test_sweep_file_base_path_and_ranges(tmp_path):
-    (tmp_path / "base.yaml").write_text("lora_rank: 16\nlearning_rate: 2.0e-4\n")
+    (tmp_path / "base.yaml").write_text("lora_rank: 16\nlearning_rate: 2.0e-4\neval_dataset: alpaca_data_val\n")
     path = write_sweep(tmp_path, base="base.yaml", strategy="tpe", n_trials=3,
                        search_space={"learning_rate": {"low": 1e-5, "high": 1e-3, "log": True},
                                      "lora_alpha_ratio": [1, 2], "lora_target": ["all", "q_proj,v_proj"]})
@@ -161,7 +161,7 @@ def demo_data(tmp_path_factory):
 
 
 def tiny_base(tiny_model, demo_data, **extra) -> dict:
-    return {"model_name_or_path": str(tiny_model), "dataset_dir": str(demo_data), "max_steps": 2, "eval_steps": 1,
+    return {"model_name_or_path": str(tiny_model), "dataset_dir": str(demo_data), "eval_dataset": "alpaca_data_val", "max_steps": 2, "eval_steps": 1,
             "logging_steps": 1, "per_device_train_batch_size": 8, "cutoff_len": 96, "max_new_tokens": 8,
             "lora_rank": 4, "learning_rate": 1e-3, "torch_threads": 1, **extra}
 

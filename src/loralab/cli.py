@@ -168,7 +168,9 @@ BootOpt = Annotated[int, typer.Option("--n-boot", help="Bootstrap / permutation 
 @app.command()
 def predict(
     args: ConfigArgs = None,
-    split: SplitOpt = "test",
+    split: Annotated[Optional[str], typer.Option(
+        "--split", help="train, val or test (dataset / eval_dataset / test_dataset); default test, or "
+        "eval_dataset into output_dir with do_predict: true (LLaMA-Factory's predict).")] = None,
     data_file: DataOpt = None,
     output_dir: OutOpt = None,
     overwrite: OverwriteOpt = False,
@@ -180,6 +182,9 @@ def predict(
     r = out["results"]
     typer.echo(f"wrote {out['dir']}/generated_predictions.jsonl: {r['samples']} samples in {r['seconds']:.1f}s "
                f"({r['samples_per_second']:.2f} samples/s, {r['generated_tokens_per_second']:.1f} generated tokens/s)")
+    if "metrics" in out:  # do_predict: LLaMA-Factory prints its predict metrics
+        typer.echo(evaluate.format_metrics_table(out))
+        typer.echo(f"wrote {out['dir']}/predict_results.json and metrics.json")
 
 
 @app.command("eval")

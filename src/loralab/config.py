@@ -28,7 +28,6 @@ LLAMAFACTORY_IGNORED_KEYS = {
     "stage": "loralab always does supervised fine-tuning (sft)",
     "do_train": "the command (train/predict/eval) decides what runs",
     "do_eval": "the command (train/predict/eval) decides what runs",
-    "do_predict": "the command (train/predict/eval) decides what runs",
     "predict_with_generate": "`loralab predict`/`eval` always generate",
     "overwrite_cache": "loralab does not keep a tokenized cache",
     "preprocessing_num_workers": "tokenization runs in-process",
@@ -56,6 +55,22 @@ LLAMAFACTORY_IGNORED_KEYS = {
     "pure_bf16": "mixed precision follows bf16/fp16",
     "deepspeed": "pass DeepSpeed through `accelerate launch --config_file`",
 }
+
+
+# The values transformers accepts for lr_scheduler_type (SchedulerType) and optim (OptimizerNames), kept
+# here so a config is checked without importing transformers; tests/test_lf_keys.py compares them with
+# the installed transformers.
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+                 "warmup_stable_decay", "greedy")
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused", "adafactor",
+              "adamw_anyprecision", "adamw_torch_4bit", "adamw_torch_8bit", "ademamix", "sgd", "adagrad",
+              "adamw_bnb_8bit", "adamw_8bit", "ademamix_8bit", "lion_8bit", "lion_32bit", "paged_adamw_32bit",
+              "paged_adamw_8bit", "paged_ademamix_32bit", "paged_ademamix_8bit", "paged_lion_32bit", "paged_lion_8bit",
+              "rmsprop", "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit", "galore_adamw", "galore_adamw_8bit",
+              "galore_adafactor", "galore_adamw_layerwise", "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise",
+              "lomo", "adalomo", "grokadamw", "schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd",
+              "apollo_adamw", "apollo_adamw_layerwise", "stable_adamw")
 
 
 class Config(BaseModel):
@@ -106,7 +121,8 @@ class Config(BaseModel):
     )
     dataset_dir: str = Field("data", description="Folder with dataset_info.json and the data files.")
     eval_dataset: str | None = Field(
-        "alpaca_data_val", description="Validation dataset name(s) or file(s); used during training."
+        None, description="Validation dataset name(s) or file(s), used during training; unset = no validation "
+        "(as in LLaMA-Factory) unless val_size > 0. With do_predict, `loralab predict` predicts on it."
     )
     test_dataset: str = Field("alpaca_data_test", description="Dataset that predict/eval score by default.")
     val_size: float = Field(
@@ -114,8 +130,9 @@ class Config(BaseModel):
     )
     max_samples: int | None = Field(None, gt=0, description="Use at most this many records of each dataset.")
     cutoff_len: int = Field(1024, gt=0, description="Maximum tokens per training sequence.")
-    overflow: Literal["truncate", "drop"] = Field(
-        "truncate", description="What to do with sequences longer than cutoff_len."
+    overflow: Literal["split", "truncate", "drop"] = Field(
+        "split", description="Sequences longer than cutoff_len: split = LLaMA-Factory's budget split (each turn's "
+        "prompt and answer cut in proportion to their lengths), truncate = cut the tail, drop = skip the record."
     )
 
     # Data preparation for `loralab run` (what `loralab prepare` does on the command line).
@@ -183,6 +200,31 @@ class Config(BaseModel):
     api_host: str = Field("127.0.0.1", description="Bind address (env API_HOST).")
     api_port: int = Field(8000, gt=0, lt=65536, description="Port (env API_PORT).")
 
+    # --- LLaMA-Factory keys with LLaMA-Factory's meaning (lf_keys.py lists how every other LF key is handled)
+    do_predict: bool = Field(
+        False, description="LLaMA-Factory's predict mode: `loralab predict` predicts on eval_dataset and writes "
+        "generated_predictions.jsonl, predict_results.json and metrics.json straight into output_dir.",
+    )
+    quantization_method: Literal["bnb", "hqq", "eetq"] = Field(
+        "bnb", description="With quantization_bit: bitsandbytes (bnb), HQQ or EETQ, through transformers."
+    )
+    packing: bool | None = Field(
+        None, description="Pack several sequences into one row without padding (padding-free batches; attention "
+        "never crosses sequences); unset = false, as LLaMA-Factory does for SFT.",
+    )
+    neat_packing: bool = Field(False, description="LLaMA-Factory's packing without cross-sample attention: same as packing here.")
+    train_on_prompt: bool = Field(False, description="Also learn the prompt tokens (system/user turns), not only the answers.")
+    mask_history: bool = Field(False, description="Learn only the last assistant turn of a conversation, not the earlier ones.")
+    additional_target: str | None = Field(
+        None, description="LoRA: modules trained fully and saved with the adapter besides the LoRA layers "
+        "(comma list, e.g. embed_tokens,lm_head; peft's modules_to_save).",
+    )
+    load_best_model_at_end: bool = Field(
+        True, description="With validation: the run's final model is the checkpoint with the best validation "
+        "loss (false = the last step's). LLaMA-Factory's default is false.",
+    )
+    optim: str = Field("adamw_torch", description="Optimizer, a transformers name: adamw_torch, adamw_torch_fused, sgd, adafactor, ...")
+
     @field_validator("lora_target")
     @classmethod
     def _check_target(cls, v: str) -> str:
@@ -194,6 +236,29 @@ class Config(BaseModel):
     @classmethod
     def _check_split(cls, v: str) -> str:
         parse_split(v)
+        return v
+
+    @field_validator("lr_scheduler_type")
+    @classmethod
+    def _check_scheduler(cls, v: str) -> str:
+        if v not in LR_SCHEDULERS:
+            raise ValueError(f"expected one of {', '.join(LR_SCHEDULERS)}")
+        return v
+
+    @field_validator("optim")
+    @classmethod
+    def _check_optim(cls, v: str) -> str:
+        if v not in OPTIMIZERS:
+            raise ValueError(f"expected one of {', '.join(OPTIMIZERS)}")
+        return v
+
+    @field_validator("template")
+    @classmethod
+    def _check_template(cls, v: str | None) -> str | None:
+        from loralab.templates import BUILTIN_TEMPLATES
+
+        if v is not None and v not in BUILTIN_TEMPLATES:
+            raise ValueError(f"expected one of {', '.join(BUILTIN_TEMPLATES)}, or unset for the tokenizer's own template")
         return v
 
     @model_validator(mode="after")

@@ -184,9 +184,15 @@ def _single_adapter(cfg: Config) -> str | None:
     return paths[0] if paths else None
 
 
-def predict(cfg: Config, split: str = "test", data_file: str | None = None, output_dir: str | None = None,
+def predict(cfg: Config, split: str | None = None, data_file: str | None = None, output_dir: str | None = None,
             overwrite: bool = False, progress: bool = True) -> dict:
-    """`loralab predict`: the configured model (+ adapter) on a split or file -> a prediction folder."""
+    """`loralab predict`: the configured model (+ adapter) on a split or file -> a prediction folder.
+
+    With `do_predict: true` and neither --split nor --data, it does what LLaMA-Factory's do_predict does.
+    """
+    if cfg.do_predict and split is None and data_file is None:
+        return predict_like_llamafactory(cfg, output_dir, overwrite, progress)
+    split = split or "test"
     adapter_path = _single_adapter(cfg)
     prompts, labels, source = load_examples(cfg, split, data_file)
     out = Path(output_dir) if output_dir else _default_dir(cfg, "predict", split, data_file, adapter_tag(adapter_path))
@@ -194,6 +200,22 @@ def predict(cfg: Config, split: str = "test", data_file: str | None = None, outp
     engine = Engine(cfg, {adapter_tag(adapter_path): adapter_path} if adapter_path else {})
     return predict_into(engine, cfg, prompts, labels, source, out, engine.adapter_names[0] if adapter_path else None,
                         adapter_path, progress)
+
+
+def predict_like_llamafactory(cfg: Config, output_dir: str | None = None, overwrite: bool = False,
+                              progress: bool = True) -> dict:
+    """LLaMA-Factory's `do_predict`: predict on eval_dataset and score, straight into output_dir.
+
+    output_dir then holds generated_predictions.jsonl and predict_results.json (with the predict_*
+    metrics) where LLaMA-Factory writes them, plus loralab's metrics.json (95% CIs) and per-sample scores.
+    """
+    if not cfg.eval_dataset:
+        raise LoralabError("do_predict: predicts on eval_dataset, which is unset; set eval_dataset to the "
+                           "dataset to predict on (as in LLaMA-Factory), or pass --split/--data")
+    result = evaluate(cfg, "val", output_dir=output_dir or cfg.output_dir,
+                      overwrite=overwrite or cfg.overwrite_output_dir, progress=progress)
+    results = json.loads((Path(result["dir"]) / PREDICT_RESULTS).read_text(encoding="utf-8"))
+    return {"dir": result["dir"], "results": results, "metrics": result["metrics"]}
 
 
 # --- score ---------------------------------------------------------------------------------------
