@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -224,6 +225,14 @@ class Config(BaseModel):
         "loss (false = the last step's). LLaMA-Factory's default is false.",
     )
     optim: str = Field("adamw_torch", description="Optimizer, a transformers name: adamw_torch, adamw_torch_fused, sgd, adafactor, ...")
+    optim_args: str | None = Field(None, description="Extra optimizer arguments for transformers, e.g. `betas=0.9,0.95`.")
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0, description="AdamW beta2.")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    lr_scheduler_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra scheduler arguments, e.g. {min_lr_rate: 0.1} for cosine_with_min_lr."
+    )
+    neftune_noise_alpha: float | None = Field(None, gt=0, description="NEFTune: noise on the input embeddings while training.")
 
     @field_validator("lora_target")
     @classmethod
@@ -262,6 +271,12 @@ class Config(BaseModel):
         return v
 
     @model_validator(mode="after")
+    def _check_quantization(self) -> Config:
+        if self.quantization_method == "eetq" and self.quantization_bit not in (None, 8):
+            raise ValueError("quantization_method eetq quantizes to 8 bits; set quantization_bit: 8")
+        return self
+
+    @model_validator(mode="after")
     def _check_precision(self) -> Config:
         if self.bf16 and self.fp16:
             raise ValueError("bf16 and fp16 cannot both be true")
@@ -298,6 +313,9 @@ def parse_split(text: str) -> list[float]:
 
 
 FIELDS = list(Config.model_fields)
+# Fields that cannot hold None: a YAML `null` for them means "the default".
+NOT_NULLABLE = {name for name, field in Config.model_fields.items()
+                if type(None) not in typing.get_args(field.annotation) and field.annotation is not type(None)}
 
 
 def _suggest(key: str, choices: list[str]) -> str:
@@ -354,11 +372,22 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def build_config(values: dict[str, Any], source: str = "config") -> Config:
     """Validate a dict of settings into a Config, with one-line errors and notices for LF-only keys."""
+    from loralab import lf_keys
+
     values = dict(values)
-    for key in [k for k in values if k in LLAMAFACTORY_IGNORED_KEYS]:
-        value = values.pop(key)
-        if value not in (None, False):
-            log.info("%s: ignoring LLaMA-Factory key `%s` (%s)", source, key, LLAMAFACTORY_IGNORED_KEYS[key])
+    stage = values.get("stage")
+    if stage not in (None, "sft"):
+        raise LoralabError(f"{source}: `stage`: loralab does supervised fine-tuning only; expected sft, got {stage!r}")
+    for key in [k for k in values if k in LLAMAFACTORY_IGNORED_KEYS or k in lf_keys.NOTICES]:
+        values.pop(key)
+        reason = LLAMAFACTORY_IGNORED_KEYS.get(key) or lf_keys.NOTICES[key]
+        log.info("%s: ignoring LLaMA-Factory key `%s` (%s)", source, key, reason)
+    for key in [k for k, v in values.items() if v is None and k in NOT_NULLABLE]:
+        values.pop(key)  # `key: null` (as LLaMA-Factory's YAMLs write defaults) = loralab's default
+    for key, field in lf_keys.RENAMED.items():
+        if key in values:
+            log.info("%s: LLaMA-Factory key `%s` is loralab's `%s`", source, key, field)
+            values.setdefault(field, values.pop(key))
     try:
         return Config(**values)
     except ValidationError as e:
