@@ -28,6 +28,7 @@ from loralab.config import Config
 from loralab.errors import LoralabError
 from loralab.generate import Engine, GenerationSettings
 from loralab.runinfo import check_output_dir, write_json, write_run_info
+from loralab.templates import lf_label_text, with_default_system
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,10 @@ METRICS = "metrics.json"
 PER_SAMPLE = "per_sample_scores.jsonl"
 COMPARISON = "comparison.json"
 PRED_FIELDS = ("prompt", "predict", "label")
+# An extra field of our generated_predictions.jsonl: the label text LLaMA-Factory scores against (with the
+# template's text after the closing token, e.g. "\n" after <|im_end|>), so predict_* can be recomputed from the
+# file alone. `label` stays the clean answer, which the standard metrics use.
+LF_LABEL = "lf_label"
 
 
 def _sha(texts: list[str]) -> str:
@@ -115,6 +120,8 @@ def read_predictions(path: str | Path) -> list[dict]:
                 if not isinstance(row[key], str):
                     raise LoralabError(f"{path}: line {n}: field `{key}` must be a string, got {type(row[key]).__name__}")
             rows.append({k: row[k] for k in PRED_FIELDS})
+            if isinstance(row.get(LF_LABEL), str):  # written by loralab: LLaMA-Factory's label text
+                rows[-1][LF_LABEL] = row[LF_LABEL]
     if not rows:
         raise LoralabError(f"{path}: no predictions (the file is empty)")
     return rows
@@ -123,7 +130,7 @@ def read_predictions(path: str | Path) -> list[dict]:
 def write_predictions(path: Path, rows: list[dict]) -> None:
     with path.open("w", encoding="utf-8") as f:
         for row in rows:
-            f.write(json.dumps({k: row[k] for k in PRED_FIELDS}, ensure_ascii=False) + "\n")
+            f.write(json.dumps({k: row[k] for k in (*PRED_FIELDS, LF_LABEL) if k in row}, ensure_ascii=False) + "\n")
 
 
 # --- predict -------------------------------------------------------------------------------------
@@ -139,7 +146,8 @@ def predict_into(engine: Engine, cfg: Config, prompts: list, labels: list[str], 
     start = time.perf_counter()
     completions = engine.generate(prompts, settings, adapter=adapter, batch_size=cfg.infer_batch_size, progress=progress)
     seconds = time.perf_counter() - start
-    rows = [{"prompt": engine.prompt_text(p), "predict": c.text, "label": label}
+    rows = [{"prompt": engine.prompt_text(p), "predict": c.text, "label": label,
+             LF_LABEL: lf_label_text(engine.tokenizer, with_default_system(p, cfg.default_system), label, cfg.cutoff_len)}
             for p, c, label in zip(prompts, completions, labels)]
     write_predictions(out_dir / PREDICTIONS, rows)
     generated = sum(c.completion_tokens for c in completions)
@@ -221,7 +229,10 @@ def predict_like_llamafactory(cfg: Config, output_dir: str | None = None, overwr
 # --- score ---------------------------------------------------------------------------------------
 def score_into(out_dir: Path, rows: list[dict], info: dict, n_boot: int = 1000, seed: int = 0) -> dict:
     """Score prediction rows, write metrics.json and per_sample_scores.jsonl; return metrics.json's content."""
-    scored = metrics.score_predictions([r["predict"] for r in rows], [r["label"] for r in rows], n_boot=n_boot, seed=seed)
+    # predict_* use LLaMA-Factory's label text (rows from a prediction run carry it as lf_label; a
+    # generated_predictions.jsonl read back has LLaMA-Factory's own label, or ours when we wrote it).
+    scored = metrics.score_predictions([r["predict"] for r in rows], [r["label"] for r in rows], n_boot=n_boot,
+                                       seed=seed, lf_labels=[r.get(LF_LABEL, r["label"]) for r in rows])
     per_sample = scored.pop("per_sample")
     result = {**info, "labels_sha256": _sha([r["label"] for r in rows]), **scored}
     write_json(out_dir / METRICS, result)

@@ -328,6 +328,21 @@ def encode_for_training(
     return {"input_ids": input_ids, "labels": labels}
 
 
+def lf_label_text(tokenizer, prompt: list[dict], answer: str, cutoff_len: int) -> str:
+    """The label text LLaMA-Factory scores a prediction against (its predict_* metrics).
+
+    LLaMA-Factory encodes the answer with the template's closing text, cuts prompt and answer to cutoff_len
+    with its budget split, and decodes the answer ids without special tokens: on ChatML models the `\n`
+    after <|im_end|> stays in the label ("answer\n"); on Llama 3 nothing follows <|eot_id|> ("answer").
+    """
+    prompt_text = render(tokenizer, prompt, add_generation_prompt=True)
+    full = render(tokenizer, [*prompt, {"role": "assistant", "content": answer}])
+    _check_prefix(prompt_text, full)
+    prompt_ids, answer_ids = encode_text(tokenizer, prompt_text), encode_text(tokenizer, full[len(prompt_text):])
+    _, n_answer = budget_split(len(prompt_ids), len(answer_ids), cutoff_len)
+    return tokenizer.decode(answer_ids[:n_answer], skip_special_tokens=True)
+
+
 def budget_split(prompt_len: int, answer_len: int, budget: int) -> tuple[int, int]:
     """How many prompt and answer tokens of one turn fit in `budget` (LLaMA-Factory's infer_seqlen rule).
 
