@@ -33,7 +33,7 @@ _QWEN_LIKE = {
     **_CHATML_LIKE,
     "function": "{content}<|im_end|>\n",
     "observation": "<|im_start|>user\n<tool_response>\n{content}\n</tool_response><|im_end|>\n<|im_start|>assistant\n",
-    "stop_words": ["<|im_end|>"], "replace_eos": True,
+    "stop_words": ["<|im_end|>"], "replace_eos": True, "tool_format": "qwen",
 }
 _GEMMA = {
     "prefix": "{bos}",
@@ -51,7 +51,7 @@ TEMPLATE_SPECS: dict[str, dict] = {
         "system": "<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
         "function": "{content}<|eot_id|>",
         "observation": "<|start_header_id|>ipython<|end_header_id|>\n\n{content}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
-        "stop_words": ["<|eot_id|>", "<|eom_id|>"], "replace_eos": True,
+        "stop_words": ["<|eot_id|>", "<|eom_id|>"], "replace_eos": True, "tool_format": "llama3",
     },
     "llama4": {
         "prefix": "{bos}",
@@ -60,7 +60,7 @@ TEMPLATE_SPECS: dict[str, dict] = {
         "system": "<|header_start|>system<|header_end|>\n\n{content}<|eot|>",
         "function": "{content}<|eot|>",
         "observation": "<|header_start|>ipython<|header_end|>\n\n{content}<|eot|><|header_start|>assistant<|header_end|>\n\n",
-        "stop_words": ["<|eot|>", "<|eom|>"], "replace_eos": True,
+        "stop_words": ["<|eot|>", "<|eom|>"], "replace_eos": True, "tool_format": "llama3",
     },
     "qwen": {**_QWEN_LIKE, "default_system": "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."},
     "qwen3": {**_QWEN_LIKE, "empty_thought": True},
@@ -72,7 +72,7 @@ TEMPLATE_SPECS: dict[str, dict] = {
         "system": "{content}\n\n",
         "function": "[TOOL_CALLS] {content}{eos}",
         "observation": '[TOOL_RESULTS] {"content": {content}}[/TOOL_RESULTS]',
-        "system_in_user": True,
+        "system_in_user": True, "tool_format": "mistral",
     },
     "gemma": dict(_GEMMA),
     "gemma3": dict(_GEMMA),
@@ -120,7 +120,7 @@ def template_spec(name: str) -> dict:
     spec = TEMPLATE_SPECS[name]
     full = {"prefix": "", "user": "{content}", "assistant": "{content}{eos}", "system": "{content}",
             "default_system": "", "stop_words": [], "replace_eos": False, "system_in_user": False,
-            "empty_thought": False, **spec}
+            "empty_thought": False, "tool_format": "default", **spec}
     full.setdefault("observation", full["user"])
     full.setdefault("function", full["assistant"])
     return full
@@ -194,6 +194,7 @@ def apply_template(tokenizer, name: str | None = None, model_name: str = "model"
             )
         own = tokenizer.chat_template
         tokenizer.chat_template = chat_template(name)
+        tokenizer.loralab_tool_format = spec["tool_format"]
         if isinstance(own, str) and own:
             _say_how_it_differs(tokenizer, own, name, model_name)
         if spec["replace_eos"] and tokenizer.eos_token != spec["stop_words"][0]:
@@ -251,7 +252,35 @@ def with_default_system(messages: list[dict], default_system: str | None) -> lis
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    tool_format = getattr(tokenizer, "loralab_tool_format", None)  # set by apply_template for built-in templates
+    if tool_format and any(m["role"] == "function" for m in messages):
+        messages = [{**m, "content": format_function_call(m["content"], tool_format)} if m["role"] == "function" else m
+                    for m in messages]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def format_function_call(content: str, tool_format: str) -> str:
+    """A function turn ({"name", "arguments"} JSON, or a list of them) as the text LLaMA-Factory's tool format writes.
+
+    default: `Action: NAME\nAction Input: ARGS` lines; llama3: {"name", "parameters"} JSON; qwen: each call as
+    {"name", "arguments"} JSON inside <tool_call></tool_call>; mistral: a JSON list of {"name", "arguments"}.
+    """
+    try:
+        calls = json.loads(content)
+        calls = calls if isinstance(calls, list) else [calls]
+        pairs = [(c["name"], c["arguments"]) for c in calls]
+    except (json.JSONDecodeError, TypeError, KeyError):
+        raise LoralabError(f"function turn: expected JSON {{\"name\": ..., \"arguments\": {{...}}}} (or a list), "
+                           f"got {content[:80]!r}") from None
+    dump = lambda obj: json.dumps(obj, ensure_ascii=False)  # noqa: E731
+    if tool_format == "llama3":
+        objs = [{"name": n, "parameters": a} for n, a in pairs]
+        return dump(objs[0] if len(objs) == 1 else objs)
+    if tool_format == "qwen":
+        return "\n".join(f"<tool_call>\n{dump({'name': n, 'arguments': a})}\n</tool_call>" for n, a in pairs)
+    if tool_format == "mistral":
+        return dump([{"name": n, "arguments": a} for n, a in pairs])
+    return "\n".join(f"Action: {n}\nAction Input: {dump(a)}" for n, a in pairs)
 
 
 def encode_text(tokenizer, text: str) -> list[int]:
