@@ -74,10 +74,26 @@ def _root(
 def config_show(
     args: ConfigArgs = None,
     keys: Annotated[bool, typer.Option("--keys", help="List every key with its default and help text.")] = False,
+    diff_lf: Annotated[bool, typer.Option(
+        "--diff-lf", help="Only the effective values LLaMA-Factory would not use for this file (keys it leaves unset).")] = False,
 ) -> None:
     """Print the resolved configuration (YAML file + key=value overrides), or the error."""
     if keys:
         typer.echo(describe_fields())
+        return
+    if diff_lf:
+        from loralab.config import differences_from_llamafactory, given_keys
+
+        cfg = config_from_args(args)
+        rest = list(args or [])
+        path = rest.pop(0) if rest and "=" not in rest[0] else None
+        rows = differences_from_llamafactory(cfg, given_keys(path, rest))
+        if not rows:
+            typer.echo("every effective value is what LLaMA-Factory would use")
+            return
+        typer.echo(f"{'key':<24} {'loralab':<28} {'LLaMA-Factory':<22} why loralab's default")
+        for r in rows:
+            typer.echo(f"{r['key']:<24} {str(r['loralab']):<28} {str(r['llamafactory']):<22} {r['why']}")
         return
     typer.echo(config_to_yaml(config_from_args(args)), nl=False)
 

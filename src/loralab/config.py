@@ -90,8 +90,9 @@ class Config(BaseModel):
     )
     template: str | None = Field(
         None,
-        description="Chat template: unset = the tokenizer's own jinja template; or a built-in one "
-        "(llama3, chatml, alpaca). Training, evaluation and serving all use this one template.",
+        description="Chat template: unset = the tokenizer's own jinja template; or one of LLaMA-Factory's names "
+        "(llama3, qwen3_nothink, chatml, alpaca, ...; rendered as LLaMA-Factory renders them). Training, "
+        "evaluation and serving all use this one template.",
     )
     default_system: str | None = Field(None, description="System prompt added when a conversation has none.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub (transformers).")
@@ -413,6 +414,62 @@ def config_to_yaml(cfg: Config) -> str:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(config_to_yaml(cfg), encoding="utf-8")
+
+
+# Keys whose absent value means something else in LLaMA-Factory, and why loralab's default is what it is.
+# (`loralab config show FILE --diff-lf` lists the ones a file leaves unset; the README has the whole table.)
+DEFAULT_REASONS = {
+    "model_name_or_path": "LLaMA-Factory requires it; loralab's offline default model",
+    "dataset": "LLaMA-Factory requires it; the split `loralab prepare` writes",
+    "output_dir": "LLaMA-Factory requires it (trainer_output); a run folder under runs/",
+    "cutoff_len": "shorter sequences: less memory on small machines; raise it for long data",
+    "learning_rate": "LoRA trains well at 1e-4 (5e-5 is transformers' full fine-tuning default)",
+    "lr_scheduler_type": "cosine decay, the usual choice for LoRA SFT",
+    "logging_steps": "see the loss early (LLaMA-Factory inherits transformers' 500)",
+    "eval_strategy": "validate whenever there is validation data (eval_dataset or val_size)",
+    "eval_steps": "unset = save_steps, so every validation has a checkpoint to keep if it is the best "
+                  "(LLaMA-Factory: logging_steps)",
+    "save_total_limit": "keep 2 checkpoints plus the best (LLaMA-Factory keeps all)",
+    "load_best_model_at_end": "the run's final model is the best by validation loss",
+    "bf16": "unset = bf16 on GPUs that support it (LLaMA-Factory: fp32 unless asked)",
+    "optim": "adamw_torch runs everywhere; the fused one needs a GPU build of torch",
+    "do_sample": "greedy decoding: predictions and metrics are reproducible",
+    "max_new_tokens": "512 new tokens are enough for instruction answers and twice as fast to hit",
+}
+# LLaMA-Factory's default for these is None = required, or None meaning the same as loralab's value.
+LF_REQUIRED = {"model_name_or_path", "dataset", "output_dir"}
+LF_SAME_AS_NONE = {"warmup_ratio": 0.0, "lr_scheduler_kwargs": {}}
+
+
+def differences_from_llamafactory(cfg: Config, given: set[str]) -> list[dict]:
+    """The effective values of `cfg` that LLaMA-Factory would not use for the same file.
+
+    `given`: the keys the file (and command line) set; those mean the same in both. Each row: key, loralab's
+    value, LLaMA-Factory's, and why loralab's default differs.
+    """
+    from loralab.lf_keys import lf_defaults
+
+    lf, rows = lf_defaults(), []
+    for name in Config.model_fields:
+        if name in given or name not in lf:
+            continue
+        ours, theirs = getattr(cfg, name), lf[name]
+        if theirs is None and name in LF_SAME_AS_NONE:
+            theirs = LF_SAME_AS_NONE[name]
+        if name == "eval_steps" and ours is None:
+            logging = cfg.logging_steps if "logging_steps" in given else lf["logging_steps"]
+            ours, theirs = f"save_steps ({cfg.save_steps})", f"logging_steps ({logging})"
+        if ours == theirs:
+            continue
+        rows.append({"key": name, "loralab": ours, "llamafactory": "(required)" if name in LF_REQUIRED else theirs,
+                     "why": DEFAULT_REASONS.get(name, "")})
+    return rows
+
+
+def given_keys(path: str | Path | None, overrides: list[str] | None) -> set[str]:
+    """The keys a YAML file plus key=value overrides set explicitly."""
+    keys = set(read_yaml(path)) if path else set()
+    return keys | set(parse_overrides(list(overrides or [])))
 
 
 def describe_fields() -> str:
