@@ -72,3 +72,20 @@ def test_allowed_values_are_transformers_own():
 
     assert set(LR_SCHEDULERS) == {s.value for s in SchedulerType}
     assert set(OPTIMIZERS) == {o.value for o in OptimizerNames}
+
+
+def test_config_show_diff_lf_lists_unset_keys_that_differ(tmp_path):
+    from typer.testing import CliRunner
+
+    from loralab.cli import app
+
+    path = tmp_path / "lf.yaml"
+    path.write_text("model_name_or_path: x\ndataset: d\noutput_dir: o\nlearning_rate: 1.0e-4\nlogging_steps: 5\n"
+                    "do_sample: false\n")
+    out = CliRunner().invoke(app, ["config", "show", str(path), "--diff-lf", "max_new_tokens=1024"]).output
+    rows = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert {"lr_scheduler_type", "cutoff_len", "eval_steps", "optim", "load_best_model_at_end"} <= set(rows)
+    # keys the file or command line set mean the same in both, so they are not listed
+    assert not {"learning_rate", "logging_steps", "do_sample", "max_new_tokens", "model_name_or_path"} & set(rows)
+    assert "cosine" in rows["lr_scheduler_type"] and "linear" in rows["lr_scheduler_type"]
+    assert "logging_steps (5)" in rows["eval_steps"]
