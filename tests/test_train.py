@@ -244,7 +244,7 @@ def test_clear_errors(tiny_model, data_dir, tmp_path, monkeypatch):
     with pytest.raises(LoralabError, match=r"lora_target: qkv_proj is not a module .*valid names: all, .*q_proj"):
         train(make_cfg(tiny_model, data_dir, tmp_path / "a", lora_target="q_proj,qkv_proj"))
     with pytest.raises(LoralabError, match="no training example has a token to learn"):
-        train(make_cfg(tiny_model, data_dir, tmp_path / "b", cutoff_len=5))
+        train(make_cfg(tiny_model, data_dir, tmp_path / "b", cutoff_len=5, overflow="truncate"))
     assert not any((tmp_path / "b").iterdir())  # nothing written: the corrected command needs no --overwrite
     with pytest.raises(LoralabError, match="model_name_or_path"):
         train(make_cfg(tmp_path / "no-such-model", data_dir, tmp_path / "c"))

@@ -167,8 +167,8 @@ def detect_spec(records: list, where: str) -> dict:  # noqa: C901
 
 def format_name(spec: dict) -> str:
     """'alpaca', 'sharegpt' or 'openai' (a sharegpt spec with role/content tags)."""
-    if spec.get("formatting", "alpaca") == "alpaca":
-        return "alpaca"
+    if spec.get("formatting", "alpaca") in ("alpaca", "openai"):
+        return spec.get("formatting", "alpaca")
     return "openai" if (spec.get("tags") or {}).get("role_tag") == "role" else "sharegpt"
 
 
