@@ -34,3 +34,23 @@ def test_predict_metrics_equal_llamafactorys(model, template):
         assert round(clean["metrics"]["predict_bleu-4"]["value"], 4) != round(ref["metrics"]["predict_bleu-4"], 4)
         # the standard metrics do not see the difference
         assert clean["metrics"]["rougeL"]["value"] == scored["metrics"]["rougeL"]["value"]
+
+
+@pytest.mark.slow
+def test_smollm2_predict_equals_llamafactory_on_real_alpaca(alpaca_file, tmp_path, monkeypatch):
+    """The same do_predict YAML through LLaMA-Factory and loralab: the same predict_* on SmolLM2 (ChatML)."""
+    import yaml
+
+    from loralab.config import load_config
+    from loralab.evaluate import predict
+
+    ref = json.loads((Path(__file__).parent / "fixtures" / "lf_reference" / "smollm2_alpaca20.json").read_text())
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "alpaca20.json").write_text(json.dumps(json.loads(alpaca_file.read_text())[:20]))
+    (tmp_path / "data" / "dataset_info.json").write_text(json.dumps({"alpaca20": {"file_name": "alpaca20.json"}}))
+    (tmp_path / "lf.yaml").write_text(yaml.safe_dump({**ref["yaml"], "output_dir": "out", "infer_batch_size": 1,
+                                                      "torch_threads": 1}))
+    monkeypatch.chdir(tmp_path)
+    result = predict(load_config("lf.yaml"), progress=False)
+    for name, value in ref["predict_results"].items():
+        assert result["results"][name] == round(value, 4), name
