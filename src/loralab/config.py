@@ -128,7 +128,8 @@ class Config(BaseModel):
     )
     test_dataset: str = Field("alpaca_data_test", description="Dataset that predict/eval score by default.")
     val_size: float = Field(
-        0.0, ge=0.0, lt=1.0, description="If eval_dataset is unset: fraction of the training data held out for validation."
+        0.0, ge=0.0, description="If eval_dataset is unset: the training data held out for validation, a fraction "
+        "below 1 or a number of records (LLaMA-Factory's meaning)."
     )
     max_samples: int | None = Field(None, gt=0, description="Use at most this many records of each dataset.")
     cutoff_len: int = Field(1024, gt=0, description="Maximum tokens per training sequence.")
@@ -246,6 +247,13 @@ class Config(BaseModel):
     @classmethod
     def _check_split(cls, v: str) -> str:
         parse_split(v)
+        return v
+
+    @field_validator("val_size")
+    @classmethod
+    def _check_val_size(cls, v: float) -> float:
+        if v >= 1 and v != int(v):
+            raise ValueError("expected a fraction below 1 or a whole number of records")
         return v
 
     @field_validator("lr_scheduler_type")

@@ -577,7 +577,7 @@ def load_conversations(cfg: Config, which: str) -> list[list[dict]]:
     convs = _load_named(cfg.dataset, cfg)
     if cfg.eval_dataset is not None or cfg.val_size <= 0:
         return convs
-    n_val = max(1, round(cfg.val_size * len(convs)))
+    n_val = int(cfg.val_size) if cfg.val_size >= 1 else max(1, round(cfg.val_size * len(convs)))
     if n_val >= len(convs):
         raise LoralabError(f"val_size: {cfg.val_size} of {len(convs)} training records leaves none for training")
     held_out = set(random.Random(cfg.seed).sample(range(len(convs)), n_val))
