@@ -9,8 +9,14 @@ import logging
 import pytest
 
 from loralab import lf_keys
-from loralab.config import (LLAMAFACTORY_IGNORED_KEYS, LR_SCHEDULERS, OPTIMIZERS, Config, build_config,
-                            load_config)
+from loralab.config import (
+    LLAMAFACTORY_IGNORED_KEYS,
+    LR_SCHEDULERS,
+    OPTIMIZERS,
+    Config,
+    build_config,
+    load_config,
+)
 from loralab.errors import LoralabError
 
 ALL_KEYS = sorted(lf_keys.lf_defaults())

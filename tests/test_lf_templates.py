@@ -11,7 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from loralab.templates import BUILTIN_TEMPLATES, apply_template, chat_template, encode_for_training, render
+from loralab.templates import (
+    BUILTIN_TEMPLATES,
+    apply_template,
+    chat_template,
+    encode_for_training,
+    render,
+)
 from loralab.testing import make_tiny_tokenizer
 
 REFERENCE = json.loads((Path(__file__).parent / "fixtures" / "lf_reference" / "templates.json").read_text(encoding="utf-8"))

@@ -141,7 +141,7 @@ def load_hub(repo: str, subset: str | None = None, split: str = "train") -> list
     return ds.to_list()
 
 
-def detect_spec(records: list, where: str) -> dict:  # noqa: C901
+def detect_spec(records: list, where: str) -> dict:
     """Guess the format spec from the first record (and which optional keys any record has)."""
     first = records[0]
     if not isinstance(first, dict):

@@ -238,7 +238,9 @@ def _say_how_it_differs(tokenizer, own: str, name: str, model_name: str) -> None
     _warned.add(key)
     a, b = ours.splitlines(), theirs.splitlines()
     n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    line = lambda lines: repr(lines[n]) if n < len(lines) else "(no line)"  # noqa: E731
+    def line(lines: list[str]) -> str:
+        return repr(lines[n]) if n < len(lines) else "(no line)"
+
     log.warning("template: %r renders differently from %s's own chat template (which vLLM and transformers use "
                 "when serving it); first differing line %d: %s here vs %s in the tokenizer's", name, model_name,
                 n + 1, line(a), line(b))
@@ -272,7 +274,9 @@ def format_function_call(content: str, tool_format: str) -> str:
     except (json.JSONDecodeError, TypeError, KeyError):
         raise LoralabError(f"function turn: expected JSON {{\"name\": ..., \"arguments\": {{...}}}} (or a list), "
                            f"got {content[:80]!r}") from None
-    dump = lambda obj: json.dumps(obj, ensure_ascii=False)  # noqa: E731
+    def dump(obj) -> str:
+        return json.dumps(obj, ensure_ascii=False)
+
     if tool_format == "llama3":
         objs = [{"name": n, "parameters": a} for n, a in pairs]
         return dump(objs[0] if len(objs) == 1 else objs)
