@@ -335,6 +335,11 @@ def test_load_conversations_names_files_max_samples_and_val_size(tmp_path):
     assert len(train) == 45 and len(val) == 15 and val == data.load_conversations(cfg3, "eval")
     assert not {data.content_hash(c) for c in train} & {data.content_hash(c) for c in val}
     assert data.load_conversations(cfg.model_copy(update={"eval_dataset": None}), "eval") == []
+    # LLaMA-Factory's val_size may also be a number of records
+    cfg4 = Config(**{**cfg.model_dump(), "eval_dataset": None, "val_size": 7})
+    assert [len(data.load_conversations(cfg4, w)) for w in ("train", "eval")] == [53, 7]
+    with pytest.raises(ValueError, match="whole number"):
+        Config(val_size=2.5)
     with pytest.raises(LoralabError, match=r"dataset `nope`: not in .*dataset_info.json.*loralab prepare"):
         data.load_conversations(cfg.model_copy(update={"test_dataset": "nope"}), "test")
 

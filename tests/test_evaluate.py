@@ -38,7 +38,8 @@ def adapter(tiny_model, tmp_path_factory):
 
 def make_cfg(tiny_model, data_dir, tmp_path, **extra):
     return load_config(None, {"model_name_or_path": str(tiny_model), "dataset_dir": str(data_dir),
-                              "output_dir": str(tmp_path / "runs"), "max_new_tokens": 8, "infer_batch_size": 3, **extra})
+                              "output_dir": str(tmp_path / "runs"), "max_new_tokens": 8, "infer_batch_size": 3,
+                              "eval_dataset": "alpaca_data_val", **extra})
 
 
 def read_jsonl(path):
@@ -52,8 +53,9 @@ def test_predict_writes_llamafactory_jsonl(tiny_model, data_dir, tmp_path):
     assert out["dir"] == str(folder)
     rows = read_jsonl(folder / "generated_predictions.jsonl")
     prompts, labels, _ = load_examples(cfg, "test")
-    assert [list(r) for r in rows] == [["prompt", "predict", "label"]] * 5
-    assert [r["label"] for r in rows] == labels
+    # LLaMA-Factory's three fields, plus its label text for predict_* (lf_label; Llama 3: the same text)
+    assert [list(r) for r in rows] == [["prompt", "predict", "label", "lf_label"]] * 5
+    assert [r["label"] for r in rows] == labels == [r["lf_label"] for r in rows]
     engine = Engine(cfg, {})
     # prompt = the rendered chat-template text, special tokens kept (as LLaMA-Factory writes it)
     assert rows[0]["prompt"] == engine.tokenizer.apply_chat_template(prompts[0], tokenize=False, add_generation_prompt=True)

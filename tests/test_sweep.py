@@ -28,7 +28,7 @@ def write_sweep(folder: Path, **spec) -> Path:
     return path
 
 
-BASE = {"max_steps": 3, "lora_rank": 8}
+BASE = {"max_steps": 3, "lora_rank": 8, "eval_dataset": "alpaca_data_val"}
 
 
 @pytest.mark.parametrize(
@@ -66,7 +66,7 @@ def test_sweep_file_base_needs_validation_data(tmp_path):
 
 
 def test_sweep_file_base_path_and_ranges(tmp_path):
-    (tmp_path / "base.yaml").write_text("lora_rank: 16\nlearning_rate: 2.0e-4\n")
+    (tmp_path / "base.yaml").write_text("lora_rank: 16\nlearning_rate: 2.0e-4\neval_dataset: alpaca_data_val\n")
     path = write_sweep(
         tmp_path,
         base="base.yaml",
@@ -203,6 +203,7 @@ def tiny_base(tiny_model, demo_data, **extra) -> dict:
     return {
         "model_name_or_path": str(tiny_model),
         "dataset_dir": str(demo_data),
+        "eval_dataset": "alpaca_data_val",
         "max_steps": 2,
         "eval_steps": 1,
         "logging_steps": 1,

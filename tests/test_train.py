@@ -279,7 +279,7 @@ def test_clear_errors(tiny_model, data_dir, tmp_path, monkeypatch):
     with pytest.raises(LoralabError, match=r"lora_target: qkv_proj is not a module .*valid names: all, .*q_proj"):
         train(make_cfg(tiny_model, data_dir, tmp_path / "a", lora_target="q_proj,qkv_proj"))
     with pytest.raises(LoralabError, match="no training example has a token to learn"):
-        train(make_cfg(tiny_model, data_dir, tmp_path / "b", cutoff_len=5))
+        train(make_cfg(tiny_model, data_dir, tmp_path / "b", cutoff_len=5, overflow="truncate"))
     assert not any((tmp_path / "b").iterdir())  # nothing written: the corrected command needs no --overwrite
     with pytest.raises(LoralabError, match="model_name_or_path"):
         train(make_cfg(tmp_path / "no-such-model", data_dir, tmp_path / "c"))
@@ -431,7 +431,7 @@ def test_smollm2_adapter_names_builtin_base(tmp_path):
     data.prepare(data.DEMO_SOURCE, output_dir=tmp_path / "data", seed=1, sample=60, split="40,20,0")
     out = tmp_path / "run"
     summary = train(load_config(None, {"dataset_dir": str(tmp_path / "data"), "output_dir": str(out), "max_steps": 2,
-                                       "eval_steps": 2, "per_device_train_batch_size": 2, "cutoff_len": 256}))
+                                       "eval_dataset": "alpaca_data_val", "eval_steps": 2, "per_device_train_batch_size": 2, "cutoff_len": 256}))
     assert summary["steps"] == 2 and summary["best_eval_loss"] < 10
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "builtin:smollm2-135m-instruct"

@@ -78,10 +78,26 @@ def _root(
 def config_show(
     args: ConfigArgs = None,
     keys: Annotated[bool, typer.Option("--keys", help="List every key with its default and help text.")] = False,
+    diff_lf: Annotated[bool, typer.Option(
+        "--diff-lf", help="Only the effective values LLaMA-Factory would not use for this file (keys it leaves unset).")] = False,
 ) -> None:
     """Print the resolved configuration (YAML file + key=value overrides), or the error."""
     if keys:
         typer.echo(describe_fields())
+        return
+    if diff_lf:
+        from loralab.config import differences_from_llamafactory, given_keys
+
+        cfg = config_from_args(args)
+        rest = list(args or [])
+        path = rest.pop(0) if rest and "=" not in rest[0] else None
+        rows = differences_from_llamafactory(cfg, given_keys(path, rest))
+        if not rows:
+            typer.echo("every effective value is what LLaMA-Factory would use")
+            return
+        typer.echo(f"{'key':<24} {'loralab':<28} {'LLaMA-Factory':<22} why loralab's default")
+        for r in rows:
+            typer.echo(f"{r['key']:<24} {str(r['loralab']):<28} {str(r['llamafactory']):<22} {r['why']}")
         return
     typer.echo(config_to_yaml(config_from_args(args)), nl=False)
 
@@ -178,7 +194,9 @@ BootOpt = Annotated[int, typer.Option("--n-boot", help="Bootstrap / permutation 
 @app.command()
 def predict(
     args: ConfigArgs = None,
-    split: SplitOpt = "test",
+    split: Annotated[Optional[str], typer.Option(
+        "--split", help="train, val or test (dataset / eval_dataset / test_dataset); default test, or "
+        "eval_dataset into output_dir with do_predict: true (LLaMA-Factory's predict).")] = None,
     data_file: DataOpt = None,
     output_dir: OutOpt = None,
     overwrite: OverwriteOpt = False,
@@ -190,6 +208,9 @@ def predict(
     r = out["results"]
     typer.echo(f"wrote {out['dir']}/generated_predictions.jsonl: {r['samples']} samples in {r['seconds']:.1f}s "
                f"({r['samples_per_second']:.2f} samples/s, {r['generated_tokens_per_second']:.1f} generated tokens/s)")
+    if "metrics" in out:  # do_predict: LLaMA-Factory prints its predict metrics
+        typer.echo(evaluate.format_metrics_table(out))
+        typer.echo(f"wrote {out['dir']}/predict_results.json and metrics.json")
 
 
 @app.command("eval")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import logging
 import math
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,7 +30,6 @@ LLAMAFACTORY_IGNORED_KEYS = {
     "stage": "loralab always does supervised fine-tuning (sft)",
     "do_train": "the command (train/predict/eval) decides what runs",
     "do_eval": "the command (train/predict/eval) decides what runs",
-    "do_predict": "the command (train/predict/eval) decides what runs",
     "predict_with_generate": "`loralab predict`/`eval` always generate",
     "overwrite_cache": "loralab does not keep a tokenized cache",
     "preprocessing_num_workers": "tokenization runs in-process",
@@ -59,6 +59,22 @@ LLAMAFACTORY_IGNORED_KEYS = {
 }
 
 
+# The values transformers accepts for lr_scheduler_type (SchedulerType) and optim (OptimizerNames), kept
+# here so a config is checked without importing transformers; tests/test_lf_keys.py compares them with
+# the installed transformers.
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+                 "warmup_stable_decay", "greedy")
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused", "adafactor",
+              "adamw_anyprecision", "adamw_torch_4bit", "adamw_torch_8bit", "ademamix", "sgd", "adagrad",
+              "adamw_bnb_8bit", "adamw_8bit", "ademamix_8bit", "lion_8bit", "lion_32bit", "paged_adamw_32bit",
+              "paged_adamw_8bit", "paged_ademamix_32bit", "paged_ademamix_8bit", "paged_lion_32bit", "paged_lion_8bit",
+              "rmsprop", "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit", "galore_adamw", "galore_adamw_8bit",
+              "galore_adafactor", "galore_adamw_layerwise", "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise",
+              "lomo", "adalomo", "grokadamw", "schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd",
+              "apollo_adamw", "apollo_adamw_layerwise", "stable_adamw")
+
+
 class Config(BaseModel):
     """Every setting of every loralab command. Keys follow LLaMA-Factory where it has one."""
 
@@ -75,8 +91,9 @@ class Config(BaseModel):
     )
     template: str | None = Field(
         None,
-        description="Chat template: unset = the tokenizer's own jinja template; or a built-in one "
-        "(llama3, chatml, alpaca). Training, evaluation and serving all use this one template.",
+        description="Chat template: unset = the tokenizer's own jinja template; or one of LLaMA-Factory's names "
+        "(llama3, qwen3_nothink, chatml, alpaca, ...; rendered as LLaMA-Factory renders them). Training, "
+        "evaluation and serving all use this one template.",
     )
     default_system: str | None = Field(None, description="System prompt added when a conversation has none.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub (transformers).")
@@ -107,16 +124,19 @@ class Config(BaseModel):
     )
     dataset_dir: str = Field("data", description="Folder with dataset_info.json and the data files.")
     eval_dataset: str | None = Field(
-        "alpaca_data_val", description="Validation dataset name(s) or file(s); used during training."
+        None, description="Validation dataset name(s) or file(s), used during training; unset = no validation "
+        "(as in LLaMA-Factory) unless val_size > 0. With do_predict, `loralab predict` predicts on it."
     )
     test_dataset: str = Field("alpaca_data_test", description="Dataset that predict/eval score by default.")
     val_size: float = Field(
-        0.0, ge=0.0, lt=1.0, description="If eval_dataset is unset: fraction of the training data held out for validation."
+        0.0, ge=0.0, description="If eval_dataset is unset: the training data held out for validation, a fraction "
+        "below 1 or a number of records (LLaMA-Factory's meaning)."
     )
     max_samples: int | None = Field(None, gt=0, description="Use at most this many records of each dataset.")
     cutoff_len: int = Field(1024, gt=0, description="Maximum tokens per training sequence.")
-    overflow: Literal["truncate", "drop"] = Field(
-        "truncate", description="What to do with sequences longer than cutoff_len."
+    overflow: Literal["split", "truncate", "drop"] = Field(
+        "split", description="Sequences longer than cutoff_len: split = LLaMA-Factory's budget split (each turn's "
+        "prompt and answer cut in proportion to their lengths), truncate = cut the tail, drop = skip the record."
     )
 
     # Data preparation for `loralab run` (what `loralab prepare` does on the command line).
@@ -184,6 +204,39 @@ class Config(BaseModel):
     api_host: str = Field("127.0.0.1", description="Bind address (env API_HOST).")
     api_port: int = Field(8000, gt=0, lt=65536, description="Port (env API_PORT).")
 
+    # --- LLaMA-Factory keys with LLaMA-Factory's meaning (lf_keys.py lists how every other LF key is handled)
+    do_predict: bool = Field(
+        False, description="LLaMA-Factory's predict mode: `loralab predict` predicts on eval_dataset and writes "
+        "generated_predictions.jsonl, predict_results.json and metrics.json straight into output_dir.",
+    )
+    quantization_method: Literal["bnb", "hqq", "eetq"] = Field(
+        "bnb", description="With quantization_bit: bitsandbytes (bnb), HQQ or EETQ, through transformers."
+    )
+    packing: bool | None = Field(
+        None, description="Pack several sequences into one row without padding (padding-free batches; attention "
+        "never crosses sequences); unset = false, as LLaMA-Factory does for SFT.",
+    )
+    neat_packing: bool = Field(False, description="LLaMA-Factory's packing without cross-sample attention: same as packing here.")
+    train_on_prompt: bool = Field(False, description="Also learn the prompt tokens (system/user turns), not only the answers.")
+    mask_history: bool = Field(False, description="Learn only the last assistant turn of a conversation, not the earlier ones.")
+    additional_target: str | None = Field(
+        None, description="LoRA: modules trained fully and saved with the adapter besides the LoRA layers "
+        "(comma list, e.g. embed_tokens,lm_head; peft's modules_to_save).",
+    )
+    load_best_model_at_end: bool = Field(
+        True, description="With validation: the run's final model is the checkpoint with the best validation "
+        "loss (false = the last step's). LLaMA-Factory's default is false.",
+    )
+    optim: str = Field("adamw_torch", description="Optimizer, a transformers name: adamw_torch, adamw_torch_fused, sgd, adafactor, ...")
+    optim_args: str | None = Field(None, description="Extra optimizer arguments for transformers, e.g. `betas=0.9,0.95`.")
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0, description="AdamW beta2.")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    lr_scheduler_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra scheduler arguments, e.g. {min_lr_rate: 0.1} for cosine_with_min_lr."
+    )
+    neftune_noise_alpha: float | None = Field(None, gt=0, description="NEFTune: noise on the input embeddings while training.")
+
     @field_validator("lora_target")
     @classmethod
     def _check_target(cls, v: str) -> str:
@@ -196,6 +249,42 @@ class Config(BaseModel):
     def _check_split(cls, v: str) -> str:
         parse_split(v)
         return v
+
+    @field_validator("val_size")
+    @classmethod
+    def _check_val_size(cls, v: float) -> float:
+        if v >= 1 and v != int(v):
+            raise ValueError("expected a fraction below 1 or a whole number of records")
+        return v
+
+    @field_validator("lr_scheduler_type")
+    @classmethod
+    def _check_scheduler(cls, v: str) -> str:
+        if v not in LR_SCHEDULERS:
+            raise ValueError(f"expected one of {', '.join(LR_SCHEDULERS)}")
+        return v
+
+    @field_validator("optim")
+    @classmethod
+    def _check_optim(cls, v: str) -> str:
+        if v not in OPTIMIZERS:
+            raise ValueError(f"expected one of {', '.join(OPTIMIZERS)}")
+        return v
+
+    @field_validator("template")
+    @classmethod
+    def _check_template(cls, v: str | None) -> str | None:
+        from loralab.templates import BUILTIN_TEMPLATES
+
+        if v is not None and v not in BUILTIN_TEMPLATES:
+            raise ValueError(f"expected one of {', '.join(BUILTIN_TEMPLATES)}, or unset for the tokenizer's own template")
+        return v
+
+    @model_validator(mode="after")
+    def _check_quantization(self) -> Config:
+        if self.quantization_method == "eetq" and self.quantization_bit not in (None, 8):
+            raise ValueError("quantization_method eetq quantizes to 8 bits; set quantization_bit: 8")
+        return self
 
     @model_validator(mode="after")
     def _check_precision(self) -> Config:
@@ -235,6 +324,9 @@ def parse_split(text: str) -> list[float]:
 
 
 FIELDS = list(Config.model_fields)
+# Fields that cannot hold None: a YAML `null` for them means "the default".
+NOT_NULLABLE = {name for name, field in Config.model_fields.items()
+                if type(None) not in typing.get_args(field.annotation) and field.annotation is not type(None)}
 
 # --- which stage each key affects ------------------------------------------------------------------
 # One tag per key. Every "which keys matter here" set (what `loralab run` fingerprints to reuse a
@@ -339,11 +431,22 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def build_config(values: dict[str, Any], source: str = "config") -> Config:
     """Validate a dict of settings into a Config, with one-line errors and notices for LF-only keys."""
+    from loralab import lf_keys
+
     values = dict(values)
-    for key in [k for k in values if k in LLAMAFACTORY_IGNORED_KEYS]:
-        value = values.pop(key)
-        if value not in (None, False):
-            log.info("%s: ignoring LLaMA-Factory key `%s` (%s)", source, key, LLAMAFACTORY_IGNORED_KEYS[key])
+    stage = values.get("stage")
+    if stage not in (None, "sft"):
+        raise LoralabError(f"{source}: `stage`: loralab does supervised fine-tuning only; expected sft, got {stage!r}")
+    for key in [k for k in values if k in LLAMAFACTORY_IGNORED_KEYS or k in lf_keys.NOTICES]:
+        values.pop(key)
+        reason = LLAMAFACTORY_IGNORED_KEYS.get(key) or lf_keys.NOTICES[key]
+        log.info("%s: ignoring LLaMA-Factory key `%s` (%s)", source, key, reason)
+    for key in [k for k, v in values.items() if v is None and k in NOT_NULLABLE]:
+        values.pop(key)  # `key: null` (as LLaMA-Factory's YAMLs write defaults) = loralab's default
+    for key, field in lf_keys.RENAMED.items():
+        if key in values:
+            log.info("%s: LLaMA-Factory key `%s` is loralab's `%s`", source, key, field)
+            values.setdefault(field, values.pop(key))
     try:
         return Config(**values)
     except ValidationError as e:
@@ -369,6 +472,62 @@ def config_to_yaml(cfg: Config) -> str:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(config_to_yaml(cfg), encoding="utf-8")
+
+
+# Keys whose absent value means something else in LLaMA-Factory, and why loralab's default is what it is.
+# (`loralab config show FILE --diff-lf` lists the ones a file leaves unset; the README has the whole table.)
+DEFAULT_REASONS = {
+    "model_name_or_path": "LLaMA-Factory requires it; loralab's offline default model",
+    "dataset": "LLaMA-Factory requires it; the split `loralab prepare` writes",
+    "output_dir": "LLaMA-Factory requires it (trainer_output); a run folder under runs/",
+    "cutoff_len": "shorter sequences: less memory on small machines; raise it for long data",
+    "learning_rate": "LoRA trains well at 1e-4 (5e-5 is transformers' full fine-tuning default)",
+    "lr_scheduler_type": "cosine decay, the usual choice for LoRA SFT",
+    "logging_steps": "see the loss early (LLaMA-Factory inherits transformers' 500)",
+    "eval_strategy": "validate whenever there is validation data (eval_dataset or val_size)",
+    "eval_steps": "unset = save_steps, so every validation has a checkpoint to keep if it is the best "
+                  "(LLaMA-Factory: logging_steps)",
+    "save_total_limit": "keep 2 checkpoints plus the best (LLaMA-Factory keeps all)",
+    "load_best_model_at_end": "the run's final model is the best by validation loss",
+    "bf16": "unset = bf16 on GPUs that support it (LLaMA-Factory: fp32 unless asked)",
+    "optim": "adamw_torch runs everywhere; the fused one needs a GPU build of torch",
+    "do_sample": "greedy decoding: predictions and metrics are reproducible",
+    "max_new_tokens": "512 new tokens are enough for instruction answers and twice as fast to hit",
+}
+# LLaMA-Factory's default for these is None = required, or None meaning the same as loralab's value.
+LF_REQUIRED = {"model_name_or_path", "dataset", "output_dir"}
+LF_SAME_AS_NONE = {"warmup_ratio": 0.0, "lr_scheduler_kwargs": {}}
+
+
+def differences_from_llamafactory(cfg: Config, given: set[str]) -> list[dict]:
+    """The effective values of `cfg` that LLaMA-Factory would not use for the same file.
+
+    `given`: the keys the file (and command line) set; those mean the same in both. Each row: key, loralab's
+    value, LLaMA-Factory's, and why loralab's default differs.
+    """
+    from loralab.lf_keys import lf_defaults
+
+    lf, rows = lf_defaults(), []
+    for name in Config.model_fields:
+        if name in given or name not in lf:
+            continue
+        ours, theirs = getattr(cfg, name), lf[name]
+        if theirs is None and name in LF_SAME_AS_NONE:
+            theirs = LF_SAME_AS_NONE[name]
+        if name == "eval_steps" and ours is None:
+            logging = cfg.logging_steps if "logging_steps" in given else lf["logging_steps"]
+            ours, theirs = f"save_steps ({cfg.save_steps})", f"logging_steps ({logging})"
+        if ours == theirs:
+            continue
+        rows.append({"key": name, "loralab": ours, "llamafactory": "(required)" if name in LF_REQUIRED else theirs,
+                     "why": DEFAULT_REASONS.get(name, "")})
+    return rows
+
+
+def given_keys(path: str | Path | None, overrides: list[str] | None) -> set[str]:
+    """The keys a YAML file plus key=value overrides set explicitly."""
+    keys = set(read_yaml(path)) if path else set()
+    return keys | set(parse_overrides(list(overrides or [])))
 
 
 def describe_fields() -> str:

@@ -29,8 +29,12 @@ DEMO_SOURCE = "builtin:demo"
 # LLaMA-Factory's defaults for the columns and tags of a dataset_info.json entry.
 COLUMN_DEFAULTS = {"prompt": "instruction", "query": "input", "response": "output", "history": None, "system": None,
                    "messages": "conversations"}
-SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt", "system_tag": "system"}
-OPENAI_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant", "system_tag": "system"}
+SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt", "system_tag": "system",
+                 "observation_tag": "observation", "function_tag": "function_call"}
+OPENAI_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant", "system_tag": "system",
+               "observation_tag": "tool", "function_tag": "function_call"}
+# File types LLaMA-Factory reads (by extension) and the `datasets` builder that reads each; JSON has our own reader.
+FILE_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow", ".txt": "text"}
 
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 FORMATS_HELP = ("expected alpaca (instruction/input/output), ShareGPT (conversations with from/value) "
@@ -80,6 +84,30 @@ def _json_lines(text: str, path: Path) -> list:
             except json.JSONDecodeError as e:
                 raise LoralabError(f"{path}: invalid JSON at line {n}, column {e.colno}: {e.msg}") from None
     return records
+
+
+def read_records(path: Path) -> list:
+    """Records of one data file: JSON/JSONL (our reader), or csv/parquet/arrow/txt through `datasets`."""
+    kind = FILE_TYPES.get(path.suffix.lower())
+    if kind is None:
+        raise LoralabError(f"{path}: unsupported file type {path.suffix!r}; expected one of {', '.join(FILE_TYPES)}")
+    if kind == "json":
+        return read_json_records(path)
+    import datasets
+
+    try:
+        records = datasets.load_dataset(kind, data_files=str(path), split="train").to_list()
+    except Exception as e:  # a damaged or empty file: one line for the user
+        why = (str(e).strip().splitlines() or [""])[0][:200]
+        raise LoralabError(f"{path}: cannot read it as {kind} ({type(e).__name__}: {why})") from None
+    if not records:
+        raise LoralabError(f"{path}: no records")
+    return records
+
+
+def folder_files(folder: Path) -> list[Path]:
+    """The data files of a folder (file_name pointing at a folder), in file-name order."""
+    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in FILE_TYPES), key=lambda p: p.name)
 
 
 def read_dataset_info(folder: Path) -> dict:
@@ -139,8 +167,8 @@ def detect_spec(records: list, where: str) -> dict:
 
 def format_name(spec: dict) -> str:
     """'alpaca', 'sharegpt' or 'openai' (a sharegpt spec with role/content tags)."""
-    if spec.get("formatting", "alpaca") == "alpaca":
-        return "alpaca"
+    if spec.get("formatting", "alpaca") in ("alpaca", "openai"):
+        return spec.get("formatting", "alpaca")
     return "openai" if (spec.get("tags") or {}).get("role_tag") == "role" else "sharegpt"
 
 
@@ -148,7 +176,9 @@ def _resolve(spec: dict | None, record: Any) -> dict:
     """Spec -> flat {column/tag: key name} with LLaMA-Factory's defaults filled in."""
     if spec is None:
         spec = detect_spec([record], "record")
-    return {"formatting": spec.get("formatting", "alpaca"), **COLUMN_DEFAULTS, **SHAREGPT_TAGS,
+    formatting = spec.get("formatting", "alpaca")
+    tags = OPENAI_TAGS if formatting == "openai" else SHAREGPT_TAGS  # role/content records need no tags entry
+    return {"formatting": formatting, **COLUMN_DEFAULTS, "tools": None, **tags,
             **(spec.get("columns") or {}), **(spec.get("tags") or {})}
 
 
@@ -166,45 +196,93 @@ def _text(obj: dict, key: str | None, required: bool = False, prefix: str = "") 
 
 
 def _convert(record: Any, f: dict) -> list[dict]:
-    """One record -> messages, following LLaMA-Factory's alpaca/sharegpt converters."""
+    """One record -> messages, following LLaMA-Factory's alpaca/sharegpt/openai converters.
+
+    A record LLaMA-Factory would skip (no answer, roles out of order) raises ValueError saying why.
+    Roles: system, user, assistant, and LLaMA-Factory's tool turns `function` (the assistant's tool call,
+    learned) and `observation` (the tool's result, prompt).
+    """
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
     system = _text(record, f["system"])
-    msgs = [{"role": "system", "content": system}] if system else []
     if f["formatting"] == "alpaca":
-        prompt = _text(record, f["prompt"], required=True)
-        query = _text(record, f["query"])
-        response = _text(record, f["response"], required=True)
+        msgs = [{"role": "system", "content": system}] if system else []
+        query = [t for t in (_text(record, f["prompt"]), _text(record, f["query"])) if t]
+        response = _text(record, f["response"], required=True)  # null/missing: no answer to learn
         history = record.get(f["history"]) if f["history"] else None
-        if history is not None:
-            pairs_ok = isinstance(history, list) and all(
-                isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(t, str) for t in p) for p in history
-            )
+        if isinstance(history, list):  # LLaMA-Factory reads history only when it is a list
+            pairs_ok = all(isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(t, str) for t in p)
+                           for p in history)
             if not pairs_ok:
                 raise ValueError(f"field `{f['history']}` must be a list of [user, assistant] string pairs")
             for user, assistant in history:
                 msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
         # LLaMA-Factory's prompt: instruction, then the input on a new line when there is one.
-        msgs.append({"role": "user", "content": "\n".join(t for t in (prompt, query) if t)})
+        msgs.append({"role": "user", "content": "\n".join(query)})
         msgs.append({"role": "assistant", "content": response})
         return msgs
-    if f["formatting"] != "sharegpt":
-        raise ValueError(f"unknown formatting {f['formatting']!r}; expected alpaca or sharegpt")
+    if f["formatting"] not in ("sharegpt", "openai"):
+        raise ValueError(f"unknown formatting {f['formatting']!r}; expected alpaca, sharegpt or openai")
     col, rt, ct = f["messages"], f["role_tag"], f["content_tag"]
     turns = record.get(col)
     if not isinstance(turns, list):
         raise ValueError(f"missing field `{col}`" if col not in record else f"field `{col}` must be a list of messages")
-    roles = {f["user_tag"]: "user", f["assistant_tag"]: "assistant", f["system_tag"]: "system"}
+    roles = {f["user_tag"]: "user", f["assistant_tag"]: "assistant", f["observation_tag"]: "observation",
+             f["function_tag"]: "function", f["system_tag"]: "system"}
+    msgs: list[dict] = []
     for j, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise ValueError(f"`{col}[{j}]` must be an object with `{rt}` and `{ct}`")
         tag = _text(turn, rt, required=True, prefix=f"{col}[{j}].")
         if tag not in roles:
             raise ValueError(f"`{col}[{j}].{rt}` is {tag!r}; expected one of {', '.join(r for r in roles if r)}")
-        msgs.append({"role": roles[tag], "content": _text(turn, ct, required=True, prefix=f"{col}[{j}].")})
-    if system and len(msgs) > 1 and msgs[1]["role"] == "system":
-        msgs.pop(0)  # a system message in the conversation overrides the system column (as in LLaMA-Factory)
-    return msgs
+        role = roles[tag]
+        if f["formatting"] == "openai" and role in ("assistant", "function") and turn.get("tool_calls"):
+            # OpenAI tool calls: the calls' `function` objects as the function turn's JSON (as LLaMA-Factory does)
+            content = json.dumps([call["function"] for call in turn["tool_calls"]], ensure_ascii=False)
+            role = "function"
+        else:
+            content = _text(turn, ct, required=True, prefix=f"{col}[{j}].")
+        if f["formatting"] == "openai" and role == "observation" and msgs and msgs[-1]["role"] == "observation":
+            # several tool results in a row are one observation turn (LLaMA-Factory joins them)
+            msgs[-1]["content"] += "\n</tool_response>\n<tool_response>\n" + content
+            continue
+        msgs.append({"role": role, "content": content})
+    if msgs and msgs[0]["role"] == "system":
+        system = msgs.pop(0)["content"]  # a system message in the conversation overrides the system column
+    if f["formatting"] == "openai":
+        system = openai_system(system, bool(f["tools"] and record.get(f["tools"])))
+    return ([{"role": "system", "content": system}] if system else []) + msgs
+
+
+# LLaMA-Factory 0.9.5's `formatting: openai` converter writes Nemotron's reasoning switch into the system prompt
+# of every record without tools (and a newline after a system prompt with tools). Reproduced, so the same
+# entry trains on the same tokens; auto-detected role/content records (formatting sharegpt) do not get it.
+THINKING_OFF = "detailed thinking off"
+
+
+def openai_system(system: str, has_tools: bool) -> str:
+    if has_tools:
+        return system + "\n" if system else system
+    if "detailed thinking on" in system or THINKING_OFF in system:
+        return system
+    return f"{system}\n{THINKING_OFF}" if system else THINKING_OFF
+
+
+def turn_order_problem(msgs: list[dict]) -> str | None:
+    """Why LLaMA-Factory would skip this conversation (turn order), or None.
+
+    After an optional system message, turns alternate user/observation then assistant/function, starting
+    with the user and ending with an answer.
+    """
+    turns = msgs[1:] if msgs and msgs[0]["role"] == "system" else msgs
+    for j, m in enumerate(turns):
+        expected = ("user", "observation") if j % 2 == 0 else ("assistant", "function")
+        if m["role"] not in expected:
+            return f"turn {j} is {m['role']}, expected {' or '.join(expected)}"
+    if not turns or len(turns) % 2:
+        return "expected an even number of turns ending with an answer"
+    return None
 
 
 def to_messages(record: dict, spec: dict | None = None) -> list[dict]:
@@ -215,15 +293,30 @@ def to_messages(record: dict, spec: dict | None = None) -> list[dict]:
         raise LoralabError(f"record: {e}") from None
 
 
-def to_conversations(records: list, spec: dict, where: str) -> list[list[dict]]:
-    """Validate and convert every record; the first bad one is an error naming its index."""
+def to_conversations(records: list, spec: dict, where: str, skip_bad: bool = False) -> list[list[dict]]:
+    """Validate and convert every record.
+
+    The first bad record is an error naming its index; with skip_bad (training and evaluation data, as in
+    LLaMA-Factory) bad records are left out and one warning counts them and names their indices and why.
+    """
     f = _resolve(spec, None)
-    out = []
+    out, skipped = [], []
     for i, record in enumerate(records):
         try:
-            out.append(_convert(record, f))
+            msgs = _convert(record, f)
+            problem = turn_order_problem(msgs) if skip_bad else None
+            if problem:
+                raise ValueError(problem)
+            out.append(msgs)
         except ValueError as e:
-            raise LoralabError(f"{where}: record {i}: {e}") from None
+            if not skip_bad:
+                raise LoralabError(f"{where}: record {i}: {e}") from None
+            skipped.append(f"record {i} ({e})")
+    if skipped:
+        if not out:
+            raise LoralabError(f"{where}: every record is unusable, e.g. {skipped[0]}")
+        shown = "; ".join(skipped[:5]) + (f"; and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        log.warning("%s: skipped %d of %d records: %s", where, len(skipped), len(records), shown)
     return out
 
 
@@ -241,11 +334,14 @@ def _load_entry(folder: Path, name: str) -> tuple[list, dict, str]:
         known = f"known: {', '.join(info)}" if info else "the file is missing or empty"
         raise LoralabError(f"{info_path}: unknown dataset `{name}` ({known}); create splits with `loralab prepare SOURCE -o {folder}`")
     entry, where = info[name], f"{info_path}: `{name}`"
-    if not isinstance(entry, dict) or entry.get("formatting", "alpaca") not in ("alpaca", "sharegpt"):
-        raise LoralabError(f"{where}: expected an entry with file_name and formatting alpaca or sharegpt")
+    if not isinstance(entry, dict) or entry.get("formatting", "alpaca") not in ("alpaca", "sharegpt", "openai"):
+        raise LoralabError(f"{where}: expected an entry with file_name and formatting alpaca, sharegpt or openai")
     if entry.get("ranking"):
         raise LoralabError(f"{where}: preference (ranking) datasets are not supported; loralab does supervised fine-tuning")
     spec = {k: entry[k] for k in ("formatting", "columns", "tags") if k in entry}
+    if spec.get("formatting") == "openai":
+        log.info("%s: formatting openai adds %r to system prompts without tools, as LLaMA-Factory 0.9.5 does "
+                 "(formatting sharegpt with role/content tags reads the same records without it)", where, THINKING_OFF)
     if entry.get("hf_hub_url"):
         records = load_hub(entry["hf_hub_url"], entry.get("subset"), entry.get("split", "train"))
         return records, spec, content_hash(records)
@@ -254,12 +350,12 @@ def _load_entry(folder: Path, name: str) -> tuple[list, dict, str]:
     target = folder / entry["file_name"]
     if not target.exists():
         raise LoralabError(f"{where}: file_name {target} not found")
-    files = sorted(p for p in target.iterdir() if p.suffix in (".json", ".jsonl")) if target.is_dir() else [target]
+    files = folder_files(target) if target.is_dir() else [target]
     digest = hashlib.sha256()
     records = []
     for path in files:
         digest.update(path.read_bytes())
-        records += read_json_records(path)
+        records += read_records(path)
     if not records:
         raise LoralabError(f"{where}: no records in {target}")
     return records, spec, digest.hexdigest()
@@ -286,7 +382,7 @@ def load_source(source: str, dataset: str | None = None) -> tuple[list, dict, st
     if dataset:
         raise LoralabError(f"--dataset {dataset}: only applies when the source is a LLaMA-Factory data folder, not {source}")
     if path.is_file():
-        records = read_json_records(path)
+        records = read_records(path)
         return records, detect_spec(records, source), sha256_bytes(path.read_bytes())
     if HUB_ID.fullmatch(source) and path.suffix not in (".json", ".jsonl"):
         records = load_hub(source)
@@ -441,8 +537,9 @@ def _load_named(names: str, cfg: Config) -> list[list[dict]]:
     for name in [n.strip() for n in names.split(",") if n.strip()]:
         if name in info:
             records, spec, _ = _load_entry(folder, name)
+            records = sample_records(records, info[name].get("num_samples"), cfg.seed, name)
         elif path := next((p for p in (Path(name), folder / name) if p.is_file()), None):
-            records = read_json_records(path)
+            records = read_records(path)
             spec = detect_spec(records, str(path))
         else:
             raise LoralabError(
@@ -451,8 +548,26 @@ def _load_named(names: str, cfg: Config) -> list[list[dict]]:
             )
         if cfg.max_samples is not None:
             records = records[: cfg.max_samples]  # the first N, as LLaMA-Factory does
-        convs += to_conversations(records, spec, name)
+        tools_col = (spec.get("columns") or {}).get("tools")
+        if tools_col and any(isinstance(r, dict) and r.get(tools_col) for r in records):
+            log.warning("dataset `%s`: its `%s` column (tool descriptions) is not used: LLaMA-Factory writes them into "
+                        "the system prompt with its own tool prompt, which loralab does not reproduce; function and "
+                        "observation turns are trained as usual", name, tools_col)
+        convs += to_conversations(records, spec, name, skip_bad=True)
     return convs
+
+
+def sample_records(records: list, num_samples: int | None, seed: int, name: str) -> list:
+    """A dataset_info.json entry's num_samples: that many records in a seeded random order (repeating records
+    when it asks for more than there are), as LLaMA-Factory samples them."""
+    if num_samples is None:
+        return records
+    if not isinstance(num_samples, int) or num_samples <= 0:
+        raise LoralabError(f"dataset_info.json: `{name}`: num_samples must be a positive integer, got {num_samples!r}")
+    rng = random.Random(seed)
+    order = rng.sample(range(len(records)), min(num_samples, len(records)))
+    order += [rng.randrange(len(records)) for _ in range(num_samples - len(order))]
+    return [records[i] for i in order]
 
 
 def load_conversations(cfg: Config, which: str) -> list[list[dict]]:
@@ -472,7 +587,7 @@ def load_conversations(cfg: Config, which: str) -> list[list[dict]]:
     convs = _load_named(cfg.dataset, cfg)
     if cfg.eval_dataset is not None or cfg.val_size <= 0:
         return convs
-    n_val = max(1, round(cfg.val_size * len(convs)))
+    n_val = int(cfg.val_size) if cfg.val_size >= 1 else max(1, round(cfg.val_size * len(convs)))
     if n_val >= len(convs):
         raise LoralabError(f"val_size: {cfg.val_size} of {len(convs)} training records leaves none for training")
     held_out = set(random.Random(cfg.seed).sample(range(len(convs)), n_val))

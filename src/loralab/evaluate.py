@@ -28,6 +28,7 @@ from loralab.config import Config
 from loralab.errors import LoralabError
 from loralab.generate import Engine, GenerationSettings
 from loralab.runinfo import check_output_dir, write_json, write_run_info
+from loralab.templates import lf_label_text, with_default_system
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,10 @@ METRICS = "metrics.json"
 PER_SAMPLE = "per_sample_scores.jsonl"
 COMPARISON = "comparison.json"
 PRED_FIELDS = ("prompt", "predict", "label")
+# An extra field of our generated_predictions.jsonl: the label text LLaMA-Factory scores against (with the
+# template's text after the closing token, e.g. "\n" after <|im_end|>), so predict_* can be recomputed from the
+# file alone. `label` stays the clean answer, which the standard metrics use.
+LF_LABEL = "lf_label"
 
 
 def _sha(texts: list[str]) -> str:
@@ -115,6 +120,8 @@ def read_predictions(path: str | Path) -> list[dict]:
                 if not isinstance(row[key], str):
                     raise LoralabError(f"{path}: line {n}: field `{key}` must be a string, got {type(row[key]).__name__}")
             rows.append({k: row[k] for k in PRED_FIELDS})
+            if isinstance(row.get(LF_LABEL), str):  # written by loralab: LLaMA-Factory's label text
+                rows[-1][LF_LABEL] = row[LF_LABEL]
     if not rows:
         raise LoralabError(f"{path}: no predictions (the file is empty)")
     return rows
@@ -123,7 +130,7 @@ def read_predictions(path: str | Path) -> list[dict]:
 def write_predictions(path: Path, rows: list[dict]) -> None:
     with path.open("w", encoding="utf-8") as f:
         for row in rows:
-            f.write(json.dumps({k: row[k] for k in PRED_FIELDS}, ensure_ascii=False) + "\n")
+            f.write(json.dumps({k: row[k] for k in (*PRED_FIELDS, LF_LABEL) if k in row}, ensure_ascii=False) + "\n")
 
 
 # --- predict -------------------------------------------------------------------------------------
@@ -139,8 +146,10 @@ def predict_into(engine: Engine, cfg: Config, prompts: list, labels: list[str], 
     start = time.perf_counter()
     completions = engine.generate(prompts, settings, adapter=adapter, batch_size=cfg.infer_batch_size, progress=progress)
     seconds = time.perf_counter() - start
-    # finish_reason stays in memory for scoring (hit_max_new_tokens); the file keeps LLaMA-Factory's three fields
-    rows = [{"prompt": engine.prompt_text(p), "predict": c.text, "label": label, "finish_reason": c.finish_reason}
+    # finish_reason stays in memory for scoring (hit_max_new_tokens); the file keeps LLaMA-Factory's three
+    # fields plus lf_label (the label text LLaMA-Factory's metrics score against)
+    rows = [{"prompt": engine.prompt_text(p), "predict": c.text, "label": label, "finish_reason": c.finish_reason,
+             LF_LABEL: lf_label_text(engine.tokenizer, with_default_system(p, cfg.default_system), label, cfg.cutoff_len)}
             for p, c, label in zip(prompts, completions, labels)]
     write_predictions(out_dir / PREDICTIONS, rows)
     generated = sum(c.completion_tokens for c in completions)
@@ -185,9 +194,15 @@ def _single_adapter(cfg: Config) -> str | None:
     return paths[0] if paths else None
 
 
-def predict(cfg: Config, split: str = "test", data_file: str | None = None, output_dir: str | None = None,
+def predict(cfg: Config, split: str | None = None, data_file: str | None = None, output_dir: str | None = None,
             overwrite: bool = False, progress: bool = True) -> dict:
-    """`loralab predict`: the configured model (+ adapter) on a split or file -> a prediction folder."""
+    """`loralab predict`: the configured model (+ adapter) on a split or file -> a prediction folder.
+
+    With `do_predict: true` and neither --split nor --data, it does what LLaMA-Factory's do_predict does.
+    """
+    if cfg.do_predict and split is None and data_file is None:
+        return predict_like_llamafactory(cfg, output_dir, overwrite, progress)
+    split = split or "test"
     adapter_path = _single_adapter(cfg)
     prompts, labels, source = load_examples(cfg, split, data_file)
     out = Path(output_dir) if output_dir else _default_dir(cfg, "predict", split, data_file, adapter_tag(adapter_path))
@@ -197,11 +212,30 @@ def predict(cfg: Config, split: str = "test", data_file: str | None = None, outp
                         adapter_path, progress)
 
 
+def predict_like_llamafactory(cfg: Config, output_dir: str | None = None, overwrite: bool = False,
+                              progress: bool = True) -> dict:
+    """LLaMA-Factory's `do_predict`: predict on eval_dataset and score, straight into output_dir.
+
+    output_dir then holds generated_predictions.jsonl and predict_results.json (with the predict_*
+    metrics) where LLaMA-Factory writes them, plus loralab's metrics.json (95% CIs) and per-sample scores.
+    """
+    if not cfg.eval_dataset:
+        raise LoralabError("do_predict: predicts on eval_dataset, which is unset; set eval_dataset to the "
+                           "dataset to predict on (as in LLaMA-Factory), or pass --split/--data")
+    result = evaluate(cfg, "val", output_dir=output_dir or cfg.output_dir,
+                      overwrite=overwrite or cfg.overwrite_output_dir, progress=progress)
+    results = json.loads((Path(result["dir"]) / PREDICT_RESULTS).read_text(encoding="utf-8"))
+    return {"dir": result["dir"], "results": results, "metrics": result["metrics"]}
+
+
 # --- score ---------------------------------------------------------------------------------------
 def score_into(out_dir: Path, rows: list[dict], info: dict, n_boot: int = 1000, seed: int = 0) -> dict:
     """Score prediction rows, write metrics.json and per_sample_scores.jsonl; return metrics.json's content."""
     reasons = [r["finish_reason"] for r in rows] if all("finish_reason" in r for r in rows) else None
-    scored = metrics.score_predictions([r["predict"] for r in rows], [r["label"] for r in rows], n_boot=n_boot, seed=seed,
+    # predict_* use LLaMA-Factory's label text (rows from a prediction run carry it as lf_label; a
+    # generated_predictions.jsonl read back has LLaMA-Factory's own label, or ours when we wrote it).
+    scored = metrics.score_predictions([r["predict"] for r in rows], [r["label"] for r in rows], n_boot=n_boot,
+                                       seed=seed, lf_labels=[r.get(LF_LABEL, r["label"]) for r in rows],
                                        finish_reasons=reasons)
     per_sample = scored.pop("per_sample")
     result = {**info, "labels_sha256": _sha([r["label"] for r in rows]), **scored}

@@ -108,12 +108,16 @@ def bleu_from_stats(stats, effective_order: bool = False) -> float:
     return BLEU.compute_bleu(s[2:6], s[6:10], s[0], s[1], smooth_method="exp", effective_order=effective_order).score
 
 
-def score_samples(preds: list[str], labels: list[str]) -> tuple[list[dict], str]:
-    """Per-sample scores of every metric, and the sacreBLEU signature."""
+def score_samples(preds: list[str], labels: list[str], lf_labels: list[str] | None = None) -> tuple[list[dict], str]:
+    """Per-sample scores of every metric, and the sacreBLEU signature.
+
+    `lf_labels`: the label text LLaMA-Factory scores against (templates.lf_label_text), used for the
+    predict_* metrics only; the standard metrics always use the clean `labels`.
+    """
     bleu = _bleu_metric()
     per_sample = []
-    for pred, label in zip(preds, labels):
-        row = lf_scores(pred, label) | rouge_scores(pred, label)
+    for pred, label, lf_label in zip(preds, labels, lf_labels or labels):
+        row = lf_scores(pred, lf_label) | rouge_scores(pred, label)
         row["bleu_stats"] = bleu_stats(bleu, pred, label)
         # sentence BLEU as sacrebleu's sentence_score computes it (effective order on)
         row["sentence_bleu"] = bleu_from_stats(row["bleu_stats"], effective_order=True)
@@ -253,14 +257,17 @@ def _check_n_boot(n_boot: int) -> None:
 
 
 def score_predictions(preds: list[str], labels: list[str], *, n_boot: int = 1000, seed: int = 0,
-                      finish_reasons: list[str] | None = None) -> dict:
+                      lf_labels: list[str] | None = None, finish_reasons: list[str] | None = None) -> dict:
     """Every metric with a 95% percentile-bootstrap CI over samples, plus per-sample scores.
 
+    `lf_labels` (optional, one per label): LLaMA-Factory's label text for the predict_* metrics.
     `finish_reasons` (one "stop"/"length" per prediction, from generation) adds hit_max_new_tokens.
     """
     _check_pairs(preds, labels)
+    if lf_labels is not None:
+        _check_pairs(preds, lf_labels)
     _check_n_boot(n_boot)
-    per_sample, signature = score_samples(preds, labels)
+    per_sample, signature = score_samples(preds, labels, lf_labels)
     add_quality_scores(per_sample, preds, labels, finish_reasons)
     implementations = _implementations(signature) | _quality_implementations()
     weights = bootstrap_weights(len(preds), n_boot, np.random.default_rng(seed))

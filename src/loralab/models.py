@@ -154,6 +154,26 @@ def pick_dtype(cfg: Config):
     return torch.float32
 
 
+QUANTIZERS = {"bnb": "bitsandbytes", "hqq": "hqq", "eetq": "eetq"}  # quantization_method -> the package it needs
+
+
+def quantization_config(cfg: Config, dtype):
+    """quantization_bit + quantization_method (LLaMA-Factory's keys) -> a transformers quantization config."""
+    import transformers
+
+    if cfg.quantization_method == "hqq":
+        return transformers.HqqConfig(nbits=cfg.quantization_bit)
+    if cfg.quantization_method == "eetq":
+        return transformers.EetqConfig("int8")
+    return transformers.BitsAndBytesConfig(
+        load_in_4bit=cfg.quantization_bit == 4,
+        load_in_8bit=cfg.quantization_bit == 8,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,  # LLaMA-Factory's default (double_quantization: true)
+    )
+
+
 def load_model(cfg: Config, *, for_training: bool = False):
     """The base model (no adapters), dtype chosen by `pick_dtype`; 4/8-bit with quantization_bit (CUDA)."""
     import torch
@@ -164,17 +184,10 @@ def load_model(cfg: Config, *, for_training: bool = False):
     if cfg.quantization_bit:
         if not torch.cuda.is_available():
             raise LoralabError(
-                f"quantization_bit: {cfg.quantization_bit}-bit loading (QLoRA) needs a CUDA GPU and bitsandbytes; "
+                f"quantization_bit: {cfg.quantization_bit}-bit loading (QLoRA) needs a CUDA GPU and {QUANTIZERS[cfg.quantization_method]}; "
                 "this machine has no CUDA device, unset quantization_bit"
             )
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=cfg.quantization_bit == 4,
-            load_in_8bit=cfg.quantization_bit == 8,
-            bnb_4bit_compute_dtype=kwargs["dtype"],
-            bnb_4bit_quant_type="nf4",
-        )
+        kwargs["quantization_config"] = quantization_config(cfg, kwargs["dtype"])
     from safetensors import SafetensorError
 
     try:

@@ -226,7 +226,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
         raise LoralabError(
             f"{path}: `objective`: unknown {spec.objective!r}{hint} (expected one of {', '.join(choices)})"
         )
-    if base.eval_dataset is None and base.val_size <= 0:
+    if base.eval_dataset is None and base.val_size <= 0 and not base.data_source:  # data_source makes a val split
         raise LoralabError(
             f"{base_source}: the sweep selects on the validation split; set eval_dataset or val_size > 0"
         )

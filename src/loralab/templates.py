@@ -8,64 +8,197 @@ sees at inference is token-for-token the prompt part of its training sequences.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 
 from loralab.errors import LoralabError
 
 log = logging.getLogger(__name__)
 
-# Built-in templates, for models without one (or to override a model's own).
-# llama3: the Llama 3 instruct format (header tokens, trimmed content, <|eot_id|> closes each turn).
-LLAMA3 = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{{ '<|start_header_id|>' ~ message['role'] ~ '<|end_header_id|>\n\n' }}"
-    "{{ message['content'] | trim }}{{ '<|eot_id|>' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
-# chatml: <|im_start|>role\ncontent<|im_end|>\n (Qwen, SmolLM2, ...).
-CHATML = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' ~ message['role'] ~ '\n' ~ message['content'] ~ '<|im_end|>\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-# alpaca: plain-text prompt for base models that have no chat template; eos closes each answer.
-ALPACA = (
-    "{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] ~ '\n\n' }}"
-    "{% else %}{{ 'Below is an instruction that describes a task. '"
-    " ~ 'Write a response that appropriately completes the request.\n\n' }}{% endif %}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ '### Instruction:\n' ~ message['content'] ~ '\n\n### Response:\n' }}"
-    "{% elif message['role'] == 'assistant' %}{{ message['content'] ~ eos_token ~ '\n\n' }}{% endif %}"
-    "{% endfor %}"
-)
-BUILTIN_TEMPLATES = {"llama3": LLAMA3, "chatml": CHATML, "alpaca": ALPACA}
-# Special tokens a built-in template needs in the tokenizer's vocabulary.
-REQUIRED_TOKENS = {
-    "llama3": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-    "chatml": ["<|im_start|>", "<|im_end|>"],
-    "alpaca": [],
+# Built-in templates: LLaMA-Factory 0.9.5's, by its names, as data. Each slot is the text a message becomes:
+# {content} = the message text, {bos}/{eos} = the tokenizer's bos/eos token. LLaMA-Factory's defaults apply to
+# slots a template leaves out (user "{content}", assistant "{content}{eos}", system "{content}", observation =
+# the user slot, function = the assistant slot). system_in_user: the system text opens the first user message
+# instead of being a turn of its own (LLaMA-Factory's Llama2Template: gemma, mistral). empty_thought: an answer
+# without <think> tags is learned with an empty thought block first (LLaMA-Factory's ReasoningTemplate, qwen3).
+# The user slot ends with the assistant header, so a rendered prompt is always ready for the answer.
+# tests/fixtures/lf_reference/templates.json holds what LLaMA-Factory itself renders for each of them.
+_CHATML_LIKE = {
+    "user": "<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
+    "assistant": "{content}<|im_end|>\n",
+    "system": "<|im_start|>system\n{content}<|im_end|>\n",
 }
+_QWEN_LIKE = {
+    **_CHATML_LIKE,
+    "function": "{content}<|im_end|>\n",
+    "observation": "<|im_start|>user\n<tool_response>\n{content}\n</tool_response><|im_end|>\n<|im_start|>assistant\n",
+    "stop_words": ["<|im_end|>"], "replace_eos": True, "tool_format": "qwen",
+}
+_GEMMA = {
+    "prefix": "{bos}",
+    "user": "<start_of_turn>user\n{content}<end_of_turn>\n<start_of_turn>model\n",
+    "assistant": "{content}<end_of_turn>\n",
+    "system": "{content}\n\n",
+    "observation": "<start_of_turn>tool\n{content}<end_of_turn>\n<start_of_turn>model\n",
+    "stop_words": ["<end_of_turn>"], "replace_eos": True, "system_in_user": True,
+}
+TEMPLATE_SPECS: dict[str, dict] = {
+    "llama3": {
+        "prefix": "{bos}",
+        "user": "<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+        "assistant": "{content}<|eot_id|>",
+        "system": "<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
+        "function": "{content}<|eot_id|>",
+        "observation": "<|start_header_id|>ipython<|end_header_id|>\n\n{content}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+        "stop_words": ["<|eot_id|>", "<|eom_id|>"], "replace_eos": True, "tool_format": "llama3",
+    },
+    "llama4": {
+        "prefix": "{bos}",
+        "user": "<|header_start|>user<|header_end|>\n\n{content}<|eot|><|header_start|>assistant<|header_end|>\n\n",
+        "assistant": "{content}<|eot|>",
+        "system": "<|header_start|>system<|header_end|>\n\n{content}<|eot|>",
+        "function": "{content}<|eot|>",
+        "observation": "<|header_start|>ipython<|header_end|>\n\n{content}<|eot|><|header_start|>assistant<|header_end|>\n\n",
+        "stop_words": ["<|eot|>", "<|eom|>"], "replace_eos": True, "tool_format": "llama3",
+    },
+    "qwen": {**_QWEN_LIKE, "default_system": "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."},
+    "qwen3": {**_QWEN_LIKE, "empty_thought": True},
+    "qwen3_nothink": dict(_QWEN_LIKE),
+    "mistral": {
+        "prefix": "{bos}",
+        "user": "[INST] {content}[/INST]",
+        "assistant": " {content}{eos}",
+        "system": "{content}\n\n",
+        "function": "[TOOL_CALLS] {content}{eos}",
+        "observation": '[TOOL_RESULTS] {"content": {content}}[/TOOL_RESULTS]',
+        "system_in_user": True, "tool_format": "mistral",
+    },
+    "gemma": dict(_GEMMA),
+    "gemma3": dict(_GEMMA),
+    "phi": {
+        "user": "<|user|>\n{content}<|end|>\n<|assistant|>\n",
+        "assistant": "{content}<|end|>\n",
+        "system": "<|system|>\n{content}<|end|>\n",
+        "stop_words": ["<|end|>"], "replace_eos": True,
+    },
+    "phi4": {
+        "user": "<|im_start|>user<|im_sep|>{content}<|im_end|><|im_start|>assistant<|im_sep|>",
+        "assistant": "{content}<|im_end|>",
+        "system": "<|im_start|>system<|im_sep|>{content}<|im_end|>",
+        "stop_words": ["<|im_end|>"], "replace_eos": True,
+    },
+    "deepseek3": {"prefix": "{bos}", "user": "<｜User｜>{content}<｜Assistant｜>"},
+    "smollm2": {**_CHATML_LIKE, "stop_words": ["<|im_end|>"],
+                "default_system": "You are a helpful AI assistant named SmolLM, trained by Hugging Face."},
+    "chatml": {**_CHATML_LIKE,
+               "observation": "<|im_start|>tool\n{content}<|im_end|>\n<|im_start|>assistant\n",
+               "stop_words": ["<|im_end|>", "<|im_start|>"], "replace_eos": True},
+    "alpaca": {
+        "user": "### Instruction:\n{content}\n\n### Response:\n",
+        "assistant": "{content}{eos}\n\n",
+        "default_system": "Below is an instruction that describes a task. "
+                          "Write a response that appropriately completes the request.\n\n",
+    },
+    "default": {
+        "user": "Human: {content}{eos}\nAssistant:",
+        "assistant": "{content}{eos}\n",
+        "system": "System: {content}{eos}\n",
+    },
+    "empty": {"assistant": "{content}"},
+    "vicuna": {
+        "user": "USER: {content} ASSISTANT:",
+        "default_system": "A chat between a curious user and an artificial intelligence assistant. "
+                          "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+    },
+}
+EMPTY_THOUGHT = "<think>\n\n</think>\n\n"
+
+
+def template_spec(name: str) -> dict:
+    """A template's slots with LLaMA-Factory's defaults filled in."""
+    spec = TEMPLATE_SPECS[name]
+    full = {"prefix": "", "user": "{content}", "assistant": "{content}{eos}", "system": "{content}",
+            "default_system": "", "stop_words": [], "replace_eos": False, "system_in_user": False,
+            "empty_thought": False, "tool_format": "default", **spec}
+    full.setdefault("observation", full["user"])
+    full.setdefault("function", full["assistant"])
+    return full
+
+
+def _slot(text: str, content: str = "content") -> str:
+    """A slot as a jinja expression: '<|im_start|>user\n{content}' -> '"<|im_start|>user\\n" ~ content'."""
+    exprs = []
+    for part in re.split(r"(\{content\}|\{bos\}|\{eos\})", text):
+        if part == "{content}":
+            exprs.append(content)
+        elif part in ("{bos}", "{eos}"):
+            exprs.append(f"({part[1:-1]}_token or '')")  # a tokenizer without one: nothing, as in LLaMA-Factory
+        elif part:
+            exprs.append(json.dumps(part, ensure_ascii=False))
+    return " ~ ".join(exprs) or "''"
+
+
+def chat_template(name: str) -> str:
+    """The jinja chat template of a built-in template: what LLaMA-Factory renders, for tokenizer.apply_chat_template."""
+    t = template_spec(name)
+    system = _slot(t["system"], "ns.system")
+    first = (f"{{%- set content = {system} ~ content -%}}" if t["system_in_user"] else f"{{{{ {system} }}}}")
+    thought = ("{%- if '<think>' not in content and '</think>' not in content -%}"
+               f"{{%- set content = {json.dumps(EMPTY_THOUGHT)} ~ content -%}}{{%- endif -%}}") if t["empty_thought"] else ""
+    return (
+        f"{{%- set ns = namespace(system={json.dumps(t['default_system'], ensure_ascii=False)}) -%}}"
+        "{%- set loop_messages = messages -%}"
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{%- set ns.system = messages[0]['content'] -%}{%- set loop_messages = messages[1:] -%}{%- endif -%}"
+        "{%- for message in loop_messages -%}{%- set content = message['content'] -%}"
+        f"{{%- if loop.first -%}}{{{{ {_slot(t['prefix'])} }}}}{{%- if ns.system -%}}{first}{{%- endif -%}}{{%- endif -%}}"
+        f"{{%- if message['role'] == 'user' -%}}{{{{ {_slot(t['user'])} }}}}"
+        f"{{%- elif message['role'] == 'assistant' -%}}{thought}{{{{ {_slot(t['assistant'])} }}}}"
+        f"{{%- elif message['role'] in ('observation', 'tool') -%}}{{{{ {_slot(t['observation'])} }}}}"
+        f"{{%- elif message['role'] == 'function' -%}}{{{{ {_slot(t['function'])} }}}}"
+        "{%- endif -%}{%- endfor -%}"
+    )
+
+
+BUILTIN_TEMPLATES = tuple(TEMPLATE_SPECS)
+CHATML = chat_template("chatml")
+# A conversation that shows a template's system, multi-turn and generation-prompt behaviour.
+# No system message: a template's default system prompt (qwen, Llama 3.2's date block) shows too.
+_PROBE = [{"role": "user", "content": "U1"}, {"role": "assistant", "content": "A1"}, {"role": "user", "content": "U2"}]
+
+
+# Roles whose turns are learned: the assistant's replies and its tool calls (LLaMA-Factory's function turns).
+ANSWER_ROLES = ("assistant", "function")
 
 
 def apply_template(tokenizer, name: str | None = None, model_name: str = "model"):
-    """Give `tokenizer` the chat template the whole run uses; set a pad token if it has none."""
+    """Give `tokenizer` the chat template the whole run uses; set a pad token if it has none.
+
+    A named template works as in LLaMA-Factory: its first stop word must be a token of the vocabulary
+    (it ends every answer), and becomes the eos token where LLaMA-Factory replaces it.
+    """
     if name:
-        if name not in BUILTIN_TEMPLATES:
+        if name not in TEMPLATE_SPECS:
             raise LoralabError(
                 f"template: unknown template {name!r}; expected one of {', '.join(BUILTIN_TEMPLATES)} "
                 "or unset (the tokenizer's own template)"
             )
+        spec = template_spec(name)
         vocab = tokenizer.get_vocab()
-        missing = [t for t in REQUIRED_TOKENS[name] if t not in vocab]
+        missing = [t for t in spec["stop_words"][:1] + _special_tokens_of(spec) if t not in vocab]
         if missing:
             raise LoralabError(
                 f"template: {name!r} needs the special tokens {', '.join(missing)}, which the tokenizer of "
                 f"{model_name} does not have; leave template unset to use the model's own template"
             )
-        tokenizer.chat_template = BUILTIN_TEMPLATES[name]
+        own = tokenizer.chat_template
+        tokenizer.chat_template = chat_template(name)
+        tokenizer.loralab_tool_format = spec["tool_format"]
+        if isinstance(own, str) and own:
+            _say_how_it_differs(tokenizer, own, name, model_name)
+        if spec["replace_eos"] and tokenizer.eos_token != spec["stop_words"][0]:
+            tokenizer.eos_token = spec["stop_words"][0]
     elif not tokenizer.chat_template:
         raise LoralabError(
             f"template: {model_name} has no chat template of its own; set template: alpaca (base models), "
@@ -77,6 +210,42 @@ def apply_template(tokenizer, name: str | None = None, model_name: str = "model"
     return tokenizer
 
 
+def _special_tokens_of(spec: dict) -> list[str]:
+    """The <|...|>-style markers a template writes: they must be single tokens, not text the model spells out."""
+    text = "".join(spec[k] for k in ("prefix", "user", "assistant", "system"))
+    return sorted(set(re.findall(r"<\|[a-z_]+\|>", text)))
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def _say_how_it_differs(tokenizer, own: str, name: str, model_name: str) -> None:
+    """Log once when `template: NAME` renders differently from the tokenizer's own template.
+
+    Serving stacks (vLLM, transformers pipelines) use the tokenizer's own template, so a model trained
+    with another one sees other prompts there.
+    """
+    key = (model_name, name)
+    if key in _warned:
+        return
+    try:
+        theirs = tokenizer.apply_chat_template(_PROBE, chat_template=own, tokenize=False, add_generation_prompt=True)
+    except Exception:  # a tokenizer template that cannot render this probe: nothing to compare
+        return
+    ours = render(tokenizer, _PROBE, add_generation_prompt=True)
+    if ours == theirs:
+        return
+    _warned.add(key)
+    a, b = ours.splitlines(), theirs.splitlines()
+    n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    def line(lines: list[str]) -> str:
+        return repr(lines[n]) if n < len(lines) else "(no line)"
+
+    log.warning("template: %r renders differently from %s's own chat template (which vLLM and transformers use "
+                "when serving it); first differing line %d: %s here vs %s in the tokenizer's", name, model_name,
+                n + 1, line(a), line(b))
+
+
 def with_default_system(messages: list[dict], default_system: str | None) -> list[dict]:
     """Prepend the configured system prompt to a conversation that has none."""
     if default_system and (not messages or messages[0]["role"] != "system"):
@@ -85,6 +254,10 @@ def with_default_system(messages: list[dict], default_system: str | None) -> lis
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    tool_format = getattr(tokenizer, "loralab_tool_format", None)  # set by apply_template for built-in templates
+    if tool_format and any(m["role"] == "function" for m in messages):
+        messages = [{**m, "content": format_function_call(m["content"], tool_format)} if m["role"] == "function" else m
+                    for m in messages]
     from jinja2.exceptions import TemplateError
 
     try:
@@ -93,6 +266,32 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False)
         # A template may refuse a conversation on purpose (`raise_exception("System role not
         # supported")` in Gemma/Mistral templates): that is the user's message to fix, not a crash.
         raise LoralabError(f"chat template: {e}") from None
+
+
+def format_function_call(content: str, tool_format: str) -> str:
+    """A function turn ({"name", "arguments"} JSON, or a list of them) as the text LLaMA-Factory's tool format writes.
+
+    default: `Action: NAME\nAction Input: ARGS` lines; llama3: {"name", "parameters"} JSON; qwen: each call as
+    {"name", "arguments"} JSON inside <tool_call></tool_call>; mistral: a JSON list of {"name", "arguments"}.
+    """
+    try:
+        calls = json.loads(content)
+        calls = calls if isinstance(calls, list) else [calls]
+        pairs = [(c["name"], c["arguments"]) for c in calls]
+    except (json.JSONDecodeError, TypeError, KeyError):
+        raise LoralabError(f"function turn: expected JSON {{\"name\": ..., \"arguments\": {{...}}}} (or a list), "
+                           f"got {content[:80]!r}") from None
+    def dump(obj) -> str:
+        return json.dumps(obj, ensure_ascii=False)
+
+    if tool_format == "llama3":
+        objs = [{"name": n, "parameters": a} for n, a in pairs]
+        return dump(objs[0] if len(objs) == 1 else objs)
+    if tool_format == "qwen":
+        return "\n".join(f"<tool_call>\n{dump({'name': n, 'arguments': a})}\n</tool_call>" for n, a in pairs)
+    if tool_format == "mistral":
+        return dump([{"name": n, "arguments": a} for n, a in pairs])
+    return "\n".join(f"Action: {n}\nAction Input: {dump(a)}" for n, a in pairs)
 
 
 def encode_text(tokenizer, text: str) -> list[int]:
@@ -106,37 +305,99 @@ def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
 
 
 def encode_for_training(
-    tokenizer, messages: list[dict], cutoff_len: int, overflow: str = "truncate"
+    tokenizer, messages: list[dict], cutoff_len: int, overflow: str = "split", *,
+    train_on_prompt: bool = False, mask_history: bool = False,
 ) -> dict | None:
-    """input_ids + labels for one conversation; only assistant turns (and their closing token) are learned.
+    """input_ids + labels for one conversation; only answer turns (and their closing token) are learned.
 
-    The conversation is rendered turn by turn. Text up to each assistant header is prompt (label -100);
-    the assistant's content and the template's turn-closing token (<|eot_id|>, <|im_end|>, eos) are
-    labels, so the model learns to stop. Returns None when the sequence is over cutoff_len and
-    overflow == "drop", or when no label token survives truncation.
+    The conversation is rendered turn by turn. Text up to each answer (assistant or function turn) is its
+    prompt (label -100, or learned too with train_on_prompt); the answer's content and the template's
+    turn-closing token (<|eot_id|>, <|im_end|>, eos) are labels, so the model learns to stop. With
+    mask_history only the last answer is learned.
+
+    Over cutoff_len, overflow says what happens (LLaMA-Factory's meaning by default):
+    split    = each (prompt, answer) pair in turn gets what is left of the budget, shared between prompt and
+               answer by `budget_split`; the last turns first with mask_history. Each part keeps its head.
+    truncate = the sequence's tail is cut.
+    drop     = None.
+    Also None when no label token is left.
     """
-    input_ids: list[int] = []
-    labels: list[int] = []
+    pairs: list[tuple[list[int], list[int]]] = []
     rendered = ""
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] not in ANSWER_ROLES:
             continue
         prompt = render(tokenizer, messages[:i], add_generation_prompt=True)
         full = render(tokenizer, messages[: i + 1])
         _check_prefix(rendered, prompt)
         _check_prefix(prompt, full)
-        prompt_ids = encode_text(tokenizer, prompt[len(rendered):])
-        answer_ids = encode_text(tokenizer, full[len(prompt):])
-        input_ids += prompt_ids + answer_ids
-        labels += [-100] * len(prompt_ids) + answer_ids
+        pairs.append((encode_text(tokenizer, prompt[len(rendered):]), encode_text(tokenizer, full[len(prompt):])))
         rendered = full
-    if len(input_ids) > cutoff_len:
-        if overflow == "drop":
-            return None
-        input_ids, labels = input_ids[:cutoff_len], labels[:cutoff_len]
+    last = len(pairs) - 1
+
+    def labelled(k: int, prompt_ids: list[int], answer_ids: list[int]) -> tuple[list[int], list[int]]:
+        prompt_labels = list(prompt_ids) if train_on_prompt else [-100] * len(prompt_ids)
+        answer_labels = list(answer_ids) if (k == last or not mask_history) else [-100] * len(answer_ids)
+        return prompt_ids + answer_ids, prompt_labels + answer_labels
+
+    total = sum(len(p) + len(a) for p, a in pairs)
+    if total > cutoff_len and overflow == "drop":
+        return None
+    if total > cutoff_len and overflow == "split":
+        kept: dict[int, tuple[list[int], list[int]]] = {}
+        used = 0
+        for k in (reversed(range(len(pairs))) if mask_history else range(len(pairs))):
+            if used >= cutoff_len:
+                break
+            prompt_ids, answer_ids = pairs[k]
+            n_prompt, n_answer = budget_split(len(prompt_ids), len(answer_ids), cutoff_len - used)
+            kept[k] = (prompt_ids[:n_prompt], answer_ids[:n_answer])
+            used += n_prompt + n_answer
+        pairs_cut = [(k, *kept[k]) for k in sorted(kept)]
+    else:
+        pairs_cut = [(k, p, a) for k, (p, a) in enumerate(pairs)]
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for k, prompt_ids, answer_ids in pairs_cut:
+        ids, labs = labelled(k, prompt_ids, answer_ids)
+        input_ids += ids
+        labels += labs
+    input_ids, labels = input_ids[:cutoff_len], labels[:cutoff_len]  # truncate (a no-op after split)
     if all(label == -100 for label in labels):
         return None
     return {"input_ids": input_ids, "labels": labels}
+
+
+def lf_label_text(tokenizer, prompt: list[dict], answer: str, cutoff_len: int) -> str:
+    """The label text LLaMA-Factory scores a prediction against (its predict_* metrics).
+
+    LLaMA-Factory encodes the answer with the template's closing text, cuts prompt and answer to cutoff_len
+    with its budget split, and decodes the answer ids without special tokens: on ChatML models the `\n`
+    after <|im_end|> stays in the label ("answer\n"); on Llama 3 nothing follows <|eot_id|> ("answer").
+    """
+    prompt_text = render(tokenizer, prompt, add_generation_prompt=True)
+    full = render(tokenizer, [*prompt, {"role": "assistant", "content": answer}])
+    _check_prefix(prompt_text, full)
+    prompt_ids, answer_ids = encode_text(tokenizer, prompt_text), encode_text(tokenizer, full[len(prompt_text):])
+    _, n_answer = budget_split(len(prompt_ids), len(answer_ids), cutoff_len)
+    return tokenizer.decode(answer_ids[:n_answer], skip_special_tokens=True)
+
+
+def budget_split(prompt_len: int, answer_len: int, budget: int) -> tuple[int, int]:
+    """How many prompt and answer tokens of one turn fit in `budget` (LLaMA-Factory's infer_seqlen rule).
+
+    A short answer (under half the budget) is kept whole; else a short prompt is kept whole and the answer
+    gets the rest; else both are cut in proportion to their lengths. The prompt gets what the answer leaves.
+    """
+    if 2 * answer_len < budget:
+        answer_room = budget
+    elif 2 * prompt_len < budget:
+        answer_room = budget - prompt_len
+    else:
+        answer_room = int(budget * (answer_len / (prompt_len + answer_len)))
+    n_answer = min(answer_room, answer_len)
+    n_prompt = min(max(budget - n_answer, 0), prompt_len)
+    return n_prompt, n_answer
 
 
 def _check_prefix(prefix: str, text: str) -> None:

@@ -50,12 +50,13 @@ def encode_split(tokenizer, conversations: list[list[dict]], cfg: Config) -> tup
     examples, counts = [], {"conversations": len(conversations), "truncated": 0, "dropped_too_long": 0, "no_labels": 0}
     for messages in conversations:
         messages = with_default_system(messages, cfg.default_system)
-        full = encode_for_training(tokenizer, messages, cutoff_len=10**9)
+        masking = {"train_on_prompt": cfg.train_on_prompt, "mask_history": cfg.mask_history}
+        full = encode_for_training(tokenizer, messages, cutoff_len=10**9, **masking)
         if full is None:  # no assistant token at all (e.g. an empty answer)
             counts["no_labels"] += 1
             continue
         if len(full["input_ids"]) > cfg.cutoff_len:
-            cut = encode_for_training(tokenizer, messages, cfg.cutoff_len, cfg.overflow)
+            cut = encode_for_training(tokenizer, messages, cfg.cutoff_len, cfg.overflow, **masking)
             if cut is None:  # dropped (overflow=drop), or truncation cut away every answer token
                 counts["dropped_too_long" if cfg.overflow == "drop" else "no_labels"] += 1
                 continue
@@ -85,6 +86,18 @@ class PadCollator:
             labels[i, :n] = torch.tensor(f["labels"])
             attention_mask[i, :n] = 1
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def make_collator(cfg: Config, tokenizer):
+    """Padded batches, or with packing/neat_packing LLaMA-Factory's padding-free batches.
+
+    A packed batch is one row of the batch's sequences back to back, with position_ids restarting at 0 for
+    each; transformers turns that into a block-diagonal causal mask, so no token attends across sequences
+    (what LLaMA-Factory's neat_packing guarantees).
+    """
+    if cfg.packing or cfg.neat_packing:
+        return transformers.DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+    return PadCollator(tokenizer.pad_token_id, 8 if torch.cuda.is_available() else None)
 
 
 class LengthGroupedSampler(torch.utils.data.Sampler):
@@ -173,6 +186,7 @@ def build_model(cfg: Config):
         target_modules=cfg.target_modules,
         use_rslora=cfg.use_rslora,
         use_dora=cfg.use_dora,
+        modules_to_save=[m.strip() for m in cfg.additional_target.split(",") if m.strip()] if cfg.additional_target else None,
     )
     model = get_peft_model(model, lora)  # adapter weights are kept in fp32 even on a bf16 base
     # The adapter names the base model the way the user wrote it (e.g. builtin:smollm2-135m-instruct),
@@ -422,7 +436,8 @@ class LoralabTrainer(transformers.Trainer):
         return self.accelerator.prepare(loader)
 
     def training_step(self, model, inputs, *args, **kwargs):
-        self.real_tokens += int(inputs["attention_mask"].sum())
+        mask = inputs.get("attention_mask")  # none in packed (padding-free) batches: every token is real
+        self.real_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
         self.padded_tokens += inputs["input_ids"].numel()
         return super().training_step(model, inputs, *args, **kwargs)
 
@@ -435,7 +450,10 @@ def plot_losses(run_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():  # nothing was logged (a run shorter than logging_steps)
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     written = []
     for key, name, title in (("loss", "training_loss.png", "training loss"),
                              ("eval_loss", "training_eval_loss.png", "validation loss")):
@@ -480,6 +498,13 @@ def training_arguments(cfg: Config, run_dir: Path, has_eval: bool, dtype) -> tra
         per_device_eval_batch_size=cfg.per_device_eval_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         lr_scheduler_type=cfg.lr_scheduler_type,
+        optim=cfg.optim,
+        optim_args=cfg.optim_args,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        adam_epsilon=cfg.adam_epsilon,
+        lr_scheduler_kwargs=cfg.lr_scheduler_kwargs,
+        neftune_noise_alpha=cfg.neftune_noise_alpha,
         warmup_steps=cfg.warmup_steps if cfg.warmup_steps > 0 else cfg.warmup_ratio,
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
@@ -489,7 +514,7 @@ def training_arguments(cfg: Config, run_dir: Path, has_eval: bool, dtype) -> tra
         save_strategy="epoch" if eval_strategy == "epoch" else "steps",
         save_steps=save_steps,
         save_total_limit=None,  # rotation is done by CompleteCheckpoints, after the new one is marked
-        load_best_model_at_end=eval_strategy != "no",
+        load_best_model_at_end=eval_strategy != "no" and cfg.load_best_model_at_end,
         metric_for_best_model="eval_loss" if eval_strategy != "no" else None,
         greater_is_better=False,
         restore_callback_states_from_checkpoint=True,  # early-stopping patience survives a resume
@@ -600,7 +625,7 @@ def _train(cfg: Config, callbacks: list | None, run_log_file: contextlib.ExitSta
         args=args,
         train_dataset=train_examples,
         eval_dataset=eval_examples if has_eval else None,
-        data_collator=PadCollator(tokenizer.pad_token_id, 8 if torch.cuda.is_available() else None),
+        data_collator=make_collator(cfg, tokenizer),
         # The divergence check first (nothing may act on a NaN), then the caller's: they may act on a
         # validation result.
         callbacks=[StopOnNonFinite(), *(callbacks or [])] + extra,
@@ -637,12 +662,13 @@ def finish_run(trainer: LoralabTrainer, result, cfg: Config, tokenizer, run_dir:
     if not is_main:
         return {}
     tokenizer.save_pretrained(run_dir)
-    if st.best_model_checkpoint:
+    if st.best_model_checkpoint and cfg.load_best_model_at_end:
         log.info("final %s in %s = %s (best validation loss %.4f at step %d of %d)",
                  "adapter" if cfg.finetuning_type == "lora" else "model", run_dir,
                  Path(st.best_model_checkpoint).name, st.best_metric, st.best_global_step, st.global_step)
     else:
-        log.info("final model in %s = the last step's (%d; no validation data)", run_dir, st.global_step)
+        log.info("final model in %s = the last step's (%d; %s)", run_dir, st.global_step,
+                 "load_best_model_at_end is false" if st.best_model_checkpoint else "no validation data")
     if cfg.save_last and last_checkpoint.is_dir():
         copy_model_files(last_checkpoint, run_dir / "last")
         tokenizer.save_pretrained(run_dir / "last")
