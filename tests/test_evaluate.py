@@ -113,8 +113,10 @@ def test_eval_reports_exact_match_lengths_and_max_token_hits(tiny_model, data_di
     assert result["lengths"]["mean_pred_words"] == pytest.approx(sum(len(r["predict"].split()) for r in per_sample) / 5)
     assert result["lengths"]["mean_label_words"] == pytest.approx(sum(len(r["label"].split()) for r in per_sample) / 5)
     assert result["metrics"]["exact_match"]["value"] == 0.0  # a random model answers nothing right
-    # the predictions file keeps LLaMA-Factory's three fields; the finish reasons live in the score file
-    assert [list(r) for r in read_jsonl(folder / "generated_predictions.jsonl")] == [["prompt", "predict", "label"]] * 5
+    # the predictions file keeps LLaMA-Factory's three fields (+ the label text LF's metrics score against);
+    # the finish reasons live in the score file
+    assert [list(r) for r in read_jsonl(folder / "generated_predictions.jsonl")] == [
+        ["prompt", "predict", "label", "lf_label"]] * 5
     from loralab.evaluate import format_metrics_table
 
     assert "lengths in words: generated" in format_metrics_table(result)
