@@ -41,6 +41,7 @@ from pathlib import Path
 
 from loralab.config import Config
 from loralab.errors import LoralabError
+from loralab.models import default_adapters, peft_adapter_names
 from loralab.templates import encode_prompt, stop_token_ids, with_default_system
 
 log = logging.getLogger(__name__)
@@ -240,8 +241,9 @@ class Engine:
         self.cfg = cfg
         self.base_name = cfg.model_name_or_path
         if adapters is None:
-            adapters = {Path(p).name or p: p for p in cfg.adapter_paths} | dict(cfg.adapters)
-        self.adapter_names = list(adapters)
+            adapters = default_adapters(cfg)
+        self.adapter_names = list(adapters)  # as users name them; the model knows them by _peft_name
+        self._peft_name = peft_adapter_names(adapters)
         self.backend = cfg.infer_backend
         self.max_batch_size = cfg.infer_batch_size
         self.merged = False
@@ -472,7 +474,7 @@ class Engine:
                 self._use_adapter(next(iter(adapters)))
             else:  # peft's mixed-adapter batch: each LoRA layer applies each row's adapter to its rows
                 self._use_adapter(next(a for a in adapters if a is not None))  # adapter layers enabled
-                kwargs["adapter_names"] = [r.adapter or "__base__" for r in rows]
+                kwargs["adapter_names"] = [self._peft_name[r.adapter] if r.adapter else "__base__" for r in rows]
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                          logits_to_keep=1, **kwargs)
         return out.logits[:, -1, :]
@@ -485,7 +487,7 @@ class Engine:
             self.model.base_model.disable_adapter_layers()
         else:
             self.model.base_model.enable_adapter_layers()
-            self.model.set_adapter(adapter)
+            self.model.set_adapter(self._peft_name[adapter])
         self._adapter_on = want
 
     def _choose(self, rows: list[Request], logits):

@@ -215,28 +215,58 @@ def check_adapter_base(cfg: Config, adapter_path: str) -> None:
         )
 
 
+def adapter_display_names(paths: list[str]) -> dict[str, str]:
+    """Name -> path for adapter folders, as a user sees them: the folder name, or as many trailing
+    parts of the path as make it unique (runs/a/lora and runs/b/lora -> a/lora, b/lora). The same
+    folder given twice is loaded once."""
+    parts = {path: Path(path).expanduser().resolve().parts for path in dict.fromkeys(paths)}
+    depth = dict.fromkeys(parts, 1)
+    while True:
+        names = {path: "/".join(parts[path][-depth[path]:]) or path for path in parts}
+        clashing = [p for p in parts if list(names.values()).count(names[p]) > 1 and depth[p] < len(parts[p])]
+        if not clashing:
+            return {name: path for path, name in names.items()}
+        for path in clashing:
+            depth[path] += 1
+
+
+def peft_adapter_names(names) -> dict[str, str]:
+    """User-facing adapter name -> the name peft keys it by inside the model.
+
+    peft stores adapters as torch submodule names, which must not contain dots ("llama3.2-1b-lora",
+    "run v1.0", tmp.XXXX folders): the model sees only these safe, unique names, users only theirs."""
+    return {name: f"adapter_{i}" for i, name in enumerate(names)}
+
+
+def default_adapters(cfg: Config) -> dict[str, str]:
+    """The adapters a command loads: adapter_name_or_path (named by folder) plus `adapters` {name: path}."""
+    return adapter_display_names(cfg.adapter_paths) | dict(cfg.adapters)
+
+
 def load_model_and_tokenizer(cfg: Config, adapters: dict[str, str] | None = None):
     """Base model + tokenizer for inference, with adapters loaded by name (`model.set_adapter(name)`).
 
-    `adapters` defaults to cfg.adapter_name_or_path (named by folder) plus cfg.adapters. With several
-    adapters the base model stays unmerged so each request can pick one, or none (`disable_adapter`).
+    `adapters` defaults to `default_adapters(cfg)`. Inside the model each adapter is keyed by its
+    `peft_adapter_names` name. With several adapters the base model stays unmerged so each request can
+    pick one, or none (`disable_adapter`).
     """
     tokenizer = load_tokenizer(cfg)
     model = load_model(cfg)
     if adapters is None:
-        adapters = {Path(p).name or p: p for p in cfg.adapter_paths} | dict(cfg.adapters)
+        adapters = default_adapters(cfg)
     if adapters:
         from peft import PeftModel
 
+        peft_name = peft_adapter_names(adapters)
         for i, (name, path) in enumerate(adapters.items()):
             check_adapter_base(cfg, path)
             try:
                 if i == 0:
-                    model = PeftModel.from_pretrained(model, path, adapter_name=name)
+                    model = PeftModel.from_pretrained(model, path, adapter_name=peft_name[name])
                 else:
-                    model.load_adapter(path, adapter_name=name)
+                    model.load_adapter(path, adapter_name=peft_name[name])
             except (RuntimeError, ValueError) as e:
                 raise LoralabError(f"adapter_name_or_path: cannot load {path} onto {cfg.model_name_or_path} ({str(e).splitlines()[0][:200]})") from None
-        model.set_adapter(next(iter(adapters)))
+        model.set_adapter(peft_name[next(iter(adapters))])
     model.eval()
     return model, tokenizer
