@@ -83,6 +83,7 @@ def old_engine_class():
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("loralab_generate_main", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module.Engine, module.GenerationSettings
 
