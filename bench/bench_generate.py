@@ -116,7 +116,7 @@ def timed(fn):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=100, help="test records for batch predict (default 100)")
-    parser.add_argument("--chunks", type=int, default=4, help="chunks the records are cut into (default 4)")
+    parser.add_argument("--chunks", type=int, default=2, help="chunks the records are cut into (default 2)")
     parser.add_argument("--stream-records", type=int, default=4, help="records for the single-stream figure")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--batch-size", type=int, default=32, help="loralab's rows in flight (default 32)")
