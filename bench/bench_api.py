@@ -4,7 +4,7 @@ Starts the server as a subprocess on 127.0.0.1 with the base model and two rando
 (`--adapter`; r 8, all linear layers, small random B so the model stays fluent), and sends
 streaming chat requests with httpx from C asyncio clients; each request picks the base model or an
 adapter in turn, so every load mixes adapters in the running batch. Every level is bounded by
---requests and --max-seconds. Per level it reports aggregate generated tokens/s, p50/p95
+--requests-per-client and --max-seconds. Per level it reports aggregate generated tokens/s, p50/p95
 time-to-first-token, p50/p95 tokens/s per request (a client's view) and errors; the figure of merit
 is aggregate tokens/s at 16 clients over 1 client (target >= 8x, 0 errors). Writes
 bench/results/api.json.
@@ -135,7 +135,8 @@ async def run_level(url: str, models: list[str], n: int, concurrency: int, max_t
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model_name_or_path (default: a tiny random Llama, made now)")
-    parser.add_argument("--requests", type=int, default=64, help="requests per level, at most (default 64)")
+    parser.add_argument("--requests-per-client", type=int, default=6,
+                        help="requests per client and level, at most (default 6; few make the ramp-up and tail dominate)")
     parser.add_argument("--concurrency", default="1,4,16", help="comma list of client counts (default 1,4,16)")
     parser.add_argument("--max-tokens", type=int, default=32, help="max_tokens of every request (default 32)")
     parser.add_argument("--max-batch-size", type=int, default=16, help="server's --max-batch-size (default 16)")
@@ -166,7 +167,7 @@ def main() -> None:
         results = []
         for c in levels:
             before = httpx.get(url + "/health").json()
-            r = asyncio.run(run_level(url, models, max(args.requests, c), c, args.max_tokens, args.max_seconds))
+            r = asyncio.run(run_level(url, models, args.requests_per_client * c, c, args.max_tokens, args.max_seconds))
             after = httpx.get(url + "/health").json()
             steps = after["steps"] - before["steps"]
             r["mean_rows_per_step"] = round((after["row_steps"] - before["row_steps"]) / steps, 2) if steps else None

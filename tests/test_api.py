@@ -233,6 +233,25 @@ def test_concurrent_requests_are_batched_and_match_single_replies(client, server
     assert max(before, httpx.get(server.url + "/health").json()["largest_batch"]) > 1
 
 
+def test_requests_for_different_adapters_share_the_running_batch(client, server, engine):
+    """Base model and both adapters at once: one batch (peft's mixed-adapter forward), each reply as if alone."""
+    jobs = [(model, [{"role": "user", "content": f"Count to {i}."}])
+            for i in range(4) for model in (engine.base_name, "alpha", "beta")]
+
+    def ask(job):
+        model, messages = job
+        return client.chat.completions.create(model=model, messages=messages, max_tokens=10).choices[0].message.content
+
+    alone = [ask(job) for job in jobs[:3]]
+    steps = httpx.get(server.url + "/health").json()["steps"]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        together = list(pool.map(ask, jobs))
+    health = httpx.get(server.url + "/health").json()
+    assert together[:3] == alone
+    # 12 replies of up to 10 tokens in far fewer than 120 steps: the models decoded together
+    assert health["steps"] - steps < 60 and health["largest_batch"] > 3
+
+
 def test_disconnect_mid_stream_cancels_generation(server, engine):
     long = [{"role": "user", "content": "Tell me a long story."}]
     cancelled = httpx.get(server.url + "/health").json()["cancelled"]
