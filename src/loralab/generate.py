@@ -26,6 +26,10 @@ prompts (38.7 s vs 20.0 s and 61.6 s vs 26.2 s for 48 new tokens each, same gree
 has no way to give rows different peft adapters. The loop here is the model's own forward with a
 KV cache (a DynamicLayer with spare room) whose rows are added and removed.
 
+torch.compile of the forward (inductor, dynamic shapes: rows and cache length change every step)
+was tried on this CPU and not kept: on a 16-record SmolLM2 predict it compiled for about 12 minutes
+and then failed inside inductor, while the whole 100-record predict runs in about 3.5 minutes eager.
+
 `infer_backend: vllm` runs the same interface on vLLM (CUDA only, optional extra `loralab[vllm]`).
 """
 from __future__ import annotations
