@@ -157,9 +157,10 @@ def main() -> None:
     clock = {"loralab": [0.0, 0.0], "baseline": [0.0, 0.0]}
     for k, start in enumerate(range(0, len(ids), size)):
         part = slice(start, start + size)
-        runs = [("loralab", lambda: engine.generate(prompts[part], settings, adapter="adapter", batch_size=args.batch_size)),
-                ("baseline", lambda: lf_style_predict(baseline.model, baseline.tokenizer, ids[part], baseline.stop_ids,
-                                                      args.max_new_tokens))]
+        runs = [("loralab", lambda part=part: engine.generate(prompts[part], settings, adapter="adapter",
+                                                              batch_size=args.batch_size)),
+                ("baseline", lambda part=part: lf_style_predict(baseline.model, baseline.tokenizer, ids[part],
+                                                                baseline.stop_ids, args.max_new_tokens))]
         for name, fn in (runs if k % 2 == 0 else runs[::-1]):
             out, wall, cpu = timed(fn)
             clock[name][0] += wall
@@ -193,8 +194,8 @@ def main() -> None:
     stream = {"old": [0.0, 0, 0.0], "new": [0.0, 0, 0.0]}  # wall seconds, tokens, cpu seconds
     texts = {"old": [], "new": []}
     for k, conv in enumerate(prompts[: args.stream_records]):
-        runs = [("new", lambda: "".join(engine.stream(conv, settings, adapter="adapter"))),
-                ("old", lambda: "".join(old.stream(conv, old_settings, adapter="adapter")))]
+        runs = [("new", lambda conv=conv: "".join(engine.stream(conv, settings, adapter="adapter"))),
+                ("old", lambda conv=conv: "".join(old.stream(conv, old_settings, adapter="adapter")))]
         for name, fn in (runs if k % 2 == 0 else runs[::-1]):
             text, wall, cpu = timed(fn)
             stream[name][0] += wall
