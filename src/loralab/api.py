@@ -9,9 +9,11 @@ The official `openai` client works with it unchanged (base_url=http://127.0.0.1:
 
 How a request travels: FastAPI validates the body into `ChatRequest` (strict types: `"stream": "yes"`
 is an error, not true); the prompt is rendered and counted in the threadpool, never on the event
-loop; then a `scheduler.Job` goes to the one scheduler thread that owns the engine and batches
-requests (see `scheduler.py`). A client that disconnects (streaming or not) cancels its job, and the
-engine stops that row within one decoding step.
+loop; then a `scheduler.Job` goes to the one scheduler thread that owns the engine (continuous
+batching, see `scheduler.py`): a new request joins the running batch at the next token, a finished
+reply leaves it at once, and requests for different adapters (or the base model) and sampling
+settings decode in the same batch. A client that disconnects (streaming or not) cancels its job, and
+its row stops within one decoding step.
 
 Limits: the request body is capped (`max_request_bytes`, default 1 MB; Content-Length is checked
 before anything is read, and the bytes of a chunked body are counted as they arrive); a prompt
@@ -295,7 +297,6 @@ class Serving:
 class ServerOptions:
     api_key: str | None = None
     max_batch_size: int = 16
-    gather_ms: float = 10.0
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
 
 
@@ -305,7 +306,7 @@ async def lifespan(app: FastAPI):
     engine, options = app.state.engine, app.state.options
     serving = Serving(
         engine=engine,
-        scheduler=Scheduler(engine, options.max_batch_size, options.gather_ms),
+        scheduler=Scheduler(engine, options.max_batch_size),
         api_key=options.api_key,
         models=served_models(engine),
         max_context=context_length(engine),
@@ -345,10 +346,11 @@ v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
 @router.get("/health")
 async def health(serving: ServingDep):
-    s = serving.scheduler
+    s, stats = serving.scheduler, serving.engine.stats
     alive = s.is_alive()
     body = {"status": "ok" if alive else "scheduler stopped", "served_models": len(serving.models),
-            "batches": s.batches, "requests": s.rows, "largest_batch": s.largest_batch, "cancelled": s.cancelled}
+            "requests": s.rows, "steps": stats["steps"], "row_steps": stats["row_steps"],
+            "largest_batch": stats["largest_batch"], "cancelled": s.cancelled}
     return JSONResponse(body, status_code=200 if alive else 503)
 
 
@@ -540,7 +542,7 @@ async def on_unexpected_error(request: Request, e: Exception) -> Response:
                     type="server_error", code="internal_error").response()
 
 
-def create_app(engine: Engine, api_key: str | None = None, max_batch_size: int = 16, gather_ms: float = 10.0,
+def create_app(engine: Engine, api_key: str | None = None, max_batch_size: int = 16,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
     """The FastAPI app serving `engine`; the scheduler thread runs while the app is up."""
     if max_batch_size < 1:
@@ -550,7 +552,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_batch_size: int =
     served_models(engine)  # duplicate names fail now, not when the server starts
     app = FastAPI(title="loralab", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
-    app.state.options = ServerOptions(api_key or None, max_batch_size, gather_ms, max_request_bytes)
+    app.state.options = ServerOptions(api_key or None, max_batch_size, max_request_bytes)
     app.add_middleware(RequestSizeLimit, limit=max_request_bytes)
     app.include_router(router)
     app.include_router(v1)

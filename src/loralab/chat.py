@@ -150,7 +150,8 @@ def chat(cfg: Config, stdin: TextIO | None = None, stdout: TextIO | None = None)
         raise LoralabError("stdin: closed; pipe messages in (printf 'hi\\n' | loralab chat ...) or run in a terminal")
     if stdout is None:
         raise LoralabError("stdout: closed; replies need somewhere to go (a terminal, a file or a pipe)")
-    engine = Engine(cfg)
+    # The chat talks to one model only: a single adapter is merged into the weights (faster tokens).
+    engine = Engine(cfg, merge=True)
     adapter = engine.adapter_names[0] if engine.adapter_names else None
     if len(engine.adapter_names) > 1:
         log.info("several adapters loaded; chatting with the first: %s", adapter)

@@ -1,30 +1,25 @@
-"""The API's request scheduler: one thread owns the engine and runs waiting requests in batches.
+"""The API's request scheduler: one thread owns the engine and drives its continuous batch.
 
-Requests (`Job`s) go into a queue. The scheduler takes every waiting job, groups them by (adapter,
-sampling settings) and runs one batch of up to `max_batch_size` jobs of the oldest job's group
-(dynamic batching; before a batch it waits up to `gather_ms` for the clients of the previous batch
-to come back). Text deltas travel from the engine's `on_text` callback to each job's asyncio queue
-(`loop.call_soon_threadsafe`).
+Requests (`Job`s) go into a queue. At every token boundary the scheduler hands every waiting job to
+the engine (`Engine.submit`): it joins the running batch at the next step, whatever adapter or
+sampling settings it asks for, and leaves as soon as its reply is done. Text deltas travel from the
+engine's `on_text` callback to each job's asyncio queue (`loop.call_soon_threadsafe`).
 
-Cancellation: `Job.cancel()` (the client went away) makes the next `on_text` call return False,
-and the engine calls `on_text` for every live row after every decoding step, so a cancelled row
-stops within one step; a cancelled job still waiting in the queue is dropped before its batch.
-
-Everything the scheduler needs from the engine is the one call in `Scheduler._generate`.
+Cancellation: `Job.cancel()` (the client went away) cancels the job's engine row before the next
+step, so it stops within one step; a cancelled job still waiting in the queue never starts.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import queue
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from loralab.generate import Completion, Engine, GenerationSettings
+from loralab.generate import Engine, GenerationSettings
+from loralab.generate import Request as EngineRequest
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +40,7 @@ class Job:
     request_id: str = ""
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
-    streamed: bool = False  # some text already went out (a failed batch cannot be retried for it)
+    request: EngineRequest | None = None  # the engine's row, once the scheduler has submitted the job
 
     def cancel(self) -> None:
         """The client went away (or the reply is complete): the row may stop."""
@@ -57,26 +52,17 @@ class Job:
         except RuntimeError:  # the event loop is gone (server shutting down)
             self.cancelled = True
 
-    def group_key(self) -> tuple:
-        if self.settings.do_sample and self.settings.seed is not None:
-            # A seeded sample must not depend on what it was batched with: it runs alone.
-            return (id(self),)
-        return (self.adapter, json.dumps(self.settings.as_dict(), sort_keys=True))
-
 
 class Scheduler:
-    """One thread that owns the engine and runs waiting requests in batches of one group."""
+    """One thread that owns the engine: it hands new requests to the engine and drives its steps."""
 
-    def __init__(self, engine: Engine, max_batch_size: int = 16, gather_ms: float = 10.0):
-        self.engine, self.max_batch_size, self.gather_s = engine, max_batch_size, gather_ms / 1000
+    def __init__(self, engine: Engine, max_batch_size: int = 16):
+        self.engine, self.max_batch_size = engine, max_batch_size
         self.inbox: queue.Queue[Job | None] = queue.Queue()
-        self.pending: list[Job] = []
+        self.running: set[Job] = set()  # submitted to the engine, not done yet
         self.stopping = False
-        self.expect = 1  # requests likely to be waiting at the next batch (see _loop)
         self.thread = threading.Thread(target=self._loop, name="loralab-scheduler", daemon=True)
-        self.batches = 0  # counters for /health and the benchmark
-        self.rows = 0
-        self.largest_batch = 0
+        self.rows = 0  # counters for /health and the benchmark
         self.cancelled = 0  # requests stopped because their client went away
 
     def start(self) -> None:
@@ -93,7 +79,7 @@ class Scheduler:
         self.inbox.put(job)
 
     def _take(self, timeout: float | None) -> bool:
-        """Move one job from the inbox to pending (timeout 0: only if one is waiting). False if none came."""
+        """Hand one job from the inbox to the engine (timeout 0: only if one is waiting). False if none came."""
         try:
             job = self.inbox.get(timeout=timeout) if timeout != 0 else self.inbox.get_nowait()
         except queue.Empty:
@@ -101,71 +87,50 @@ class Scheduler:
         if job is None:
             self.stopping = True
             return False
-        self.pending.append(job)
+        if job.cancelled:
+            self.cancelled += 1
+            return True
+
+        def on_text(delta: str) -> bool:
+            if job.cancelled:
+                return False
+            job.push("delta", delta)
+            return True
+
+        def on_done(request: EngineRequest) -> None:
+            self.running.discard(job)
+            if request.error is not None:
+                log.error("request %s: generation failed", job.request_id, exc_info=request.error)
+                job.push("error", request.error)
+                return
+            self.cancelled += request.completion.finish_reason == "cancelled"
+            job.push("done", request.completion)
+
+        try:
+            job.request = self.engine.submit(job.messages, job.settings, job.adapter,
+                                             on_text=on_text if job.streaming else None, on_done=on_done)
+        except Exception as e:  # noqa: BLE001 - e.g. a chat template that refuses the conversation
+            job.push("error", e)
+            return True
+        self.running.add(job)
+        self.rows += 1
         return True
 
     def _loop(self) -> None:
         while not self.stopping:
-            if not self.pending:
+            if not self.running:
                 self._take(timeout=None)  # sleep until work arrives
-            while self._take(timeout=0):  # and take everything else that is waiting
+            while self._take(timeout=0):  # everything waiting joins at this token boundary
                 pass
-            # The clients of the last batch usually send their next request a moment after their
-            # reply: wait for them (at most gather_ms) so they share the next batch with the requests
-            # that queued meanwhile, instead of alternating between two half batches. A lone client
-            # never waits: it is the only one expected.
-            deadline = time.monotonic() + self.gather_s
-            want = min(self.expect, self.max_batch_size)
-            while not self.stopping and len(self.pending) < want and (left := deadline - time.monotonic()) > 0:
-                self._take(timeout=left)
-            dropped = [j for j in self.pending if j.cancelled]
-            self.cancelled += len(dropped)
-            self.pending = [j for j in self.pending if not j.cancelled]
-            if self.stopping or not self.pending:
-                continue
-            # The oldest request's group goes first; at most max_batch_size of it per batch.
-            key = self.pending[0].group_key()
-            batch = [j for j in self.pending if j.group_key() == key][: self.max_batch_size]
-            self.pending = [j for j in self.pending if j not in batch]
-            self._run(batch)
-            self.expect = len(batch) + len(self.pending) + self.inbox.qsize()
-
-    def _generate(self, batch: list[Job]) -> list[Completion]:
-        """The scheduler's one call into the engine: a batch of one group, with per-row streaming/cancel."""
-
-        def on_text(i: int, delta: str) -> bool:
-            job = batch[i]
-            if job.cancelled:
-                return False
-            if delta and job.streaming:
-                job.streamed = True
-                job.push("delta", delta)
-            return True
-
-        first = batch[0]
-        return self.engine.generate([j.messages for j in batch], first.settings, adapter=first.adapter,
-                                    batch_size=len(batch), on_text=on_text)
-
-    def _run(self, batch: list[Job]) -> None:
-        self.batches += 1
-        self.rows += len(batch)
-        self.largest_batch = max(self.largest_batch, len(batch))
-        try:
-            completions = self._generate(batch)
-        except Exception as e:  # noqa: BLE001 - one bad batch must not stop the server
-            if len(batch) > 1:
-                # Retry one at a time, so only the request that breaks fails; rows that already
-                # streamed text cannot start over and get the error.
-                log.warning("batch of %d failed (%s); retrying its requests one by one", len(batch), e)
-                for job in batch:
-                    if job.streamed:
+            for job in list(self.running):
+                if job.cancelled:
+                    job.request.cancel()
+            if self.running and not self.stopping:
+                try:
+                    self.engine.step(self.max_batch_size)  # a failing row reaches its job through on_done
+                except Exception as e:  # noqa: BLE001 - a bug outside the rows: fail them, keep serving
+                    for job in list(self.running):
+                        log.error("request %s: generation failed", job.request_id, exc_info=e)
+                        job.request.cancel()
                         job.push("error", e)
-                    else:
-                        self._run([job])
-                return
-            log.error("request %s: generation failed", batch[0].request_id, exc_info=e)
-            batch[0].push("error", e)
-            return
-        for job, completion in zip(batch, completions):
-            self.cancelled += completion.finish_reason == "cancelled"
-            job.push("done", completion)
+                    self.running.clear()
