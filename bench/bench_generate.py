@@ -1,26 +1,35 @@
-"""Benchmark: batched greedy generation vs one prompt at a time, same engine, same prompts.
+"""Benchmark: loralab's generation engine vs an LLaMA-Factory-style baseline, side by side in one run.
 
-SmolLM2-135M-Instruct (builtin) on the first N records of the reference alpaca test split
-(alpaca_data_cleaned.json, sample 10000, split 7000,2000,1000, seed 42; the built-in demo data when
-the file is absent), greedy, max_new_tokens 128, torch threads pinned. Prints samples/s and
-generated tokens/s for both modes, how many of the N outputs are identical, and writes
-bench/results/generate.json (after every batch, so a long run leaves partial figures).
+Batch predict: the first N records of the reference alpaca test split (alpaca_data_cleaned.json,
+sample 10000, split 7000,2000,1000, seed 42; the built-in demo data when the file is absent),
+SmolLM2-135M-Instruct + one LoRA adapter, greedy, max_new_tokens 128, torch threads pinned.
 
-The engine's batches (prompts sorted by length, batch_size at a time) are timed one by one, each
-followed by the same prompts one at a time, so both modes run under the same machine load. Besides
-wall-clock time, the process CPU time is reported: with pinned threads it does not depend on other
-programs sharing the machine.
+- baseline, as LLaMA-Factory's predict runs it: HF `generate` on the PeftModel (adapter unmerged),
+  static batches of 8 in the data's order (unsorted), rows padded until the longest row ends;
+- loralab: `Engine(merge=True).generate` (continuous batching, adapter merged into the weights).
 
-    python bench/bench_generate.py                 # 200 records, 1 thread
-    python bench/bench_generate.py --records 40 --threads 2
+The records are cut into chunks; each chunk runs in both tools, alternating which goes first, so
+both see the same machine load. Outputs must be identical on every record (fp32 greedy).
+
+Single stream (one chat/API client): `Engine.stream` of today's engine (main's generate.py,
+adapter unmerged, as `loralab chat` loaded it) vs this engine, a few records, alternating.
+
+The adapter: a random LoRA adapter (r 8, alpha 16, all linear layers, A as peft initialises it,
+B ~ N(0, --adapter-std)), so the model stays fluent and stops by itself while the adapter really
+changes its output; no record was trained on. Writes bench/results/generate.json.
+
+    python bench/bench_generate.py                          # 100 records, 1 thread
+    python bench/bench_generate.py --records 16 --stream-records 2
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,15 +53,75 @@ def test_prompts(n: int, workdir: Path, cfg_values: dict):
         data.prepare(source, output_dir=workdir, seed=42, sample=10000, split="7000,2000,1000")
     cfg = load_config(None, {**cfg_values, "dataset_dir": str(workdir), "max_samples": n})
     prompts, labels, _ = load_examples(cfg, "test")
-    return cfg, source, prompts[:n], labels[:n]
+    return cfg, Path(source).name, prompts[:n], labels[:n]
+
+
+def make_adapter(base: str, out: Path, std: float, seed: int = 0) -> Path:
+    """A random LoRA adapter whose B matrices are small (a fluent model, a changed output)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from loralab.config import load_config
+    from loralab.models import load_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(load_model(load_config(None, {"model_name_or_path": base})),
+                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, std)
+    model.save_pretrained(out)
+    return out
+
+
+def old_engine_class():
+    """`Engine` of main's generate.py (HF generate over static batches), loaded as its own module."""
+    source = subprocess.run(["git", "-C", str(REPO), "show", "main:src/loralab/generate.py"], check=True,
+                            capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp(prefix="bench-old-engine-")) / "loralab_generate_main.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("loralab_generate_main", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module.Engine, module.GenerationSettings
+
+
+def lf_style_predict(model, tokenizer, prompt_ids: list[list[int]], stop_ids: list[int], max_new_tokens: int,
+                     batch_size: int = 8) -> list[tuple[str, int]]:
+    """HF generate on the unmerged PeftModel, static batches in data order: (text, generated tokens) per prompt."""
+    import torch
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
+                              pad_token_id=tokenizer.pad_token_id)
+    out = []
+    for start in range(0, len(prompt_ids), batch_size):
+        batch = tokenizer.pad({"input_ids": prompt_ids[start: start + batch_size]}, padding=True, return_tensors="pt")
+        with torch.inference_mode():
+            ids = model.generate(**batch, generation_config=config)
+        for row in ids[:, batch["input_ids"].shape[1]:].tolist():
+            end = next((j for j, t in enumerate(row) if t in stop_ids), len(row))
+            out.append((tokenizer.decode(row[:end], skip_special_tokens=True), end))
+    return out
+
+
+def timed(fn):
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - wall, time.process_time() - cpu
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--records", type=int, default=200, help="test records to generate for (default 200)")
+    parser.add_argument("--records", type=int, default=100, help="test records for batch predict (default 100)")
+    parser.add_argument("--chunks", type=int, default=4, help="chunks the records are cut into (default 4)")
+    parser.add_argument("--stream-records", type=int, default=4, help="records for the single-stream figure")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--batch-size", type=int, default=16, help="batch size of the batched run (default 16)")
+    parser.add_argument("--batch-size", type=int, default=32, help="loralab's rows in flight (default 32)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--adapter-std", type=float, default=0.02, help="std of the random adapter's B matrices")
     parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
     parser.add_argument("--output", default=str(REPO / "bench" / "results" / "generate.json"))
     args = parser.parse_args()
@@ -62,88 +131,91 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from loralab.generate import Engine, GenerationSettings
 
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg, source, prompts, _ = test_prompts(args.records, Path(tmp), {"model_name_or_path": args.model})
-    engine = Engine(cfg, {})
+    tmp = Path(tempfile.mkdtemp(prefix="bench-generate-"))
+    cfg, source, prompts, _ = test_prompts(max(args.records, args.stream_records), tmp / "data",
+                                           {"model_name_or_path": args.model, "torch_threads": args.threads})
+    adapter = str(make_adapter(args.model, tmp / "adapter", args.adapter_std))
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
-    engine.generate(prompts[:2], GenerationSettings(max_new_tokens=4), batch_size=2)  # warm-up (one-time costs)
+    engine = Engine(cfg, {"adapter": adapter}, merge=True)
+    baseline = Engine(cfg, {"adapter": adapter})  # its PeftModel (unmerged) and tokenizer serve the baseline
+    ids = [engine.prompt_ids(p) for p in prompts[: args.records]]
+    base_engine = Engine(cfg, {})  # how much the adapter changes the output
+    result = {"benchmark": "generation: loralab engine vs LLaMA-Factory-style HF generate, same run",
+              "model": args.model, "adapter": f"random LoRA r8 alpha16 all-linear, lora_B ~ N(0, {args.adapter_std})",
+              "data": {"source": source, "split": "test", "records": len(ids),
+                       "prepare": "sample 10000, split 7000,2000,1000, seed 42"},
+              "settings": {"greedy": True, "max_new_tokens": args.max_new_tokens, "torch_threads": torch.get_num_threads(),
+                           "dtype": str(next(engine.model.parameters()).dtype), "device": str(engine.device),
+                           "loralab_rows_in_flight": args.batch_size, "baseline_batch_size": 8}}
+    engine.generate(prompts[:2], GenerationSettings(max_new_tokens=4), adapter="adapter")  # warm-up
+    lf_style_predict(baseline.model, baseline.tokenizer, ids[:2], baseline.stop_ids, 4)
 
-    def timed(fn):
-        wall, cpu = time.perf_counter(), time.process_time()
-        out = fn()
-        return out, time.perf_counter() - wall, time.process_time() - cpu
-
-    # The engine's own batching order: longest prompt first, batch_size at a time.
-    order = sorted(range(len(prompts)), key=lambda i: -len(engine.prompt_ids(prompts[i])))
-    batched, single = [None] * len(prompts), [None] * len(prompts)
-    clock = {"batched": [0.0, 0.0], "one_at_a_time": [0.0, 0.0]}  # [wall, cpu] seconds
-    done = 0
-    for start in range(0, len(order), args.batch_size):
-        chunk = order[start: start + args.batch_size]
-        outs, wall, cpu = timed(lambda: engine.generate([prompts[i] for i in chunk], settings, batch_size=args.batch_size))
-        clock["batched"][0] += wall
-        clock["batched"][1] += cpu
-        for i, o in zip(chunk, outs):
-            batched[i] = o
-        for i in chunk:
-            (o,), wall, cpu = timed(lambda: engine.generate([prompts[i]], settings, batch_size=1))
-            clock["one_at_a_time"][0] += wall
-            clock["one_at_a_time"][1] += cpu
-            single[i] = o
-        done += len(chunk)
-        report(args, engine, source, order[:done], [batched[i] for i in order[:done]],
-               [single[i] for i in order[:done]], clock, torch, final=done == len(order))
-
-
-def report(args, engine, source, records, batched, single, clock, torch, final: bool) -> None:
-    """Write bench/results/generate.json for the records done so far; print the summary at the end."""
+    # --- batch predict, chunk by chunk, alternating which tool goes first ---
+    size = -(-len(ids) // args.chunks)
+    size = -(-size // 8) * 8  # whole baseline batches per chunk
+    ours, theirs = [], []
+    clock = {"loralab": [0.0, 0.0], "baseline": [0.0, 0.0]}
+    for k, start in enumerate(range(0, len(ids), size)):
+        part = slice(start, start + size)
+        runs = [("loralab", lambda: engine.generate(prompts[part], settings, adapter="adapter", batch_size=args.batch_size)),
+                ("baseline", lambda: lf_style_predict(baseline.model, baseline.tokenizer, ids[part], baseline.stop_ids,
+                                                      args.max_new_tokens))]
+        for name, fn in (runs if k % 2 == 0 else runs[::-1]):
+            out, wall, cpu = timed(fn)
+            clock[name][0] += wall
+            clock[name][1] += cpu
+            (ours if name == "loralab" else theirs).extend(
+                [(c.text, c.completion_tokens) for c in out] if name == "loralab" else out)
+        print(f"chunk {k + 1}: {len(ours)} records; loralab {clock['loralab'][0]:.0f}s, baseline {clock['baseline'][0]:.0f}s", flush=True)
 
     def stats(outs, wall, cpu):
-        tokens = sum(c.completion_tokens for c in outs)
-        return {"seconds": round(wall, 2), "samples_per_second": round(len(outs) / wall, 3),
-                "generated_tokens": tokens, "generated_tokens_per_second": round(tokens / wall, 2),
-                "cpu_seconds": round(cpu, 2), "samples_per_cpu_second": round(len(outs) / cpu, 3),
-                "generated_tokens_per_cpu_second": round(tokens / cpu, 2),
-                "hit_max_new_tokens": sum(c.finish_reason == "length" for c in outs)}
+        tokens = sum(n for _, n in outs)
+        return {"seconds": round(wall, 2), "cpu_seconds": round(cpu, 2), "samples_per_second": round(len(outs) / wall, 3),
+                "samples_per_cpu_second": round(len(outs) / cpu, 3), "generated_tokens": tokens,
+                "generated_tokens_per_second": round(tokens / wall, 2)}
 
-    differ = [i for i, (a, b) in enumerate(zip(batched, single)) if a.text != b.text]
-    divergence = []
-    for i in differ:  # where the texts part: a near-tie between two tokens, decided differently in fp32
-        a, b = batched[i].text, single[i].text
-        at = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        divergence.append({"record": records[i], "first_diff_char": at, "batched_len": len(a), "single_len": len(b)})
-    result = {
-        "benchmark": "batched vs one-at-a-time greedy generation (loralab.generate.Engine)",
-        "complete": final,
-        "model": args.model,
-        "data": {"source": source, "split": "test", "records": len(batched), "records_requested": args.records,
-                 "prepare": "sample 10000, split 7000,2000,1000, seed 42" if source != "builtin:demo" else "demo"},
-        "settings": {"greedy": True, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
-                     "torch_threads": torch.get_num_threads(), "dtype": str(next(engine.model.parameters()).dtype),
-                     "device": str(engine.device)},
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
-                    "load_average_1m_at_end": round(os.getloadavg()[0], 2),
-                    "python": platform.python_version(), "torch": torch.__version__},
-        "batched": stats(batched, *clock["batched"]),
-        "one_at_a_time": stats(single, *clock["one_at_a_time"]),
-        "speedup_wall": round(clock["one_at_a_time"][0] / clock["batched"][0], 2),
-        "speedup_cpu": round(clock["one_at_a_time"][1] / clock["batched"][1], 2),
-        "identical_outputs": len(batched) - len(differ),
-        "differing_outputs": divergence,
-    }
+    same = [a[0] == b[0] for a, b in zip(ours, theirs)]
+    plain = base_engine.generate(prompts[:16], settings)
+    result["batch_predict"] = {
+        "loralab": stats(ours, *clock["loralab"]), "baseline": stats(theirs, *clock["baseline"]),
+        "speedup_wall": round(clock["baseline"][0] / clock["loralab"][0], 2),
+        "speedup_cpu": round(clock["baseline"][1] / clock["loralab"][1], 2),
+        "identical_outputs": sum(same), "differing_records": [i for i, s in enumerate(same) if not s],
+        "adapter_changes_output_of_first_16": sum(p.text != o[0] for p, o in zip(plain, ours[:16])),
+        "target_3x": clock["baseline"][0] / clock["loralab"][0] >= 3}
+    del base_engine
+    print(json.dumps(result["batch_predict"], indent=1), flush=True)
+
+    # --- single stream: today's engine vs this one, alternating ---
+    OldEngine, OldSettings = old_engine_class()
+    old = OldEngine(cfg, {"adapter": adapter})  # today's chat: the adapter loaded unmerged
+    old_settings = OldSettings(max_new_tokens=args.max_new_tokens)
+    stream = {"old": [0.0, 0, 0.0], "new": [0.0, 0, 0.0]}  # wall seconds, tokens, cpu seconds
+    texts = {"old": [], "new": []}
+    for k, conv in enumerate(prompts[: args.stream_records]):
+        runs = [("new", lambda: "".join(engine.stream(conv, settings, adapter="adapter"))),
+                ("old", lambda: "".join(old.stream(conv, old_settings, adapter="adapter")))]
+        for name, fn in (runs if k % 2 == 0 else runs[::-1]):
+            text, wall, cpu = timed(fn)
+            stream[name][0] += wall
+            stream[name][1] += len(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+            stream[name][2] += cpu
+            texts[name].append(text)
+    result["single_stream"] = {
+        name: {"seconds": round(w, 2), "tokens": n, "tokens_per_second": round(n / w, 2)}
+        for name, (w, n, _) in stream.items()}
+    result["single_stream"].update(
+        records=args.stream_records, identical_text=sum(a == b for a, b in zip(texts["old"], texts["new"])),
+        speedup=round(stream["old"][0] / stream["old"][1] * stream["new"][1] / stream["new"][0], 2),
+        note="old = main's generate.py Engine.stream (HF generate, adapter unmerged); new = this Engine, merged")
+    result["single_stream"]["target_3x"] = result["single_stream"]["speedup"] >= 3
+    result["machine"] = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                         "load_average_1m_at_end": round(os.getloadavg()[0], 2), "python": platform.python_version(),
+                         "torch": torch.__version__}
+    print(json.dumps(result["single_stream"], indent=1), flush=True)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    b, s = result["batched"], result["one_at_a_time"]
-    print(f"{len(batched)}/{args.records} records, {args.model}, greedy, max_new_tokens {args.max_new_tokens}, "
-          f"{result['settings']['torch_threads']} thread(s), {result['settings']['device']}", flush=True)
-    if not final:
-        return
-    for name, x in (("batched (bs %d)" % args.batch_size, b), ("one at a time", s)):
-        print(f"{name:<16} {x['samples_per_second']:.3f} samples/s, {x['generated_tokens_per_second']:.1f} tokens/s "
-              f"(per CPU second: {x['samples_per_cpu_second']:.3f} samples, {x['generated_tokens_per_cpu_second']:.1f} tokens)")
-    print(f"speedup {result['speedup_wall']:.2f}x wall clock, {result['speedup_cpu']:.2f}x CPU time; "
-          f"identical outputs {result['identical_outputs']}/{len(batched)}")
     print(f"wrote {out}")
 
 

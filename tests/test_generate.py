@@ -103,8 +103,94 @@ def test_stream_and_close(engine):
     first = next(parts)
     parts.close()  # the consumer went away: generation is cancelled and the thread joined
     assert final.startswith(first)
-    assert engine._lock.acquire(timeout=5)
-    engine._lock.release()
+    assert not engine.busy()  # the cancelled row left the engine
+    assert engine.generate([conv], GREEDY)[0].text == final
+
+
+def alone(eng, conv, settings, adapter=None):
+    return eng.generate([conv], settings, adapter=adapter, batch_size=1)[0]
+
+
+def test_rows_leave_and_join_mid_flight(engine, monkeypatch):
+    """Continuous batching: rows finish at different steps (stop token, max_new_tokens), waiting
+    requests join the running batch, and every row gets exactly its one-at-a-time greedy output."""
+    lengths = [3, 12, 7, 12, 5, 9, 12]
+    settings = [GenerationSettings(max_new_tokens=n) for n in lengths]
+    expected = [alone(engine, c, s) for c, s in zip(CONVERSATIONS, settings)]
+    first = [engine.submit(c, s) for c, s in zip(CONVERSATIONS[:3], settings[:3])]
+    for _ in range(4):
+        engine.step(max_rows=3)
+    assert first[0].done.is_set() and not first[1].done.is_set()  # the 3-token row has left
+    later = [engine.submit(c, s) for c, s in zip(CONVERSATIONS[3:], settings[3:])]  # join mid-flight
+    engine.run(first + later, max_rows=3)
+    assert [r.completion for r in first + later] == expected
+    assert [c.completion_tokens for c in expected] == lengths
+    assert not engine.busy()
+
+
+def test_stop_token_rows_finish_at_different_steps(engine, monkeypatch):
+    # The random tiny model never says <|eot_id|>: one of its own tokens (from the middle of a
+    # reply) is declared a stop token, so rows end at different steps.
+    reply = engine.submit(CONVERSATIONS[0], GREEDY)
+    engine.run([reply])
+    stop = next(t for j, t in enumerate(reply.tokens) if j >= 3 and t not in reply.tokens[:j])
+    monkeypatch.setattr(engine, "stop_ids", engine.stop_ids + [stop])
+    expected = [alone(engine, c, GREEDY) for c in CONVERSATIONS]
+    assert len({c.completion_tokens for c in expected}) > 1 and any(c.finish_reason == "stop" for c in expected)
+    assert engine.generate(CONVERSATIONS, GREEDY, batch_size=4) == expected
+
+
+def test_cancelled_row_stops_within_one_step(engine):
+    requests = [engine.submit(c, GenerationSettings(max_new_tokens=40)) for c in CONVERSATIONS[:3]]
+    for _ in range(5):
+        engine.step()
+    n = len(requests[1].tokens)
+    requests[1].cancel()
+    engine.step()
+    assert requests[1].done.is_set()
+    assert requests[1].completion.finish_reason == "cancelled" and requests[1].completion.completion_tokens == n
+    engine.run(requests)
+    others = [alone(engine, c, GenerationSettings(max_new_tokens=40)) for c in CONVERSATIONS[:3]]
+    assert [requests[0].completion, requests[2].completion] == [others[0], others[2]]
+    assert others[1].text.startswith(requests[1].completion.text)
+
+
+def test_seeded_sample_does_not_depend_on_batch_mates(engine):
+    sample = GenerationSettings(max_new_tokens=12, do_sample=True, temperature=1.5, top_k=20, top_p=0.9, seed=3)
+    solo = alone(engine, CONVERSATIONS[0], sample)
+    mates = [engine.submit(c, GREEDY) for c in CONVERSATIONS[1:4]]
+    row = engine.submit(CONVERSATIONS[0], sample)
+    engine.run(mates + [row])
+    assert row.completion == solo
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model, tmp_path_factory):
+    from loralab.testing import make_random_adapter
+
+    root = tmp_path_factory.mktemp("gen-adapters")
+    return {name: str(make_random_adapter(tiny_model, root / name, seed)) for name, seed in (("alpha", 1), ("beta", 2))}
+
+
+def test_mixed_adapters_in_one_batch(tiny_model, adapters):
+    eng = Engine(load_config(None, {"model_name_or_path": str(tiny_model)}), adapters)
+    jobs = [(c, a) for c in CONVERSATIONS[:3] for a in (None, "alpha", "beta")]
+    expected = [alone(eng, c, GREEDY, a) for c, a in jobs]
+    assert len({e.text for e in expected[:3]}) == 3  # the adapters really change the output
+    requests = [eng.submit(c, GREEDY, adapter=a) for c, a in jobs]
+    eng.run(requests)
+    assert eng.stats["largest_batch"] == len(jobs)  # all in one batch: peft's mixed-adapter forward
+    assert [r.completion for r in requests] == expected
+
+
+def test_merged_adapter_matches_unmerged(tiny_model, adapters):
+    cfg = load_config(None, {"model_name_or_path": str(tiny_model)})
+    unmerged = Engine(cfg, {"alpha": adapters["alpha"]})
+    merged = Engine(cfg, {"alpha": adapters["alpha"]}, merge=True)
+    assert merged.merged and not hasattr(merged.model, "disable_adapter")
+    assert merged.generate(CONVERSATIONS, GREEDY, adapter="alpha") == unmerged.generate(CONVERSATIONS, GREEDY, adapter="alpha")
+    with pytest.raises(LoralabError, match="merged"):
+        merged.generate(CONVERSATIONS[:1], GREEDY)
 
 
 def test_sampling_is_seeded(engine):

@@ -7,13 +7,12 @@ The official `openai` client works with it unchanged (base_url=http://127.0.0.1:
                               answers with server-sent events in OpenAI's chunk format
 - GET  /health                readiness (no key needed)
 
-How requests share one model: a single scheduler thread owns the engine. Requests go into a queue;
-the scheduler takes every waiting request, groups them by (adapter, sampling settings) and runs
-`Engine.generate` on up to `max_batch_size` of one group as one batch (dynamic batching; before a
-batch it waits up to `gather_ms` for the clients of the previous batch to come back). Text
-deltas travel from the engine's `on_text` callback to each request's asyncio queue
-(`loop.call_soon_threadsafe`); a client that disconnects flips its job's `cancelled` flag, the
-callback returns False and the engine stops that row.
+How requests share one model: a single scheduler thread owns the engine (continuous batching). A
+new request joins the running batch at the next token, a finished reply leaves it at once, and
+requests for different adapters (or the base model) and sampling settings decode in the same
+batch. Text deltas travel from the engine's `on_text` callback to each request's asyncio queue
+(`loop.call_soon_threadsafe`); a client that disconnects flips its job's `cancelled` flag and the
+scheduler cancels its row before the next step.
 
 Security: binds 127.0.0.1 unless told otherwise; with an API key set, every /v1 request needs
 `Authorization: Bearer <key>` (compared with hmac.compare_digest). Client mistakes are 4xx with
@@ -45,6 +44,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from loralab.config import Config
 from loralab.errors import LoralabError
 from loralab.generate import Completion, Engine, GenerationSettings
+from loralab.generate import Request as EngineRequest
 from loralab.templates import encode_prompt, with_default_system
 
 log = logging.getLogger(__name__)
@@ -199,9 +199,10 @@ class Job:
     settings: GenerationSettings
     adapter: str | None
     loop: asyncio.AbstractEventLoop
+    streaming: bool = False
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
-    streamed: bool = False  # some text already went out (a failed batch cannot be retried for it)
+    request: EngineRequest | None = None  # the engine's row, once the scheduler has submitted the job
 
     def push(self, kind: str, value: Any) -> None:
         try:
@@ -209,26 +210,24 @@ class Job:
         except RuntimeError:  # the event loop is gone (server shutting down)
             self.cancelled = True
 
-    def group_key(self) -> tuple:
-        if self.settings.do_sample and self.settings.seed is not None:
-            # A seeded sample must not depend on what it was batched with: it runs alone.
-            return (id(self),)
-        return (self.adapter, json.dumps(self.settings.as_dict(), sort_keys=True))
-
 
 class Scheduler:
-    """One thread that owns the engine and runs waiting requests in batches of one group."""
+    """One thread that owns the engine: it hands new requests to the engine and drives its steps.
 
-    def __init__(self, engine: Engine, max_batch_size: int = 16, gather_ms: float = 10.0):
-        self.engine, self.max_batch_size, self.gather_s = engine, max_batch_size, gather_ms / 1000
+    Continuous batching: a request joins the running batch at the next token (no waiting for the
+    current replies to end), a finished row leaves at once, and requests for different adapters
+    (or the base model) and with different sampling settings share the batch (each row its own
+    adapter and knobs). A job whose client went away (`cancelled`) has its row cancelled before
+    the next step, so it stops within one step.
+    """
+
+    def __init__(self, engine: Engine, max_batch_size: int = 16):
+        self.engine, self.max_batch_size = engine, max_batch_size
         self.inbox: queue.Queue[Job | None] = queue.Queue()
-        self.pending: list[Job] = []
+        self.running: set[Job] = set()  # submitted to the engine, not done yet
         self.stopping = False
-        self.expect = 1  # requests likely to be waiting at the next batch (see _loop)
         self.thread = threading.Thread(target=self._loop, name="loralab-scheduler", daemon=True)
-        self.batches = 0  # counters for /health and the benchmark
-        self.rows = 0
-        self.largest_batch = 0
+        self.rows = 0  # counters for /health and the benchmark
         self.cancelled = 0  # requests stopped because their client went away
 
     def start(self) -> None:
@@ -242,7 +241,7 @@ class Scheduler:
         self.inbox.put(job)
 
     def _take(self, timeout: float | None) -> bool:
-        """Move one job from the inbox to pending (timeout 0: only if one is waiting). False if none came."""
+        """Hand one job from the inbox to the engine (timeout 0: only if one is waiting). False if none came."""
         try:
             job = self.inbox.get(timeout=timeout) if timeout != 0 else self.inbox.get_nowait()
         except queue.Empty:
@@ -250,67 +249,44 @@ class Scheduler:
         if job is None:
             self.stopping = True
             return False
-        self.pending.append(job)
+        if job.cancelled:
+            return True
+
+        def on_text(delta: str) -> bool:
+            if job.cancelled:
+                return False
+            job.push("delta", delta)
+            return True
+
+        def on_done(request: EngineRequest) -> None:
+            self.running.discard(job)
+            if request.error is not None:
+                job.push("error", request.error)
+                return
+            self.cancelled += request.completion.finish_reason == "cancelled"
+            job.push("done", request.completion)
+
+        try:
+            job.request = self.engine.submit(job.messages, job.settings, job.adapter,
+                                             on_text=on_text if job.streaming else None, on_done=on_done)
+        except Exception as e:  # noqa: BLE001 - e.g. a chat template that refuses the conversation
+            job.push("error", e)
+            return True
+        self.running.add(job)
+        self.rows += 1
         return True
 
     def _loop(self) -> None:
         while not self.stopping:
-            if not self.pending:
+            if not self.running:
                 self._take(timeout=None)  # sleep until work arrives
-            while self._take(timeout=0):  # and take everything else that is waiting
+            while self._take(timeout=0):  # everything waiting joins at this token boundary
                 pass
-            # The clients of the last batch usually send their next request a moment after their
-            # reply: wait for them (at most gather_ms) so they share the next batch with the requests
-            # that queued meanwhile, instead of alternating between two half batches. A lone client
-            # never waits: it is the only one expected.
-            deadline = time.monotonic() + self.gather_s
-            want = min(self.expect, self.max_batch_size)
-            while not self.stopping and len(self.pending) < want and (left := deadline - time.monotonic()) > 0:
-                self._take(timeout=left)
-            self.pending = [j for j in self.pending if not j.cancelled]
-            if self.stopping or not self.pending:
-                continue
-            # The oldest request's group goes first; at most max_batch_size of it per batch.
-            key = self.pending[0].group_key()
-            batch = [j for j in self.pending if j.group_key() == key][: self.max_batch_size]
-            self.pending = [j for j in self.pending if j not in batch]
-            self._run(batch)
-            self.expect = len(batch) + len(self.pending) + self.inbox.qsize()
-
-    def _run(self, batch: list[Job]) -> None:
-        first = batch[0]
-
-        def on_text(i: int, delta: str) -> bool:
-            job = batch[i]
-            if job.cancelled:
-                return False
-            job.streamed = True
-            job.push("delta", delta)
-            return True
-
-        self.batches += 1
-        self.rows += len(batch)
-        self.largest_batch = max(self.largest_batch, len(batch))
-        try:
-            completions = self.engine.generate([j.messages for j in batch], first.settings, adapter=first.adapter,
-                                               batch_size=len(batch), on_text=on_text)
-        except Exception as e:  # noqa: BLE001 - one bad batch must not stop the server
-            if len(batch) > 1:
-                # Retry one at a time, so only the request that breaks fails; rows that already
-                # streamed text cannot start over and get the error.
-                log.warning("batch of %d failed (%s); retrying its requests one by one", len(batch), e)
-                for job in batch:
-                    if job.streamed:
-                        job.push("error", e)
-                    else:
-                        self._run([job])
-                return
-            log.exception("generation failed")
-            first.push("error", e)
-            return
-        for job, completion in zip(batch, completions):
-            self.cancelled += completion.finish_reason == "cancelled"
-            job.push("done", completion)
+            for job in self.running:
+                if job.cancelled:
+                    job.request.cancel()
+            if self.running and not self.stopping:
+                self.engine.step(self.max_batch_size)  # a failing step reaches its jobs through on_done
 
 
 # --- the app -------------------------------------------------------------------------------------
@@ -344,7 +320,7 @@ def _server_error(e: BaseException) -> APIError:
                     code="generation_failed")
 
 
-def create_app(engine: Engine, api_key: str | None = None, max_batch_size: int = 16, gather_ms: float = 10.0):
+def create_app(engine: Engine, api_key: str | None = None, max_batch_size: int = 16):
     """The FastAPI app serving `engine`; the scheduler thread runs while the app is up."""
     if max_batch_size < 1:
         raise LoralabError(f"--max-batch-size: got {max_batch_size}; expected a positive number")
@@ -358,7 +334,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_batch_size: int =
     check_tokenizer = copy.deepcopy(engine.tokenizer)
     defaults = replace(GenerationSettings.from_config(engine.cfg), seed=None)
     created = int(time.time())
-    scheduler = Scheduler(engine, max_batch_size, gather_ms)
+    scheduler = Scheduler(engine, max_batch_size)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -395,8 +371,9 @@ def create_app(engine: Engine, api_key: str | None = None, max_batch_size: int =
     @app.get("/health")
     async def health():
         alive = scheduler.thread.is_alive()
-        body = {"status": "ok" if alive else "scheduler stopped", "models": models,
-                "batches": scheduler.batches, "requests": scheduler.rows, "largest_batch": scheduler.largest_batch,
+        stats = engine.stats  # steps: decoding steps; row_steps / steps: mean rows per step
+        body = {"status": "ok" if alive else "scheduler stopped", "models": models, "requests": scheduler.rows,
+                "steps": stats["steps"], "row_steps": stats["row_steps"], "largest_batch": stats["largest_batch"],
                 "cancelled": scheduler.cancelled}
         return JSONResponse(body, status_code=200 if alive else 503)
 
@@ -437,7 +414,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_batch_size: int =
             settings.check()
         except LoralabError as e:
             raise APIError(400, str(e)) from None
-        job = Job(messages, settings, adapter_of[req.model], asyncio.get_running_loop())
+        job = Job(messages, settings, adapter_of[req.model], asyncio.get_running_loop(), streaming=req.stream)
         scheduler.submit(job)
         base = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": req.model,
                 "system_fingerprint": None}

@@ -138,7 +138,8 @@ def run(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextIO, int
 def chat(cfg: Config, stdin: TextIO | None = None, stdout: TextIO | None = None) -> None:
     """`loralab chat`: load the model (and adapter) once, then talk until /exit or end of input."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    engine = Engine(cfg)
+    # The chat talks to one model only: a single adapter is merged into the weights (faster tokens).
+    engine = Engine(cfg, merge=True)
     adapter = engine.adapter_names[0] if engine.adapter_names else None
     if len(engine.adapter_names) > 1:
         log.info("several adapters loaded; chatting with the first: %s", adapter)

@@ -191,7 +191,8 @@ def predict(cfg: Config, split: str = "test", data_file: str | None = None, outp
     prompts, labels, source = load_examples(cfg, split, data_file)
     out = Path(output_dir) if output_dir else _default_dir(cfg, "predict", split, data_file, adapter_tag(adapter_path))
     out = check_output_dir(out, overwrite)
-    engine = Engine(cfg, {adapter_tag(adapter_path): adapter_path} if adapter_path else {})
+    # Only the adapter is scored: merged into the weights, no LoRA work per generated token.
+    engine = Engine(cfg, {adapter_tag(adapter_path): adapter_path} if adapter_path else {}, merge=True)
     return predict_into(engine, cfg, prompts, labels, source, out, engine.adapter_names[0] if adapter_path else None,
                         adapter_path, progress)
 
@@ -233,7 +234,7 @@ def evaluate(cfg: Config, split: str = "test", data_file: str | None = None, pre
         prompts, labels, source = load_examples(cfg, split, data_file)
         tag = adapter_tag(adapter_path)
         out = check_output_dir(Path(output_dir) if output_dir else _default_dir(cfg, "eval", split, data_file, tag), overwrite)
-        engine = Engine(cfg, {tag: adapter_path} if adapter_path else {})
+        engine = Engine(cfg, {tag: adapter_path} if adapter_path else {}, merge=True)
         pred = predict_into(engine, cfg, prompts, labels, source, out,
                             engine.adapter_names[0] if adapter_path else None, adapter_path, progress)
         info = {**source, "model": cfg.model_name_or_path, "adapter": adapter_path, "predictions": PREDICTIONS}
@@ -261,7 +262,8 @@ def evaluate_models(cfg: Config, adapters: dict[str, str | None], split: str = "
         tags = [adapter_tag(p) for p in adapters.values()]
         out_dir = Path(cfg.output_dir) / f"eval-{split_tag(split, data_file)}-{'-vs-'.join(tags)}"
     out = check_output_dir(out_dir, overwrite)
-    engine = Engine(cfg, {name: path for name, path in adapters.items() if path})
+    # A lone adapter is merged into the weights; with the base or other adapters to score, they stay apart.
+    engine = Engine(cfg, {name: path for name, path in adapters.items() if path}, merge=len(adapters) == 1)
     models, per_sample = {}, {}
     for name, path in adapters.items():
         sub = out / name

@@ -377,7 +377,7 @@ def validation_score(cfg: Config, run_dir: str, metric: str, n: int) -> float:
     source = {**source, "n_samples": len(labels), "subset": f"first {len(labels)} validation records"}
     out = Path(run_dir) / "val_generation"
     out.mkdir(parents=True, exist_ok=True)
-    engine = Engine(cfg, {"trial": str(run_dir)})
+    engine = Engine(cfg, {"trial": str(run_dir)}, merge=True)
     pred = evaluate.predict_into(engine, cfg, prompts, labels, source, out, "trial", str(run_dir), progress=False)
     result = evaluate.score_into(out, pred["rows"], {**source, "adapter": str(run_dir)}, n_boot=200, seed=cfg.seed)
     return float(result["metrics"][metric]["value"])
