@@ -13,7 +13,7 @@ from loralab.evaluate import (
     compare_evaluations, evaluate, evaluate_models, format_comparison_table, load_examples, predict, read_predictions,
 )
 from loralab.generate import Engine, GenerationSettings
-from loralab.metrics import METRICS
+from loralab.metrics import METRICS, QUALITY_METRICS
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_eval_writes_metrics_with_cis(tiny_model, data_dir, tmp_path):
     result = evaluate(cfg, "test", n_boot=200, progress=False)
     folder = tmp_path / "runs" / "eval-test-base"
     saved = json.loads((folder / "metrics.json").read_text())
-    assert saved["n_samples"] == 5 and saved["split"] == "test" and set(saved["metrics"]) == set(METRICS)
+    assert saved["n_samples"] == 5 and saved["split"] == "test" and set(saved["metrics"]) == {*METRICS, *QUALITY_METRICS}
     for m in saved["metrics"].values():
         assert m["ci_low"] <= m["value"] <= m["ci_high"] and m["implementation"]
     assert result["metrics"] == saved["metrics"]
@@ -96,6 +96,38 @@ def test_eval_reads_predictions_file(tiny_model, data_dir, tmp_path):
     assert 50 < result["metrics"]["rouge1"]["value"] < 100
     with pytest.raises(LoralabError, match="already exists"):
         evaluate(cfg, predictions=str(preds), n_boot=100)
+
+
+def test_eval_reports_exact_match_lengths_and_max_token_hits(tiny_model, data_dir, tmp_path):
+    """Tiny model, 8 new tokens: the random model never stops by itself, so every reply hits max_new_tokens."""
+    cfg = make_cfg(tiny_model, data_dir, tmp_path)
+    result = evaluate(cfg, "test", n_boot=100, progress=False)
+    folder = tmp_path / "runs" / "eval-test-base"
+    per_sample = read_jsonl(folder / "per_sample_scores.jsonl")
+    counts = json.loads((folder / "predict_results.json").read_text())["finish_reasons"]
+    assert [r["finish_reason"] for r in per_sample].count("length") == counts["length"]
+    assert result["metrics"]["hit_max_new_tokens"]["value"] == pytest.approx(100 * counts["length"] / 5)
+    assert result["lengths"]["n_hit_max_new_tokens"] == counts["length"]
+    assert result["lengths"]["mean_pred_words"] == pytest.approx(sum(len(r["predict"].split()) for r in per_sample) / 5)
+    assert result["lengths"]["mean_label_words"] == pytest.approx(sum(len(r["label"].split()) for r in per_sample) / 5)
+    assert result["metrics"]["exact_match"]["value"] == 0.0  # a random model answers nothing right
+    # the predictions file keeps LLaMA-Factory's three fields; the finish reasons live in the score file
+    assert [list(r) for r in read_jsonl(folder / "generated_predictions.jsonl")] == [["prompt", "predict", "label"]] * 5
+    from loralab.evaluate import format_metrics_table
+
+    assert "lengths in words: generated" in format_metrics_table(result)
+
+
+def test_exact_match_of_a_predictions_file(tiny_model, data_dir, tmp_path):
+    cfg = make_cfg(tiny_model, data_dir, tmp_path)
+    preds = tmp_path / "generated_predictions.jsonl"
+    rows = [{"prompt": "p", "predict": "The sum of 2 and 2 is 4", "label": "the sum of 2 and 2 is 4."},
+            {"prompt": "q", "predict": "Paris is the capital.", "label": "The capital of France is Paris."}]
+    preds.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = evaluate(cfg, predictions=str(preds), n_boot=100)
+    assert result["metrics"]["exact_match"]["value"] == 50.0
+    assert "hit_max_new_tokens" not in result["metrics"]  # a plain predictions file has no finish reasons
+    assert result["lengths"]["hit_max_new_tokens"] is None and result["lengths"]["ratio"] == pytest.approx(12 / 14)
 
 
 @pytest.mark.parametrize("line, expected", [
@@ -154,12 +186,13 @@ def test_base_vs_adapter_and_compare(tiny_model, adapter, data_dir, tmp_path):
     assert [r["predict"] for r in tuned_rows] != [r["predict"] for r in base_rows]
     saved = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     comp = saved["comparisons"]["tuned_vs_base"]
-    assert set(comp["metrics"]) == set(METRICS) and saved["models"]["tuned"]["adapter"] == str(adapter)
+    assert set(comp["metrics"]) == {*METRICS, *QUALITY_METRICS} and saved["models"]["tuned"]["adapter"] == str(adapter)
     for m in comp["metrics"].values():
         assert m["delta"] == pytest.approx(m["value_b"] - m["value_a"]) and 0 < m["p_value"] <= 1
     assert comp["metrics"]["rouge1"]["value_a"] == pytest.approx(summary["models"]["base"]["metrics"]["rouge1"]["value"])
     table = format_comparison_table(summary)
-    assert "delta" in table and "tuned" in table and "predict_bleu-4" in table
+    assert "delta" in table and "tuned" in table and "predict_bleu-4" in table and "exact_match" in table
+    assert "base lengths in words: generated" in table and "tuned lengths in words" in table
 
     # `loralab compare` on the two folders gives the same numbers
     again = compare_evaluations(tmp_path / "cmp" / "base", tmp_path / "cmp" / "tuned", n_boot=200, seed=cfg.seed)

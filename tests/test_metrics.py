@@ -137,7 +137,7 @@ def test_rouge_means_match_rouge_score_directly(scored):
 
 
 def test_output_structure(scored):
-    assert set(scored["metrics"]) == set(METRICS)
+    assert set(scored["metrics"]) == {*METRICS, "exact_match", "pred_words"}  # no finish reasons: no max_new_tokens share
     assert len(scored["per_sample"]) == len(PREDS)
     for entry in scored["metrics"].values():
         assert set(entry) == {"value", "ci_low", "ci_high", "implementation"}
@@ -181,7 +181,7 @@ def test_bad_inputs_are_user_errors():
 
 def test_paired_compare_identical_inputs(scored):
     result = paired_compare(scored["per_sample"], scored["per_sample"], n_boot=300, seed=0)
-    assert set(result["metrics"]) == set(METRICS)
+    assert set(result["metrics"]) == {*METRICS, "exact_match", "pred_words"}
     for entry in result["metrics"].values():
         assert entry["delta"] == 0.0
         assert entry["ci_low"] == entry["ci_high"] == 0.0
@@ -210,3 +210,60 @@ def test_paired_compare_refuses_different_splits(scored):
         paired_compare(scored["per_sample"], scored["per_sample"], labels=(LABELS, other_labels))
     with pytest.raises(LoralabError, match="prompts differ at sample 0"):
         paired_compare(scored["per_sample"], scored["per_sample"], prompts=(["p"] * 8, ["q"] * 8))
+
+
+# --- format-proof metrics: exact match, lengths, max_new_tokens hits ------------------------------------------
+
+
+@pytest.mark.parametrize("pred, label, same", [
+    ("Paris", "paris.", True),                                  # case and punctuation
+    ("The answer is 42!", "answer is 42", True),                # articles and punctuation
+    ("  an apple,  a pear ", "apple pear", True),               # whitespace
+    ("«Bonjour» — dit-il.", "bonjour ditil", True),             # Unicode punctuation goes too
+    ("There are 6 words.", "There are 7 words.", False),        # the demo's miscount: right format, wrong answer
+    ("bridge, quartz, pepper", "bridge, pepper, quartz", False),  # wrong order is wrong
+    ("Theatre", "atre", False),                                 # articles only as whole words
+])
+def test_exact_match_uses_squad_normalization(pred, label, same):
+    from loralab.metrics import exact_match, normalize_answer
+
+    assert exact_match(pred, label) == (100.0 if same else 0.0)
+    assert (normalize_answer(pred) == normalize_answer(label)) is same
+
+
+def test_exact_match_and_lengths_in_scores():
+    preds = ["Paris.", "There are 6 words.", "one two three four five six seven eight"]
+    labels = ["paris", "There are 7 words.", "short answer"]
+    scored = score_predictions(preds, labels, n_boot=200, seed=0, finish_reasons=["stop", "stop", "length"])
+    em = scored["metrics"]["exact_match"]
+    assert em["value"] == pytest.approx(100 / 3) and em["ci_low"] <= em["value"] <= em["ci_high"]
+    assert "SQuAD" in em["implementation"]
+    assert scored["metrics"]["pred_words"]["value"] == pytest.approx((1 + 4 + 8) / 3)
+    assert scored["metrics"]["hit_max_new_tokens"]["value"] == pytest.approx(100 / 3)
+    lengths = scored["lengths"]
+    assert lengths["unit"] == "words (whitespace-separated)"
+    assert lengths["mean_pred_words"] == pytest.approx(13 / 3) and lengths["mean_label_words"] == pytest.approx(7 / 3)
+    assert lengths["ratio"] == pytest.approx(13 / 7)
+    assert lengths["hit_max_new_tokens"] == pytest.approx(100 / 3) and lengths["n_hit_max_new_tokens"] == 1
+    rows = scored["per_sample"]
+    assert [r["exact_match"] for r in rows] == [100.0, 0.0, 0.0]
+    assert [(r["pred_words"], r["label_words"], r["hit_max_new_tokens"]) for r in rows] == [(1, 1, 0.0), (4, 4, 0.0), (8, 2, 100.0)]
+    with pytest.raises(LoralabError, match="2 finish reasons for 3 predictions"):
+        score_predictions(preds, labels, finish_reasons=["stop", "stop"])
+
+
+def test_without_finish_reasons_the_max_tokens_share_is_unknown():
+    scored = score_predictions(["a b", "c"], ["a b", "d"], n_boot=20)
+    assert "hit_max_new_tokens" not in scored["metrics"]
+    assert scored["lengths"]["hit_max_new_tokens"] is None and scored["lengths"]["n_hit_max_new_tokens"] is None
+
+
+def test_paired_compare_of_exact_match_and_old_score_files(scored):
+    right = score_predictions(LABELS, LABELS, n_boot=10)["per_sample"]
+    result = paired_compare(scored["per_sample"], right, n_boot=500, seed=0)
+    em = result["metrics"]["exact_match"]
+    assert em["value_a"] == pytest.approx(100 / 8) and em["value_b"] == 100.0  # only "The cat sat on the mat." matched
+    assert em["delta"] == pytest.approx(87.5) and em["ci_low"] > 0 and em["p_value"] < 0.05
+    # a per-sample file written before these metrics existed still compares, on the metrics both have
+    old = [{k: v for k, v in r.items() if k not in ("exact_match", "pred_words", "label_words")} for r in right]
+    assert set(paired_compare(scored["per_sample"], old, n_boot=50)["metrics"]) == set(METRICS)

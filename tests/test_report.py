@@ -98,3 +98,46 @@ def test_report_command(experiment_dir):
 
     result = CliRunner().invoke(app, ["report", str(experiment_dir)])
     assert result.exit_code == 0 and f"wrote {experiment_dir / 'report.html'}" in result.output
+
+
+def test_report_shows_exact_match_lengths_and_biggest_changes(experiment_dir):
+    """Beside BLEU/ROUGE: exact match, lengths, max_new_tokens hits, and the samples that changed most."""
+    report.write_report(experiment_dir)
+    md = (experiment_dir / "report.md").read_text()
+    assert "exact match % (95% CI)" in md and "generated / reference" in md and "hit max_new_tokens" in md
+    assert "| exact_match |" in md and "| pred_words |" in md and "| hit_max_new_tokens |" in md
+    assert "Biggest wins and losses of tuned vs base (per-sample rougeL)" in md
+    base = [json.loads(line) for line in (experiment_dir / "eval" / "base" / "per_sample_scores.jsonl").read_text().splitlines()]
+    tuned = [json.loads(line) for line in (experiment_dir / "eval" / "tuned" / "per_sample_scores.jsonl").read_text().splitlines()]
+    better = sum(t["rougeL"] > b["rougeL"] for b, t in zip(base, tuned))
+    assert f"tuned scores higher than base on {better} of {len(base)} samples" in md
+
+
+def test_biggest_changes_orders_wins_and_losses():
+    a = [{"rougeL": v} for v in (10, 50, 30, 30, 0)]
+    b = [{"rougeL": v} for v in (40, 20, 30, 35, 90)]
+    wins, losses = report.biggest_changes(a, b, n=2)
+    assert wins == [4, 0] and losses == [1]  # sample 2 is a tie: neither
+    assert report.biggest_changes(a, b, n=5)[0] == [4, 0, 3]
+    assert report.biggest_changes(a, [{"other": 1}] * 5) == ([], [])
+
+
+def test_wins_and_losses_table(tmp_path):
+    def write(name, preds, scores):
+        folder = tmp_path / name
+        folder.mkdir()
+        rows = [{"index": i, "prompt": f"<|start_header_id|>user<|end_header_id|>\n\nquestion {i}<|eot_id|>", "predict": p,
+                 "label": f"answer {i}", "rougeL": s, "exact_match": 100.0 if p == f"answer {i}" else 0.0}
+                for i, (p, s) in enumerate(zip(preds, scores))]
+        (folder / "per_sample_scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return folder
+
+    base = write("base", ["wrong 0", "answer 1", "meh 2"], [0.0, 100.0, 40.0])
+    tuned = write("tuned", ["answer 0", "bad 1", "meh 2"], [100.0, 10.0, 40.0])
+    page = report.Page("t", tmp_path)
+    report.wins_and_losses_section(page, "base", "tuned", base, tuned)
+    md = "\n".join(page.md)
+    assert "tuned scores higher than base on 1 of 3 samples, lower on 1, the same on 1." in md
+    assert "| 0 | question 0 | wrong 0 | answer 0 | answer 0 | 0.0 -> 100.0 | 0 -> 100 |" in md  # the win
+    assert "| 1 | question 1 | answer 1 | bad 1 | answer 1 | 100.0 -> 10.0 | 100 -> 0 |" in md  # the loss
+    assert "question 2" not in md

@@ -139,7 +139,8 @@ def predict_into(engine: Engine, cfg: Config, prompts: list, labels: list[str], 
     start = time.perf_counter()
     completions = engine.generate(prompts, settings, adapter=adapter, batch_size=cfg.infer_batch_size, progress=progress)
     seconds = time.perf_counter() - start
-    rows = [{"prompt": engine.prompt_text(p), "predict": c.text, "label": label}
+    # finish_reason stays in memory for scoring (hit_max_new_tokens); the file keeps LLaMA-Factory's three fields
+    rows = [{"prompt": engine.prompt_text(p), "predict": c.text, "label": label, "finish_reason": c.finish_reason}
             for p, c, label in zip(prompts, completions, labels)]
     write_predictions(out_dir / PREDICTIONS, rows)
     generated = sum(c.completion_tokens for c in completions)
@@ -200,7 +201,9 @@ def predict(cfg: Config, split: str = "test", data_file: str | None = None, outp
 # --- score ---------------------------------------------------------------------------------------
 def score_into(out_dir: Path, rows: list[dict], info: dict, n_boot: int = 1000, seed: int = 0) -> dict:
     """Score prediction rows, write metrics.json and per_sample_scores.jsonl; return metrics.json's content."""
-    scored = metrics.score_predictions([r["predict"] for r in rows], [r["label"] for r in rows], n_boot=n_boot, seed=seed)
+    reasons = [r["finish_reason"] for r in rows] if all("finish_reason" in r for r in rows) else None
+    scored = metrics.score_predictions([r["predict"] for r in rows], [r["label"] for r in rows], n_boot=n_boot, seed=seed,
+                                       finish_reasons=reasons)
     per_sample = scored.pop("per_sample")
     result = {**info, "labels_sha256": _sha([r["label"] for r in rows]), **scored}
     write_json(out_dir / METRICS, result)
@@ -273,7 +276,7 @@ def evaluate_models(cfg: Config, adapters: dict[str, str | None], split: str = "
         result = score_into(sub, pred["rows"], info, n_boot=n_boot, seed=cfg.seed)
         write_json(sub / PREDICT_RESULTS, {**pred["results"], **_lf_metrics(result)})
         per_sample[name] = read_per_sample(sub)
-        models[name] = {"adapter": path, "dir": str(sub), "metrics": result["metrics"],
+        models[name] = {"adapter": path, "dir": str(sub), "metrics": result["metrics"], "lengths": result.get("lengths"),
                         "timing": {k: pred["results"][k] for k in ("seconds", "samples_per_second", "generated_tokens_per_second")}}
     names = list(adapters)
     comparisons = {}
@@ -336,11 +339,24 @@ def _fmt(value: float) -> str:
 
 
 def format_metrics_table(result: dict) -> str:
-    """metric | value | 95% CI, one row per metric."""
+    """metric | value | 95% CI, one row per metric (then the lengths line)."""
     lines = [f"{'metric':<16} {'value':>8}  95% CI", "-" * 42]
     for name, m in result["metrics"].items():
         lines.append(f"{name:<16} {_fmt(m['value']):>8}  [{_fmt(m['ci_low'])}, {_fmt(m['ci_high'])}]")
+    if result.get("lengths"):
+        lines.append(format_lengths(result["lengths"]))
     return "\n".join(lines)
+
+
+def format_lengths(lengths: dict, name: str = "") -> str:
+    """'lengths (words): generated 23.1 vs reference 25.4 (x0.91); 3% hit max_new_tokens'."""
+    if not lengths:
+        return ""
+    ratio = f" (x{lengths['ratio']:.2f})" if lengths.get("ratio") is not None else ""
+    cut = lengths.get("hit_max_new_tokens")
+    cut = f"; {cut:.0f}% hit max_new_tokens" if cut is not None else "; max_new_tokens hits unknown"
+    return (f"{name + ' ' if name else ''}lengths in words: generated {lengths['mean_pred_words']:.1f} vs reference "
+            f"{lengths['mean_label_words']:.1f}{ratio}{cut}")
 
 
 def format_paired_table(result: dict, name_a: str = "A", name_b: str = "B") -> str:
@@ -362,6 +378,9 @@ def format_comparison_table(summary: dict) -> str:
     if not parts:  # a single model: its own table
         for name, model in summary["models"].items():
             parts.append(f"{name}\n" + format_metrics_table(model))
+    lengths = [format_lengths(m.get("lengths"), name) for name, m in summary["models"].items() if m.get("lengths")]
+    if lengths and summary["comparisons"]:
+        parts.append("\n".join(lengths))
     n = summary.get("n_samples")
     head = f"{summary.get('split') or summary.get('data')}: {n} samples, 95% CIs by bootstrap, p by paired randomization"
     return head + "\n" + "\n\n".join(parts)

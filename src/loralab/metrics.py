@@ -9,11 +9,17 @@ Two families of metrics, each with a 95% bootstrap confidence interval:
 - Standard: sacreBLEU corpus BLEU (13a tokenizer, with its signature) and rouge-score ROUGE-1/2/L/Lsum
   F-measure with the Porter stemmer, averaged over samples, x100.
 
+Format-proof metrics beside them (a reply can score well on ROUGE by copying the answer's shape):
+normalized exact match, the generated length in words against the reference's, and the share of
+replies cut at max_new_tokens (when the finish reasons are known).
+
 `paired_compare` tests two evaluations of the same split against each other, sample by sample.
 """
 
 import logging
 import re
+import string
+import unicodedata
 from functools import cache
 from importlib.metadata import version
 
@@ -115,6 +121,75 @@ def score_samples(preds: list[str], labels: list[str]) -> tuple[list[dict], str]
     return per_sample, str(bleu.get_signature())
 
 
+# --- format-proof metrics: exact match, lengths, replies cut at max_new_tokens ----------------------
+
+QUALITY_METRICS = ("exact_match", "pred_words", "hit_max_new_tokens")  # per-sample means, like AVERAGED_METRICS
+LENGTH_UNIT = "words (whitespace-separated)"
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's answer normalization: lowercase, drop punctuation (ASCII and Unicode), drop a/an/the, collapse spaces."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in string.punctuation and not unicodedata.category(ch).startswith("P"))
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(pred: str, label: str) -> float:
+    """100 when prediction and label are equal after `normalize_answer`, else 0."""
+    return 100.0 if normalize_answer(pred) == normalize_answer(label) else 0.0
+
+
+def word_count(text: str) -> int:
+    return len(text.split())
+
+
+def quality_scores(pred: str, label: str, finish_reason: str | None = None) -> dict:
+    """One sample's exact match and lengths; hit_max_new_tokens (0/100) only when the finish reason is known."""
+    row = {"exact_match": exact_match(pred, label), "pred_words": word_count(pred), "label_words": word_count(label)}
+    if finish_reason is not None:
+        row["hit_max_new_tokens"] = 100.0 if finish_reason == "length" else 0.0
+    return row
+
+
+def add_quality_scores(per_sample: list[dict], preds: list[str], labels: list[str],
+                       finish_reasons: list[str] | None = None) -> None:
+    """Add `quality_scores` to each per-sample row (in place)."""
+    if finish_reasons is not None and len(finish_reasons) != len(preds):
+        raise LoralabError(f"predictions: {len(finish_reasons)} finish reasons for {len(preds)} predictions")
+    for i, row in enumerate(per_sample):
+        row.update(quality_scores(preds[i], labels[i], finish_reasons[i] if finish_reasons is not None else None))
+
+
+def quality_metric_names(*per_sample_lists: list[dict]) -> tuple[str, ...]:
+    """The QUALITY_METRICS every row of every list has (files scored before they existed have none)."""
+    return tuple(name for name in QUALITY_METRICS
+                 if all(rows and all(name in r for r in rows) for rows in per_sample_lists))
+
+
+def length_summary(per_sample: list[dict]) -> dict:
+    """Mean generated vs reference length (in words) and the share of replies cut at max_new_tokens."""
+    if not per_sample or "pred_words" not in per_sample[0]:
+        return {}
+    n = len(per_sample)
+    pred = sum(r["pred_words"] for r in per_sample) / n
+    label = sum(r["label_words"] for r in per_sample) / n
+    cut = [r["hit_max_new_tokens"] for r in per_sample if "hit_max_new_tokens" in r]
+    return {"unit": LENGTH_UNIT, "mean_pred_words": pred, "mean_label_words": label,
+            "ratio": pred / label if label else None,
+            "hit_max_new_tokens": sum(cut) / len(cut) if len(cut) == n else None,  # % of samples; None = unknown
+            "n_hit_max_new_tokens": round(sum(cut) / 100) if len(cut) == n else None}
+
+
+def _quality_implementations() -> dict[str, str]:
+    return {
+        "exact_match": "normalized exact match, % of samples (SQuAD normalization: lowercase, punctuation and "
+        "the articles a/an/the removed, whitespace collapsed)",
+        "pred_words": f"mean generated length in {LENGTH_UNIT}; the reference's is in `lengths`",
+        "hit_max_new_tokens": "% of replies cut at max_new_tokens (finish reason `length`)",
+    }
+
+
 # --- resampling -----------------------------------------------------------------------------------
 
 
@@ -177,15 +252,20 @@ def _check_n_boot(n_boot: int) -> None:
         raise LoralabError(f"n_boot: got {n_boot!r}; expected a positive number of bootstrap resamples")
 
 
-def score_predictions(preds: list[str], labels: list[str], *, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Every metric with a 95% percentile-bootstrap CI over samples, plus per-sample scores."""
+def score_predictions(preds: list[str], labels: list[str], *, n_boot: int = 1000, seed: int = 0,
+                      finish_reasons: list[str] | None = None) -> dict:
+    """Every metric with a 95% percentile-bootstrap CI over samples, plus per-sample scores.
+
+    `finish_reasons` (one "stop"/"length" per prediction, from generation) adds hit_max_new_tokens.
+    """
     _check_pairs(preds, labels)
     _check_n_boot(n_boot)
     per_sample, signature = score_samples(preds, labels)
-    implementations = _implementations(signature)
+    add_quality_scores(per_sample, preds, labels, finish_reasons)
+    implementations = _implementations(signature) | _quality_implementations()
     weights = bootstrap_weights(len(preds), n_boot, np.random.default_rng(seed))
     metrics = {}
-    for name in METRICS:
+    for name in METRICS + quality_metric_names(per_sample):
         vec = _vector(per_sample, name)
         value = _full(name, vec)
         low, high = np.percentile(_resampled(name, vec, weights), [2.5, 97.5])
@@ -193,7 +273,7 @@ def score_predictions(preds: list[str], labels: list[str], *, n_boot: int = 1000
                          "implementation": implementations[name]}
     return {"n_samples": len(preds), "n_boot": n_boot, "seed": seed,
             "ci": "95% percentile bootstrap, samples resampled with replacement",
-            "metrics": metrics, "per_sample": per_sample}
+            "metrics": metrics, "lengths": length_summary(per_sample), "per_sample": per_sample}
 
 
 # --- paired comparison ----------------------------------------------------------------------------
@@ -240,7 +320,7 @@ def paired_compare(per_sample_a: list[dict], per_sample_b: list[dict], *, n_boot
     weights = bootstrap_weights(n, n_boot, rng)
     swaps = rng.integers(0, 2, size=(n_boot, n))  # 1 = swap A and B for that sample
     out = {}
-    for name in METRICS:
+    for name in METRICS + quality_metric_names(per_sample_a, per_sample_b):
         a, b = _vector(per_sample_a, name), _vector(per_sample_b, name)
         value_a, value_b = _full(name, a), _full(name, b)
         delta = value_b - value_a

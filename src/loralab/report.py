@@ -405,7 +405,7 @@ def models_table(page: Page, models: dict[str, dict]) -> None:
     page.table(["metric", *[f"{n} (95% CI)" for n in names]], rows)
 
 
-def headline(comparison: dict, names=("rougeL", "sacrebleu")) -> str:
+def headline(comparison: dict, names=("rougeL", "sacrebleu", "exact_match")) -> str:
     """'rougeL 12.30 -> 15.60 (+3.30, 95% CI [+1.0, +5.6], p=0.010); ...' for a paired comparison."""
     parts = []
     for k in names:
@@ -441,6 +441,8 @@ def comparison_section(
 ) -> None:
     models = {k: v["metrics"] for k, v in summary["models"].items()}
     split = summary.get("split") or summary.get("data")
+    # evaluate_models writes OUT/NAME/; the recorded "dir" may be relative to another working folder
+    dirs = {k: eval_dir / k if (eval_dir / k).is_dir() else Path(v.get("dir", "")) for k, v in summary["models"].items()}
     page.heading((title or "Evaluation") + (f" on {split} ({summary.get('n_samples')} samples)" if split else ""))
     page.para(
         "Models: "
@@ -448,15 +450,67 @@ def comparison_section(
         + f". Folder: {eval_dir.relative_to(folder) if eval_dir != folder else '.'}"
     )
     models_table(page, models)
+    answers_table(page, {k: _read_json(d / "metrics.json") or {} for k, d in dirs.items()})
     page.image(plot_metrics(models, folder / FILES_DIR, f"metrics_{name}"), f"metrics with 95% CIs ({split})")
     for comp in summary.get("comparisons", {}).values():
         page.heading(f"{comp.get('b')} vs {comp.get('a')} (paired)")
         paired_table(page, comp)
-    # evaluate_models writes OUT/NAME/; the recorded "dir" may be relative to another working folder
-    dirs = {
-        k: eval_dir / k if (eval_dir / k).is_dir() else Path(v.get("dir", "")) for k, v in summary["models"].items()
-    }
+        if comp.get("a") in dirs and comp.get("b") in dirs:
+            wins_and_losses_section(page, comp["a"], comp["b"], dirs[comp["a"]], dirs[comp["b"]])
     examples_section(page, dirs)
+
+
+def answers_table(page: Page, results: dict[str, dict]) -> None:
+    """What the answers are, beyond n-gram overlap: exact match, lengths, replies cut at max_new_tokens."""
+    rows = []
+    for name, result in results.items():
+        em, lengths = (result.get("metrics") or {}).get("exact_match"), result.get("lengths") or {}
+        if em is None and not lengths:
+            continue  # scored before these metrics existed
+        cut = lengths.get("hit_max_new_tokens")
+        rows.append([name, f"{em['value']:.1f} [{em['ci_low']:.1f}, {em['ci_high']:.1f}]" if em else "",
+                     lengths.get("mean_pred_words"), lengths.get("mean_label_words"), lengths.get("ratio"),
+                     f"{cut:.0f}% ({lengths.get('n_hit_max_new_tokens')})" if cut is not None else "unknown"])
+    if not rows:
+        return
+    page.table(["model", "exact match % (95% CI)", "generated words (mean)", "reference words (mean)",
+                "generated / reference", "hit max_new_tokens"], rows)
+    page.para("Exact match: the reply equals the reference after SQuAD normalization (lowercase, no punctuation, "
+              "no a/an/the, single spaces); a reply in the right format with a wrong answer scores 0 here even when "
+              "its BLEU/ROUGE is high. Lengths are counted in whitespace-separated words.")
+
+
+def biggest_changes(rows_a: list[dict], rows_b: list[dict], key: str = "rougeL", n: int = 5) -> tuple[list[int], list[int]]:
+    """Sample indices where B beat A by most (wins) and lost to A by most (losses) on a per-sample score."""
+    deltas = [(row_b[key] - row_a[key], i) for i, (row_a, row_b) in enumerate(zip(rows_a, rows_b))
+              if key in row_a and key in row_b]
+    wins = [i for d, i in sorted(deltas, key=lambda t: (-t[0], t[1])) if d > 0][:n]
+    losses = [i for d, i in sorted(deltas, key=lambda t: (t[0], t[1])) if d < 0][:n]
+    return wins, losses
+
+
+def wins_and_losses_section(page: Page, a: str, b: str, dir_a: Path, dir_b: Path, key: str = "rougeL") -> None:
+    """The samples where B gained or lost most against A (per-sample scores of `loralab eval`)."""
+    rows_a, rows_b = _read_jsonl(dir_a / "per_sample_scores.jsonl"), _read_jsonl(dir_b / "per_sample_scores.jsonl")
+    if not rows_a or len(rows_a) != len(rows_b):
+        return
+    wins, losses = biggest_changes(rows_a, rows_b, key, N_EXAMPLES)
+    better = sum(rb[key] > ra[key] for ra, rb in zip(rows_a, rows_b))
+    worse = sum(rb[key] < ra[key] for ra, rb in zip(rows_a, rows_b))
+    page.heading(f"Biggest wins and losses of {b} vs {a} (per-sample {key})")
+    page.para(f"{b} scores higher than {a} on {better} of {len(rows_a)} samples, lower on {worse}, the same on "
+              f"{len(rows_a) - better - worse}.")
+    for label, picked in ((f"Wins: where {b} gained most", wins), (f"Losses: where {b} lost most", losses)):
+        if not picked:
+            continue
+        page.para(f"{label} ({len(picked)} samples; # = 0-based sample index in the evaluated data):")
+        rows = [[i, _clip(user_text(rows_a[i].get("prompt", "")), 300), _clip(rows_a[i].get("predict", ""), 300),
+                 _clip(rows_b[i].get("predict", ""), 300), _clip(rows_a[i].get("label", ""), 300),
+                 f"{rows_a[i][key]:.1f} -> {rows_b[i][key]:.1f}",
+                 f"{rows_a[i].get('exact_match', 0):.0f} -> {rows_b[i].get('exact_match', 0):.0f}"
+                 if "exact_match" in rows_a[i] and "exact_match" in rows_b[i] else ""]
+                for i in picked]
+        page.table(["#", "prompt", a, b, "reference", key, "exact match"], rows)
 
 
 def examples_section(page: Page, model_dirs: dict[str, Path]) -> None:
@@ -639,6 +693,7 @@ def write_report(folder: str | Path) -> Path:
                 f"({result.get('n_samples')} samples)"
             )
             metric_table(page, result["metrics"])
+            answers_table(page, {name: result})
             examples_section(page, {"prediction": ev})
     (folder / "report.md").write_text("\n".join(page.md) + "\n", encoding="utf-8")
     out = folder / "report.html"
