@@ -66,6 +66,9 @@ def load_examples(cfg: Config, split: str = "test", data_file: str | None = None
             raise LoralabError(f"--split {split}: no data (eval_dataset is unset and val_size is 0); "
                                "set eval_dataset or val_size, or use --data FILE")
         source = {"split": split, "dataset": dataset, "dataset_dir": cfg.dataset_dir}
+        cap = data.subset_cap(cfg, SPLITS[split])
+        if cap:  # the numbers are on the first N records of the split: say so wherever they are written
+            source["capped_by"] = {cap[0]: cap[1]}
     prompts, labels = [], []
     for i, conv in enumerate(convs):
         if len(conv) < 2 or conv[-1]["role"] != "assistant":
@@ -382,5 +385,7 @@ def format_comparison_table(summary: dict) -> str:
     if lengths and summary["comparisons"]:
         parts.append("\n".join(lengths))
     n = summary.get("n_samples")
-    head = f"{summary.get('split') or summary.get('data')}: {n} samples, 95% CIs by bootstrap, p by paired randomization"
+    capped = "".join(f" (the first {n} records: {k}={v})" for k, v in (summary.get("capped_by") or {}).items())
+    head = (f"{summary.get('split') or summary.get('data')}: {n} samples{capped}, 95% CIs by bootstrap, "
+            "p by paired randomization")
     return head + "\n" + "\n\n".join(parts)
