@@ -592,6 +592,7 @@ def sweep_section(page: Page, folder: Path, found: Found) -> None:
             f"Base config run: {results['base_run']}"
             + (f" (it was trial {results['base_is_trial']})." if results.get("base_is_trial") is not None else ".")
         )
+        recipes_section(page, results, objective)
     page.heading("Leaderboard")
     if board:
         cols = [
@@ -658,6 +659,31 @@ def sweep_section(page: Page, folder: Path, found: Found) -> None:
         page.image(path, "training and validation loss of every trial (winner bold)")
 
 
+def recipes_section(page: Page, results: dict, objective: str) -> None:
+    """The named recipes (compare_recipes) beside the winner: validation score and the paired test difference."""
+    recipes = results.get("recipes") or {}
+    if not recipes:
+        return
+    comparisons = (results.get("test") or {}).get("recipe_comparisons") or {}
+    page.heading("Named recipes")
+    rows = []
+    for name, r in recipes.items():
+        comp = comparisons.get(name) or {}
+        cells = []
+        for metric in ("rougeL", "exact_match"):
+            m = (comp.get("metrics") or {}).get(metric)
+            cells.append(f"{m['delta']:+.2f} [{m['ci_low']:+.2f}, {m['ci_high']:+.2f}], p={m['p_value']:.3f}"
+                         if m else "")
+        settings = ", ".join(f"{k}={v}" for k, v in r["keys"].items())
+        rows.append([name, settings, _num(r.get("validation")), *cells, r.get("reused") or r.get("run")])
+    page.table(["recipe", "settings (on top of the base config)", f"validation {objective}",
+                "test rougeL: winner - recipe (95% CI)", "test exact match: winner - recipe (95% CI)",
+                "run (or the run reused)"], rows)
+    page.para(f"Each recipe was trained at the base config's budget and tested on the same test records as the "
+              f"winner (validation {objective} of the winner: {results['best_value']:.4f}). A difference whose CI "
+              "includes 0 is no clear difference.")
+
+
 def write_report(folder: str | Path) -> Path:
     """Write FOLDER/report.html and FOLDER/report.md; return the HTML path."""
     folder = Path(folder)
@@ -679,7 +705,9 @@ def write_report(folder: str | Path) -> Path:
                     test_dir,
                     summary,
                     "test",
-                    title="Test split: base config vs winner (evaluated once, after selection)",
+                    title="Test split: "
+                    + ("base config, named recipes and winner" if results.get("recipes") else "base config vs winner")
+                    + " (evaluated once, after selection)",
                 )
     else:
         if found.runs:  # training first, then what the trained model scores
