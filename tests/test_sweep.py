@@ -564,5 +564,10 @@ def test_named_recipes_are_trained_at_the_base_budget_and_tested_against_the_win
 
     # Run again: nothing is trained or tested twice.
     mtime = (sweep_dir / "test_eval" / "comparison.json").stat().st_mtime_ns
+    trained_at = (recipe_run / "train_results.json").stat().st_mtime_ns
     sweep.run_sweep(path)
     assert (sweep_dir / "test_eval" / "comparison.json").stat().st_mtime_ns == mtime
+    # The whole test split afterwards: the same trials and runs, only the test evaluation again.
+    whole = sweep.run_sweep(path, ["test_max_samples=null"])["final"]
+    assert whole["test"]["n_samples"] == 8 and whole["test"]["capped_by"] is None
+    assert (recipe_run / "train_results.json").stat().st_mtime_ns == trained_at

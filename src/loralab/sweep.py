@@ -45,6 +45,7 @@ from loralab.config import (
     Config,
     build_config,
     did_you_mean,
+    keys_of,
     load_config,
     read_yaml,
 )
@@ -69,6 +70,7 @@ log = logging.getLogger(__name__)
 DERIVED_KEYS = {"lora_alpha_ratio": "sets lora_alpha = lora_alpha_ratio * lora_rank"}
 SWEEP_FILE = "sweep.yaml"  # the resolved sweep (spec + base config) in the sweep folder
 RESULTS_FILE = "sweep_results.json"
+TEST_KEYS = keys_of("test")  # which test records the final evaluation reads: never seen by a trial
 # Model names of the final test evaluation; a named recipe must not take one of them.
 WINNER, BASE_CONFIG = "tuned", "base_config"
 
@@ -500,8 +502,10 @@ def _check_same_sweep(sweep_dir: Path, resolved: dict) -> None:
     old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     for key in ("base", "search_space", "strategy", "objective"):
         a, b = old.get(key), resolved.get(key)
-        if key == "base" and isinstance(a, dict) and isinstance(b, dict):  # settings that do not change results
-            a, b = ({k: v for k, v in d.items() if k not in RESULT_NEUTRAL_KEYS} for d in (a, b))
+        if key == "base" and isinstance(a, dict) and isinstance(b, dict):
+            # Settings that change no trial: speed, files, serving, and the final test (e.g. the whole test split
+            # instead of test_max_samples, after the trials are done).
+            a, b = ({k: v for k, v in d.items() if k not in RESULT_NEUTRAL_KEYS | TEST_KEYS} for d in (a, b))
         if a != b:
             raise LoralabError(
                 f"{sweep_dir}: holds a different sweep (its `{key}` differs); "
@@ -622,6 +626,7 @@ def finalize(study, spec: SweepSpec, base: Config, sweep_dir: Path) -> dict:
         base_dir = sweep_dir / "base_run"
         train_once(base, base_dir, "the base config")
     recipes = prepare_recipes(spec, base, sweep_dir, done, base_dir)
+    test_settings = {k: getattr(base, k) for k in sorted(TEST_KEYS)}
     result = {
         "objective": spec.objective,
         "direction": direction(spec),
@@ -634,6 +639,7 @@ def finalize(study, spec: SweepSpec, base: Config, sweep_dir: Path) -> dict:
         "base_is_trial": base_trial.number if base_trial is not None else None,
         "winner_is_base": winner_is_base,
         "recipes": recipes,
+        "test_settings": test_settings,
     }
     # Every model on one loaded base model, the same test prompts and the base config's generation
     # settings; each one against the winner (b - a = winner - other). The starting config that won is
@@ -647,7 +653,8 @@ def finalize(study, spec: SweepSpec, base: Config, sweep_dir: Path) -> dict:
     tested = json.loads((test_dir / evaluate.COMPARISON).read_text(encoding="utf-8")) if (
         test_dir / evaluate.COMPARISON).is_file() else None
     if tested and old.get("best_trial") == best.number and set(tested["models"]) == set(models) and \
-            {n: r["keys"] for n, r in (old.get("recipes") or {}).items()} == spec.compare_recipes:
+            {n: r["keys"] for n, r in (old.get("recipes") or {}).items()} == spec.compare_recipes and \
+            old.get("test_settings", test_settings) == test_settings:  # (files from before it was recorded)
         summary = tested  # tested once already
     else:
         log.info("evaluating %s on the test split", ", ".join(f"{n} ({p})" for n, p in models.items()))
