@@ -490,3 +490,10 @@ def test_generation_validation_logs_scores_at_each_validation(tiny_model, data_d
     assert not (tmp_path / "plain" / "training_eval_generation.png").exists()
     events = EventAccumulator(str(next((out / "tensorboard").iterdir()).parent)).Reload()
     assert {"eval/rougeL", "eval/exact_match", "eval/loss"} <= set(events.Tags()["scalars"])
+    from PIL import Image
+
+    from loralab import report
+
+    report.write_report(out)  # the report's curves get a third panel: ROUGE-L of the validation replies
+    assert Image.open(out / "report_files" / "losses.png").width > 1.4 * Image.open(
+        report.plot_losses({"plain": tmp_path / "plain"}, tmp_path / "files")).width

@@ -153,14 +153,18 @@ def _save(fig, files: Path, name: str) -> Path:
 
 
 def plot_losses(runs: dict[str, Path], files: Path, highlight: str | None = None) -> Path | None:
-    """Training and validation loss against step; several runs overlaid (a sweep's trials)."""
+    """Training and validation loss against step; several runs overlaid (a sweep's trials). A third panel
+    shows the ROUGE-L of validation replies when a run generated them (eval_generate_samples)."""
     curves = {name: _read_jsonl(run / "metrics.jsonl") for name, run in runs.items()}
     curves = {k: v for k, v in curves.items() if v}
     if not curves:
         return None
+    panels = [("loss", "training loss"), ("eval_loss", "validation loss")]
+    if any("eval_rougeL" in r for records in curves.values() for r in records):
+        panels.append(("eval_rougeL", "validation replies: rougeL"))
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, title in ((axes[0], "loss", "training loss"), (axes[1], "eval_loss", "validation loss")):
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
+    for ax, (key, title) in zip(axes, panels):
         for name, records in curves.items():
             points = [(r["step"], r[key]) for r in records if key in r and r.get(key) is not None]
             if not points:
@@ -443,7 +447,9 @@ def comparison_section(
     split = summary.get("split") or summary.get("data")
     # evaluate_models writes OUT/NAME/; the recorded "dir" may be relative to another working folder
     dirs = {k: eval_dir / k if (eval_dir / k).is_dir() else Path(v.get("dir", "")) for k, v in summary["models"].items()}
-    page.heading((title or "Evaluation") + (f" on {split} ({summary.get('n_samples')} samples)" if split else ""))
+    capped = "".join(f", the first records: {k}={v}" for k, v in (summary.get("capped_by") or {}).items())
+    where = f" on {split} ({summary.get('n_samples')} samples{capped})" if split else ""
+    page.heading((title or "Evaluation") + where)
     page.para(
         "Models: "
         + ", ".join(f"{k} = {v.get('adapter') or summary.get('model')}" for k, v in summary["models"].items())
