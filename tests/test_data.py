@@ -344,6 +344,24 @@ def test_load_conversations_names_files_max_samples_and_val_size(tmp_path):
         data.load_conversations(cfg.model_copy(update={"test_dataset": "nope"}), "test")
 
 
+def test_eval_and_test_max_samples_cap_only_their_split(tmp_path):
+    """eval_max_samples / test_max_samples keep the first N records of validation / test, never touch train,
+    and a capped hold-out (val_size) still never moves a record into training."""
+    data.prepare("builtin:demo", output_dir=tmp_path, sample=100, split="60,20,20", name="demo")
+    cfg = Config(dataset="demo_train", eval_dataset="demo_val", test_dataset="demo_test", dataset_dir=str(tmp_path))
+    capped = cfg.model_copy(update={"eval_max_samples": 7, "test_max_samples": 5})
+    assert [len(data.load_conversations(capped, w)) for w in ("train", "eval", "test")] == [60, 7, 5]
+    assert data.load_conversations(capped, "eval") == data.load_conversations(cfg, "eval")[:7]  # the first N
+    assert data.load_conversations(capped, "test") == data.load_conversations(cfg, "test")[:5]
+    assert data.subset_cap(capped, "test") == ("test_max_samples", 5) and data.subset_cap(cfg, "eval") is None
+    big = cfg.model_copy(update={"test_max_samples": 1000})  # a cap above the split's size changes nothing
+    assert len(data.load_conversations(big, "test")) == 20
+    held = cfg.model_copy(update={"eval_dataset": None, "val_size": 0.25, "eval_max_samples": 4})
+    train, val = data.load_conversations(held, "train"), data.load_conversations(held, "eval")
+    assert len(train) == 45 and len(val) == 4
+    assert val == data.load_conversations(held.model_copy(update={"eval_max_samples": None}), "eval")[:4]
+
+
 # --- the real data -------------------------------------------------------------------------------
 def test_reference_split_of_real_alpaca(tmp_path, alpaca_file):
     t0 = time.time()

@@ -86,6 +86,21 @@ def test_eval_writes_metrics_with_cis(tiny_model, data_dir, tmp_path):
     assert "predict_bleu-4" in json.loads((folder / "predict_results.json").read_text())
 
 
+def test_test_max_samples_scores_the_first_records_and_says_so(tiny_model, adapter, data_dir, tmp_path):
+    cfg = make_cfg(tiny_model, data_dir, tmp_path, test_max_samples=2, eval_max_samples=3)
+    result = evaluate(cfg, "test", n_boot=50, progress=False)
+    assert result["n_samples"] == 2 and result["capped_by"] == {"test_max_samples": 2}
+    _, labels, _ = load_examples(cfg.model_copy(update={"test_max_samples": None}), "test")
+    rows = read_jsonl(tmp_path / "runs" / "eval-test-base" / "generated_predictions.jsonl")
+    assert [r["label"] for r in rows] == labels[:2]
+    assert json.loads((tmp_path / "runs" / "eval-test-base" / "predict_results.json").read_text())["capped_by"] == \
+        {"test_max_samples": 2}
+    summary = evaluate_models(cfg, {"base": None, "tuned": str(adapter)}, out_dir=tmp_path / "cmp", n_boot=50,
+                              progress=False)
+    assert summary["n_samples"] == 2 and "(the first 2 records: test_max_samples=2)" in format_comparison_table(summary)
+    assert predict(cfg, "val", progress=False)["results"]["capped_by"] == {"eval_max_samples": 3}
+
+
 def test_eval_reads_predictions_file(tiny_model, data_dir, tmp_path):
     cfg = make_cfg(tiny_model, data_dir, tmp_path)
     preds = tmp_path / "lf" / "generated_predictions.jsonl"

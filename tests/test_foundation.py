@@ -113,6 +113,9 @@ def test_stage_tags_decide_which_keys_matter():
     assert "per_device_eval_batch_size" not in config.RESULT_NEUTRAL_KEYS
     assert "torch_threads" in config.RESULT_NEUTRAL_KEYS and "torch_threads" not in config.TRAIN_KEYS | config.EVAL_KEYS
     assert "max_new_tokens" in config.EVAL_KEYS and "test_dataset" in config.NOT_SEARCHABLE_KEYS
+    # Validation subsets pick the best checkpoint (train); the test subset only changes the final scores.
+    assert {"eval_max_samples", "eval_generate_samples"} <= config.TRAIN_KEYS
+    assert "test_max_samples" in config.EVAL_KEYS and "test_max_samples" in config.NOT_SEARCHABLE_KEYS
     assert config.did_you_mean("lora_rnak", config.FIELDS) == "; did you mean `lora_rank`?"
     assert config.did_you_mean("zzz", config.FIELDS) == ""
 

@@ -50,6 +50,13 @@ BASE = {"max_steps": 3, "lora_rank": 8, "eval_dataset": "alpaca_data_val"}
         ),
         ({"search_space": {"lora_rank": [4]}, "strategy": "tpe"}, "needs a budget"),
         ({"search_space": {"lora_rank": [4]}, "strategy": "grids"}, "`strategy`"),
+        (
+            {"search_space": {"lora_rank": [4]}, "compare_recipes": {"lf": {"lora_rnak": 8}}},
+            "compare_recipes.lf: unknown config key `lora_rnak`; did you mean `lora_rank`?",
+        ),
+        ({"search_space": {"lora_rank": [4]}, "compare_recipes": {"tuned": {"lora_rank": 8}}}, "other than `tuned`"),
+        ({"search_space": {"lora_rank": [4]}, "compare_recipes": {"lf": {"test_max_samples": 5}}}, "cannot be set by"),
+        ({"search_space": {"lora_rank": [4]}, "compare_recipes": {"lf": {"lora_rank": -1}}}, "compare_recipes.lf"),
     ],
 )
 def test_sweep_file_errors_name_the_key(tmp_path, spec, message):
@@ -514,3 +521,54 @@ def test_winner_is_the_base_config(tmp_path, tiny_model, demo_data):
     assert set(json.loads((tmp_path / "sw" / "test_eval" / "comparison.json").read_text())["models"]) == {"tuned"}
     assert not (tmp_path / "sw" / "base_run").exists()
     assert "The starting config itself was the best trial" in report.write_report(tmp_path / "sw").read_text()
+
+
+def test_named_recipes_are_trained_at_the_base_budget_and_tested_against_the_winner(tmp_path, tiny_model, demo_data):
+    """compare_recipes: a recipe is trained on top of base + base_overrides (or a trial with the same training
+    settings is reused) and tested on the same test records as the winner and the base config."""
+    from loralab import report
+
+    lf = {"lora_rank": 8, "lora_alpha": 16, "lora_target": "all", "learning_rate": 1.0e-4,
+          "lr_scheduler_type": "cosine", "warmup_ratio": 0.1}
+    path = write_sweep(
+        tmp_path,
+        base=tiny_base(tiny_model, demo_data, lora_rank=4, test_max_samples=5),
+        base_overrides={"max_steps": 3},
+        strategy="grid",
+        output_dir=str(tmp_path / "sw"),
+        search_space={"lora_rank": [2]},
+        pruner="none",
+        compare_recipes={"lf_example": lf, "rank2": {"lora_rank": 2}},
+    )
+    final = sweep.run_sweep(path)["final"]
+    sweep_dir = tmp_path / "sw"
+    recipe_run = sweep_dir / "recipes" / "lf_example"
+    trained = yaml.safe_load((recipe_run / "config.yaml").read_text())
+    assert {k: trained[k] for k in lf} == lf and trained["max_steps"] == 3  # the recipe at the base budget
+    assert json.loads((recipe_run / "train_results.json").read_text())["steps"] == 3
+    assert final["recipes"]["rank2"]["reused"] == "trial 0" and not (sweep_dir / "recipes" / "rank2").exists()
+    assert final["recipes"]["lf_example"]["reused"] is None and final["recipes"]["lf_example"]["validation"] > 0
+
+    comparison = json.loads((sweep_dir / "test_eval" / "comparison.json").read_text())
+    assert set(comparison["models"]) == {"base_config", "tuned", "lf_example", "rank2"}
+    assert comparison["n_samples"] == 5 and comparison["capped_by"] == {"test_max_samples": 5}
+    comps = comparison["comparisons"]
+    assert set(comps) == {"tuned_vs_base_config", "tuned_vs_lf_example", "tuned_vs_rank2"}
+    assert (comps["tuned_vs_lf_example"]["a"], comps["tuned_vs_lf_example"]["b"]) == ("lf_example", "tuned")
+    # rank2 is the winner's own run: the same predictions, a difference of exactly 0
+    assert all(m["delta"] == 0 for m in comps["tuned_vs_rank2"]["metrics"].values())
+    results = json.loads((sweep_dir / "sweep_results.json").read_text())
+    assert results["test"]["recipe_comparisons"]["lf_example"]["metrics"]["rougeL"]["p_value"] is not None
+    assert "lf_example" in final["table"] and "tuned_vs_base_config" not in final["table"]
+    text = report.write_report(sweep_dir).read_text()
+    assert "Named recipes" in text and "lf_example" in text and "winner - recipe" in text
+
+    # Run again: nothing is trained or tested twice.
+    mtime = (sweep_dir / "test_eval" / "comparison.json").stat().st_mtime_ns
+    trained_at = (recipe_run / "train_results.json").stat().st_mtime_ns
+    sweep.run_sweep(path)
+    assert (sweep_dir / "test_eval" / "comparison.json").stat().st_mtime_ns == mtime
+    # The whole test split afterwards: the same trials and runs, only the test evaluation again.
+    whole = sweep.run_sweep(path, ["test_max_samples=null"])["final"]
+    assert whole["test"]["n_samples"] == 8 and whole["test"]["capped_by"] is None
+    assert (recipe_run / "train_results.json").stat().st_mtime_ns == trained_at

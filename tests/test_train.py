@@ -467,3 +467,63 @@ def test_divergence_stops_the_run_with_one_line_and_saves_no_nan(tiny_model, dat
     assert lines and all(json.loads(line, parse_constant=no_constants) for line in lines)
     assert train_mod.finite_or_none({"loss": float("nan"), "grad_norm": float("inf"), "step": 3}) == {
         "loss": None, "grad_norm": None, "step": 3}
+
+
+def test_generation_validation_logs_scores_at_each_validation(tiny_model, data_dir, tmp_path):
+    """eval_generate_samples: replies of the model being trained, scored at every validation beside the loss;
+    the replies are those of the saved checkpoint, and training goes on exactly as without the option."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from loralab import metrics
+    from loralab.evaluate import load_examples
+    from loralab.generate import Engine, GenerationSettings
+
+    settings = dict(max_steps=4, eval_steps=2, max_new_tokens=6, lora_dropout=0.1, gradient_checkpointing=True,
+                    eval_max_samples=6)
+    plain = train(make_cfg(tiny_model, data_dir, tmp_path / "plain", **settings))
+    out = tmp_path / "gen"
+    cfg = make_cfg(tiny_model, data_dir, out, eval_generate_samples=3, **settings)
+    summary = train(cfg)
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    scored = [r for r in records if "eval_rougeL" in r]
+    assert [r["step"] for r in scored] == [2, 4]  # at each validation
+    for r in scored:
+        assert {"eval_predict_rouge-l", "eval_exact_match", "eval_generate_seconds"} <= set(r)
+        step_file = out / "eval_generation" / f"step-{r['step']}.jsonl"
+        rows = [json.loads(line) for line in step_file.read_text().splitlines()]
+        assert len(rows) == 3
+        # the logged numbers are metrics.py's scores of the replies written beside them
+        assert r["eval_rougeL"] == pytest.approx(sum(metrics.rouge_scores(x["predict"], x["label"])["rougeL"]
+                                                     for x in rows) / 3)
+        assert r["eval_exact_match"] == pytest.approx(sum(metrics.exact_match(x["predict"], x["label"])
+                                                          for x in rows) / 3)
+    # The replies at step 4 are what the checkpoint saved at step 4 generates (same model, same engine).
+    prompts, labels, _ = load_examples(cfg, "val")
+    assert [x["label"] for x in rows] == labels[:3]
+    engine = Engine(cfg, {"ckpt": str(out / "checkpoint-4")})
+    replies = engine.generate(prompts[:3], GenerationSettings(max_new_tokens=6), adapter="ckpt")
+    assert [c.text for c in replies] == [x["predict"] for x in rows]
+
+    # Generating in between changed nothing in training (dropout, gradient checkpointing, cache state).
+    assert [r["eval_loss"] for r in records if "eval_loss" in r] == \
+        [json.loads(line)["eval_loss"] for line in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()
+         if "eval_loss" in line]
+    assert same_tensors(adapter_tensors(out), adapter_tensors(tmp_path / "plain"))
+    assert summary["train_loss"] == plain["train_loss"] and summary["examples"]["eval"] == 6
+
+    gen = summary["eval_generation"]
+    assert gen["samples"] == 3 and gen["last"]["step"] == 4 and gen["validations"] == 2
+    assert gen["at_best_step"]["step"] == summary["best_step"]
+    assert plain["eval_generation"] is None
+    assert (out / "training_eval_generation.png").is_file()
+    assert not (tmp_path / "plain" / "training_eval_generation.png").exists()
+    events = EventAccumulator(str(next((out / "tensorboard").iterdir()).parent)).Reload()
+    assert {"eval/rougeL", "eval/exact_match", "eval/loss"} <= set(events.Tags()["scalars"])
+    from PIL import Image
+
+    from loralab import report
+
+    report.write_report(out)  # the report's curves get a third panel: ROUGE-L of the validation replies
+    assert Image.open(out / "report_files" / "losses.png").width > 1.4 * Image.open(
+        report.plot_losses({"plain": tmp_path / "plain"}, tmp_path / "files")).width

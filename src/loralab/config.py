@@ -133,6 +133,14 @@ class Config(BaseModel):
         "below 1 or a number of records (LLaMA-Factory's meaning)."
     )
     max_samples: int | None = Field(None, gt=0, description="Use at most this many records of each dataset.")
+    eval_max_samples: int | None = Field(
+        None, gt=0, description="Use only the first N validation records (validation loss during training, "
+        "eval_generate_samples, a sweep's objective, predict --split val); unset = all. Training data is not capped."
+    )
+    test_max_samples: int | None = Field(
+        None, gt=0, description="Score only the first N test records (predict/eval --split test, `loralab run`, "
+        "a sweep's final test); unset = the whole test split."
+    )
     cutoff_len: int = Field(1024, gt=0, description="Maximum tokens per training sequence.")
     overflow: Literal["split", "truncate", "drop"] = Field(
         "split", description="Sequences longer than cutoff_len: split = LLaMA-Factory's budget split (each turn's "
@@ -172,6 +180,11 @@ class Config(BaseModel):
     eval_steps: int | None = Field(None, gt=0, description="Validate every N steps (unset = same as save_steps).")
     save_steps: int = Field(500, gt=0, description="Save a checkpoint every N steps.")
     save_total_limit: int | None = Field(2, gt=0, description="Keep at most this many checkpoints (the best is always kept).")
+    eval_generate_samples: int = Field(
+        0, ge=0, description="At every validation during training, also generate greedy replies (max_new_tokens) for "
+        "the first N validation records and log rougeL, predict_rouge-l and exact match beside the validation loss "
+        "(0 = off). The best checkpoint is still chosen by validation loss."
+    )
     early_stopping_patience: int | None = Field(
         None, gt=0, description="Stop after this many validations without a better validation loss."
     )
@@ -344,7 +357,7 @@ STAGES = {
 STAGE_OF_KEY = {
     **dict.fromkeys(("infer_backend", "infer_batch_size", "max_new_tokens", "do_sample", "temperature", "top_p",
                      "top_k", "repetition_penalty"), "generate"),
-    "test_dataset": "test",
+    **dict.fromkeys(("test_dataset", "test_max_samples"), "test"),
     "torch_threads": "speed",
     **dict.fromkeys(("output_dir", "overwrite_output_dir", "resume_from_checkpoint", "export_dir"), "files"),
     **dict.fromkeys(("adapter_name_or_path", "adapters", "api_host", "api_port"), "serve"),

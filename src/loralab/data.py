@@ -574,14 +574,17 @@ def load_conversations(cfg: Config, which: str) -> list[list[dict]]:
     """Conversations of the 'train', 'eval' or 'test' data of a config.
 
     With no eval_dataset and val_size > 0, 'eval' is a seeded hold-out of the training data and
-    'train' is the rest (the same split every time for the same seed).
+    'train' is the rest (the same split every time for the same seed). 'eval' and 'test' keep only
+    their first eval_max_samples / test_max_samples conversations when those are set (`subset_cap`).
     """
     if which not in ("train", "eval", "test"):
         raise ValueError(f"which must be train, eval or test, got {which!r}")
+    cap = subset_cap(cfg, which)
+    limit = cap[1] if cap else None
     if which == "test":
-        return _load_named(cfg.test_dataset, cfg)
+        return _load_named(cfg.test_dataset, cfg)[:limit]
     if which == "eval" and cfg.eval_dataset is not None:
-        return _load_named(cfg.eval_dataset, cfg)
+        return _load_named(cfg.eval_dataset, cfg)[:limit]
     if which == "eval" and cfg.val_size <= 0:
         return []
     convs = _load_named(cfg.dataset, cfg)
@@ -591,7 +594,19 @@ def load_conversations(cfg: Config, which: str) -> list[list[dict]]:
     if n_val >= len(convs):
         raise LoralabError(f"val_size: {cfg.val_size} of {len(convs)} training records leaves none for training")
     held_out = set(random.Random(cfg.seed).sample(range(len(convs)), n_val))
-    return [c for i, c in enumerate(convs) if (i in held_out) == (which == "eval")]
+    # The hold-out is drawn from the whole training data first, so capping it never moves a record into training.
+    return [c for i, c in enumerate(convs) if (i in held_out) == (which == "eval")][:limit]
+
+
+def subset_cap(cfg: Config, which: str) -> tuple[str, int] | None:
+    """(key, N) when the config keeps only the first N records of the 'eval' or 'test' data, else None.
+
+    A CPU user cannot afford a validation loss over 2,000 records at every validation, nor 1,000 test
+    answers per model; the split files stay whole, so the cap is a setting that can be lifted later.
+    """
+    key = {"eval": "eval_max_samples", "test": "test_max_samples"}.get(which)
+    n = getattr(cfg, key) if key else None
+    return (key, n) if n is not None else None
 
 
 def with_prepared_data(cfg: Config, force: bool = False) -> Config:

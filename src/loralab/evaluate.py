@@ -71,6 +71,9 @@ def load_examples(cfg: Config, split: str = "test", data_file: str | None = None
             raise LoralabError(f"--split {split}: no data (eval_dataset is unset and val_size is 0); "
                                "set eval_dataset or val_size, or use --data FILE")
         source = {"split": split, "dataset": dataset, "dataset_dir": cfg.dataset_dir}
+        cap = data.subset_cap(cfg, SPLITS[split])
+        if cap:  # the numbers are on the first N records of the split: say so wherever they are written
+            source["capped_by"] = {cap[0]: cap[1]}
     prompts, labels = [], []
     for i, conv in enumerate(convs):
         if len(conv) < 2 or conv[-1]["role"] != "assistant":
@@ -282,18 +285,22 @@ def evaluate(cfg: Config, split: str = "test", data_file: str | None = None, pre
 
 def evaluate_models(cfg: Config, adapters: dict[str, str | None], split: str = "test", out_dir: str | Path | None = None,
                     data_file: str | None = None, overwrite: bool = False, n_boot: int = 1000,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, pairs: list[tuple[str, str]] | None = None) -> dict:
     """Score several models on the same split with one loaded base model; the first is the reference.
 
     `adapters` maps a name to an adapter folder, or None for the base model, e.g.
     {"base": None, "tuned": "runs/exp1"}. Writes OUT/NAME/ (predictions, metrics) for each, and
-    OUT/comparison.json: each later model against the first (delta, paired bootstrap CI, p-value).
+    OUT/comparison.json: each later model against the first (delta, paired bootstrap CI, p-value), or
+    the (a, b) `pairs` given (b - a), e.g. every other model against a sweep's winner.
     """
     if not adapters:
         raise LoralabError("evaluate_models: expected at least one model, e.g. {'base': None}")
     for name in adapters:
         if not name or "/" in name or name in (".", ".."):
             raise LoralabError(f"evaluate_models: model name {name!r} must be a plain folder name")
+    for pair in pairs or []:
+        if len(pair) != 2 or not set(pair) <= set(adapters):
+            raise LoralabError(f"evaluate_models: pair {pair!r} must name two of the models {list(adapters)}")
     prompts, labels, source = load_examples(cfg, split, data_file)
     if out_dir is None:
         tags = [adapter_tag(p) for p in adapters.values()]
@@ -314,11 +321,11 @@ def evaluate_models(cfg: Config, adapters: dict[str, str | None], split: str = "
                         "timing": {k: pred["results"][k] for k in ("seconds", "samples_per_second", "generated_tokens_per_second")}}
     names = list(adapters)
     comparisons = {}
-    for name in names[1:]:
-        comparisons[f"{name}_vs_{names[0]}"] = {
-            "a": names[0], "b": name,
-            **metrics.paired_compare(per_sample[names[0]], per_sample[name], n_boot=n_boot, seed=cfg.seed,
-                                     labels=([r["label"] for r in per_sample[names[0]]], [r["label"] for r in per_sample[name]])),
+    for a, b in pairs if pairs is not None else [(names[0], name) for name in names[1:]]:
+        comparisons[f"{b}_vs_{a}"] = {
+            "a": a, "b": b,
+            **metrics.paired_compare(per_sample[a], per_sample[b], n_boot=n_boot, seed=cfg.seed,
+                                     labels=([r["label"] for r in per_sample[a]], [r["label"] for r in per_sample[b]])),
         }
     summary = {**source, "model": cfg.model_name_or_path, "dir": str(out), "reference": names[0],
                "models": models, "comparisons": comparisons}
@@ -395,11 +402,12 @@ def format_lengths(lengths: dict, name: str = "") -> str:
 
 def format_paired_table(result: dict, name_a: str = "A", name_b: str = "B") -> str:
     """metric | A | B | B-A | 95% CI of B-A | p, from a metrics.paired_compare result."""
-    head = f"{'metric':<16} {name_a[:10]:>10} {name_b[:10]:>10} {'delta':>8}  {'95% CI of delta':<18} {'p':>6}"
+    wa, wb = max(10, len(name_a)), max(10, len(name_b))  # a recipe's whole name (llamafactory_example)
+    head = f"{'metric':<16} {name_a:>{wa}} {name_b:>{wb}} {'delta':>8}  {'95% CI of delta':<18} {'p':>6}"
     lines = [head, "-" * len(head)]
     for name, m in result["metrics"].items():
         ci = f"[{m['ci_low']:+.2f}, {m['ci_high']:+.2f}]"
-        lines.append(f"{name:<16} {_fmt(m['value_a']):>10} {_fmt(m['value_b']):>10} {m['delta']:>+8.2f}  "
+        lines.append(f"{name:<16} {_fmt(m['value_a']):>{wa}} {_fmt(m['value_b']):>{wb}} {m['delta']:>+8.2f}  "
                      f"{ci:<18} {m['p_value']:>6.3f}")
     return "\n".join(lines)
 
@@ -416,5 +424,7 @@ def format_comparison_table(summary: dict) -> str:
     if lengths and summary["comparisons"]:
         parts.append("\n".join(lengths))
     n = summary.get("n_samples")
-    head = f"{summary.get('split') or summary.get('data')}: {n} samples, 95% CIs by bootstrap, p by paired randomization"
+    capped = "".join(f" (the first {n} records: {k}={v})" for k, v in (summary.get("capped_by") or {}).items())
+    head = (f"{summary.get('split') or summary.get('data')}: {n} samples{capped}, 95% CIs by bootstrap, "
+            "p by paired randomization")
     return head + "\n" + "\n\n".join(parts)

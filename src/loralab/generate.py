@@ -287,9 +287,10 @@ class Engine:
     thread at a time runs a step, and each step serves every caller's rows.
     """
 
-    def __init__(self, cfg: Config, adapters: dict[str, str] | None = None, merge: bool = False):
+    def __init__(self, cfg: Config, adapters: dict[str, str] | None = None, merge: bool = False, _loaded=None):
         """merge=True with exactly one adapter merges it into the weights (no LoRA work per token);
-        the base model alone is then not servable, so keep merge=False when the base is compared too."""
+        the base model alone is then not servable, so keep merge=False when the base is compared too.
+        (`_loaded`: (model, tokenizer) already in memory; use `Engine.from_model`.)"""
         self.cfg = cfg
         self.base_name = cfg.model_name_or_path
         if adapters is None:
@@ -324,13 +325,27 @@ class Engine:
         else:
             from loralab.models import load_model_and_tokenizer
 
-            self.model, self.tokenizer = load_model_and_tokenizer(cfg, adapters)
+            self.model, self.tokenizer = _loaded or load_model_and_tokenizer(cfg, adapters)
             if merge and len(adapters) == 1:
                 self.model = self.model.merge_and_unload()
                 self.merged = True
         self.tokenizer.padding_side = "left"
         self.stop_ids = stop_token_ids(self.tokenizer)
         self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    @classmethod
+    def from_model(cls, cfg: Config, model, tokenizer, name: str = "model") -> Engine:
+        """An engine around a model already in memory, e.g. the one being trained (generation-based
+        validation): nothing is loaded, merged or copied, and the tokenizer is left as it was (the run
+        saves it). A PeftModel's active adapter is served as `name` (generate with adapter=name); a plain
+        model is the base (adapter=None). Always transformers: vLLM cannot share a model object."""
+        peft_name = model.active_adapter if hasattr(model, "disable_adapter") else None
+        padding_side = tokenizer.padding_side
+        adapters = {name: "(in memory)"} if peft_name else {}
+        engine = cls(cfg.model_copy(update={"infer_backend": "huggingface"}), adapters, _loaded=(model, tokenizer))
+        tokenizer.padding_side = padding_side
+        engine._peft_name = {name: peft_name} if peft_name else {}
+        return engine
 
     @property
     def device(self):

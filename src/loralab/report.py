@@ -153,14 +153,18 @@ def _save(fig, files: Path, name: str) -> Path:
 
 
 def plot_losses(runs: dict[str, Path], files: Path, highlight: str | None = None) -> Path | None:
-    """Training and validation loss against step; several runs overlaid (a sweep's trials)."""
+    """Training and validation loss against step; several runs overlaid (a sweep's trials). A third panel
+    shows the ROUGE-L of validation replies when a run generated them (eval_generate_samples)."""
     curves = {name: _read_jsonl(run / "metrics.jsonl") for name, run in runs.items()}
     curves = {k: v for k, v in curves.items() if v}
     if not curves:
         return None
+    panels = [("loss", "training loss"), ("eval_loss", "validation loss")]
+    if any("eval_rougeL" in r for records in curves.values() for r in records):
+        panels.append(("eval_rougeL", "validation replies: rougeL"))
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, title in ((axes[0], "loss", "training loss"), (axes[1], "eval_loss", "validation loss")):
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
+    for ax, (key, title) in zip(axes, panels):
         for name, records in curves.items():
             points = [(r["step"], r[key]) for r in records if key in r and r.get(key) is not None]
             if not points:
@@ -443,7 +447,9 @@ def comparison_section(
     split = summary.get("split") or summary.get("data")
     # evaluate_models writes OUT/NAME/; the recorded "dir" may be relative to another working folder
     dirs = {k: eval_dir / k if (eval_dir / k).is_dir() else Path(v.get("dir", "")) for k, v in summary["models"].items()}
-    page.heading((title or "Evaluation") + (f" on {split} ({summary.get('n_samples')} samples)" if split else ""))
+    capped = "".join(f", the first records: {k}={v}" for k, v in (summary.get("capped_by") or {}).items())
+    where = f" on {split} ({summary.get('n_samples')} samples{capped})" if split else ""
+    page.heading((title or "Evaluation") + where)
     page.para(
         "Models: "
         + ", ".join(f"{k} = {v.get('adapter') or summary.get('model')}" for k, v in summary["models"].items())
@@ -592,6 +598,7 @@ def sweep_section(page: Page, folder: Path, found: Found) -> None:
             f"Base config run: {results['base_run']}"
             + (f" (it was trial {results['base_is_trial']})." if results.get("base_is_trial") is not None else ".")
         )
+        recipes_section(page, results, objective)
     page.heading("Leaderboard")
     if board:
         cols = [
@@ -658,6 +665,31 @@ def sweep_section(page: Page, folder: Path, found: Found) -> None:
         page.image(path, "training and validation loss of every trial (winner bold)")
 
 
+def recipes_section(page: Page, results: dict, objective: str) -> None:
+    """The named recipes (compare_recipes) beside the winner: validation score and the paired test difference."""
+    recipes = results.get("recipes") or {}
+    if not recipes:
+        return
+    comparisons = (results.get("test") or {}).get("recipe_comparisons") or {}
+    page.heading("Named recipes")
+    rows = []
+    for name, r in recipes.items():
+        comp = comparisons.get(name) or {}
+        cells = []
+        for metric in ("rougeL", "exact_match"):
+            m = (comp.get("metrics") or {}).get(metric)
+            cells.append(f"{m['delta']:+.2f} [{m['ci_low']:+.2f}, {m['ci_high']:+.2f}], p={m['p_value']:.3f}"
+                         if m else "")
+        settings = ", ".join(f"{k}={v}" for k, v in r["keys"].items())
+        rows.append([name, settings, _num(r.get("validation")), *cells, r.get("reused") or r.get("run")])
+    page.table(["recipe", "settings (on top of the base config)", f"validation {objective}",
+                "test rougeL: winner - recipe (95% CI)", "test exact match: winner - recipe (95% CI)",
+                "run (or the run reused)"], rows)
+    page.para(f"Each recipe was trained at the base config's budget and tested on the same test records as the "
+              f"winner (validation {objective} of the winner: {results['best_value']:.4f}). A difference whose CI "
+              "includes 0 is no clear difference.")
+
+
 def write_report(folder: str | Path) -> Path:
     """Write FOLDER/report.html and FOLDER/report.md; return the HTML path."""
     folder = Path(folder)
@@ -679,7 +711,9 @@ def write_report(folder: str | Path) -> Path:
                     test_dir,
                     summary,
                     "test",
-                    title="Test split: base config vs winner (evaluated once, after selection)",
+                    title="Test split: "
+                    + ("base config, named recipes and winner" if results.get("recipes") else "base config vs winner")
+                    + " (evaluated once, after selection)",
                 )
     else:
         if found.runs:  # training first, then what the trained model scores

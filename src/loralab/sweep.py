@@ -3,7 +3,9 @@
 A sweep file says where to start (`base:` an experiment config), what to vary (`search_space:`) and
 how to choose (`objective`, `direction`). Every trial is a normal training run in
 SWEEP_DIR/trials/trial_NNN, chosen on the validation split only. When the budget is spent, the best
-trial and the base config are evaluated once on the test split, with CIs and a paired comparison.
+trial, the base config and the named recipes (`compare_recipes`, e.g. LLaMA-Factory's example LoRA
+recipe, trained at the base budget in SWEEP_DIR/recipes/NAME) are evaluated once on the test split,
+with CIs and a paired comparison of each against the winner.
 
 Trials live in Optuna storage: by default a journal file in the sweep folder (safe with several
 processes on one machine), or any RDB URL (postgresql://...) shared by workers on several machines.
@@ -13,7 +15,8 @@ need beyond Optuna). leaderboard.py writes the leaderboard the report shows.
 
 The recipe, top to bottom (`run_sweep`): sweep file -> checked base config and search space -> the
 Optuna study (sampler, pruner, storage) -> trials (each a `train.train` run with a pruning callback,
-scored on the validation split) -> leaderboard -> the best trial and the base config tested once.
+scored on the validation split) -> leaderboard -> the named recipes trained -> the best trial, the base
+config and the recipes tested once.
 """
 
 from __future__ import annotations
@@ -38,9 +41,11 @@ from loralab.config import (
     FIELDS,
     NOT_SEARCHABLE_KEYS,
     RESULT_NEUTRAL_KEYS,
+    TRAIN_KEYS,
     Config,
     build_config,
     did_you_mean,
+    keys_of,
     load_config,
     read_yaml,
 )
@@ -65,6 +70,9 @@ log = logging.getLogger(__name__)
 DERIVED_KEYS = {"lora_alpha_ratio": "sets lora_alpha = lora_alpha_ratio * lora_rank"}
 SWEEP_FILE = "sweep.yaml"  # the resolved sweep (spec + base config) in the sweep folder
 RESULTS_FILE = "sweep_results.json"
+TEST_KEYS = keys_of("test")  # which test records the final evaluation reads: never seen by a trial
+# Model names of the final test evaluation; a named recipe must not take one of them.
+WINNER, BASE_CONFIG = "tuned", "base_config"
 
 
 # --- the sweep file --------------------------------------------------------------------------------
@@ -121,6 +129,11 @@ class SweepSpec(BaseModel):
     )
     heartbeat_seconds: int = Field(
         60, gt=0, description="RDB storage: a trial without a heartbeat for 2x this is failed and re-queued."
+    )
+    compare_recipes: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Named recipes, e.g. {llamafactory_example: {lora_rank: 8, learning_rate: 1.0e-4}}: each is "
+        "trained at the base budget (base + base_overrides + its keys) and tested beside the winner and the base.",
     )
 
 
@@ -204,6 +217,27 @@ def _check_search_space(spec: SweepSpec, base_values: dict, source: str) -> None
                 raise LoralabError(f"{e} (value {v!r})") from None
 
 
+def _check_recipes(spec: SweepSpec, base_values: dict, source: str) -> None:
+    """Each named recipe: a plain folder name, config keys a trial could set, a valid config on top of base."""
+    for name, keys in spec.compare_recipes.items():
+        where = f"{source}: compare_recipes.{name}"
+        if name in (WINNER, BASE_CONFIG) or not name.replace("_", "").replace("-", "").isalnum():
+            raise LoralabError(f"{where}: expected a plain name of letters, digits, - and _ other than "
+                               f"`{WINNER}` and `{BASE_CONFIG}` (it names the recipe's folder and table column)")
+        if not isinstance(keys, dict) or not keys:
+            raise LoralabError(f"{where}: expected config keys, e.g. {{lora_rank: 8, learning_rate: 1.0e-4}}")
+        for key, value in keys.items():
+            if key not in FIELDS and key not in DERIVED_KEYS:
+                hint = did_you_mean(key, [*FIELDS, *DERIVED_KEYS])
+                raise LoralabError(f"{where}: unknown config key `{key}`{hint} (see `loralab config show --keys`)")
+            if key in NOT_SEARCHABLE_KEYS:
+                raise LoralabError(f"{where}: `{key}` cannot be set by a recipe (the sweep sets it, and a recipe is "
+                                   "tested on the same test records as the winner)")
+            if not (value is None or isinstance(value, (str, int, float, bool))):
+                raise LoralabError(f"{where}.{key}: {value!r} is not a plain value (string, number, true/false, null)")
+        build_config(apply_params(base_values, keys), source=where)
+
+
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[SweepSpec, Config, Path]:
     """Read and check a sweep file -> (spec, base config, sweep folder). Bad input: one-line LoralabError."""
     path = Path(path)
@@ -220,6 +254,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
         values.update(load_config(None, overrides).model_dump(exclude_unset=True))
     base = build_config(values, source=base_source)
     _check_search_space(spec, values, str(path))
+    _check_recipes(spec, values, str(path))
     if spec.objective != "eval_loss" and spec.objective not in metrics_mod.METRICS:
         choices = ["eval_loss", *metrics_mod.METRICS]
         hint = did_you_mean(spec.objective, choices)
@@ -467,8 +502,10 @@ def _check_same_sweep(sweep_dir: Path, resolved: dict) -> None:
     old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     for key in ("base", "search_space", "strategy", "objective"):
         a, b = old.get(key), resolved.get(key)
-        if key == "base" and isinstance(a, dict) and isinstance(b, dict):  # settings that do not change results
-            a, b = ({k: v for k, v in d.items() if k not in RESULT_NEUTRAL_KEYS} for d in (a, b))
+        if key == "base" and isinstance(a, dict) and isinstance(b, dict):
+            # Settings that change no trial: speed, files, serving, and the final test (e.g. the whole test split
+            # instead of test_max_samples, after the trials are done).
+            a, b = ({k: v for k, v in d.items() if k not in RESULT_NEUTRAL_KEYS | TEST_KEYS} for d in (a, b))
         if a != b:
             raise LoralabError(
                 f"{sweep_dir}: holds a different sweep (its `{key}` differs); "
@@ -487,6 +524,7 @@ def _resolved(spec: SweepSpec, base: Config, storage_url: str | None) -> dict:
         "search_space": space,
         "storage": redact(storage_url) if storage_url else f"journal file {JOURNAL_FILE}",
         "objective_samples": spec.objective_samples,
+        "compare_recipes": spec.compare_recipes,
         "pruner": spec.pruner,
         "seed": spec.seed,
         "base": base.model_dump(mode="json"),
@@ -508,8 +546,62 @@ def trial_dir(sweep_dir: Path, trial) -> Path:
     return here if here.is_dir() else Path(trial.user_attrs.get("run_dir", here))
 
 
+def training_settings(cfg: Config) -> dict:
+    """What decides the trained model (the train-stage keys, lora_alpha resolved): equal settings, same run."""
+    values = {k: v for k, v in cfg.model_dump(mode="json").items() if k in TRAIN_KEYS}
+    values["lora_alpha"] = cfg.alpha
+    return values
+
+
+def train_once(cfg: Config, run_dir: Path, what: str) -> None:
+    """Train `cfg` as a normal run in our own folder `run_dir`, unless it finished there before; a run cut
+    off earlier resumes from its last complete checkpoint."""
+    if (run_dir / "train_results.json").is_file():
+        return
+    resume = run_dir.is_dir() and train.find_resume_checkpoint(run_dir) is not None
+    log.info("training %s as a normal run in %s%s", what, run_dir, " (resuming)" if resume else "")
+    train.train(
+        cfg.model_copy(
+            update={
+                "output_dir": str(run_dir),
+                "overwrite_output_dir": not resume,
+                "resume_from_checkpoint": True if resume else None,
+            }
+        )
+    )
+
+
+def prepare_recipes(spec: SweepSpec, base: Config, sweep_dir: Path, done: list, base_dir: Path) -> dict:
+    """Each named recipe trained at the base budget (base + base_overrides + its keys), in
+    SWEEP_DIR/recipes/NAME, or a finished trial (or the base run) with the very same training settings
+    reused; with its score on the sweep's objective over the same validation records as the trials."""
+    recipes = {}
+    for name, keys in spec.compare_recipes.items():
+        cfg = build_config(apply_params(base.model_dump(), keys), source=f"compare_recipes.{name}")
+        same = next(
+            (t for t in done if training_settings(build_config(apply_params(base.model_dump(), t.params)))
+             == training_settings(cfg)),
+            None,
+        )
+        if same is not None:
+            run_dir, value, reused = trial_dir(sweep_dir, same), same.value, f"trial {same.number}"
+            log.info("recipe %s: same training settings as trial %d; reusing its run", name, same.number)
+        else:
+            reused = "base config" if training_settings(cfg) == training_settings(base) else None
+            run_dir = base_dir if reused else sweep_dir / "recipes" / name
+            train_once(cfg, run_dir, f"recipe {name}")
+            summary = json.loads((run_dir / "train_results.json").read_text(encoding="utf-8"))
+            if spec.objective == "eval_loss":
+                value = summary.get("best_eval_loss")
+            else:
+                value = validation_score(cfg, str(run_dir), spec.objective, spec.objective_samples)
+        recipes[name] = {"keys": keys, "run": str(run_dir), "reused": reused, "validation": value}
+    return recipes
+
+
 def finalize(study, spec: SweepSpec, base: Config, sweep_dir: Path) -> dict:
-    """Pick the best trial on validation, then evaluate it and the base config once on the test split."""
+    """Pick the best trial on validation, then evaluate it, the base config and the named recipes once on
+    the test split, each against the winner sample by sample."""
     from optuna.trial import TrialState
 
     done = [t for t in counted_trials(study.get_trials(deepcopy=False)) if t.state == TrialState.COMPLETE]
@@ -532,19 +624,9 @@ def finalize(study, spec: SweepSpec, base: Config, sweep_dir: Path) -> dict:
         base_dir = trial_dir(sweep_dir, base_trial)
     else:
         base_dir = sweep_dir / "base_run"
-        if not (base_dir / "train_results.json").is_file():
-            # Our own folder: a run cut off earlier resumes from its last complete checkpoint.
-            resume = base_dir.is_dir() and train.find_resume_checkpoint(base_dir) is not None
-            log.info("training the base config as a normal run in %s%s", base_dir, " (resuming)" if resume else "")
-            train.train(
-                base.model_copy(
-                    update={
-                        "output_dir": str(base_dir),
-                        "overwrite_output_dir": not resume,
-                        "resume_from_checkpoint": True if resume else None,
-                    }
-                )
-            )
+        train_once(base, base_dir, "the base config")
+    recipes = prepare_recipes(spec, base, sweep_dir, done, base_dir)
+    test_settings = {k: getattr(base, k) for k in sorted(TEST_KEYS)}
     result = {
         "objective": spec.objective,
         "direction": direction(spec),
@@ -556,33 +638,36 @@ def finalize(study, spec: SweepSpec, base: Config, sweep_dir: Path) -> dict:
         "base_run": str(base_dir),
         "base_is_trial": base_trial.number if base_trial is not None else None,
         "winner_is_base": winner_is_base,
+        "recipes": recipes,
+        "test_settings": test_settings,
     }
+    # Every model on one loaded base model, the same test prompts and the base config's generation
+    # settings; each one against the winner (b - a = winner - other). The starting config that won is
+    # tested once, as the winner.
+    models = {} if winner_is_base else {BASE_CONFIG: str(base_dir)}
+    models |= {WINNER: str(tuned_dir)} | {name: r["run"] for name, r in recipes.items()}
+    pairs = [(name, WINNER) for name in models if name != WINNER]
     results_path = sweep_dir / RESULTS_FILE
     old = json.loads(results_path.read_text(encoding="utf-8")) if results_path.is_file() else {}
     test_dir = sweep_dir / "test_eval"
-    if old.get("best_trial") == best.number and (test_dir / evaluate.COMPARISON).is_file():
-        summary = json.loads((test_dir / evaluate.COMPARISON).read_text(encoding="utf-8"))  # tested once already
-    elif winner_is_base:  # the starting config won: one model to test, nothing to compare
-        log.info("the base config (trial %d) is the best trial; evaluating it on the test split", best.number)
-        summary = evaluate.evaluate_models(
-            base, {"tuned": str(tuned_dir)}, split="test", out_dir=test_dir, overwrite=True, progress=False
-        )
+    tested = json.loads((test_dir / evaluate.COMPARISON).read_text(encoding="utf-8")) if (
+        test_dir / evaluate.COMPARISON).is_file() else None
+    if tested and old.get("best_trial") == best.number and set(tested["models"]) == set(models) and \
+            {n: r["keys"] for n, r in (old.get("recipes") or {}).items()} == spec.compare_recipes and \
+            old.get("test_settings", test_settings) == test_settings:  # (files from before it was recorded)
+        summary = tested  # tested once already
     else:
-        # Both adapters on one loaded base model, the same test prompts, generation settings of the base config.
-        log.info("evaluating the base config (%s) and the winner (trial %d) on the test split", base_dir, best.number)
+        log.info("evaluating %s on the test split", ", ".join(f"{n} ({p})" for n, p in models.items()))
         summary = evaluate.evaluate_models(
-            base,
-            {"base_config": str(base_dir), "tuned": str(tuned_dir)},
-            split="test",
-            out_dir=test_dir,
-            overwrite=True,
-            progress=False,
+            base, models, split="test", out_dir=test_dir, overwrite=True, progress=False, pairs=pairs
         )
     result["test"] = {
         "dir": str(test_dir),
         "n_samples": summary.get("n_samples"),
+        "capped_by": summary.get("capped_by"),
         "models": {k: v["metrics"] for k, v in summary["models"].items()},
-        "comparison": summary["comparisons"].get("tuned_vs_base_config"),
+        "comparison": summary["comparisons"].get(f"{WINNER}_vs_{BASE_CONFIG}"),
+        "recipe_comparisons": {name: summary["comparisons"].get(f"{WINNER}_vs_{name}") for name in recipes},
     }
     result["table"] = evaluate.format_comparison_table(summary)
     write_json(results_path, result)

@@ -28,7 +28,7 @@ import torch
 import transformers
 from transformers import TrainerCallback
 
-from loralab import data, models, runinfo
+from loralab import data, generation_validation, models, runinfo
 from loralab.config import Config
 from loralab.errors import LoralabError
 from loralab.log import log_to_file
@@ -36,6 +36,7 @@ from loralab.templates import encode_for_training, with_default_system
 
 log = logging.getLogger(__name__)
 
+GENERATION_KEYS = generation_validation.LOG_KEYS
 CHECKPOINT_PREFIX = "checkpoint-"
 # Written into checkpoint-N/ once every file of it is on disk; resume only trusts marked checkpoints.
 COMPLETE_MARKER = "loralab_complete.json"
@@ -240,7 +241,7 @@ def prepare_run_dir(cfg: Config, is_main: bool) -> tuple[Path, Path | None]:
                 remove_checkpoint(old)
             for name in ("metrics.jsonl", "train.log", "train_results.json"):
                 (run_dir / name).unlink(missing_ok=True)
-            for name in ("tensorboard", "last"):
+            for name in ("tensorboard", "last", generation_validation.FOLDER):
                 shutil.rmtree(run_dir / name, ignore_errors=True)
         return run_dir, None
     if resume is True or str(resume).lower() == "true":
@@ -372,11 +373,12 @@ class RunLog(TrainerCallback):
             self.bar.update(state.global_step - self.bar.n)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        # Training logs carry `loss`, validation logs `eval_loss`; the end-of-training summary has neither.
-        if not state.is_world_process_zero or not logs or not ({"loss", "eval_loss"} & set(logs)):
+        # Training logs carry `loss`, validation logs `eval_loss`, generation-based validation `eval_rougeL`, ...;
+        # the end-of-training summary has none of them.
+        if not state.is_world_process_zero or not logs or not ({"loss", "eval_loss", *GENERATION_KEYS} & set(logs)):
             return
         record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
-        for key in ("loss", "eval_loss", "learning_rate", "grad_norm"):
+        for key in ("loss", "eval_loss", "learning_rate", "grad_norm", *GENERATION_KEYS):
             if key in logs:
                 record[key] = logs[key]
         record["tokens_seen"] = state.num_input_tokens_seen
@@ -444,7 +446,8 @@ class LoralabTrainer(transformers.Trainer):
 
 # --- outputs -------------------------------------------------------------------------------------
 def plot_losses(run_dir: Path) -> list[Path]:
-    """training_loss.png and training_eval_loss.png (LLaMA-Factory's names) from metrics.jsonl."""
+    """training_loss.png and training_eval_loss.png (LLaMA-Factory's names) from metrics.jsonl, and
+    training_eval_generation.png when the run scored generated replies at each validation."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -470,6 +473,27 @@ def plot_losses(run_dir: Path) -> list[Path]:
         fig.savefig(run_dir / name, dpi=100)
         plt.close(fig)
         written.append(run_dir / name)
+    generated = [r for r in records if GENERATION_KEYS[0] in r]
+    if generated:  # eval_generate_samples: answer quality at each validation, the validation loss beside it
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        for key in GENERATION_KEYS[:-1]:  # the scores, not the seconds
+            ax.plot([r["step"] for r in generated], [r[key] for r in generated], marker="o",
+                    label=key.removeprefix("eval_"))
+        ax.set_xlabel("step")
+        ax.set_ylabel("score (x100)")
+        losses = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+        if losses:
+            twin = ax.twinx()
+            twin.plot(*zip(*losses), color="gray", linestyle="--", label="validation loss")
+            twin.set_ylabel("validation loss")
+            twin.legend(loc="upper right", fontsize=8)
+        ax.legend(loc="upper left", fontsize=8)
+        ax.set_title(f"generation on validation records — {run_dir.name}")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(run_dir / "training_eval_generation.png", dpi=100)
+        plt.close(fig)
+        written.append(run_dir / "training_eval_generation.png")
     return written
 
 
@@ -634,6 +658,8 @@ def _train(cfg: Config, callbacks: list | None, run_log_file: contextlib.ExitSta
         group_by_length=cfg.group_by_length,
     )
     trainer.remove_callback(ProgressCallback)  # RunLog draws the progress bar
+    if has_eval and cfg.eval_generate_samples and is_main:  # replies scored beside each validation loss
+        trainer.add_callback(generation_validation.GenerationValidation(trainer, cfg, tokenizer, run_dir))
 
     # 5. Train. Running out of memory is a settings problem, said in one line.
     try:
@@ -698,6 +724,9 @@ def finish_run(trainer: LoralabTrainer, result, cfg: Config, tokenizer, run_dir:
         "tokens_per_s": session_tokens / run_log.step_time if run_log.step_time > 0 else None,
         "padding_efficiency": trainer.real_tokens / trainer.padded_tokens if trainer.padded_tokens else None,
         "resumed_from": str(resume_from) if resume_from else None,
+        "eval_max_samples": cfg.eval_max_samples,
+        "eval_generation": generation_validation.summary(cfg, run_dir, st.best_global_step if best_loss is not None
+                                                         else None),
     }
     runinfo.write_json(run_dir / "train_results.json", summary)
     log.info("done: %d steps, best validation loss %s, %s tokens/s; results in %s", st.global_step,
