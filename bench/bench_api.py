@@ -30,8 +30,24 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-TOPICS = ["the sea", "a red fox", "bread", "the moon", "rain", "a small robot", "tea", "mountains", "a library",
-          "winter", "a bicycle", "music", "the capital of France", "numbers", "a garden", "the number 42"]
+TOPICS = [
+    "the sea",
+    "a red fox",
+    "bread",
+    "the moon",
+    "rain",
+    "a small robot",
+    "tea",
+    "mountains",
+    "a library",
+    "winter",
+    "a bicycle",
+    "music",
+    "the capital of France",
+    "numbers",
+    "a garden",
+    "the number 42",
+]
 
 
 def free_port() -> int:
@@ -40,12 +56,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, adapters: dict[str, str], port: int, max_batch_size: int, threads: int,
-                 max_tokens: int) -> subprocess.Popen:
+def start_server(
+    model: str, adapters: dict[str, str], port: int, max_batch_size: int, threads: int, max_tokens: int
+) -> subprocess.Popen:
     loralab = Path(sys.executable).with_name("loralab")
     command = [str(loralab)] if loralab.exists() else [sys.executable, "-m", "loralab.cli"]
-    command += ["api", f"model_name_or_path={model}", f"torch_threads={threads}", f"max_new_tokens={max_tokens}",
-                "--host", "127.0.0.1", "--port", str(port), "--max-batch-size", str(max_batch_size)]
+    command += [
+        "api",
+        f"model_name_or_path={model}",
+        f"torch_threads={threads}",
+        f"max_new_tokens={max_tokens}",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-batch-size",
+        str(max_batch_size),
+    ]
     for name, path in adapters.items():
         command += ["--adapter", f"{name}={path}"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(threads))
@@ -82,8 +109,13 @@ async def run_level(url: str, models: list[str], n: int, concurrency: int, max_t
 
     async def one(client: httpx.AsyncClient, i: int) -> None:
         model = models[i % len(models)]
-        body = {"model": model, "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True},
-                "messages": [{"role": "user", "content": f"Write two sentences about {TOPICS[i % len(TOPICS)]}."}]}
+        body = {
+            "model": model,
+            "max_tokens": max_tokens,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": f"Write two sentences about {TOPICS[i % len(TOPICS)]}."}],
+        }
         t0 = time.perf_counter()
         first, usage = None, None
         async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
@@ -122,11 +154,20 @@ async def run_level(url: str, models: list[str], n: int, concurrency: int, max_t
         await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
     seconds = time.perf_counter() - start
     return {
-        "concurrency": concurrency, "requests": len(tokens) + len(errors), "completed": len(tokens),
-        "errors": len(errors), "error_samples": errors[:3], "models_used": {m: used.count(m) for m in models},
-        "seconds": round(seconds, 2), "generated_tokens": sum(tokens), "tokens_per_s": round(sum(tokens) / seconds, 2),
-        "p50_ttft_s": pct(ttft, 0.5), "p95_ttft_s": pct(ttft, 0.95),
-        "p50_tokens_per_s_per_request": pct(rates, 0.5), "p5_tokens_per_s_per_request": pct(rates, 0.05),
+        "concurrency": concurrency,
+        "requests": len(tokens) + len(errors),
+        "completed": len(tokens),
+        "errors": len(errors),
+        "error_samples": errors[:3],
+        # the base model's id is its path: recorded as "base" (results name no machine paths)
+        "models_used": {("base" if i == 0 else m): used.count(m) for i, m in enumerate(models)},
+        "seconds": round(seconds, 2),
+        "generated_tokens": sum(tokens),
+        "tokens_per_s": round(sum(tokens) / seconds, 2),
+        "p50_ttft_s": pct(ttft, 0.5),
+        "p95_ttft_s": pct(ttft, 0.95),
+        "p50_tokens_per_s_per_request": pct(rates, 0.5),
+        "p5_tokens_per_s_per_request": pct(rates, 0.05),
         "hit_time_limit": len(tokens) + len(errors) < n,
     }
 
@@ -134,8 +175,12 @@ async def run_level(url: str, models: list[str], n: int, concurrency: int, max_t
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model_name_or_path (default: a tiny random Llama, made now)")
-    parser.add_argument("--requests-per-client", type=int, default=6,
-                        help="requests per client and level, at most (default 6; few make the ramp-up and tail dominate)")
+    parser.add_argument(
+        "--requests-per-client",
+        type=int,
+        default=6,
+        help="requests per client and level, at most (default 6; few make the ramp-up and tail dominate)",
+    )
     parser.add_argument("--concurrency", default="1,4,16", help="comma list of client counts (default 1,4,16)")
     parser.add_argument("--max-tokens", type=int, default=32, help="max_tokens of every request (default 32)")
     parser.add_argument("--max-batch-size", type=int, default=16, help="server's --max-batch-size (default 16)")
@@ -173,10 +218,13 @@ def main() -> None:
             steps = after["steps"] - before["steps"]
             r["mean_rows_per_step"] = round((after["row_steps"] - before["row_steps"]) / steps, 2) if steps else None
             results.append(r)
-            print(f"C={c:>3}: {r['completed']:>4} ok, {r['errors']} errors in {r['seconds']:>6.1f}s | "
-                  f"{r['tokens_per_s']:>7.1f} tok/s | TTFT p50 {r['p50_ttft_s']}s p95 {r['p95_ttft_s']}s | "
-                  f"per request p50 {r['p50_tokens_per_s_per_request']} tok/s | rows/step {r['mean_rows_per_step']}"
-                  + (" (time limit hit)" if r["hit_time_limit"] else ""), flush=True)
+            print(
+                f"C={c:>3}: {r['completed']:>4} ok, {r['errors']} errors in {r['seconds']:>6.1f}s | "
+                f"{r['tokens_per_s']:>7.1f} tok/s | TTFT p50 {r['p50_ttft_s']}s p95 {r['p95_ttft_s']}s | "
+                f"per request p50 {r['p50_tokens_per_s_per_request']} tok/s | rows/step {r['mean_rows_per_step']}"
+                + (" (time limit hit)" if r["hit_time_limit"] else ""),
+                flush=True,
+            )
         health = httpx.get(url + "/health").json()
     finally:
         if proc is not None:
@@ -193,15 +241,23 @@ def main() -> None:
     summary = {
         "model": args.model or "tiny random Llama (loralab.testing.make_tiny_llama)",
         "adapters": f"2 random LoRA adapters (r8 alpha16 all-linear, lora_B ~ N(0, {args.adapter_std})); "
-                    "requests cycle base, lora1, lora2",
-        "max_tokens": args.max_tokens, "max_batch_size": args.max_batch_size, "torch_threads": args.threads,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "load_average_1m_at_end": round(os.getloadavg()[0], 2)},
+        "requests cycle base, lora1, lora2",
+        "max_tokens": args.max_tokens,
+        "max_batch_size": args.max_batch_size,
+        "torch_threads": args.threads,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_average_1m_at_end": round(os.getloadavg()[0], 2),
+        },
         "levels": results,
         "server": {"steps": health["steps"], "largest_batch": health["largest_batch"]},
         "tokens_per_s_top_c_over_c1": speedup,
-        "targets": {"zero_errors": all(r["errors"] == 0 for r in results),
-                    "top_c_tokens_per_s_at_least_8x_c1": bool(speedup and speedup >= 8)},
+        "targets": {
+            "zero_errors": all(r["errors"] == 0 for r in results),
+            "top_c_tokens_per_s_at_least_8x_c1": bool(speedup and speedup >= 8),
+        },
     }
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -47,9 +47,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "alpaca_data_cleaned.json"
@@ -68,16 +68,33 @@ LLAMA_3_2_1B_SHAPE = {
     "max_position_embeddings": 131072,
     "rms_norm_eps": 1e-5,
     "tie_word_embeddings": True,
-    "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
-                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    "rope_parameters": {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
 }
 
 # bf16 dense tensor-core peak (no sparsity) from NVIDIA's datasheets, TFLOP/s; first match of the
 # device name wins (so "H100 PCIe" is tried before "H100", "L40S" before "L4").
 BF16_PEAK_TFLOPS = [
-    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("GH200", 989.0), ("H200", 989.0), ("H100", 989.0),
-    ("H800", 989.0), ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0),
-    ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("GH200", 989.0),
+    ("H200", 989.0),
+    ("H100", 989.0),
+    ("H800", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("L40", 181.0),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+    ("A10", 125.0),
 ]
 
 DATA_SAMPLE, DATA_SPLIT = 2000, "1600,200,200"  # the alpaca slice: 50 steps x 16 fit in the train part
@@ -132,7 +149,9 @@ def common_prefix_fraction(a: str, b: str) -> float:
 def greedy_agreement(reference: list[str], other: list[str]) -> dict:
     """How far two backends' greedy replies to the same prompts agree."""
     if len(reference) != len(other) or not reference:
-        raise CheckFailed(f"expected the same number of replies from both backends, got {len(reference)} and {len(other)}")
+        raise CheckFailed(
+            f"expected the same number of replies from both backends, got {len(reference)} and {len(other)}"
+        )
     shares = [common_prefix_fraction(a, b) for a, b in zip(reference, other)]
     return {
         "records": len(reference),
@@ -216,12 +235,23 @@ def deepspeed_accelerate_config(port: int, gradient_accumulation_steps: int = 1,
 def api_requests(base_model: str, adapters: list[str]) -> list[dict]:
     """What the API check sends: one greedy request per model, one streamed, then a concurrent burst."""
     question = [{"role": "user", "content": "Give three tips for staying healthy."}]
-    plan = [{"model": m, "messages": question, "max_tokens": 32, "temperature": 0.0, "stream": False}
-            for m in [base_model, *adapters]]
+    plan = [
+        {"model": m, "messages": question, "max_tokens": 32, "temperature": 0.0, "stream": False}
+        for m in [base_model, *adapters]
+    ]
     plan.append({"model": adapters[0], "messages": question, "max_tokens": 32, "temperature": 0.0, "stream": True})
     burst = [{"role": "user", "content": f"Write one sentence about the number {i}."} for i in range(4)]
-    plan += [{"model": adapters[i % len(adapters)], "messages": [m], "max_tokens": 16, "temperature": 0.0,
-              "stream": False, "concurrent": True} for i, m in enumerate(burst)]
+    plan += [
+        {
+            "model": adapters[i % len(adapters)],
+            "messages": [m],
+            "max_tokens": 16,
+            "temperature": 0.0,
+            "stream": False,
+            "concurrent": True,
+        }
+        for i, m in enumerate(burst)
+    ]
     return plan
 
 
@@ -231,7 +261,9 @@ def api_round(base_url: str, base_model: str, adapters: list[str], timeout_s: fl
 
     import openai
 
-    client = openai.OpenAI(base_url=base_url.rstrip("/") + "/v1", api_key="not-needed", timeout=timeout_s, max_retries=0)
+    client = openai.OpenAI(
+        base_url=base_url.rstrip("/") + "/v1", api_key="not-needed", timeout=timeout_s, max_retries=0
+    )
     served = sorted(m.id for m in client.models.list().data)
     wanted = sorted([base_model, *adapters])
     if served != wanted:
@@ -297,8 +329,10 @@ def format_line(name: str, result: dict) -> str:
     if figures.get("mfu_measured") is not None:
         parts.append(f"{100 * figures['mfu_measured']:.1f}% of measured matmul")
     if "agreement" in figures:
-        parts.append(f"identical {100 * figures['agreement']['identical']:.0f}%, "
-                     f"common prefix {100 * figures['agreement']['mean_common_prefix']:.0f}%")
+        parts.append(
+            f"identical {100 * figures['agreement']['identical']:.0f}%, "
+            f"common prefix {100 * figures['agreement']['mean_common_prefix']:.0f}%"
+        )
     for key in ("hf_samples_per_s", "vllm_samples_per_s"):
         if figures.get(key):
             parts.append(f"{key.removesuffix('_samples_per_s')} {figures[key]:.2f} samples/s")
@@ -334,8 +368,14 @@ class Context:
 
     def env(self) -> dict:
         env = dict(os.environ)
-        env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
-                   VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
+        env.update(
+            HF_HUB_OFFLINE="1",
+            HF_DATASETS_OFFLINE="1",
+            TOKENIZERS_PARALLELISM="false",
+            PYTHONUNBUFFERED="1",
+            VLLM_NO_USAGE_STATS="1",
+            DO_NOT_TRACK="1",
+        )
         src = str(REPO / "src")  # this checkout's loralab, also when the venv's copy is another one
         env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         return env
@@ -358,8 +398,9 @@ class Context:
         with log_path.open("a", encoding="utf-8") as log:
             log.write(f"\n$ {' '.join(cmd)}\n")
             log.flush()
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=self.env(),
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=self.env(), start_new_session=True
+            )
             try:
                 rc = proc.wait(timeout=max(1.0, self.remaining()))
             except subprocess.TimeoutExpired:
@@ -385,7 +426,9 @@ def stop_group(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
 
 def last_error_line(log_path: Path) -> str:
     """The most telling line at the end of a log: the last `error:`/exception line, else the last line."""
-    lines = [line.strip() for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    lines = [
+        line.strip() for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()
+    ]
     for line in reversed(lines[-200:]):
         if re.match(r"^(error:|[A-Za-z_.]*(Error|Exception)\b)", line):
             return line[:300]
@@ -407,8 +450,11 @@ def write_yaml(path: Path, values: dict, loralab_config: bool = True) -> Path:
 
 def read_train_results(run_dir: Path) -> tuple[dict, list[float]]:
     results = json.loads((run_dir / "train_results.json").read_text())
-    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-              if line.strip() and "loss" in json.loads(line)]
+    losses = [
+        json.loads(line)["loss"]
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if line.strip() and "loss" in json.loads(line)
+    ]
     return results, losses
 
 
@@ -429,10 +475,13 @@ def _meta_model(config):
 
 
 def matmul_params(config) -> int:
-    """All parameters minus the input embedding (a lookup, not a matmul); a tied embedding counts once, as the lm_head."""
+    """All parameters minus the input embedding (a lookup, not a matmul); a tied embedding counts once,
+    as the lm_head."""
     model = _meta_model(config)
     total = sum(p.numel() for p in model.parameters())  # a tied weight is one parameter
-    return total if getattr(config, "tie_word_embeddings", False) else total - model.get_input_embeddings().weight.numel()
+    return (
+        total if getattr(config, "tie_word_embeddings", False) else total - model.get_input_embeddings().weight.numel()
+    )
 
 
 def lora_params(config, rank: int = 8) -> int:
@@ -441,8 +490,11 @@ def lora_params(config, rank: int = 8) -> int:
 
     model = _meta_model(config)
     head = model.get_output_embeddings()
-    return sum(rank * (m.in_features + m.out_features) for m in model.modules()
-               if isinstance(m, torch.nn.Linear) and m is not head)
+    return sum(
+        rank * (m.in_features + m.out_features)
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear) and m is not head
+    )
 
 
 def training_figures(ctx: Context, run_dir: Path, n_matmul: int | None) -> dict:
@@ -461,8 +513,12 @@ def training_figures(ctx: Context, run_dir: Path, n_matmul: int | None) -> dict:
     }
     if n_matmul:
         figures["flops_per_token"] = flops_per_token(n_matmul, results["parameters"]["trainable"])
-        figures["mfu_datasheet"] = mfu(results["tokens_per_s"], n_matmul, results["parameters"]["trainable"], ctx.peak_flops)
-        figures["mfu_measured"] = mfu(results["tokens_per_s"], n_matmul, results["parameters"]["trainable"], ctx.measured_flops)
+        figures["mfu_datasheet"] = mfu(
+            results["tokens_per_s"], n_matmul, results["parameters"]["trainable"], ctx.peak_flops
+        )
+        figures["mfu_measured"] = mfu(
+            results["tokens_per_s"], n_matmul, results["parameters"]["trainable"], ctx.measured_flops
+        )
     if not loss_fell(losses):
         raise CheckFailed(f"training loss did not fall: {losses}", figures)
     return figures
@@ -494,12 +550,15 @@ def check_qlora_smollm2(ctx: Context) -> dict:
 
 def _train_check(ctx: Context, name: str, model: str, steps: int, batch: int, **extra) -> dict:
     run_dir = ctx.path("runs", name)
-    cfg = write_yaml(ctx.path("configs", f"{name}.yaml"),
-                     train_config(model, str(ctx.data_dir), str(run_dir), steps, batch, **extra))
+    cfg = write_yaml(
+        ctx.path("configs", f"{name}.yaml"), train_config(model, str(ctx.data_dir), str(run_dir), steps, batch, **extra)
+    )
     ctx.step("train", ctx.loralab("train", cfg), name)
     # The adapter is loaded on the plain (unquantized) base model, as `loralab predict`/`api` would.
-    load_cfg = write_yaml(ctx.path("configs", f"{name}_load.yaml"),
-                          {"model_name_or_path": model, "adapter_name_or_path": str(run_dir), "max_new_tokens": 16})
+    load_cfg = write_yaml(
+        ctx.path("configs", f"{name}_load.yaml"),
+        {"model_name_or_path": model, "adapter_name_or_path": str(run_dir), "max_new_tokens": 16},
+    )
     found = ctx.path("runs", f"{name}_adapter.json")
     ctx.step("load adapter", ctx.worker("load-adapter", load_cfg, found), name)
     if ctx.dry_run:
@@ -529,17 +588,25 @@ def check_vllm_predict(ctx: Context) -> dict:
     outs = {}
     for backend in ("huggingface", "vllm"):
         out = ctx.path("runs", f"predict_{backend}")
-        cfg = write_yaml(ctx.path("configs", f"predict_{backend}.yaml"),
-                         predict_config(SMOLLM2, str(ctx.data_dir), str(ctx.path("runs")), adapter, backend))
-        ctx.step(f"predict {backend}", ctx.loralab("predict", cfg, "--split", "test", "--output-dir", out, "--overwrite"),
-                 "vllm_predict")
+        cfg = write_yaml(
+            ctx.path("configs", f"predict_{backend}.yaml"),
+            predict_config(SMOLLM2, str(ctx.data_dir), str(ctx.path("runs")), adapter, backend),
+        )
+        ctx.step(
+            f"predict {backend}",
+            ctx.loralab("predict", cfg, "--split", "test", "--output-dir", out, "--overwrite"),
+            "vllm_predict",
+        )
         outs[backend] = out
     if ctx.dry_run:
         return {}
     rows, timing = {}, {}
     for backend, out in outs.items():
-        rows[backend] = [json.loads(line)["predict"] for line in (out / "generated_predictions.jsonl").read_text().splitlines()
-                         if line.strip()]
+        rows[backend] = [
+            json.loads(line)["predict"]
+            for line in (out / "generated_predictions.jsonl").read_text().splitlines()
+            if line.strip()
+        ]
         timing[backend] = json.loads((out / "predict_results.json").read_text())
     figures = {
         "adapter": adapter,
@@ -551,8 +618,11 @@ def check_vllm_predict(ctx: Context) -> dict:
         "finish_reasons": {b: t["finish_reasons"] for b, t in timing.items()},
     }
     if figures["agreement"]["mean_common_prefix"] < AGREEMENT_PASS:
-        raise CheckFailed(f"vLLM and HF greedy replies share only {figures['agreement']['mean_common_prefix']:.0%} "
-                          f"of their text (pass: >= {AGREEMENT_PASS:.0%})", figures)
+        raise CheckFailed(
+            f"vLLM and HF greedy replies share only {figures['agreement']['mean_common_prefix']:.0%} "
+            f"of their text (pass: >= {AGREEMENT_PASS:.0%})",
+            figures,
+        )
     return figures
 
 
@@ -581,18 +651,29 @@ def wait_for_health(url: str, proc: subprocess.Popen, deadline: float) -> None:
 
 def check_api_vllm(ctx: Context) -> dict:
     adapters = {"tuned": _adapter_for(ctx, "bf16_smollm2", seed=1), "qlora": _adapter_for(ctx, "qlora_smollm2", seed=2)}
-    cfg = write_yaml(ctx.path("configs", "api_vllm.yaml"),
-                     {"model_name_or_path": SMOLLM2, "infer_backend": "vllm", "max_new_tokens": 64, "seed": 42})
+    cfg = write_yaml(
+        ctx.path("configs", "api_vllm.yaml"),
+        {"model_name_or_path": SMOLLM2, "infer_backend": "vllm", "max_new_tokens": 64, "seed": 42},
+    )
     port = free_port()
-    cmd = ctx.loralab("api", cfg, "--host", "127.0.0.1", "--port", port,
-                      *[a for name, path in adapters.items() for a in ("--adapter", f"{name}={path}")])
+    cmd = ctx.loralab(
+        "api",
+        cfg,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        port,
+        *[a for name, path in adapters.items() for a in ("--adapter", f"{name}={path}")],
+    )
     ctx.plan.append({"step": "serve", "command": cmd})
     ctx.plan.append({"step": "requests", "requests": api_requests(SMOLLM2, list(adapters))})
     if ctx.dry_run:
         return {}
     log_path = ctx.path("logs", "api_vllm.log")
     with log_path.open("a", encoding="utf-8") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=ctx.env(), start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=ctx.env(), start_new_session=True
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         start = time.perf_counter()
@@ -611,17 +692,38 @@ def check_deepspeed_zero2(ctx: Context) -> dict:
     run_dir = ctx.path("runs", name)
     values = train_config(SMOLLM2, str(ctx.data_dir), str(run_dir), steps=20, batch=8)
     cfg = write_yaml(ctx.path("configs", f"{name}.yaml"), values)
-    accel = write_yaml(ctx.path("configs", "accelerate_ds_zero2.yaml"),
-                       deepspeed_accelerate_config(free_port(), values.get("gradient_accumulation_steps", 1),
-                                                   values.get("max_grad_norm", 1.0)), loralab_config=False)
+    accel = write_yaml(
+        ctx.path("configs", "accelerate_ds_zero2.yaml"),
+        deepspeed_accelerate_config(
+            free_port(), values.get("gradient_accumulation_steps", 1), values.get("max_grad_norm", 1.0)
+        ),
+        loralab_config=False,
+    )
     # `accelerate launch` of the venv (python -m: the same command, whatever bin/ the venv has)
-    ctx.step("accelerate launch", [ctx.python, "-m", "accelerate.commands.launch", "--config_file", str(accel),
-                                   "-m", "loralab.cli", "train", str(cfg)], name)
+    ctx.step(
+        "accelerate launch",
+        [
+            ctx.python,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(accel),
+            "-m",
+            "loralab.cli",
+            "train",
+            str(cfg),
+        ],
+        name,
+    )
     if ctx.dry_run:
         return {}
     results, losses = read_train_results(run_dir)
-    figures = {"steps": results["steps"], "loss_first": losses[0] if losses else None,
-               "loss_last": losses[-1] if losses else None, "tokens_per_s": results["tokens_per_s"]}
+    figures = {
+        "steps": results["steps"],
+        "loss_first": losses[0] if losses else None,
+        "loss_last": losses[-1] if losses else None,
+        "tokens_per_s": results["tokens_per_s"],
+    }
     # DeepSpeed writes its own checkpoint layout: checkpoint-N/global_stepN/*optim_states.pt (ZeRO shards).
     zero_files = sorted(p.name for p in run_dir.glob("checkpoint-*/global_step*/*optim_states.pt"))
     figures["zero_optimizer_shards"] = zero_files
@@ -649,7 +751,17 @@ def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": sys.version.split()[0]}
-    for pkg in ("loralab", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "vllm", "deepspeed", "openai"):
+    for pkg in (
+        "loralab",
+        "torch",
+        "transformers",
+        "peft",
+        "accelerate",
+        "bitsandbytes",
+        "vllm",
+        "deepspeed",
+        "openai",
+    ):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -662,9 +774,14 @@ def prepare_data(source: Path, data_dir: Path) -> dict:
     from loralab import data
 
     real = source.is_file()
-    manifest = data.prepare(str(source) if real else data.DEMO_SOURCE, output_dir=data_dir, seed=42,
-                            sample=DATA_SAMPLE if real else None, split=DATA_SPLIT if real else "0.7,0.2,0.1",
-                            overwrite=True)
+    manifest = data.prepare(
+        str(source) if real else data.DEMO_SOURCE,
+        output_dir=data_dir,
+        seed=42,
+        sample=DATA_SAMPLE if real else None,
+        split=DATA_SPLIT if real else "0.7,0.2,0.1",
+        overwrite=True,
+    )
     return {"source": source.name if real else data.DEMO_SOURCE, **manifest["counts"]["actual"]}
 
 
@@ -686,7 +803,10 @@ def run_checks(ctx: Context, names: list[str], budget_end: float) -> dict[str, d
         except CheckFailed as e:
             result = {"status": "FAIL", "error": str(e), "figures": e.figures}
         except Exception as e:  # a bug in the check or a broken install: this check fails, the others run
-            result = {"status": "FAIL", "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"}
+            result = {
+                "status": "FAIL",
+                "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}",
+            }
         result["seconds"] = round(time.perf_counter() - start, 1)
         result["timeout_s"] = timeout
         result["plan"] = ctx.plan
@@ -705,8 +825,11 @@ def setup(ctx: Context, args) -> dict:
 
     shape = LlamaConfig(**LLAMA_3_2_1B_SHAPE)
     n, n_lora = matmul_params(shape), lora_params(shape, rank=8)
-    info["llama1b_shape"] = {"matmul_params": n, "lora_r8_all_params": n_lora,
-                             "flops_per_token": flops_per_token(n, n_lora)}
+    info["llama1b_shape"] = {
+        "matmul_params": n,
+        "lora_r8_all_params": n_lora,
+        "flops_per_token": flops_per_token(n, n_lora),
+    }
     if ctx.dry_run:
         info["gpu"] = {"name": None, "note": "dry run: no GPU used"}
         return info
@@ -718,8 +841,11 @@ def setup(ctx: Context, args) -> dict:
     peak = args.peak_tflops or peak_bf16_tflops(gpu["name"])
     ctx.peak_flops = peak * 1e12 if peak else None
     ctx.measured_flops = gpu["bf16_matmul_tflops"] * 1e12
-    info["gpu"] = {**gpu, "bf16_peak_tflops": peak,
-                   "bf16_peak_source": "--peak-tflops" if args.peak_tflops else ("datasheet" if peak else "unknown")}
+    info["gpu"] = {
+        **gpu,
+        "bf16_peak_tflops": peak,
+        "bf16_peak_source": "--peak-tflops" if args.peak_tflops else ("datasheet" if peak else "unknown"),
+    }
     return info
 
 
@@ -741,17 +867,24 @@ def worker_gpu_info(out: Path) -> None:
         a @ b
         torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
-    driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                            capture_output=True, text=True).stdout.strip()
-    out.write_text(json.dumps({
-        "name": torch.cuda.get_device_name(0),
-        "memory_gib": round(props.total_memory / 2**30, 1),
-        "capability": ".".join(map(str, torch.cuda.get_device_capability(0))),
-        "count": torch.cuda.device_count(),
-        "cuda": torch.version.cuda,
-        "driver": driver or None,
-        "bf16_matmul_tflops": round(2 * 8192**3 / best / 1e12, 1),
-    }, indent=1) + "\n")
+    driver = subprocess.run(
+        ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+    ).stdout.strip()
+    out.write_text(
+        json.dumps(
+            {
+                "name": torch.cuda.get_device_name(0),
+                "memory_gib": round(props.total_memory / 2**30, 1),
+                "capability": ".".join(map(str, torch.cuda.get_device_capability(0))),
+                "count": torch.cuda.device_count(),
+                "cuda": torch.version.cuda,
+                "driver": driver or None,
+                "bf16_matmul_tflops": round(2 * 8192**3 / best / 1e12, 1),
+            },
+            indent=1,
+        )
+        + "\n"
+    )
 
 
 def make_random_llama(folder: Path, shape: dict, device: str = "cpu", seed: int = 0) -> Path:
@@ -766,8 +899,12 @@ def make_random_llama(folder: Path, shape: dict, device: str = "cpu", seed: int 
     from loralab.testing import make_tiny_tokenizer
 
     tokenizer = make_tiny_tokenizer("llama3")
-    config = LlamaConfig(**{"vocab_size": len(tokenizer), **shape}, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        **{"vocab_size": len(tokenizer), **shape},
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(seed)
     with torch.device(device):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
@@ -793,17 +930,26 @@ def worker_load_adapter(config_path: Path, out: Path) -> None:
     settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens)
     tuned = engine.generate(question, settings, adapter=name)[0].text
     base = engine.generate(question, settings, adapter=None)[0].text
-    out.write_text(json.dumps({
-        "lora_modules": len(lora_b),
-        "lora_b_nonzero": bool(lora_b) and all(float(p.detach().abs().sum()) > 0 for p in lora_b),
-        "dtype": str(next(engine.model.parameters()).dtype).removeprefix("torch."),
-        "quantized": bool(getattr(engine.model, "is_quantized", False) or getattr(engine.model.base_model, "is_quantized", False)),
-        "reply": tuned[:200],
-        "differs_from_base": tuned != base,
-        "n_matmul_params": count_matmul_params(resolve_model_path(cfg.model_name_or_path)[0]),
-        "device": str(engine.device),
-        "cuda": torch.cuda.is_available(),
-    }, indent=1) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "lora_modules": len(lora_b),
+                "lora_b_nonzero": bool(lora_b) and all(float(p.detach().abs().sum()) > 0 for p in lora_b),
+                "dtype": str(next(engine.model.parameters()).dtype).removeprefix("torch."),
+                "quantized": bool(
+                    getattr(engine.model, "is_quantized", False)
+                    or getattr(engine.model.base_model, "is_quantized", False)
+                ),
+                "reply": tuned[:200],
+                "differs_from_base": tuned != base,
+                "n_matmul_params": count_matmul_params(resolve_model_path(cfg.model_name_or_path)[0]),
+                "device": str(engine.device),
+                "cuda": torch.cuda.is_available(),
+            },
+            indent=1,
+        )
+        + "\n"
+    )
 
 
 def worker(argv: list[str]) -> None:
@@ -837,15 +983,27 @@ def worker(argv: list[str]) -> None:
 # --- main ----------------------------------------------------------------------------------------
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="loralab GPU check: bf16 LoRA, QLoRA, vLLM predict/serve, DeepSpeed.")
-    p.add_argument("--dry-run", action="store_true", help="Prepare data, configs and commands only; no GPU, nothing run.")
-    p.add_argument("--workdir", default=str(REPO / "runs" / "gpu_check"), help="Folder for data, models, runs and logs.")
+    p.add_argument(
+        "--dry-run", action="store_true", help="Prepare data, configs and commands only; no GPU, nothing run."
+    )
+    p.add_argument(
+        "--workdir", default=str(REPO / "runs" / "gpu_check"), help="Folder for data, models, runs and logs."
+    )
     p.add_argument("--data", default=str(DEFAULT_DATA), help="alpaca-cleaned JSON (the demo data is used when absent).")
-    p.add_argument("--out", default=None, help="Summary JSON (default: $OUT/gpu_check.json, else WORKDIR/gpu_check.json).")
+    p.add_argument(
+        "--out", default=None, help="Summary JSON (default: $OUT/gpu_check.json, else WORKDIR/gpu_check.json)."
+    )
     p.add_argument("--only", default=None, help=f"Comma list of checks (default: all): {', '.join(CHECKS)}.")
-    p.add_argument("--budget-s", type=float, default=720.0,
-                   help="Seconds for everything, installs included; checks that would start later are skipped.")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=720.0,
+        help="Seconds for everything, installs included; checks that would start later are skipped.",
+    )
     p.add_argument("--install-seconds", type=float, default=0.0, help="(set by gpu_check.sh) time its installs took.")
-    p.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak of this GPU, when not in the table.")
+    p.add_argument(
+        "--peak-tflops", type=float, default=None, help="bf16 dense peak of this GPU, when not in the table."
+    )
     p.add_argument("--python", default=sys.executable, help="Python that runs loralab (the venv's).")
     return p.parse_args(argv)
 
@@ -864,13 +1022,20 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     budget_end = start + args.budget_s - args.install_seconds
     workdir = Path(args.workdir).resolve()
-    out = Path(args.out) if args.out else (Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT")
-                                           else workdir / "gpu_check.json")
+    out = (
+        Path(args.out)
+        if args.out
+        else (Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT") else workdir / "gpu_check.json")
+    )
     ctx = Context(workdir=workdir, python=args.python, data_dir=workdir / "data", dry_run=args.dry_run)
-    summary = {"tool": "bench/gpu_check.py", "dry_run": args.dry_run,
-               "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start)),
-               "install_s": args.install_seconds, "versions": versions(),
-               "mfu_formula": "MFU = non-padding tokens/s * (4 * N_matmul + 2 * N_trainable) / peak bf16 FLOP/s"}
+    summary = {
+        "tool": "bench/gpu_check.py",
+        "dry_run": args.dry_run,
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start)),
+        "install_s": args.install_seconds,
+        "versions": versions(),
+        "mfu_formula": "MFU = non-padding tokens/s * (4 * N_matmul + 2 * N_trainable) / peak bf16 FLOP/s",
+    }
     try:
         summary.update(setup(ctx, args))
         ok = True
@@ -890,8 +1055,12 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(relative(summary, workdir, ctx.python), indent=1) + "\n", encoding="utf-8")
     counts = {k: len(summary[k]) for k in ("pass", "fail", "skip", "dry")}
-    print(f"{counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped"
-          + (f", {counts['dry']} planned (dry run)" if args.dry_run else "") + f"; summary: {out}", flush=True)
+    print(
+        f"{counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped"
+        + (f", {counts['dry']} planned (dry run)" if args.dry_run else "")
+        + f"; summary: {out}",
+        flush=True,
+    )
     return 0 if ok and not summary["fail"] and not summary["skip"] else 1
 
 

@@ -30,8 +30,9 @@ print(reply.choices[0].message.content)
 print(f"[finish_reason={reply.choices[0].finish_reason}, usage={reply.usage.model_dump()}]")
 
 # Streaming: print the reply as it is generated.
-stream = client.chat.completions.create(model=model, messages=messages, max_tokens=128, temperature=0.7,
-                                        top_p=0.9, seed=0, stream=True)
+stream = client.chat.completions.create(
+    model=model, messages=messages, max_tokens=128, temperature=0.7, top_p=0.9, seed=0, stream=True
+)
 for chunk in stream:
     if chunk.choices and chunk.choices[0].delta.content:
         print(chunk.choices[0].delta.content, end="", flush=True)

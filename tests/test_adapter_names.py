@@ -29,8 +29,9 @@ def odd_adapters(tiny_model, tmp_path_factory) -> dict[str, Path]:
 
 def run(*args, cwd, stdin=None):
     env = dict(os.environ, PYTHONIOENCODING="utf-8", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([str(LORALAB), *args], input=stdin, capture_output=True, text=True, cwd=cwd, env=env,
-                          timeout=300)
+    return subprocess.run(
+        [str(LORALAB), *args], input=stdin, capture_output=True, text=True, cwd=cwd, env=env, timeout=300
+    )
 
 
 def test_display_names_are_unique_and_internal_names_are_safe(tmp_path):
@@ -43,8 +44,14 @@ def test_display_names_are_unique_and_internal_names_are_safe(tmp_path):
 
 
 def test_engine_serves_each_adapter_under_the_users_name(tiny_model, odd_adapters):
-    cfg = load_config(None, {"model_name_or_path": str(tiny_model), "torch_threads": 1,
-                             "adapter_name_or_path": ",".join(str(p) for p in odd_adapters.values())})
+    cfg = load_config(
+        None,
+        {
+            "model_name_or_path": str(tiny_model),
+            "torch_threads": 1,
+            "adapter_name_or_path": ",".join(str(p) for p in odd_adapters.values()),
+        },
+    )
     engine = Engine(cfg)
     assert engine.adapter_names == FOLDER_NAMES
     settings = GenerationSettings(max_new_tokens=8)
@@ -55,25 +62,45 @@ def test_engine_serves_each_adapter_under_the_users_name(tiny_model, odd_adapter
 def test_predict_eval_chat_and_export_with_odd_folder_names(tiny_model, odd_adapters, tmp_path):
     records = [{"instruction": f"Say {i}.", "input": "", "output": f"{i}"} for i in range(3)]
     (tmp_path / "d.json").write_text(json.dumps(records))
-    (tmp_path / "cfg.yaml").write_text(f"model_name_or_path: {tiny_model}\nmax_new_tokens: 4\noutput_dir: out\n"
-                                       "torch_threads: 1\n")
+    (tmp_path / "cfg.yaml").write_text(
+        f"model_name_or_path: {tiny_model}\nmax_new_tokens: 4\noutput_dir: out\ntorch_threads: 1\n"
+    )
     dotted, spaced, cyrillic = (str(odd_adapters[n]) for n in FOLDER_NAMES)
 
     out = run("predict", "cfg.yaml", f"adapter_name_or_path={dotted}", "--data", "d.json", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert len((tmp_path / "out" / "predict-d-llama3.2-1b-lora" / "generated_predictions.jsonl").read_text()
-               .splitlines()) == 3
+    assert (
+        len((tmp_path / "out" / "predict-d-llama3.2-1b-lora" / "generated_predictions.jsonl").read_text().splitlines())
+        == 3
+    )
 
-    out = run("eval", "cfg.yaml", f"adapter_name_or_path={spaced}", "--data", "d.json", "--compare-base",
-              "--n-boot", "20", "--output-dir", "cmp", cwd=tmp_path)
+    out = run(
+        "eval",
+        "cfg.yaml",
+        f"adapter_name_or_path={spaced}",
+        "--data",
+        "d.json",
+        "--compare-base",
+        "--n-boot",
+        "20",
+        "--output-dir",
+        "cmp",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads((tmp_path / "cmp" / "run v1.0" / "metrics.json").read_text())["adapter"] == spaced
 
     out = run("chat", "cfg.yaml", f"adapter_name_or_path={cyrillic}", cwd=tmp_path, stdin="hello\n/exit\n")
     assert out.returncode == 0 and out.stdout.strip(), out.stderr[-2000:]
 
-    cfg = load_config(None, {"model_name_or_path": str(tiny_model), "adapter_name_or_path": dotted,
-                             "export_dir": str(tmp_path / "merged v1.0")})
+    cfg = load_config(
+        None,
+        {
+            "model_name_or_path": str(tiny_model),
+            "adapter_name_or_path": dotted,
+            "export_dir": str(tmp_path / "merged v1.0"),
+        },
+    )
     assert (export(cfg) / "config.json").is_file()
 
 
@@ -86,11 +113,22 @@ def test_api_adapter_names_with_dots(tiny_model, odd_adapters):
     env = dict(os.environ, API_PORT=str(port), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env.pop("API_KEY", None)
     proc = subprocess.Popen(
-        [str(LORALAB), "api", f"model_name_or_path={tiny_model}", "max_new_tokens=6", "torch_threads=1",
-         f"adapter_name_or_path={odd_adapters['run v1.0']}",
-         "--adapter", f"llama3.2-tuned={odd_adapters['llama3.2-1b-lora']}",
-         "--adapter", f"адаптер={odd_adapters['адаптер-ü']}"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        [
+            str(LORALAB),
+            "api",
+            f"model_name_or_path={tiny_model}",
+            "max_new_tokens=6",
+            "torch_threads=1",
+            f"adapter_name_or_path={odd_adapters['run v1.0']}",
+            "--adapter",
+            f"llama3.2-tuned={odd_adapters['llama3.2-1b-lora']}",
+            "--adapter",
+            f"адаптер={odd_adapters['адаптер-ü']}",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.time() + 120
         while True:

@@ -67,8 +67,7 @@ def engine(tiny_model, tiny_adapters):
     # One torch thread: the tiny model gains nothing from more, and on a busy 2-core machine
     # two threads waiting on each other make every decoding step ~10x slower.
     threads = torch.get_num_threads()
-    yield Engine(Config(model_name_or_path=str(tiny_model), adapters=tiny_adapters, max_new_tokens=16,
-                        torch_threads=1))
+    yield Engine(Config(model_name_or_path=str(tiny_model), adapters=tiny_adapters, max_new_tokens=16, torch_threads=1))
     torch.set_num_threads(threads)
 
 
@@ -118,8 +117,11 @@ def test_finish_reason_length_and_usage(client):
 
 def test_streaming_chunks_match_the_plain_reply(client):
     full = client.chat.completions.create(model="beta", messages=HELLO, max_tokens=10)
-    chunks = list(client.chat.completions.create(model="beta", messages=HELLO, max_tokens=10, stream=True,
-                                                 stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="beta", messages=HELLO, max_tokens=10, stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     assert len({c.id for c in chunks}) == 1
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -155,20 +157,30 @@ def test_stop_strings_and_seeded_sampling(client):
 
 def test_content_parts_developer_role_and_max_completion_tokens(client):
     plain = client.chat.completions.create(
-        model="alpha", max_tokens=6,
-        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}])
+        model="alpha",
+        max_tokens=6,
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}],
+    )
     parts = client.chat.completions.create(
-        model="alpha", max_completion_tokens=6,
-        messages=[{"role": "developer", "content": "Be brief."},
-                  {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]}])
+        model="alpha",
+        max_completion_tokens=6,
+        messages=[
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
+        ],
+    )
     assert parts.choices[0].message.content == plain.choices[0].message.content
     assert parts.usage.prompt_tokens == plain.usage.prompt_tokens
 
 
 def test_wrong_or_missing_key_is_401(server):
     for key in ("wrong", ""):
-        bad = openai.OpenAI(base_url=server.url + "/v1", api_key=key or "x", max_retries=0,
-                            default_headers={} if key else {"Authorization": ""})
+        bad = openai.OpenAI(
+            base_url=server.url + "/v1",
+            api_key=key or "x",
+            max_retries=0,
+            default_headers={} if key else {"Authorization": ""},
+        )
         with pytest.raises(openai.AuthenticationError) as e:
             bad.models.list()
         assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
@@ -188,8 +200,11 @@ def test_wrong_or_missing_key_is_401(server):
         ({"model": "alpha", "messages": [{"role": "user"}]}, 400, "messages[0].content"),
         ({"model": "alpha", "messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
         ({"model": "alpha", "messages": [{"role": "user", "content": "hi", "strict": 1}]}, 400, "messages[0].strict"),
-        ({"model": "alpha", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
-         400, "messages[0].content[0].type"),
+        (
+            {"model": "alpha", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            400,
+            "messages[0].content[0].type",
+        ),
         ({"model": "nope", "messages": HELLO}, 404, "model"),
         ({"model": "alpha", "messages": HELLO, "n": 2}, 400, "n"),
         ({"model": "alpha", "messages": HELLO, "tools": []}, 400, "tools"),
@@ -201,8 +216,11 @@ def test_wrong_or_missing_key_is_401(server):
 )
 def test_client_mistakes_are_4xx_with_openai_error_json(server, body, status, param):
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    r = httpx.post(server.url + "/v1/chat/completions", content=content,
-                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    r = httpx.post(
+        server.url + "/v1/chat/completions",
+        content=content,
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
@@ -220,8 +238,10 @@ def test_openai_client_sees_bad_request(client):
 
 def test_concurrent_requests_are_batched_and_match_single_replies(client, server, engine):
     prompts = [[{"role": "user", "content": f"Write the number {i} in words."}] for i in range(12)]
-    alone = [client.chat.completions.create(model="alpha", messages=p, max_tokens=8).choices[0].message.content
-             for p in prompts[:3]]
+    alone = [
+        client.chat.completions.create(model="alpha", messages=p, max_tokens=8).choices[0].message.content
+        for p in prompts[:3]
+    ]
     before = httpx.get(server.url + "/health").json()["largest_batch"]
 
     def ask(p):
@@ -235,8 +255,11 @@ def test_concurrent_requests_are_batched_and_match_single_replies(client, server
 
 def test_requests_for_different_adapters_share_the_running_batch(client, server, engine):
     """Base model and both adapters at once: one batch (peft's mixed-adapter forward), each reply as if alone."""
-    jobs = [(model, [{"role": "user", "content": f"Count to {i}."}])
-            for i in range(4) for model in (engine.base_name, "alpha", "beta")]
+    jobs = [
+        (model, [{"role": "user", "content": f"Count to {i}."}])
+        for i in range(4)
+        for model in (engine.base_name, "alpha", "beta")
+    ]
 
     def ask(job):
         model, messages = job
@@ -256,8 +279,9 @@ def test_disconnect_mid_stream_cancels_generation(server, engine):
     long = [{"role": "user", "content": "Tell me a long story."}]
     cancelled = httpx.get(server.url + "/health").json()["cancelled"]
     body = {"model": "alpha", "messages": long, "max_tokens": 900, "stream": True}
-    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
-                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+    with httpx.stream(
+        "POST", server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
+    ) as r:
         lines = r.iter_lines()
         got = [next(lines) for _ in range(6)]  # role chunk + a few deltas, then hang up
     assert any('"content"' in g for g in got)
@@ -279,8 +303,13 @@ def test_one_failing_request_does_not_break_the_others(client, engine, monkeypat
 
     def ask(text):
         try:
-            return client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": text}],
-                                                  max_tokens=4).choices[0].finish_reason
+            return (
+                client.chat.completions.create(
+                    model="alpha", messages=[{"role": "user", "content": text}], max_tokens=4
+                )
+                .choices[0]
+                .finish_reason
+            )
         except openai.InternalServerError as e:
             return e.body["type"]
 
@@ -322,9 +351,18 @@ def test_loralab_api_command(tiny_model, tiny_adapters):
     port = free_port()
     env = dict(os.environ, API_KEY="env-key", API_HOST="127.0.0.1", API_PORT=str(port), HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("loralab")), "api", f"model_name_or_path={tiny_model}",
-         "max_new_tokens=8", "torch_threads=1", "--adapter", f"tuned={tiny_adapters['alpha']}"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [
+            str(Path(sys.executable).with_name("loralab")),
+            "api",
+            f"model_name_or_path={tiny_model}",
+            "max_new_tokens=8",
+            "torch_threads=1",
+            "--adapter",
+            f"tuned={tiny_adapters['alpha']}",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
         deadline = time.time() + 120
@@ -383,21 +421,62 @@ CORPUS = [
     ("json-string", "POST", "/v1/chat/completions", b'"hello"', {}, 400, None),
     ("json-null", "POST", "/v1/chat/completions", b"null", {}, 400, None),
     ("json-number", "POST", "/v1/chat/completions", b"42", {}, 400, None),
-    ("invalid-utf8", "POST", "/v1/chat/completions",
-     b'{"model": "alpha", "messages": [{"role": "user", "content": "\xff\xfe"}]}', {}, 400, None),
+    (
+        "invalid-utf8",
+        "POST",
+        "/v1/chat/completions",
+        b'{"model": "alpha", "messages": [{"role": "user", "content": "\xff\xfe"}]}',
+        {},
+        400,
+        None,
+    ),
     ("nested-100k-arrays", "POST", "/v1/chat/completions", NESTED, {}, 400, None),
     ("nested-objects", "POST", "/v1/chat/completions", b'{"a":' * 50_000 + b"1" + b"}" * 50_000, {}, 400, None),
-    ("nan-literal", "POST", "/v1/chat/completions",
-     b'{"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', {}, 400,
-     "temperature"),
-    ("infinity-literal", "POST", "/v1/chat/completions",
-     b'{"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "top_p": Infinity}', {}, 400, "top_p"),
-    ("form-content-type", "POST", "/v1/chat/completions", json.dumps(J()).encode(),
-     {"Content-Type": "application/x-www-form-urlencoded"}, 400, None),
-    ("text-content-type", "POST", "/v1/chat/completions", json.dumps(J()).encode(),
-     {"Content-Type": "text/plain"}, 400, None),
-    ("too-large", "POST", "/v1/chat/completions",
-     json.dumps(M(role="user", content="x" * 1_100_000)).encode(), {}, 413, None),
+    (
+        "nan-literal",
+        "POST",
+        "/v1/chat/completions",
+        b'{"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+        {},
+        400,
+        "temperature",
+    ),
+    (
+        "infinity-literal",
+        "POST",
+        "/v1/chat/completions",
+        b'{"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "top_p": Infinity}',
+        {},
+        400,
+        "top_p",
+    ),
+    (
+        "form-content-type",
+        "POST",
+        "/v1/chat/completions",
+        json.dumps(J()).encode(),
+        {"Content-Type": "application/x-www-form-urlencoded"},
+        400,
+        None,
+    ),
+    (
+        "text-content-type",
+        "POST",
+        "/v1/chat/completions",
+        json.dumps(J()).encode(),
+        {"Content-Type": "text/plain"},
+        400,
+        None,
+    ),
+    (
+        "too-large",
+        "POST",
+        "/v1/chat/completions",
+        json.dumps(M(role="user", content="x" * 1_100_000)).encode(),
+        {},
+        413,
+        None,
+    ),
     # the fields
     ("missing-model", "POST", "/v1/chat/completions", J(model=None), {}, 400, "model"),
     ("model-not-string", "POST", "/v1/chat/completions", J(model=7), {}, 400, "model"),
@@ -414,30 +493,89 @@ CORPUS = [
     ("role-number", "POST", "/v1/chat/completions", M(role=1, content="hi"), {}, 400, "messages[0].role"),
     ("content-missing", "POST", "/v1/chat/completions", M(role="user"), {}, 400, "messages[0].content"),
     ("content-number", "POST", "/v1/chat/completions", M(role="user", content=5), {}, 400, "messages[0].content"),
-    ("content-null", "POST", "/v1/chat/completions", M(role="user", content=None), {}, 400,
-     "messages[0].content"),
-    ("content-object", "POST", "/v1/chat/completions", M(role="user", content={"text": "hi"}), {}, 400,
-     "messages[0].content"),
-    ("content-surrogate", "POST", "/v1/chat/completions", M(role="user", content="a\ud800b"), {}, 400,
-     "messages[0].content"),
-    ("content-low-surrogate", "POST", "/v1/chat/completions", M(role="user", content="\udfffend"), {}, 400,
-     "messages[0].content"),
-    ("part-image", "POST", "/v1/chat/completions",
-     M(role="user", content=[{"type": "image_url", "image_url": {"url": "http://x"}}]), {}, 400,
-     "messages[0].content[0].type"),
-    ("part-no-text", "POST", "/v1/chat/completions", M(role="user", content=[{"type": "text"}]), {}, 400,
-     "messages[0].content[0].text"),
-    ("part-text-number", "POST", "/v1/chat/completions", M(role="user", content=[{"type": "text", "text": 3}]),
-     {}, 400, "messages[0].content[0].text"),
-    ("part-surrogate", "POST", "/v1/chat/completions",
-     M(role="user", content=[{"type": "text", "text": "\ud83d"}]), {}, 400, "messages[0].content[0].text"),
-    ("part-extra-field", "POST", "/v1/chat/completions",
-     M(role="user", content=[{"type": "text", "text": "hi", "cache": True}]), {}, 400,
-     "messages[0].content[0].cache"),
-    ("message-extra-field", "POST", "/v1/chat/completions", M(role="user", content="hi", strict=1), {}, 400,
-     "messages[0].strict"),
-    ("name-number", "POST", "/v1/chat/completions", M(role="user", content="hi", name=5), {}, 400,
-     "messages[0].name"),
+    ("content-null", "POST", "/v1/chat/completions", M(role="user", content=None), {}, 400, "messages[0].content"),
+    (
+        "content-object",
+        "POST",
+        "/v1/chat/completions",
+        M(role="user", content={"text": "hi"}),
+        {},
+        400,
+        "messages[0].content",
+    ),
+    (
+        "content-surrogate",
+        "POST",
+        "/v1/chat/completions",
+        M(role="user", content="a\ud800b"),
+        {},
+        400,
+        "messages[0].content",
+    ),
+    (
+        "content-low-surrogate",
+        "POST",
+        "/v1/chat/completions",
+        M(role="user", content="\udfffend"),
+        {},
+        400,
+        "messages[0].content",
+    ),
+    (
+        "part-image",
+        "POST",
+        "/v1/chat/completions",
+        M(role="user", content=[{"type": "image_url", "image_url": {"url": "http://x"}}]),
+        {},
+        400,
+        "messages[0].content[0].type",
+    ),
+    (
+        "part-no-text",
+        "POST",
+        "/v1/chat/completions",
+        M(role="user", content=[{"type": "text"}]),
+        {},
+        400,
+        "messages[0].content[0].text",
+    ),
+    (
+        "part-text-number",
+        "POST",
+        "/v1/chat/completions",
+        M(role="user", content=[{"type": "text", "text": 3}]),
+        {},
+        400,
+        "messages[0].content[0].text",
+    ),
+    (
+        "part-surrogate",
+        "POST",
+        "/v1/chat/completions",
+        M(role="user", content=[{"type": "text", "text": "\ud83d"}]),
+        {},
+        400,
+        "messages[0].content[0].text",
+    ),
+    (
+        "part-extra-field",
+        "POST",
+        "/v1/chat/completions",
+        M(role="user", content=[{"type": "text", "text": "hi", "cache": True}]),
+        {},
+        400,
+        "messages[0].content[0].cache",
+    ),
+    (
+        "message-extra-field",
+        "POST",
+        "/v1/chat/completions",
+        M(role="user", content="hi", strict=1),
+        {},
+        400,
+        "messages[0].strict",
+    ),
+    ("name-number", "POST", "/v1/chat/completions", M(role="user", content="hi", name=5), {}, 400, "messages[0].name"),
     ("unknown-field-tools", "POST", "/v1/chat/completions", J(tools=[]), {}, 400, "tools"),
     ("unknown-field-prompt", "POST", "/v1/chat/completions", J(prompt="hi"), {}, 400, "prompt"),
     ("max-tokens-zero", "POST", "/v1/chat/completions", J(max_tokens=0), {}, 400, "max_tokens"),
@@ -447,8 +585,15 @@ CORPUS = [
     ("max-tokens-bool", "POST", "/v1/chat/completions", J(max_tokens=True), {}, 400, "max_tokens"),
     ("max-tokens-over-context", "POST", "/v1/chat/completions", J(max_tokens=5000), {}, 400, "max_tokens"),
     ("max-tokens-huge", "POST", "/v1/chat/completions", J(max_tokens=10**30), {}, 400, "max_tokens"),
-    ("max-completion-tokens-zero", "POST", "/v1/chat/completions", J(max_completion_tokens=0), {}, 400,
-     "max_completion_tokens"),
+    (
+        "max-completion-tokens-zero",
+        "POST",
+        "/v1/chat/completions",
+        J(max_completion_tokens=0),
+        {},
+        400,
+        "max_completion_tokens",
+    ),
     ("temperature-high", "POST", "/v1/chat/completions", J(temperature=9), {}, 400, "temperature"),
     ("temperature-negative", "POST", "/v1/chat/completions", J(temperature=-1), {}, 400, "temperature"),
     ("temperature-string", "POST", "/v1/chat/completions", J(temperature="hot"), {}, 400, "temperature"),
@@ -464,12 +609,33 @@ CORPUS = [
     ("stream-yes", "POST", "/v1/chat/completions", J(stream="yes"), {}, 400, "stream"),
     ("stream-true-string", "POST", "/v1/chat/completions", J(stream="true"), {}, 400, "stream"),
     ("stream-one", "POST", "/v1/chat/completions", J(stream=1), {}, 400, "stream"),
-    ("stream-options-without-stream", "POST", "/v1/chat/completions", J(stream_options={"include_usage": True}),
-     {}, 400, "stream_options"),
-    ("stream-options-bad-usage", "POST", "/v1/chat/completions",
-     J(stream=True, stream_options={"include_usage": "yes"}), {}, 400, "stream_options.include_usage"),
-    ("stream-options-extra", "POST", "/v1/chat/completions", J(stream=True, stream_options={"x": 1}), {}, 400,
-     "stream_options.x"),
+    (
+        "stream-options-without-stream",
+        "POST",
+        "/v1/chat/completions",
+        J(stream_options={"include_usage": True}),
+        {},
+        400,
+        "stream_options",
+    ),
+    (
+        "stream-options-bad-usage",
+        "POST",
+        "/v1/chat/completions",
+        J(stream=True, stream_options={"include_usage": "yes"}),
+        {},
+        400,
+        "stream_options.include_usage",
+    ),
+    (
+        "stream-options-extra",
+        "POST",
+        "/v1/chat/completions",
+        J(stream=True, stream_options={"x": 1}),
+        {},
+        400,
+        "stream_options.x",
+    ),
     ("stop-five", "POST", "/v1/chat/completions", J(stop=list("abcde")), {}, 400, "stop"),
     ("stop-empty", "POST", "/v1/chat/completions", J(stop=""), {}, 400, "stop"),
     ("stop-number", "POST", "/v1/chat/completions", J(stop=5), {}, 400, "stop"),
@@ -478,17 +644,45 @@ CORPUS = [
     ("presence-penalty", "POST", "/v1/chat/completions", J(presence_penalty=0.5), {}, 400, "presence_penalty"),
     ("logprobs", "POST", "/v1/chat/completions", J(logprobs=True), {}, 400, "logprobs"),
     ("user-number", "POST", "/v1/chat/completions", J(user=12), {}, 400, "user"),
-    ("prompt-over-context", "POST", "/v1/chat/completions", M(role="user", content="word " * 2000), {}, 400,
-     "messages"),
-    ("many-messages-over-context", "POST", "/v1/chat/completions",
-     J(messages=[{"role": "user", "content": "hello there"}] * 600), {}, 400, "messages"),
+    (
+        "prompt-over-context",
+        "POST",
+        "/v1/chat/completions",
+        M(role="user", content="word " * 2000),
+        {},
+        400,
+        "messages",
+    ),
+    (
+        "many-messages-over-context",
+        "POST",
+        "/v1/chat/completions",
+        J(messages=[{"role": "user", "content": "hello there"}] * 600),
+        {},
+        400,
+        "messages",
+    ),
     # near misses that are fine: the corpus must not refuse valid requests
     ("ok-stream-null", "POST", "/v1/chat/completions", J(stream=None) | {"stream": None}, {}, 200, None),
-    ("ok-n-one-and-zero-penalties", "POST", "/v1/chat/completions",
-     J(n=1, frequency_penalty=0, presence_penalty=0, logprobs=False), {}, 200, None),
+    (
+        "ok-n-one-and-zero-penalties",
+        "POST",
+        "/v1/chat/completions",
+        J(n=1, frequency_penalty=0, presence_penalty=0, logprobs=False),
+        {},
+        200,
+        None,
+    ),
     ("ok-largest-seed", "POST", "/v1/chat/completions", J(seed=2**63 - 1, temperature=1), {}, 200, None),
-    ("ok-unicode-and-nul", "POST", "/v1/chat/completions", M(role="user", content="h\u00e9llo \U0001F600 \u0000"),
-     {}, 200, None),
+    (
+        "ok-unicode-and-nul",
+        "POST",
+        "/v1/chat/completions",
+        M(role="user", content="h\u00e9llo \U0001f600 \u0000"),
+        {},
+        200,
+        None,
+    ),
     ("ok-empty-content", "POST", "/v1/chat/completions", M(role="user", content=""), {}, 200, None),
     ("ok-model-card", "GET", "/v1/models/alpha", None, {}, 200, None),
 ]
@@ -529,8 +723,10 @@ def raw_request(port: int, head: bytes, body: bytes = b"", timeout: float = 10) 
 
 def test_request_size_limit_is_checked_before_the_body_is_read(server):
     # Content-Length says 10 MB: refused at once, without waiting for (or reading) the body.
-    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 10000000\r\n\r\n")
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 10000000\r\n\r\n"
+    )
     t0 = time.perf_counter()
     status, body = raw_request(server.port, head, b'{"model": ')
     assert status == 413 and time.perf_counter() - t0 < 5
@@ -542,8 +738,11 @@ def test_request_size_limit_is_checked_before_the_body_is_read(server):
         for _ in range(5):
             yield chunk
 
-    r = httpx.post(server.url + "/v1/chat/completions", content=chunks(),
-                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    r = httpx.post(
+        server.url + "/v1/chat/completions",
+        content=chunks(),
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
 
 
@@ -553,8 +752,12 @@ def test_a_large_prompt_does_not_stall_other_requests(server):
     result = {}
 
     def send():
-        result["r"] = httpx.post(server.url + "/v1/chat/completions", content=big, timeout=120,
-                                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        result["r"] = httpx.post(
+            server.url + "/v1/chat/completions",
+            content=big,
+            timeout=120,
+            headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+        )
 
     sender = threading.Thread(target=send)
     sender.start()
@@ -611,12 +814,19 @@ def test_a_template_that_refuses_a_conversation_is_a_400(tiny_model, tmp_path):
     model = tmp_path / "no-system-model"
     shutil.copytree(tiny_model, model)
     template = model / "chat_template.jinja"
-    template.write_text("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
-                        "{% endif %}" + template.read_text())
+    template.write_text(
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}" + template.read_text()
+    )
     engine = Engine(Config(model_name_or_path=str(model), max_new_tokens=4, torch_threads=1))
     with TestClient(create_app(engine)) as client:
-        r = client.post("/v1/chat/completions", json={"model": str(model), "messages": [
-            {"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]})
+        r = client.post(
+            "/v1/chat/completions",
+            json={
+                "model": str(model),
+                "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+            },
+        )
         assert r.status_code == 400, r.text
         assert r.json()["error"]["param"] == "messages" and "System role not supported" in r.json()["error"]["message"]
         ok = client.post("/v1/chat/completions", json={"model": str(model), "messages": HELLO})
@@ -630,15 +840,22 @@ def test_load_with_disconnecting_clients(server, engine):
     statuses: list[int] = []
     cancelled_before = httpx.get(server.url + "/health").json()["cancelled"]
     t1 = time.perf_counter()
-    assert httpx.post(server.url + "/v1/chat/completions", json=J(max_tokens=4),
-                      headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    assert (
+        httpx.post(
+            server.url + "/v1/chat/completions", json=J(max_tokens=4), headers={"Authorization": f"Bearer {KEY}"}
+        ).status_code
+        == 200
+    )
     idle = time.perf_counter() - t1
 
     async def one(client, i):
         hang_up = i % 4 in (0, 1)  # half of the clients leave mid-reply: streaming (i % 4 == 0) or not (1)
-        body = {"model": ["alpha", "beta", engine.base_name][i % 3], "max_tokens": 950 if hang_up else 24,
-                "messages": [{"role": "user", "content": f"Tell me a long story about the number {i}."}],
-                "stream": i % 2 == 0}
+        body = {
+            "model": ["alpha", "beta", engine.base_name][i % 3],
+            "max_tokens": 950 if hang_up else 24,
+            "messages": [{"role": "user", "content": f"Tell me a long story about the number {i}."}],
+            "stream": i % 2 == 0,
+        }
         url = server.url + "/v1/chat/completions"
         if body["stream"]:
             async with client.stream("POST", url, json=body) as r:
@@ -666,11 +883,14 @@ def test_load_with_disconnecting_clients(server, engine):
     assert statuses and all(s == 200 for s in statuses), statuses
     # The hung-up requests were cancelled, so a fresh request does not wait behind them.
     t1 = time.perf_counter()
-    r = httpx.post(server.url + "/v1/chat/completions", json=J(max_tokens=4),
-                   headers={"Authorization": f"Bearer {KEY}"})
+    r = httpx.post(
+        server.url + "/v1/chat/completions", json=J(max_tokens=4), headers={"Authorization": f"Bearer {KEY}"}
+    )
     fresh = time.perf_counter() - t1
     assert r.status_code == 200 and fresh < 2.0, f"fresh request took {fresh:.2f}s after the load"
     health = httpx.get(server.url + "/health").json()
     assert health["cancelled"] - cancelled_before >= 12  # 16 hung up; a row may also end on its own first
-    print(f"load: 32 requests from 16 clients in {took:.1f}s, fresh request {fresh * 1000:.0f} ms "
-          f"(idle server: {idle * 1000:.0f} ms), {health['cancelled'] - cancelled_before} cancelled")
+    print(
+        f"load: 32 requests from 16 clients in {took:.1f}s, fresh request {fresh * 1000:.0f} ms "
+        f"(idle server: {idle * 1000:.0f} ms), {health['cancelled'] - cancelled_before} cancelled"
+    )

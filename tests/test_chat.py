@@ -44,13 +44,23 @@ def test_chat_through_a_pipe_keeps_history_and_obeys_commands(tiny_model, engine
     script = "hello\n\nhow are you?\n/clear\nhello\n/system Answer in French.\nhello\n/bogus\n/exit\nnever read\n"
     proc = subprocess.run(
         [str(LORALAB), "chat", f"model_name_or_path={tiny_model}", "max_new_tokens=12", "torch_threads=1"],
-        input=script.encode(), capture_output=True, timeout=120, env=env(),
+        input=script.encode(),
+        capture_output=True,
+        timeout=120,
+        env=env(),
     )
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     r1 = reply(engine, [user("hello")])
     r2 = reply(engine, [user("hello"), {"role": "assistant", "content": r1}, user("how are you?")])
-    r4 = reply(engine, [{"role": "system", "content": "Answer in French."}, user("hello"),
-                        {"role": "assistant", "content": r1}, user("hello")])
+    r4 = reply(
+        engine,
+        [
+            {"role": "system", "content": "Answer in French."},
+            user("hello"),
+            {"role": "assistant", "content": r1},
+            user("hello"),
+        ],
+    )
     # stdout is exactly the replies, one per message: history before /clear, none right after it,
     # and the system prompt set mid-conversation applies to the whole history.
     assert proc.stdout.decode() == f"{r1}\n{r2}\n{r1}\n{r4}\n"
@@ -108,7 +118,10 @@ def test_ctrl_c_stops_the_reply_but_not_the_session(engine):
 def test_sigint_during_a_reply_in_a_real_process(tiny_model):
     proc = subprocess.Popen(
         [str(LORALAB), "chat", f"model_name_or_path={tiny_model}", "max_new_tokens=1000", "torch_threads=1"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env(),
     )
     try:
         proc.stdin.write(b"Tell me a long story.\n")
@@ -142,7 +155,7 @@ def test_oldest_turns_are_forgotten_when_the_context_is_full(engine):
     assert budget == 700
     assert len(engine.prompt_ids([{"role": "system", "content": system}, *kept])) + 700 <= 1024
     assert kept[-1] == user("last question") and kept[0]["role"] == "user"
-    assert 1 < len(kept) < 13 and kept == history[len(history) - len(kept):]
+    assert 1 < len(kept) < 13 and kept == history[len(history) - len(kept) :]
     # A message that leaves less room than max_new_tokens gets a shorter reply budget ...
     long = [user("apple banana " * 100)]
     n_prompt = len(engine.prompt_ids([{"role": "system", "content": system}, *long]))
@@ -166,8 +179,10 @@ def test_a_template_that_refuses_the_conversation_is_one_line_and_the_session_go
     model = tmp_path / "no-system-model"
     shutil.copytree(tiny_model, model)
     template = model / "chat_template.jinja"
-    template.write_text("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
-                        "{% endif %}" + template.read_text())
+    template.write_text(
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}" + template.read_text()
+    )
     engine = Engine(Config(model_name_or_path=str(model), torch_threads=1))
     session = ChatSession(engine, GenerationSettings(max_new_tokens=4))
     out, note = io.StringIO(), io.StringIO()
@@ -180,9 +195,15 @@ def test_a_template_that_refuses_the_conversation_is_one_line_and_the_session_go
 
 @pytest.mark.parametrize("redirect, message", [("0<&-", "stdin: closed"), (">&-", "stdout: closed")])
 def test_chat_with_a_closed_stdin_or_stdout_ends_with_one_line(tiny_model, redirect, message):
-    proc = subprocess.run(f"'{LORALAB}' chat model_name_or_path='{tiny_model}' {redirect}", shell=True,
-                          stderr=subprocess.PIPE, timeout=120, env=env(),
-                          stdin=subprocess.DEVNULL if redirect == ">&-" else None, check=False)
+    proc = subprocess.run(
+        f"'{LORALAB}' chat model_name_or_path='{tiny_model}' {redirect}",
+        shell=True,
+        stderr=subprocess.PIPE,
+        timeout=120,
+        env=env(),
+        stdin=subprocess.DEVNULL if redirect == ">&-" else None,
+        check=False,
+    )
     err = proc.stderr.decode()
     assert proc.returncode == 2 and f"error: {message}" in err and "Traceback" not in err, err[-2000:]
 
@@ -195,7 +216,10 @@ def test_reader_of_stdout_going_away_ends_the_session_quietly(tiny_model):
     read_end, write_end = os.pipe()
     os.close(read_end)  # the reader has gone away
     with open(write_end, "w", encoding="utf-8") as stdout:
-        chat(Config(model_name_or_path=str(tiny_model), max_new_tokens=20, torch_threads=1),
-             stdin=io.StringIO("hi\nhello\n"), stdout=stdout)
+        chat(
+            Config(model_name_or_path=str(tiny_model), max_new_tokens=20, torch_threads=1),
+            stdin=io.StringIO("hi\nhello\n"),
+            stdout=stdout,
+        )
         stdout.write("more")  # stdout now leads to /dev/null: the interpreter's last flush cannot fail
         stdout.flush()

@@ -44,8 +44,9 @@ def inputs(tmp_path_factory) -> Path:
         "data/no-answers.json": json.dumps([{"instruction": f"q{i}", "input": "", "output": ""} for i in range(20)]),
         "data/bad-line.jsonl": '{"instruction": "a", "output": "b"}\n{oops\n',
         "data/unknown-format.json": json.dumps([{"question": "a", "reply": "b"}]),
-        "data/dataset_info.json": json.dumps({"good": {"file_name": "good.json"},
-                                              "broken": {"file_name": "gone.json"}}),
+        "data/dataset_info.json": json.dumps(
+            {"good": {"file_name": "good.json"}, "broken": {"file_name": "gone.json"}}
+        ),
         "bad-info/dataset_info.json": "{not json",
         "predictions.jsonl": '{"predict": "a"}\n',
         "out-file": "I am a file, not a folder\n",
@@ -64,8 +65,11 @@ def inputs(tmp_path_factory) -> Path:
 
 def snapshot(root: Path) -> dict[str, str]:
     """sha256 of every file under root (to prove nothing the user had was changed)."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
-            if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 # (id, arguments, environment, exit status, text the error line must contain)
@@ -97,44 +101,86 @@ CASES = [
     ("train-typo", ["train", "{d}/typo.yaml"], {}, 2, "did you mean"),
     ("train-inf-learning-rate", ["train", "learning_rate=inf"], {}, 2, "learning_rate"),
     ("train-missing-dataset", ["train", "dataset=nope", "dataset_dir={d}/data"], {}, 2, "dataset `nope`"),
-    ("train-missing-file-in-info", ["train", "dataset=broken", "dataset_dir={d}/data", "eval_dataset=null"], {}, 2,
-     "gone.json"),
+    (
+        "train-missing-file-in-info",
+        ["train", "dataset=broken", "dataset_dir={d}/data", "eval_dataset=null"],
+        {},
+        2,
+        "gone.json",
+    ),
     ("train-invalid-json", ["train", "dataset={d}/data/invalid.json", "eval_dataset=null"], {}, 2, "invalid JSON"),
     ("train-numbers", ["train", "dataset={d}/data/numbers.json", "eval_dataset=null"], {}, 2, "numbers.json"),
     ("train-empty-list", ["train", "dataset={d}/data/empty-list.json", "eval_dataset=null"], {}, 2, "no records"),
     ("train-binary-data", ["train", "dataset={d}/data/binary.json", "eval_dataset=null"], {}, 2, "not UTF-8"),
     ("train-bad-dataset-info", ["train", "dataset=x", "dataset_dir={d}/bad-info"], {}, 2, "invalid JSON"),
-    ("train-missing-eval", ["train", "dataset={d}/data/good.json", "eval_dataset=nope", "dataset_dir={d}/data"], {},
-     2, "dataset `nope`"),
+    (
+        "train-missing-eval",
+        ["train", "dataset={d}/data/good.json", "eval_dataset=nope", "dataset_dir={d}/data"],
+        {},
+        2,
+        "dataset `nope`",
+    ),
     # prepare
     ("prepare-missing-source", ["prepare", "{d}/nope.json", "-o", "{d}/out1"], {}, 2, "file not found"),
-    ("prepare-nan-split", ["prepare", "{d}/data/good.json", "-o", "{d}/out2", "--split", "nan,0.5,0.5"], {}, 2,
-     "--split"),
-    ("prepare-inf-split", ["prepare", "{d}/data/good.json", "-o", "{d}/out3", "--split", "inf,1,1"], {}, 2,
-     "--split"),
-    ("prepare-negative-split", ["prepare", "{d}/data/good.json", "-o", "{d}/out4", "--split", "-1,1,1"], {}, 2,
-     "--split"),
-    ("prepare-two-part-split", ["prepare", "{d}/data/good.json", "-o", "{d}/out5", "--split", "1,2"], {}, 2,
-     "--split"),
-    ("prepare-word-split", ["prepare", "{d}/data/good.json", "-o", "{d}/out6", "--split", "a,b,c"], {}, 2,
-     "--split"),
-    ("prepare-empty-splits", ["prepare", "{d}/data/good.json", "-o", "{d}/out7", "--split", "0.01,0.01,0.01"], {}, 2,
-     "would be empty"),
-    ("prepare-too-many", ["prepare", "{d}/data/good.json", "-o", "{d}/out8", "--split", "100,10,10"], {}, 2,
-     "only 20 usable"),
+    (
+        "prepare-nan-split",
+        ["prepare", "{d}/data/good.json", "-o", "{d}/out2", "--split", "nan,0.5,0.5"],
+        {},
+        2,
+        "--split",
+    ),
+    ("prepare-inf-split", ["prepare", "{d}/data/good.json", "-o", "{d}/out3", "--split", "inf,1,1"], {}, 2, "--split"),
+    (
+        "prepare-negative-split",
+        ["prepare", "{d}/data/good.json", "-o", "{d}/out4", "--split", "-1,1,1"],
+        {},
+        2,
+        "--split",
+    ),
+    ("prepare-two-part-split", ["prepare", "{d}/data/good.json", "-o", "{d}/out5", "--split", "1,2"], {}, 2, "--split"),
+    ("prepare-word-split", ["prepare", "{d}/data/good.json", "-o", "{d}/out6", "--split", "a,b,c"], {}, 2, "--split"),
+    (
+        "prepare-empty-splits",
+        ["prepare", "{d}/data/good.json", "-o", "{d}/out7", "--split", "0.01,0.01,0.01"],
+        {},
+        2,
+        "would be empty",
+    ),
+    (
+        "prepare-too-many",
+        ["prepare", "{d}/data/good.json", "-o", "{d}/out8", "--split", "100,10,10"],
+        {},
+        2,
+        "only 20 usable",
+    ),
     ("prepare-no-answers", ["prepare", "{d}/data/no-answers.json", "-o", "{d}/out9"], {}, 2, "no usable record"),
     ("prepare-output-is-a-file", ["prepare", "{d}/data/good.json", "-o", "{d}/out-file"], {}, 2, "is a file"),
     ("prepare-would-overwrite", ["prepare", "{d}/data/good.json", "-o", "{d}/prepared"], {}, 2, "--overwrite"),
     ("prepare-sample-zero", ["prepare", "{d}/data/good.json", "-o", "{d}/out10", "--sample", "0"], {}, 2, "--sample"),
-    ("prepare-sample-negative", ["prepare", "{d}/data/good.json", "-o", "{d}/out11", "--sample", "-3"], {}, 2,
-     "--sample"),
-    ("prepare-max-tokens-alone", ["prepare", "{d}/data/good.json", "-o", "{d}/out12", "--max-tokens", "5"], {}, 2,
-     "--tokenizer"),
+    (
+        "prepare-sample-negative",
+        ["prepare", "{d}/data/good.json", "-o", "{d}/out11", "--sample", "-3"],
+        {},
+        2,
+        "--sample",
+    ),
+    (
+        "prepare-max-tokens-alone",
+        ["prepare", "{d}/data/good.json", "-o", "{d}/out12", "--max-tokens", "5"],
+        {},
+        2,
+        "--tokenizer",
+    ),
     ("prepare-invalid-json", ["prepare", "{d}/data/invalid.json", "-o", "{d}/out13"], {}, 2, "invalid JSON"),
     ("prepare-bad-jsonl-line", ["prepare", "{d}/data/bad-line.jsonl", "-o", "{d}/out14"], {}, 2, "line 2"),
     ("prepare-empty-file", ["prepare", "{d}/data/empty.json", "-o", "{d}/out15"], {}, 2, "empty file"),
-    ("prepare-unknown-format", ["prepare", "{d}/data/unknown-format.json", "-o", "{d}/out16"], {}, 2,
-     "unknown-format.json"),
+    (
+        "prepare-unknown-format",
+        ["prepare", "{d}/data/unknown-format.json", "-o", "{d}/out16"],
+        {},
+        2,
+        "unknown-format.json",
+    ),
     ("prepare-folder-without-name", ["prepare", "{d}/data", "-o", "{d}/out17"], {}, 2, "--dataset"),
     ("prepare-unknown-dataset", ["prepare", "{d}/data", "--dataset", "nope", "-o", "{d}/out18"], {}, 2, "nope"),
     ("prepare-seed-not-a-number", ["prepare", "{d}/data/good.json", "--seed", "abc"], {}, 2, "--seed"),
@@ -145,12 +191,16 @@ CASES = [
     ("api-adapter-flag", ["api", "--adapter", "just-a-path"], {}, 2, "--adapter: expected NAME=PATH"),
     ("api-batch-size-zero", ["api", "--max-batch-size", "0"], {}, 2, "--max-batch-size"),
     ("api-request-limit-zero", ["api", "--max-request-bytes", "0"], {}, 2, "--max-request-bytes"),
-    ("api-missing-adapter", ["api", "model_name_or_path={model}", "--adapter", "a={d}/no-adapter"], {}, 2,
-     "not found"),
+    ("api-missing-adapter", ["api", "model_name_or_path={model}", "--adapter", "a={d}/no-adapter"], {}, 2, "not found"),
     ("webchat-half-login", ["webchat", "--username", "ada"], {"WEBCHAT_PASSWORD": ""}, 2, "--username/--password"),
     ("webchat-port-out-of-range", ["webchat", "--port", "70000"], {}, 2, "--port"),
-    ("chat-missing-adapter", ["chat", "model_name_or_path={model}", "adapter_name_or_path={d}/no-adapter"], {}, 2,
-     "not found"),
+    (
+        "chat-missing-adapter",
+        ["chat", "model_name_or_path={model}", "adapter_name_or_path={d}/no-adapter"],
+        {},
+        2,
+        "not found",
+    ),
     ("chat-missing-model", ["chat", "model_name_or_path={d}/no-model"], {}, 2, "model_name_or_path"),
     # the other commands
     ("eval-missing-predictions", ["eval", "--predictions", "{d}/nope.jsonl"], {}, 2, "nope.jsonl"),
@@ -202,9 +252,18 @@ def test_corpus_is_large_enough():
 
 def test_train_typo_fails_before_torch_is_imported(inputs):
     """The real command: a config typo is reported without importing torch (seconds saved)."""
-    code = ("import sys; from loralab import cli; sys.argv = ['loralab', 'train', 'lora_rnk=8']\n"
-            "try:\n    cli.main()\nexcept SystemExit as e:\n    print('torch' in sys.modules, e.code)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=inputs,
-                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)), check=False)
+    code = (
+        "import sys; from loralab import cli; sys.argv = ['loralab', 'train', 'lora_rnk=8']\n"
+        "try:\n    cli.main()\nexcept SystemExit as e:\n    print('torch' in sys.modules, e.code)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=inputs,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+        check=False,
+    )
     assert proc.stdout.split() == ["False", "2"], proc.stderr[-2000:]
     assert "did you mean `lora_rank`" in proc.stderr and "Traceback" not in proc.stderr

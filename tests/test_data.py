@@ -24,17 +24,33 @@ def write(path: Path, obj) -> Path:
 
 
 def alpaca(n: int, start: int = 0) -> list[dict]:
-    return [{"instruction": f"Say {i}.", "input": "" if i % 2 else f"x{i}", "output": f"{i}"} for i in range(start, start + n)]
+    return [
+        {"instruction": f"Say {i}.", "input": "" if i % 2 else f"x{i}", "output": f"{i}"}
+        for i in range(start, start + n)
+    ]
 
 
 def sharegpt(n: int) -> list[dict]:
-    return [{"conversations": [{"from": "human", "value": f"hi {i}"}, {"from": "gpt", "value": f"hello {i}"}],
-             "system": "Be brief."} for i in range(n)]
+    return [
+        {
+            "conversations": [{"from": "human", "value": f"hi {i}"}, {"from": "gpt", "value": f"hello {i}"}],
+            "system": "Be brief.",
+        }
+        for i in range(n)
+    ]
 
 
 def openai(n: int) -> list[dict]:
-    return [{"messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": f"q{i}"},
-                          {"role": "assistant", "content": f"a{i}"}]} for i in range(n)]
+    return [
+        {
+            "messages": [
+                {"role": "system", "content": "sys"},
+                {"role": "user", "content": f"q{i}"},
+                {"role": "assistant", "content": f"a{i}"},
+            ]
+        }
+        for i in range(n)
+    ]
 
 
 def hashes(path: Path) -> set[str]:
@@ -42,18 +58,25 @@ def hashes(path: Path) -> set[str]:
 
 
 def run_cli(*args: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "loralab.cli", *args], capture_output=True, text=True,
-                          cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1", **env}, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "loralab.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **env},
+        timeout=120,
+    )
 
 
 # --- formats -------------------------------------------------------------------------------------
 def test_to_messages_alpaca_with_system_and_history():
-    rec = {"instruction": "Translate", "input": "chat", "output": "cat", "system": "S",
-           "history": [["hi", "hello"]]}
+    rec = {"instruction": "Translate", "input": "chat", "output": "cat", "system": "S", "history": [["hi", "hello"]]}
     assert data.to_messages(rec) == [
         {"role": "system", "content": "S"},
-        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-        {"role": "user", "content": "Translate\nchat"}, {"role": "assistant", "content": "cat"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "Translate\nchat"},
+        {"role": "assistant", "content": "cat"},
     ]
     # empty input: the instruction alone (no trailing newline), as LLaMA-Factory builds it
     assert data.to_messages({"instruction": "Hi", "input": "", "output": "Yo"})[0] == {"role": "user", "content": "Hi"}
@@ -61,12 +84,19 @@ def test_to_messages_alpaca_with_system_and_history():
 
 def test_to_messages_sharegpt_and_openai():
     assert data.to_messages(sharegpt(1)[0]) == [
-        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi 0"},
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi 0"},
         {"role": "assistant", "content": "hello 0"},
     ]
     # a system turn inside the conversation wins over the system column
-    rec = {"conversations": [{"from": "system", "value": "inner"}, {"from": "human", "value": "q"},
-                             {"from": "gpt", "value": "a"}], "system": "outer"}
+    rec = {
+        "conversations": [
+            {"from": "system", "value": "inner"},
+            {"from": "human", "value": "q"},
+            {"from": "gpt", "value": "a"},
+        ],
+        "system": "outer",
+    }
     assert [m["content"] for m in data.to_messages(rec)] == ["inner", "q", "a"]
     assert [m["role"] for m in data.to_messages(openai(1)[0])] == ["system", "user", "assistant"]
 
@@ -89,27 +119,46 @@ def test_each_format_reads(tmp_path, make, fmt, suffix):
         assert entry["formatting"] == "sharegpt" and entry["columns"] == {"messages": "messages"}
         assert entry["tags"]["role_tag"] == "role" and entry["tags"]["assistant_tag"] == "assistant"
     if fmt == "sharegpt":
-        assert entry["columns"] == {"messages": "conversations", "system": "system"} and entry["tags"]["user_tag"] == "human"
+        assert (
+            entry["columns"] == {"messages": "conversations", "system": "system"}
+            and entry["tags"]["user_tag"] == "human"
+        )
 
 
 def test_alpaca_system_and_history_are_registered_for_llamafactory(tmp_path):
-    records = [{"instruction": f"q{i}", "input": "", "output": f"a{i}", "system": "S", "history": [["h", "k"]]}
-               for i in range(5)]
+    records = [
+        {"instruction": f"q{i}", "input": "", "output": f"a{i}", "system": "S", "history": [["h", "k"]]}
+        for i in range(5)
+    ]
     data.prepare(str(write(tmp_path / "a.json", records)), output_dir=tmp_path / "o", split="3,1,1")
     entry = json.loads((tmp_path / "o" / "dataset_info.json").read_text())["alpaca_data_test"]
-    assert entry["columns"] == {"prompt": "instruction", "query": "input", "response": "output",
-                                "system": "system", "history": "history"}
+    assert entry["columns"] == {
+        "prompt": "instruction",
+        "query": "input",
+        "response": "output",
+        "system": "system",
+        "history": "history",
+    }
     cfg = Config(test_dataset="alpaca_data_test", dataset_dir=str(tmp_path / "o"))
-    assert [m["role"] for m in data.load_conversations(cfg, "test")[0]] == ["system", "user", "assistant", "user", "assistant"]
+    assert [m["role"] for m in data.load_conversations(cfg, "test")[0]] == [
+        "system",
+        "user",
+        "assistant",
+        "user",
+        "assistant",
+    ]
 
 
 def test_llamafactory_folder_with_custom_columns(tmp_path):
     folder = tmp_path / "lf"
     write(folder / "qa.json", [{"q": f"question {i}", "a": f"answer {i}", "sys": "S"} for i in range(10)])
-    write(folder / "dataset_info.json", {
-        "other": {"file_name": "missing.json"},
-        "my_qa": {"file_name": "qa.json", "columns": {"prompt": "q", "response": "a", "system": "sys"}},
-    })
+    write(
+        folder / "dataset_info.json",
+        {
+            "other": {"file_name": "missing.json"},
+            "my_qa": {"file_name": "qa.json", "columns": {"prompt": "q", "response": "a", "system": "sys"}},
+        },
+    )
     records, fmt = data.load_records(str(folder), dataset="my_qa")
     assert len(records) == 10 and fmt == "alpaca"
     out = tmp_path / "out"
@@ -141,7 +190,7 @@ def test_prepare_is_deterministic_and_splits_are_disjoint(tmp_path):
     data.prepare(str(src), output_dir=tmp_path / "seed8", seed=8, sample=50, split="30,10,10")
     assert (tmp_path / "seed8" / "alpaca_data_train.json").read_bytes() != runs[0]["alpaca_data_train.json"]
     raw = runs[0]["alpaca_data_train.json"]
-    assert raw.endswith(b"]\n") and raw.startswith(b"[\n  {\n    \"instruction\"")  # indent=2, trailing newline
+    assert raw.endswith(b"]\n") and raw.startswith(b'[\n  {\n    "instruction"')  # indent=2, trailing newline
 
 
 def test_cleaning_counts_and_manifest(tmp_path):
@@ -170,13 +219,16 @@ def test_multiturn_empty_last_answer_is_dropped(tmp_path):
     assert man["dropped"]["empty_output"] == 2
 
 
-@pytest.mark.parametrize("split,sample,expected", [
-    ("0.7,0.2,0.1", None, [28, 8, 4]),
-    ("0.7,0.2,0.1", 20, [14, 4, 2]),
-    ("0.5,0.1,0.1", 10, [5, 1, 1]),
-    ("12,5,3", None, [12, 5, 3]),
-    ("12,5,3", 20, [12, 5, 3]),
-])
+@pytest.mark.parametrize(
+    "split,sample,expected",
+    [
+        ("0.7,0.2,0.1", None, [28, 8, 4]),
+        ("0.7,0.2,0.1", 20, [14, 4, 2]),
+        ("0.5,0.1,0.1", 10, [5, 1, 1]),
+        ("12,5,3", None, [12, 5, 3]),
+        ("12,5,3", 20, [12, 5, 3]),
+    ],
+)
 def test_split_counts_and_fractions(tmp_path, split, sample, expected):
     src = write(tmp_path / "src.json", alpaca(40))
     man = data.prepare(str(src), output_dir=tmp_path / "o", split=split, sample=sample)
@@ -214,10 +266,14 @@ def test_max_tokens_drops_long_records(tmp_path):
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(tmp_path / "tok")
     records = alpaca(10) + [{"instruction": "long " * 50, "input": "", "output": "ok"}]
     src = write(tmp_path / "src.json", records)
-    man = data.prepare(str(src), output_dir=tmp_path / "o", split="6,2,2", max_tokens=20, tokenizer=str(tmp_path / "tok"))
+    man = data.prepare(
+        str(src), output_dir=tmp_path / "o", split="6,2,2", max_tokens=20, tokenizer=str(tmp_path / "tok")
+    )
     assert man["dropped"]["too_long"] == 1 and man["max_tokens"] == 20
     with pytest.raises(LoralabError, match="--tokenizer"):
-        data.prepare(str(src), output_dir=tmp_path / "o2", split="6,2,2", max_tokens=20, tokenizer=str(tmp_path / "nope"))
+        data.prepare(
+            str(src), output_dir=tmp_path / "o2", split="6,2,2", max_tokens=20, tokenizer=str(tmp_path / "nope")
+        )
     with pytest.raises(LoralabError, match="needs --tokenizer"):
         data.prepare(str(src), output_dir=tmp_path / "o3", split="6,2,2", max_tokens=20)
 
@@ -242,12 +298,20 @@ def test_demo_data_is_deterministic_distinct_and_correct(tmp_path):
 
 # --- errors --------------------------------------------------------------------------------------
 BAD_INPUTS = {
-    "invalid_json": ('[{"instruction": "a", "output": "b"},\n  {"instruction": }]', r"invalid JSON at line 2, column \d+"),
+    "invalid_json": (
+        '[{"instruction": "a", "output": "b"},\n  {"instruction": }]',
+        r"invalid JSON at line 2, column \d+",
+    ),
     "invalid_jsonl": ('{"instruction": "a", "output": "b"}\n{oops}\n', r"invalid JSON at line 2, column \d+"),
     "missing_field": ([{"instruction": "a", "output": "b"}, {"instruction": "c"}], r"record 1: missing field `output`"),
-    "non_string": ([{"instruction": "a", "output": "b"}] * 2 + [{"instruction": "c", "output": 3}],
-                   r"record 2: field `output` must be a string, got int"),
-    "bad_role": ([{"conversations": [{"from": "robot", "value": "x"}]}], r"record 0: `conversations\[0\].from` is 'robot'"),
+    "non_string": (
+        [{"instruction": "a", "output": "b"}] * 2 + [{"instruction": "c", "output": 3}],
+        r"record 2: field `output` must be a string, got int",
+    ),
+    "bad_role": (
+        [{"conversations": [{"from": "robot", "value": "x"}]}],
+        r"record 0: `conversations\[0\].from` is 'robot'",
+    ),
     "empty_file": ("  \n", r"empty file"),
     "empty_list": ("[]", r"no records"),
     "unknown_format": ([{"text": "hello"}], r"unknown record format .*keys text"),
@@ -365,14 +429,21 @@ def test_eval_and_test_max_samples_cap_only_their_split(tmp_path):
 # --- the real data -------------------------------------------------------------------------------
 def test_reference_split_of_real_alpaca(tmp_path, alpaca_file):
     t0 = time.time()
-    mans = [data.prepare(str(alpaca_file), output_dir=tmp_path / f"run{k}", seed=42, sample=10000,
-                         split="7000,2000,1000") for k in range(2)]
+    mans = [
+        data.prepare(str(alpaca_file), output_dir=tmp_path / f"run{k}", seed=42, sample=10000, split="7000,2000,1000")
+        for k in range(2)
+    ]
     assert mans[0]["counts"]["actual"] == {"train": 7000, "val": 2000, "test": 1000}
     assert mans[0]["source"]["records"] == 50921 and mans[0]["format"] == "alpaca"
     assert mans[0]["source"]["sha256"] == hashlib.sha256(alpaca_file.read_bytes()).hexdigest()
     splits = [hashes(tmp_path / "run0" / f"alpaca_data_{s}.json") for s in data.SPLITS]
     assert [len(s) for s in splits] == [7000, 2000, 1000] and len(set().union(*splits)) == 10000
-    for name in ["alpaca_data_train.json", "alpaca_data_val.json", "alpaca_data_test.json",
-                 "alpaca_data_manifest.json", "dataset_info.json"]:
+    for name in [
+        "alpaca_data_train.json",
+        "alpaca_data_val.json",
+        "alpaca_data_test.json",
+        "alpaca_data_manifest.json",
+        "dataset_info.json",
+    ]:
         assert (tmp_path / "run0" / name).read_bytes() == (tmp_path / "run1" / name).read_bytes()
     assert time.time() - t0 < 20

@@ -10,7 +10,13 @@ from loralab import data
 from loralab.config import load_config
 from loralab.errors import LoralabError
 from loralab.evaluate import (
-    compare_evaluations, evaluate, evaluate_models, format_comparison_table, load_examples, predict, read_predictions,
+    compare_evaluations,
+    evaluate,
+    evaluate_models,
+    format_comparison_table,
+    load_examples,
+    predict,
+    read_predictions,
 )
 from loralab.generate import Engine, GenerationSettings
 from loralab.metrics import METRICS, QUALITY_METRICS
@@ -30,16 +36,27 @@ def adapter(tiny_model, tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     folder = tmp_path_factory.mktemp("adapter") / "tuned-run"
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
     model.save_pretrained(folder)
     return folder
 
 
 def make_cfg(tiny_model, data_dir, tmp_path, **extra):
-    return load_config(None, {"model_name_or_path": str(tiny_model), "dataset_dir": str(data_dir),
-                              "output_dir": str(tmp_path / "runs"), "max_new_tokens": 8, "infer_batch_size": 3,
-                              "eval_dataset": "alpaca_data_val", **extra})
+    return load_config(
+        None,
+        {
+            "model_name_or_path": str(tiny_model),
+            "dataset_dir": str(data_dir),
+            "output_dir": str(tmp_path / "runs"),
+            "max_new_tokens": 8,
+            "infer_batch_size": 3,
+            "eval_dataset": "alpaca_data_val",
+            **extra,
+        },
+    )
 
 
 def read_jsonl(path):
@@ -58,10 +75,14 @@ def test_predict_writes_llamafactory_jsonl(tiny_model, data_dir, tmp_path):
     assert [r["label"] for r in rows] == labels == [r["lf_label"] for r in rows]
     engine = Engine(cfg, {})
     # prompt = the rendered chat-template text, special tokens kept (as LLaMA-Factory writes it)
-    assert rows[0]["prompt"] == engine.tokenizer.apply_chat_template(prompts[0], tokenize=False, add_generation_prompt=True)
+    assert rows[0]["prompt"] == engine.tokenizer.apply_chat_template(
+        prompts[0], tokenize=False, add_generation_prompt=True
+    )
     assert rows[0]["prompt"].startswith("<|begin_of_text|><|start_header_id|>user")
     # predictions are exactly what the engine generates, greedy
-    assert [r["predict"] for r in rows] == [c.text for c in engine.generate(prompts, GenerationSettings(max_new_tokens=8))]
+    assert [r["predict"] for r in rows] == [
+        c.text for c in engine.generate(prompts, GenerationSettings(max_new_tokens=8))
+    ]
     results = json.loads((folder / "predict_results.json").read_text())
     assert results["samples"] == 5 and results["generated_tokens"] == 40 and results["samples_per_second"] > 0
     assert results["settings"]["max_new_tokens"] == 8 and results["split"] == "test"
@@ -77,7 +98,9 @@ def test_eval_writes_metrics_with_cis(tiny_model, data_dir, tmp_path):
     result = evaluate(cfg, "test", n_boot=200, progress=False)
     folder = tmp_path / "runs" / "eval-test-base"
     saved = json.loads((folder / "metrics.json").read_text())
-    assert saved["n_samples"] == 5 and saved["split"] == "test" and set(saved["metrics"]) == {*METRICS, *QUALITY_METRICS}
+    assert (
+        saved["n_samples"] == 5 and saved["split"] == "test" and set(saved["metrics"]) == {*METRICS, *QUALITY_METRICS}
+    )
     for m in saved["metrics"].values():
         assert m["ci_low"] <= m["value"] <= m["ci_high"] and m["implementation"]
     assert result["metrics"] == saved["metrics"]
@@ -93,10 +116,12 @@ def test_test_max_samples_scores_the_first_records_and_says_so(tiny_model, adapt
     _, labels, _ = load_examples(cfg.model_copy(update={"test_max_samples": None}), "test")
     rows = read_jsonl(tmp_path / "runs" / "eval-test-base" / "generated_predictions.jsonl")
     assert [r["label"] for r in rows] == labels[:2]
-    assert json.loads((tmp_path / "runs" / "eval-test-base" / "predict_results.json").read_text())["capped_by"] == \
-        {"test_max_samples": 2}
-    summary = evaluate_models(cfg, {"base": None, "tuned": str(adapter)}, out_dir=tmp_path / "cmp", n_boot=50,
-                              progress=False)
+    assert json.loads((tmp_path / "runs" / "eval-test-base" / "predict_results.json").read_text())["capped_by"] == {
+        "test_max_samples": 2
+    }
+    summary = evaluate_models(
+        cfg, {"base": None, "tuned": str(adapter)}, out_dir=tmp_path / "cmp", n_boot=50, progress=False
+    )
     assert summary["n_samples"] == 2 and "(the first 2 records: test_max_samples=2)" in format_comparison_table(summary)
     assert predict(cfg, "val", progress=False)["results"]["capped_by"] == {"eval_max_samples": 3}
 
@@ -105,8 +130,10 @@ def test_eval_reads_predictions_file(tiny_model, data_dir, tmp_path):
     cfg = make_cfg(tiny_model, data_dir, tmp_path)
     preds = tmp_path / "lf" / "generated_predictions.jsonl"
     preds.parent.mkdir()
-    rows = [{"prompt": "p", "predict": "The sum of 2 and 2 is 4.", "label": "The sum of 2 and 2 is 4."},
-            {"prompt": "q", "predict": "Paris is the capital.", "label": "The capital of France is Paris."}]
+    rows = [
+        {"prompt": "p", "predict": "The sum of 2 and 2 is 4.", "label": "The sum of 2 and 2 is 4."},
+        {"prompt": "q", "predict": "Paris is the capital.", "label": "The capital of France is Paris."},
+    ]
     preds.write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = evaluate(cfg, predictions=str(preds), n_boot=100)
     assert (preds.parent / "metrics.json").is_file() and result["n_samples"] == 2
@@ -131,7 +158,8 @@ def test_eval_reports_exact_match_lengths_and_max_token_hits(tiny_model, data_di
     # the predictions file keeps LLaMA-Factory's three fields (+ the label text LF's metrics score against);
     # the finish reasons live in the score file
     assert [list(r) for r in read_jsonl(folder / "generated_predictions.jsonl")] == [
-        ["prompt", "predict", "label", "lf_label"]] * 5
+        ["prompt", "predict", "label", "lf_label"]
+    ] * 5
     from loralab.evaluate import format_metrics_table
 
     assert "lengths in words: generated" in format_metrics_table(result)
@@ -140,8 +168,10 @@ def test_eval_reports_exact_match_lengths_and_max_token_hits(tiny_model, data_di
 def test_exact_match_of_a_predictions_file(tiny_model, data_dir, tmp_path):
     cfg = make_cfg(tiny_model, data_dir, tmp_path)
     preds = tmp_path / "generated_predictions.jsonl"
-    rows = [{"prompt": "p", "predict": "The sum of 2 and 2 is 4", "label": "the sum of 2 and 2 is 4."},
-            {"prompt": "q", "predict": "Paris is the capital.", "label": "The capital of France is Paris."}]
+    rows = [
+        {"prompt": "p", "predict": "The sum of 2 and 2 is 4", "label": "the sum of 2 and 2 is 4."},
+        {"prompt": "q", "predict": "Paris is the capital.", "label": "The capital of France is Paris."},
+    ]
     preds.write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = evaluate(cfg, predictions=str(preds), n_boot=100)
     assert result["metrics"]["exact_match"]["value"] == 50.0
@@ -149,13 +179,16 @@ def test_exact_match_of_a_predictions_file(tiny_model, data_dir, tmp_path):
     assert result["lengths"]["hit_max_new_tokens"] is None and result["lengths"]["ratio"] == pytest.approx(12 / 14)
 
 
-@pytest.mark.parametrize("line, expected", [
-    ('{"prompt": "p", "predict": "x"}', "line 2: missing field `label`"),
-    ('{"prompt": "p", "label": "x"}', "line 2: missing field `predict`"),
-    ('{"prompt": "p", "predict": 3, "label": "x"}', "line 2: field `predict` must be a string"),
-    ('{"prompt": "p", "predict": "x", ', "line 2: invalid JSON"),
-    ('["p", "x", "y"]', "line 2: expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ('{"prompt": "p", "predict": "x"}', "line 2: missing field `label`"),
+        ('{"prompt": "p", "label": "x"}', "line 2: missing field `predict`"),
+        ('{"prompt": "p", "predict": 3, "label": "x"}', "line 2: field `predict` must be a string"),
+        ('{"prompt": "p", "predict": "x", ', "line 2: invalid JSON"),
+        ('["p", "x", "y"]', "line 2: expected a JSON object"),
+    ],
+)
 def test_bad_predictions_file(tmp_path, line, expected):
     path = tmp_path / "preds.jsonl"
     path.write_text('{"prompt": "p", "predict": "a", "label": "b"}\n' + line + "\n")
@@ -195,8 +228,9 @@ def test_adapter_of_another_base_is_refused(tiny_model, tiny_chatml_model, adapt
 
 def test_base_vs_adapter_and_compare(tiny_model, adapter, data_dir, tmp_path):
     cfg = make_cfg(tiny_model, data_dir, tmp_path)
-    summary = evaluate_models(cfg, {"base": None, "tuned": str(adapter)}, "test", tmp_path / "cmp",
-                              n_boot=200, progress=False)
+    summary = evaluate_models(
+        cfg, {"base": None, "tuned": str(adapter)}, "test", tmp_path / "cmp", n_boot=200, progress=False
+    )
     base_rows = read_jsonl(tmp_path / "cmp" / "base" / "generated_predictions.jsonl")
     tuned_rows = read_jsonl(tmp_path / "cmp" / "tuned" / "generated_predictions.jsonl")
     # adapter off = the plain base model; adapter on = different (random non-zero LoRA) outputs
@@ -208,7 +242,9 @@ def test_base_vs_adapter_and_compare(tiny_model, adapter, data_dir, tmp_path):
     assert set(comp["metrics"]) == {*METRICS, *QUALITY_METRICS} and saved["models"]["tuned"]["adapter"] == str(adapter)
     for m in comp["metrics"].values():
         assert m["delta"] == pytest.approx(m["value_b"] - m["value_a"]) and 0 < m["p_value"] <= 1
-    assert comp["metrics"]["rouge1"]["value_a"] == pytest.approx(summary["models"]["base"]["metrics"]["rouge1"]["value"])
+    assert comp["metrics"]["rouge1"]["value_a"] == pytest.approx(
+        summary["models"]["base"]["metrics"]["rouge1"]["value"]
+    )
     table = format_comparison_table(summary)
     assert "delta" in table and "tuned" in table and "predict_bleu-4" in table and "exact_match" in table
     assert "base lengths in words: generated" in table and "tuned lengths in words" in table
@@ -229,15 +265,28 @@ def cli(*args, cwd):
 
 
 def test_cli_end_to_end(tiny_model, adapter, tmp_path):
-    records = [{"instruction": f"Add {i} and {i + 1}.", "input": "", "output": f"The sum is {2 * i + 1}."} for i in range(4)]
+    records = [
+        {"instruction": f"Add {i} and {i + 1}.", "input": "", "output": f"The sum is {2 * i + 1}."} for i in range(4)
+    ]
     (tmp_path / "tiny.json").write_text(json.dumps(records))
     (tmp_path / "cfg.yaml").write_text(f"model_name_or_path: {tiny_model}\nmax_new_tokens: 6\noutput_dir: runs\n")
     out = cli("predict", "cfg.yaml", "--data", "tiny.json", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert len(read_jsonl(tmp_path / "runs" / "predict-tiny-base" / "generated_predictions.jsonl")) == 4
 
-    out = cli("eval", "cfg.yaml", f"adapter_name_or_path={adapter}", "--data", "tiny.json", "--compare-base",
-              "--n-boot", "100", "--output-dir", "cmp", cwd=tmp_path)
+    out = cli(
+        "eval",
+        "cfg.yaml",
+        f"adapter_name_or_path={adapter}",
+        "--data",
+        "tiny.json",
+        "--compare-base",
+        "--n-boot",
+        "100",
+        "--output-dir",
+        "cmp",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     assert "delta" in out.stdout and "rougeL" in out.stdout and (tmp_path / "cmp" / "comparison.json").is_file()
 
@@ -245,8 +294,15 @@ def test_cli_end_to_end(tiny_model, adapter, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "p" in out.stdout and json.loads((tmp_path / "c.json").read_text())["n_samples"] == 4
 
-    out = cli("eval", "cfg.yaml", "--predictions", "runs/predict-tiny-base/generated_predictions.jsonl", "--n-boot", "50",
-              cwd=tmp_path)
+    out = cli(
+        "eval",
+        "cfg.yaml",
+        "--predictions",
+        "runs/predict-tiny-base/generated_predictions.jsonl",
+        "--n-boot",
+        "50",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     assert "95% CI" in out.stdout and (tmp_path / "runs" / "predict-tiny-base" / "metrics.json").is_file()
 
@@ -267,8 +323,15 @@ def test_cli_end_to_end(tiny_model, adapter, tmp_path):
 @pytest.mark.slow
 def test_smollm2_eval_on_real_alpaca(alpaca_file, tmp_path):
     data.prepare(str(alpaca_file), output_dir=tmp_path / "data", seed=42, sample=100, split="80,10,10")
-    cfg = load_config(None, {"dataset_dir": str(tmp_path / "data"), "output_dir": str(tmp_path / "runs"),
-                             "max_samples": 6, "max_new_tokens": 48})
+    cfg = load_config(
+        None,
+        {
+            "dataset_dir": str(tmp_path / "data"),
+            "output_dir": str(tmp_path / "runs"),
+            "max_samples": 6,
+            "max_new_tokens": 48,
+        },
+    )
     result = evaluate(cfg, "test", n_boot=200, progress=False)
     assert result["n_samples"] == 6
     # a real instruct model answers on topic: clearly above the random tiny model's zero overlap

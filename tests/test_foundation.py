@@ -147,12 +147,14 @@ CONVERSATION = [
 
 def test_missing_extra_is_named_in_one_line(tmp_path):
     # As if fastapi were not installed: `import fastapi` fails (a None entry in sys.modules).
-    script = ("import sys; sys.modules['fastapi'] = None; sys.argv = ['loralab', 'api']; "
-              "from loralab.cli import main; main()")
+    script = (
+        "import sys; sys.modules['fastapi'] = None; sys.argv = ['loralab', 'api']; from loralab.cli import main; main()"
+    )
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 2 and "Traceback" not in run.stderr
-    assert run.stderr.strip().splitlines()[-1] == ("error: this command needs fastapi, which is not installed: "
-                                                   "pip install 'loralab[serve]'")
+    assert run.stderr.strip().splitlines()[-1] == (
+        "error: this command needs fastapi, which is not installed: pip install 'loralab[serve]'"
+    )
 
 
 def test_builtin_llama3_matches_meta_template(tiny_model):
@@ -183,7 +185,9 @@ def test_training_labels_mask_prompt_and_keep_turn_end(request, fixture, closer)
     truncated = encode_for_training(tokenizer, CONVERSATION, cut, overflow="truncate")
     assert truncated["input_ids"] == encoded["input_ids"][:cut] and truncated["labels"] == encoded["labels"][:cut]
     assert encode_for_training(tokenizer, CONVERSATION, cut, overflow="drop") is None
-    assert encode_for_training(tokenizer, CONVERSATION, first_label, overflow="truncate") is None  # nothing left to learn
+    assert (
+        encode_for_training(tokenizer, CONVERSATION, first_label, overflow="truncate") is None
+    )  # nothing left to learn
 
 
 def test_template_errors(tiny_chatml_model):
@@ -229,6 +233,7 @@ def test_builtin_smollm2_converts_and_chats():
     ids = encode_prompt(tokenizer, [{"role": "user", "content": "What is the capital of France?"}])
     import torch
 
-    out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
-                         eos_token_id=stop_token_ids(tokenizer))
-    assert "Paris" in tokenizer.decode(out[0, len(ids):])
+    out = model.generate(
+        torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=stop_token_ids(tokenizer)
+    )
+    assert "Paris" in tokenizer.decode(out[0, len(ids) :])

@@ -1,5 +1,7 @@
 """The generation engine on the tiny models: batching, stopping, streaming, cancelling, sampling."""
 
+import json
+
 import pytest
 
 from loralab.config import load_config
@@ -13,8 +15,11 @@ CONVERSATIONS = [
     [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Hello!"}],
     [{"role": "user", "content": "hot"}],
     [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. " * 7}],
-    [{"role": "user", "content": "Write the word in uppercase: apple"},
-     {"role": "assistant", "content": "APPLE"}, {"role": "user", "content": "And banana?"}],
+    [
+        {"role": "user", "content": "Write the word in uppercase: apple"},
+        {"role": "assistant", "content": "APPLE"},
+        {"role": "user", "content": "And banana?"},
+    ],
     [{"role": "user", "content": "0123456789 " * 3}],
 ]
 GREEDY = GenerationSettings(max_new_tokens=12)
@@ -52,9 +57,11 @@ def test_stop_token_ends_reply(engine, monkeypatch):
     """A stop token id ends the row: excluded from the text and counts, finish_reason 'stop'."""
     conv = CONVERSATIONS[0]
     ids = engine.model.generate(
-        __import__("torch").tensor([engine.prompt_ids(conv)]), max_new_tokens=12, do_sample=False,
+        __import__("torch").tensor([engine.prompt_ids(conv)]),
+        max_new_tokens=12,
+        do_sample=False,
         eos_token_id=engine.stop_ids,
-    )[0, len(engine.prompt_ids(conv)):].tolist()
+    )[0, len(engine.prompt_ids(conv)) :].tolist()
     # The random tiny model never says <|eot_id|>; declare one of its own tokens a stop token instead.
     j = next(j for j in range(2, len(ids)) if ids[j] not in ids[:j])
     monkeypatch.setattr(engine, "stop_ids", engine.stop_ids + [ids[j]])
@@ -67,10 +74,16 @@ def test_stop_strings_and_streaming(engine):
     full = engine.generate(CONVERSATIONS, GREEDY)
     # A stop string taken from the middle of the first reply; the others may or may not contain it.
     text = full[0].text
-    stop = next(text[i:i + 2] for i in range(2, len(text) - 2) if text[i:i + 2].strip() and "\ufffd" not in text[i:i + 2])
+    stop = next(
+        text[i : i + 2] for i in range(2, len(text) - 2) if text[i : i + 2].strip() and "\ufffd" not in text[i : i + 2]
+    )
     streamed: dict[int, list[str]] = {}
-    out = engine.generate(CONVERSATIONS, GenerationSettings(max_new_tokens=12, stop=[stop]), batch_size=3,
-                          on_text=lambda i, d: streamed.setdefault(i, []).append(d))
+    out = engine.generate(
+        CONVERSATIONS,
+        GenerationSettings(max_new_tokens=12, stop=[stop]),
+        batch_size=3,
+        on_text=lambda i, d: streamed.setdefault(i, []).append(d),
+    )
     assert out[0].text == text[: text.find(stop)] and out[0].finish_reason == "stop"
     for i, (c, f) in enumerate(zip(out, full)):
         assert "".join(streamed.get(i, [])) == c.text  # deltas add up to exactly the final text
@@ -188,7 +201,9 @@ def test_merged_adapter_matches_unmerged(tiny_model, adapters):
     unmerged = Engine(cfg, {"alpha": adapters["alpha"]})
     merged = Engine(cfg, {"alpha": adapters["alpha"]}, merge=True)
     assert merged.merged and not hasattr(merged.model, "disable_adapter")
-    assert merged.generate(CONVERSATIONS, GREEDY, adapter="alpha") == unmerged.generate(CONVERSATIONS, GREEDY, adapter="alpha")
+    assert merged.generate(CONVERSATIONS, GREEDY, adapter="alpha") == unmerged.generate(
+        CONVERSATIONS, GREEDY, adapter="alpha"
+    )
     with pytest.raises(LoralabError, match="merged"):
         merged.generate(CONVERSATIONS[:1], GREEDY)
 
@@ -230,8 +245,14 @@ def test_vllm_backend_missing_is_clear(tiny_model):
 @pytest.mark.slow
 def test_smollm2_batched_equals_single():
     eng = Engine(load_config(None, {}))
-    convs = [[{"role": "user", "content": q}] for q in
-             ("What is the capital of France?", "Give three tips for staying healthy.", "Translate 'cat' to French.")]
+    convs = [
+        [{"role": "user", "content": q}]
+        for q in (
+            "What is the capital of France?",
+            "Give three tips for staying healthy.",
+            "Translate 'cat' to French.",
+        )
+    ]
     settings = GenerationSettings(max_new_tokens=24)
     assert eng.generate(convs, settings, batch_size=3) == [eng.generate([c], settings)[0] for c in convs]
 
@@ -253,9 +274,14 @@ def test_vllm_backend_requests(tiny_model, tmp_path, monkeypatch):
 
         def generate(self, prompts, params, lora_request=None, use_tqdm=True):
             calls["generate"] = (prompts, params, lora_request)
-            return [SimpleNamespace(outputs=[SimpleNamespace(text=f"reply {i}", token_ids=[5, 6, 7],
-                                                             finish_reason="length" if i else "stop")])
-                    for i in range(len(prompts))]
+            return [
+                SimpleNamespace(
+                    outputs=[
+                        SimpleNamespace(text=f"reply {i}", token_ids=[5, 6, 7], finish_reason="length" if i else "stop")
+                    ]
+                )
+                for i in range(len(prompts))
+            ]
 
     def module(name, **attrs):
         mod = types.ModuleType(name)
@@ -269,9 +295,15 @@ def test_vllm_backend_requests(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     adapter = tmp_path / "ad"
     adapter.mkdir()
-    (adapter / "adapter_config.json").write_text('{"base_model_name_or_path": "%s", "r": 12}' % tiny_model)
-    eng = Engine(load_config(None, {"model_name_or_path": str(tiny_model), "infer_backend": "vllm"}), {"ad": str(adapter)})
-    assert calls["init"]["model"] == str(tiny_model) and calls["init"]["enable_lora"] and calls["init"]["max_lora_rank"] == 16
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tiny_model), "r": 12}))
+    eng = Engine(
+        load_config(None, {"model_name_or_path": str(tiny_model), "infer_backend": "vllm"}), {"ad": str(adapter)}
+    )
+    assert (
+        calls["init"]["model"] == str(tiny_model)
+        and calls["init"]["enable_lora"]
+        and calls["init"]["max_lora_rank"] == 16
+    )
     deltas = []
     out = eng.generate(CONVERSATIONS[:2], GREEDY, adapter="ad", on_text=lambda i, d: deltas.append((i, d)))
     prompts, params, lora = calls["generate"]

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
@@ -26,9 +25,23 @@ def dry_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("gpu_check")
     out = work / "summary.json"
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--dry-run", "--workdir", str(work / "w"),
-                           "--out", str(out), "--data", str(work / "no-such-file.json")],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [
+            "bash",
+            str(REPO / "bench" / "gpu_check.sh"),
+            "--dry-run",
+            "--workdir",
+            str(work / "w"),
+            "--out",
+            str(out),
+            "--data",
+            str(work / "no-such-file.json"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     return work / "w", out, proc
 
 
@@ -51,7 +64,12 @@ def test_dry_run_plans_every_check(dry_run):
     assert serve[:4] == ["python", "-m", "loralab.cli", "api"] and serve.count("--adapter") == 2
     assert {r["model"] for r in api_plan["requests"]["requests"]} == {"builtin:smollm2-135m-instruct", "tuned", "qlora"}
     ds = summary["checks"]["deepspeed_zero2"]["plan"][0]["command"]
-    assert ds[1:3] == ["-m", "accelerate.commands.launch"] and ds[-4:] == ["-m", "loralab.cli", "train", "configs/deepspeed_zero2.yaml"]
+    assert ds[1:3] == ["-m", "accelerate.commands.launch"] and ds[-4:] == [
+        "-m",
+        "loralab.cli",
+        "train",
+        "configs/deepspeed_zero2.yaml",
+    ]
     # the result file names no machine paths: the work folder, the repo and the python are all relative
     text = out.read_text()
     for path in (str(work), str(REPO), sys.executable):
@@ -114,8 +132,20 @@ def test_verdict_helpers():
     assert agreement["mean_common_prefix"] == pytest.approx((0.5 + 1 + 1) / 3)
     with pytest.raises(gpu_check.CheckFailed):
         gpu_check.greedy_agreement(["a"], ["a", "b"])
-    line = gpu_check.format_line("bf16_smollm2", {"status": "PASS", "seconds": 12.3, "figures": {
-        "loss_first": 1.5, "loss_last": 1.2, "tokens_per_s": 51234.0, "mfu_datasheet": 0.123, "mfu_measured": 0.2}})
+    line = gpu_check.format_line(
+        "bf16_smollm2",
+        {
+            "status": "PASS",
+            "seconds": 12.3,
+            "figures": {
+                "loss_first": 1.5,
+                "loss_last": 1.2,
+                "tokens_per_s": 51234.0,
+                "mfu_datasheet": 0.123,
+                "mfu_measured": 0.2,
+            },
+        },
+    )
     assert line.startswith("PASS bf16_smollm2") and "1.500 -> 1.200" in line and "51,234 tokens/s" in line
     assert "MFU 12.3% of bf16 peak" in line
 
@@ -130,13 +160,24 @@ def make_context(tmp_path, **kw) -> "gpu_check.Context":
 def test_step_failure_and_timeout_are_one_line(tmp_path):
     ctx = make_context(tmp_path)
     with pytest.raises(gpu_check.CheckFailed, match=r"exit status 3: error: boom"):
-        ctx.step("fails", [sys.executable, "-c", "import sys; print('noise'); print('error: boom'); print('x'); sys.exit(3)"], "t")
+        ctx.step(
+            "fails",
+            [sys.executable, "-c", "import sys; print('noise'); print('error: boom'); print('x'); sys.exit(3)"],
+            "t",
+        )
     ctx.deadline = time.time() + 1.5
     start = time.time()
     with pytest.raises(gpu_check.CheckFailed, match="timed out"):
         # a child of the step's process must go too: the whole process group is stopped
-        ctx.step("hangs", [sys.executable, "-c", "import subprocess, sys; subprocess.run([sys.executable, '-c', "
-                           "'import time; time.sleep(60)']); "], "t")
+        ctx.step(
+            "hangs",
+            [
+                sys.executable,
+                "-c",
+                "import subprocess, sys; subprocess.run([sys.executable, '-c', 'import time; time.sleep(60)']); ",
+            ],
+            "t",
+        )
     assert time.time() - start < 30
     assert "$ " in (tmp_path / "logs" / "t.log").read_text()
 
@@ -152,7 +193,9 @@ def test_checks_are_independent_and_budgeted(tmp_path, monkeypatch, capsys):
         ctx.step("ok", [sys.executable, "-c", "print('fine')"], "passes")
         return {"tokens_per_s": 10.0, "where": str(ctx.workdir / "runs" / "x")}
 
-    monkeypatch.setattr(gpu_check, "CHECKS", {"a": (crashes, 30), "b": (fails, 30), "c": (passes, 30), "d": (passes, 30)})
+    monkeypatch.setattr(
+        gpu_check, "CHECKS", {"a": (crashes, 30), "b": (fails, 30), "c": (passes, 30), "d": (passes, 30)}
+    )
     ctx = make_context(tmp_path)
     results = gpu_check.run_checks(ctx, ["a", "b", "c"], budget_end=time.time() + 600)
     assert [results[n]["status"] for n in "abc"] == ["FAIL", "FAIL", "PASS"]
@@ -165,23 +208,36 @@ def test_checks_are_independent_and_budgeted(tmp_path, monkeypatch, capsys):
 
 
 def test_random_llama_and_load_adapter_worker(tmp_path):
-    from loralab.templates import encode_prompt
-    from loralab.testing import make_random_adapter
     from transformers import AutoTokenizer
 
-    shape = {**gpu_check.LLAMA_3_2_1B_SHAPE, "vocab_size": 1024, "hidden_size": 64, "intermediate_size": 128,
-             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
+    from loralab.templates import encode_prompt
+    from loralab.testing import make_random_adapter
+
+    shape = {
+        **gpu_check.LLAMA_3_2_1B_SHAPE,
+        "vocab_size": 1024,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+    }
     model = gpu_check.make_random_llama(tmp_path / "model", shape)
     config = json.loads((model / "config.json").read_text())
     assert config["vocab_size"] == 1024 and config["tie_word_embeddings"] and config["dtype"] == "bfloat16"
     tokenizer = AutoTokenizer.from_pretrained(model)
     assert len(tokenizer) < 1024  # the model's vocabulary may be larger than the tokenizer's
     prompt = tokenizer.decode(encode_prompt(tokenizer, [{"role": "user", "content": "hi"}]))
-    assert prompt == "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>" \
-                     "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    assert (
+        prompt == "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
     adapter = make_random_adapter(model, tmp_path / "adapter", seed=3)
-    cfg = gpu_check.write_yaml(tmp_path / "load.yaml", {"model_name_or_path": str(model),
-                                                        "adapter_name_or_path": str(adapter), "max_new_tokens": 4})
+    cfg = gpu_check.write_yaml(
+        tmp_path / "load.yaml",
+        {"model_name_or_path": str(model), "adapter_name_or_path": str(adapter), "max_new_tokens": 4},
+    )
     gpu_check.worker_load_adapter(cfg, tmp_path / "found.json")
     found = json.loads((tmp_path / "found.json").read_text())
     assert found["lora_b_nonzero"] and found["lora_modules"] == 2 * 7  # q,k,v,o,gate,up,down x 2 layers
@@ -216,7 +272,9 @@ def test_api_round_against_loralab_api(tiny_model, tmp_path):
     from loralab.generate import Engine
     from loralab.testing import make_random_adapter
 
-    adapters = {name: str(make_random_adapter(tiny_model, tmp_path / name, seed)) for name, seed in (("tuned", 1), ("qlora", 2))}
+    adapters = {
+        name: str(make_random_adapter(tiny_model, tmp_path / name, seed)) for name, seed in (("tuned", 1), ("qlora", 2))
+    }
     engine = Engine(Config(model_name_or_path=str(tiny_model), adapters=adapters, max_new_tokens=16, torch_threads=1))
     server = ServerThread(create_app(engine, max_batch_size=8))
     try:
@@ -240,8 +298,9 @@ def test_train_check_runs_loralab_and_judges_it(tiny_model, tmp_path):
         (tmp_path / sub).mkdir()
     gpu_check.prepare_data(tmp_path / "missing.json", ctx.data_dir)
     with pytest.raises(gpu_check.CheckFailed, match="bfloat16") as failed:
-        gpu_check._train_check(ctx, "cpu_tiny", str(tiny_model), steps=6, batch=4, learning_rate=1e-2,
-                               logging_steps=1, torch_threads=1)
+        gpu_check._train_check(
+            ctx, "cpu_tiny", str(tiny_model), steps=6, batch=4, learning_rate=1e-2, logging_steps=1, torch_threads=1
+        )
     figures = failed.value.figures
     assert figures["steps"] == 6 and len(figures["losses"]) == 6 and figures["loss_last"] < figures["loss_first"]
     assert figures["tokens_per_s"] > 0 and figures["mfu_datasheet"] is None  # no GPU: no peak to divide by
@@ -254,8 +313,20 @@ def test_without_a_gpu_the_real_run_fails_in_setup_and_still_writes_its_summary(
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the real run would start")
-    rc = gpu_check.main(["--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "s.json"), "--data",
-                         str(tmp_path / "none.json"), "--only", "bf16_smollm2,api_vllm", "--python", sys.executable])
+    rc = gpu_check.main(
+        [
+            "--workdir",
+            str(tmp_path / "w"),
+            "--out",
+            str(tmp_path / "s.json"),
+            "--data",
+            str(tmp_path / "none.json"),
+            "--only",
+            "bf16_smollm2,api_vllm",
+            "--python",
+            sys.executable,
+        ]
+    )
     assert rc == 1
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "FAIL setup: step gpu info: exit status 1: error: torch sees no CUDA device (see logs/setup.log)"

@@ -30,9 +30,17 @@ def tokenizers():
 @pytest.mark.parametrize("case", sorted(REFERENCE["cases"]))
 def test_input_ids_and_labels_equal_llamafactorys(case, tokenizers, caplog):
     ref = REFERENCE["cases"][case]
-    cfg = load_config(None, {"dataset": ref["dataset"], "dataset_dir": str(FIXTURES / "data"), "template": ref["template"],
-                             "cutoff_len": ref["cutoff_len"], "train_on_prompt": ref.get("train_on_prompt", False),
-                             "mask_history": ref.get("mask_history", False)})
+    cfg = load_config(
+        None,
+        {
+            "dataset": ref["dataset"],
+            "dataset_dir": str(FIXTURES / "data"),
+            "template": ref["template"],
+            "cutoff_len": ref["cutoff_len"],
+            "train_on_prompt": ref.get("train_on_prompt", False),
+            "mask_history": ref.get("mask_history", False),
+        },
+    )
     tokenizer = apply_template(tokenizers[ref["tokenizer"]], cfg.template)
     with caplog.at_level(logging.WARNING, logger="loralab"):
         examples, _ = encode_split(tokenizer, data.load_conversations(cfg, "train"), cfg)
@@ -59,11 +67,19 @@ def test_num_samples_and_other_file_types(tmp_path):
     rows = [{"instruction": f"Say {i}.", "input": "", "output": f"answer {i}"} for i in range(4)]
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
     datasets.Dataset.from_list(rows).to_csv(str(tmp_path / "d.csv"), index=False)
-    (tmp_path / "dataset_info.json").write_text(json.dumps({
-        "pq": {"file_name": "d.parquet"}, "csv": {"file_name": "d.csv", "num_samples": 6}}))
+    (tmp_path / "dataset_info.json").write_text(
+        json.dumps({"pq": {"file_name": "d.parquet"}, "csv": {"file_name": "d.csv", "num_samples": 6}})
+    )
     cfg = load_config(None, {"dataset": "pq", "dataset_dir": str(tmp_path)})
-    assert [c[-1]["content"] for c in data.load_conversations(cfg, "train")] == ["answer 0", "answer 1", "answer 2", "answer 3"]
+    assert [c[-1]["content"] for c in data.load_conversations(cfg, "train")] == [
+        "answer 0",
+        "answer 1",
+        "answer 2",
+        "answer 3",
+    ]
     sampled = data.load_conversations(cfg.model_copy(update={"dataset": "csv"}), "train")
     answers = [c[-1]["content"] for c in sampled]
     assert len(answers) == 6 and set(answers) == {f"answer {i}" for i in range(4)}  # every record, then repeats
-    assert answers == [c[-1]["content"] for c in data.load_conversations(cfg.model_copy(update={"dataset": "csv"}), "train")]
+    assert answers == [
+        c[-1]["content"] for c in data.load_conversations(cfg.model_copy(update={"dataset": "csv"}), "train")
+    ]

@@ -19,12 +19,15 @@ from loralab.config import load_config
 from loralab.errors import LoralabError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "lf_examples"
-IDENTITY = [{"instruction": q, "input": "", "output": a} for q, a in [
-    ("hi", "Hello! I am {{name}}, an AI assistant developed by {{author}}."),
-    ("Who are you?", "I am {{name}}, an AI assistant developed by {{author}}."),
-    ("What is your name?", "You may refer to me as {{name}}."),
-    ("hello", "Hello! How can I help you today?"),
-]]
+IDENTITY = [
+    {"instruction": q, "input": "", "output": a}
+    for q, a in [
+        ("hi", "Hello! I am {{name}}, an AI assistant developed by {{author}}."),
+        ("Who are you?", "I am {{name}}, an AI assistant developed by {{author}}."),
+        ("What is your name?", "You may refer to me as {{name}}."),
+        ("hello", "Hello! How can I help you today?"),
+    ]
+]
 ALPACA_DEMO = [
     {"instruction": "What is the sum of 12 and 30?", "input": "", "output": "The sum of 12 and 30 is 42."},
     {"instruction": "Write the word in uppercase.", "input": "apple", "output": "APPLE"},
@@ -42,8 +45,9 @@ def lf_workdir(tmp_path, tiny_model, tiny_chatml_model, monkeypatch):
     data.mkdir()
     (data / "identity.json").write_text(json.dumps(IDENTITY))
     (data / "alpaca_en_demo.json").write_text(json.dumps(ALPACA_DEMO))
-    (data / "dataset_info.json").write_text(json.dumps({"identity": {"file_name": "identity.json"},
-                                                        "alpaca_en_demo": {"file_name": "alpaca_en_demo.json"}}))
+    (data / "dataset_info.json").write_text(
+        json.dumps({"identity": {"file_name": "identity.json"}, "alpaca_en_demo": {"file_name": "alpaca_en_demo.json"}})
+    )
     for name in FIXTURES.iterdir():
         (tmp_path / name.name).write_text(name.read_text())
     monkeypatch.chdir(tmp_path)
@@ -87,7 +91,9 @@ def test_llama3_examples_train_predict_chat_merge(lf_workdir):
     assert rows[0]["lf_label"] == rows[0]["label"]  # Llama 3: nothing after <|eot_id|>
     assert rows[0]["label"] == IDENTITY[0]["output"] and rows[4]["label"] == ALPACA_DEMO[0]["output"]
     results = json.loads((pred_dir / "predict_results.json").read_text())
-    assert {"predict_bleu-4", "predict_rouge-1", "predict_rouge-2", "predict_rouge-l", "predict_runtime"} <= set(results)
+    assert {"predict_bleu-4", "predict_rouge-1", "predict_rouge-2", "predict_rouge-l", "predict_runtime"} <= set(
+        results
+    )
     assert "ci_low" in json.loads((pred_dir / "metrics.json").read_text())["metrics"]["predict_bleu-4"]
     assert "predict_bleu-4" in out
 

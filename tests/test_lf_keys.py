@@ -25,8 +25,14 @@ NOTICED = set(LLAMAFACTORY_IGNORED_KEYS) | set(lf_keys.NOTICES)
 
 def test_the_key_list_is_llamafactorys():
     classes = lf_keys.lf_keys()
-    assert set(classes) == {"ModelArguments", "DataArguments", "FinetuningArguments", "GeneratingArguments",
-                            "TrainingArguments", "EvaluationArguments"}
+    assert set(classes) == {
+        "ModelArguments",
+        "DataArguments",
+        "FinetuningArguments",
+        "GeneratingArguments",
+        "TrainingArguments",
+        "EvaluationArguments",
+    }
     assert len(ALL_KEYS) > 300 and {"packing", "neat_packing", "mask_history", "lr_scheduler_type"} <= set(ALL_KEYS)
 
 
@@ -52,20 +58,33 @@ def test_renamed_key():
 
 
 def test_honoured_keys_keep_llamafactorys_meaning():
-    cfg = load_config(None, {"packing": True, "train_on_prompt": True, "mask_history": True,
-                             "additional_target": "embed_tokens,lm_head", "load_best_model_at_end": False,
-                             "quantization_method": "bnb", "optim": "sgd", "neftune_noise_alpha": 5})
+    cfg = load_config(
+        None,
+        {
+            "packing": True,
+            "train_on_prompt": True,
+            "mask_history": True,
+            "additional_target": "embed_tokens,lm_head",
+            "load_best_model_at_end": False,
+            "quantization_method": "bnb",
+            "optim": "sgd",
+            "neftune_noise_alpha": 5,
+        },
+    )
     assert cfg.packing and cfg.train_on_prompt and cfg.mask_history and not cfg.load_best_model_at_end
     assert cfg.eval_dataset is None and cfg.do_predict is False  # LLaMA-Factory's defaults
 
 
-@pytest.mark.parametrize("key, value, allowed", [
-    ("lr_scheduler_type", "bogus", "linear, cosine, cosine_with_restarts"),
-    ("optim", "adamw", "adamw_torch, adamw_torch_fused"),
-    ("template", "qwen2", "llama3, llama4, qwen, qwen3"),
-    ("quantization_method", "gptq", "'bnb', 'hqq' or 'eetq'"),
-    ("stage", "dpo", "expected sft"),
-])
+@pytest.mark.parametrize(
+    "key, value, allowed",
+    [
+        ("lr_scheduler_type", "bogus", "linear, cosine, cosine_with_restarts"),
+        ("optim", "adamw", "adamw_torch, adamw_torch_fused"),
+        ("template", "qwen2", "llama3, llama4, qwen, qwen3"),
+        ("quantization_method", "gptq", "'bnb', 'hqq' or 'eetq'"),
+        ("stage", "dpo", "expected sft"),
+    ],
+)
 def test_invalid_values_are_one_line_errors_at_config_time(key, value, allowed):
     with pytest.raises(LoralabError) as err:
         load_config(None, {key: value})
@@ -86,8 +105,9 @@ def test_config_show_diff_lf_lists_unset_keys_that_differ(tmp_path):
     from loralab.cli import app
 
     path = tmp_path / "lf.yaml"
-    path.write_text("model_name_or_path: x\ndataset: d\noutput_dir: o\nlearning_rate: 1.0e-4\nlogging_steps: 5\n"
-                    "do_sample: false\n")
+    path.write_text(
+        "model_name_or_path: x\ndataset: d\noutput_dir: o\nlearning_rate: 1.0e-4\nlogging_steps: 5\ndo_sample: false\n"
+    )
     out = CliRunner().invoke(app, ["config", "show", str(path), "--diff-lf", "max_new_tokens=1024"]).output
     rows = {line.split()[0]: line for line in out.splitlines()[1:]}
     assert {"lr_scheduler_type", "cutoff_len", "eval_steps", "optim", "load_best_model_at_end"} <= set(rows)

@@ -13,20 +13,26 @@ from loralab import metrics
 from loralab.templates import apply_template, lf_label_text
 from loralab.testing import make_tiny_tokenizer
 
-REFERENCE = json.loads((Path(__file__).parent / "fixtures" / "lf_reference" / "metrics.json").read_text(encoding="utf-8"))
+REFERENCE = json.loads(
+    (Path(__file__).parent / "fixtures" / "lf_reference" / "metrics.json").read_text(encoding="utf-8")
+)
 SAMPLES = REFERENCE["samples"]
 
 
-@pytest.mark.parametrize("model, template", [("llama3", None), ("llama3", "llama3"), ("chatml", None),
-                                             ("chatml", "chatml")])
+@pytest.mark.parametrize(
+    "model, template", [("llama3", None), ("llama3", "llama3"), ("chatml", None), ("chatml", "chatml")]
+)
 def test_predict_metrics_equal_llamafactorys(model, template):
     ref = REFERENCE["models"][model]
     tokenizer = apply_template(make_tiny_tokenizer(model), template)
-    lf_labels = [lf_label_text(tokenizer, [{"role": "user", "content": s["prompt"]}], s["label"],
-                               REFERENCE["cutoff_len"]) for s in SAMPLES]
+    lf_labels = [
+        lf_label_text(tokenizer, [{"role": "user", "content": s["prompt"]}], s["label"], REFERENCE["cutoff_len"])
+        for s in SAMPLES
+    ]
     assert lf_labels == ref["label_texts"]
-    scored = metrics.score_predictions([s["predict"] for s in SAMPLES], [s["label"] for s in SAMPLES],
-                                       n_boot=10, lf_labels=lf_labels)
+    scored = metrics.score_predictions(
+        [s["predict"] for s in SAMPLES], [s["label"] for s in SAMPLES], n_boot=10, lf_labels=lf_labels
+    )
     for name, value in ref["metrics"].items():
         assert round(scored["metrics"][name]["value"], 4) == round(value, 4), name
     if model == "chatml":  # the clean label ("answer", no "\n") would not give LLaMA-Factory's BLEU
@@ -48,8 +54,9 @@ def test_smollm2_predict_equals_llamafactory_on_real_alpaca(alpaca_file, tmp_pat
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "alpaca20.json").write_text(json.dumps(json.loads(alpaca_file.read_text())[:20]))
     (tmp_path / "data" / "dataset_info.json").write_text(json.dumps({"alpaca20": {"file_name": "alpaca20.json"}}))
-    (tmp_path / "lf.yaml").write_text(yaml.safe_dump({**ref["yaml"], "output_dir": "out", "infer_batch_size": 1,
-                                                      "torch_threads": 1}))
+    (tmp_path / "lf.yaml").write_text(
+        yaml.safe_dump({**ref["yaml"], "output_dir": "out", "infer_batch_size": 1, "torch_threads": 1})
+    )
     monkeypatch.chdir(tmp_path)
     result = predict(load_config("lf.yaml"), progress=False)
     for name, value in ref["predict_results"].items():

@@ -20,7 +20,9 @@ from loralab.templates import (
 )
 from loralab.testing import make_tiny_tokenizer
 
-REFERENCE = json.loads((Path(__file__).parent / "fixtures" / "lf_reference" / "templates.json").read_text(encoding="utf-8"))
+REFERENCE = json.loads(
+    (Path(__file__).parent / "fixtures" / "lf_reference" / "templates.json").read_text(encoding="utf-8")
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,7 @@ def test_template_renders_what_llamafactory_renders(tokenizer, key):
         if message["role"] == "assistant":
             prompt = render(tokenizer, messages[:i], add_generation_prompt=True)
             full = render(tokenizer, messages[: i + 1])
-            turns.append([prompt[len(rendered):], full[len(prompt):]])
+            turns.append([prompt[len(rendered) :], full[len(prompt) :]])
             rendered = full
     assert turns == ref["turns"]
     prompt = render(tokenizer, messages[:-1], add_generation_prompt=True)

@@ -27,11 +27,31 @@ def test_packed_batch_has_no_cross_sample_attention(tiny_model):
 
 def test_lf_training_keys(tiny_model, tmp_path):
     data.prepare("builtin:demo", output_dir=tmp_path / "data", sample=40, split="32,8,0", name="demo")
-    common = {"model_name_or_path": str(tiny_model), "dataset_dir": str(tmp_path / "data"), "dataset": "demo_train",
-              "eval_dataset": "demo_val", "max_steps": 4, "eval_steps": 1, "logging_steps": 1, "lora_rank": 4,
-              "learning_rate": 5e-2, "torch_threads": 1, "per_device_train_batch_size": 4}
-    summary = train(load_config(None, {**common, "output_dir": str(tmp_path / "packed"), "packing": True,
-                                       "additional_target": "lm_head", "load_best_model_at_end": False}))
+    common = {
+        "model_name_or_path": str(tiny_model),
+        "dataset_dir": str(tmp_path / "data"),
+        "dataset": "demo_train",
+        "eval_dataset": "demo_val",
+        "max_steps": 4,
+        "eval_steps": 1,
+        "logging_steps": 1,
+        "lora_rank": 4,
+        "learning_rate": 5e-2,
+        "torch_threads": 1,
+        "per_device_train_batch_size": 4,
+    }
+    summary = train(
+        load_config(
+            None,
+            {
+                **common,
+                "output_dir": str(tmp_path / "packed"),
+                "packing": True,
+                "additional_target": "lm_head",
+                "load_best_model_at_end": False,
+            },
+        )
+    )
     assert summary["steps"] == 4 and summary["padding_efficiency"] == 1.0  # packed: no padding at all
     adapter = json.loads((tmp_path / "packed" / "adapter_config.json").read_text())
     assert adapter["modules_to_save"] == ["lm_head"]

@@ -137,7 +137,11 @@ def test_rouge_means_match_rouge_score_directly(scored):
 
 
 def test_output_structure(scored):
-    assert set(scored["metrics"]) == {*METRICS, "exact_match", "pred_words"}  # no finish reasons: no max_new_tokens share
+    assert set(scored["metrics"]) == {
+        *METRICS,
+        "exact_match",
+        "pred_words",
+    }  # no finish reasons: no max_new_tokens share
     assert len(scored["per_sample"]) == len(PREDS)
     for entry in scored["metrics"].values():
         assert set(entry) == {"value", "ci_low", "ci_high", "implementation"}
@@ -215,15 +219,18 @@ def test_paired_compare_refuses_different_splits(scored):
 # --- format-proof metrics: exact match, lengths, max_new_tokens hits ------------------------------------------
 
 
-@pytest.mark.parametrize("pred, label, same", [
-    ("Paris", "paris.", True),                                  # case and punctuation
-    ("The answer is 42!", "answer is 42", True),                # articles and punctuation
-    ("  an apple,  a pear ", "apple pear", True),               # whitespace
-    ("«Bonjour» — dit-il.", "bonjour ditil", True),             # Unicode punctuation goes too
-    ("There are 6 words.", "There are 7 words.", False),        # the demo's miscount: right format, wrong answer
-    ("bridge, quartz, pepper", "bridge, pepper, quartz", False),  # wrong order is wrong
-    ("Theatre", "atre", False),                                 # articles only as whole words
-])
+@pytest.mark.parametrize(
+    "pred, label, same",
+    [
+        ("Paris", "paris.", True),  # case and punctuation
+        ("The answer is 42!", "answer is 42", True),  # articles and punctuation
+        ("  an apple,  a pear ", "apple pear", True),  # whitespace
+        ("«Bonjour» — dit-il.", "bonjour ditil", True),  # Unicode punctuation goes too
+        ("There are 6 words.", "There are 7 words.", False),  # the demo's miscount: right format, wrong answer
+        ("bridge, quartz, pepper", "bridge, pepper, quartz", False),  # wrong order is wrong
+        ("Theatre", "atre", False),  # articles only as whole words
+    ],
+)
 def test_exact_match_uses_squad_normalization(pred, label, same):
     from loralab.metrics import exact_match, normalize_answer
 
@@ -247,7 +254,11 @@ def test_exact_match_and_lengths_in_scores():
     assert lengths["hit_max_new_tokens"] == pytest.approx(100 / 3) and lengths["n_hit_max_new_tokens"] == 1
     rows = scored["per_sample"]
     assert [r["exact_match"] for r in rows] == [100.0, 0.0, 0.0]
-    assert [(r["pred_words"], r["label_words"], r["hit_max_new_tokens"]) for r in rows] == [(1, 1, 0.0), (4, 4, 0.0), (8, 2, 100.0)]
+    assert [(r["pred_words"], r["label_words"], r["hit_max_new_tokens"]) for r in rows] == [
+        (1, 1, 0.0),
+        (4, 4, 0.0),
+        (8, 2, 100.0),
+    ]
     with pytest.raises(LoralabError, match="2 finish reasons for 3 predictions"):
         score_predictions(preds, labels, finish_reasons=["stop", "stop"])
 

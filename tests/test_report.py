@@ -13,8 +13,14 @@ from loralab import report
 from loralab.errors import LoralabError
 
 CHROMIUM = Path("/usr/bin/chromium")
-BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run"]
+BROWSER_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
 
 
 def check_in_browser(page: Path, screenshot: Path) -> None:
@@ -23,8 +29,9 @@ def check_in_browser(page: Path, screenshot: Path) -> None:
         pytest.skip(f"headless browser check: {CHROMIUM} not found (apt-get install chromium)")
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (test extra)")
     with playwright.sync_playwright() as p, tempfile.TemporaryDirectory(prefix="loralab-chromium-") as profile:
-        browser = p.chromium.launch_persistent_context(profile, executable_path=str(CHROMIUM), headless=True,
-                                                       args=BROWSER_FLAGS, offline=True)
+        browser = p.chromium.launch_persistent_context(
+            profile, executable_path=str(CHROMIUM), headless=True, args=BROWSER_FLAGS, offline=True
+        )
         try:
             tab = browser.new_page()
             tab.goto(page.resolve().as_uri())
@@ -47,12 +54,24 @@ def experiment_dir(tmp_path_factory, tiny_model):
 
     out = tmp_path_factory.mktemp("experiment")
     data.prepare("builtin:demo", output_dir=out / "data", sample=40, split="28,6,6", name="alpaca_data")
-    cfg = build_config({"model_name_or_path": str(tiny_model), "dataset_dir": str(out / "data"),
-                        "output_dir": str(out / "train"), "max_steps": 2, "eval_steps": 1, "logging_steps": 1,
-                        "per_device_train_batch_size": 8, "cutoff_len": 96, "max_new_tokens": 8, "torch_threads": 1})
+    cfg = build_config(
+        {
+            "model_name_or_path": str(tiny_model),
+            "dataset_dir": str(out / "data"),
+            "output_dir": str(out / "train"),
+            "max_steps": 2,
+            "eval_steps": 1,
+            "logging_steps": 1,
+            "per_device_train_batch_size": 8,
+            "cutoff_len": 96,
+            "max_new_tokens": 8,
+            "torch_threads": 1,
+        }
+    )
     train(cfg)
-    evaluate.evaluate_models(cfg, {"base": None, "tuned": str(out / "train")}, split="test", out_dir=out / "eval",
-                             n_boot=200, progress=False)
+    evaluate.evaluate_models(
+        cfg, {"base": None, "tuned": str(out / "train")}, split="test", out_dir=out / "eval", n_boot=200, progress=False
+    )
     (out / "stages.json").write_text(json.dumps({"prepare": "x", "train": "y", "eval": "z"}))
     return out
 
@@ -64,7 +83,7 @@ def test_experiment_report_renders_offline(experiment_dir, artifacts_dir):
     # metric table with CIs, paired comparison, loss curves, examples with the reference
     assert "base (95% CI)" in text and "tuned (95% CI)" in text and "tuned vs base (paired)" in text
     assert "p (paired)" in text and "Example predictions" in text and "reference" in text
-    assert text.count("<img src=\"data:image/png;base64,") >= 2  # metrics bar chart + loss curves
+    assert text.count('<img src="data:image/png;base64,') >= 2  # metrics bar chart + loss curves
     assert "http://" not in text and "https://" not in text  # nothing fetched from the network
     md = (experiment_dir / "report.md").read_text()
     for name in ("report_files/losses.png", "report_files/metrics_eval.png"):
@@ -107,8 +126,14 @@ def test_report_shows_exact_match_lengths_and_biggest_changes(experiment_dir):
     assert "exact match % (95% CI)" in md and "generated / reference" in md and "hit max_new_tokens" in md
     assert "| exact_match |" in md and "| pred_words |" in md and "| hit_max_new_tokens |" in md
     assert "Biggest wins and losses of tuned vs base (per-sample rougeL)" in md
-    base = [json.loads(line) for line in (experiment_dir / "eval" / "base" / "per_sample_scores.jsonl").read_text().splitlines()]
-    tuned = [json.loads(line) for line in (experiment_dir / "eval" / "tuned" / "per_sample_scores.jsonl").read_text().splitlines()]
+    base = [
+        json.loads(line)
+        for line in (experiment_dir / "eval" / "base" / "per_sample_scores.jsonl").read_text().splitlines()
+    ]
+    tuned = [
+        json.loads(line)
+        for line in (experiment_dir / "eval" / "tuned" / "per_sample_scores.jsonl").read_text().splitlines()
+    ]
     better = sum(t["rougeL"] > b["rougeL"] for b, t in zip(base, tuned))
     assert f"tuned scores higher than base on {better} of {len(base)} samples" in md
 
@@ -126,9 +151,17 @@ def test_wins_and_losses_table(tmp_path):
     def write(name, preds, scores):
         folder = tmp_path / name
         folder.mkdir()
-        rows = [{"index": i, "prompt": f"<|start_header_id|>user<|end_header_id|>\n\nquestion {i}<|eot_id|>", "predict": p,
-                 "label": f"answer {i}", "rougeL": s, "exact_match": 100.0 if p == f"answer {i}" else 0.0}
-                for i, (p, s) in enumerate(zip(preds, scores))]
+        rows = [
+            {
+                "index": i,
+                "prompt": f"<|start_header_id|>user<|end_header_id|>\n\nquestion {i}<|eot_id|>",
+                "predict": p,
+                "label": f"answer {i}",
+                "rougeL": s,
+                "exact_match": 100.0 if p == f"answer {i}" else 0.0,
+            }
+            for i, (p, s) in enumerate(zip(preds, scores))
+        ]
         (folder / "per_sample_scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         return folder
 

@@ -528,8 +528,14 @@ def test_named_recipes_are_trained_at_the_base_budget_and_tested_against_the_win
     settings is reused) and tested on the same test records as the winner and the base config."""
     from loralab import report
 
-    lf = {"lora_rank": 8, "lora_alpha": 16, "lora_target": "all", "learning_rate": 1.0e-4,
-          "lr_scheduler_type": "cosine", "warmup_ratio": 0.1}
+    lf = {
+        "lora_rank": 8,
+        "lora_alpha": 16,
+        "lora_target": "all",
+        "learning_rate": 1.0e-4,
+        "lr_scheduler_type": "cosine",
+        "warmup_ratio": 0.1,
+    }
     path = write_sweep(
         tmp_path,
         base=tiny_base(tiny_model, demo_data, lora_rank=4, test_max_samples=5),

@@ -19,16 +19,28 @@ from loralab.config import load_config
 from loralab.errors import LoralabError
 from loralab.train import LengthGroupedSampler, encode_split, padding_efficiency, train
 
-MULTI_TURN = [{"conversations": [
-    {"from": "human", "value": "What is 2+2?"}, {"from": "gpt", "value": "It is 4."},
-    {"from": "human", "value": "And 3+3?"}, {"from": "gpt", "value": "It is 6."},
-]}]
+MULTI_TURN = [
+    {
+        "conversations": [
+            {"from": "human", "value": "What is 2+2?"},
+            {"from": "gpt", "value": "It is 4."},
+            {"from": "human", "value": "And 3+3?"},
+            {"from": "gpt", "value": "It is 6."},
+        ]
+    }
+]
 
 
 def records(n: int, start: int = 0) -> list[dict]:
     # Varied lengths, so batching and padding matter.
-    return [{"instruction": f"Say number {i}" + " please" * (i % 11), "input": "",
-             "output": f"The number is {i}." + " Yes." * (i % 5)} for i in range(start, start + n)]
+    return [
+        {
+            "instruction": f"Say number {i}" + " please" * (i % 11),
+            "input": "",
+            "output": f"The number is {i}." + " Yes." * (i % 5),
+        }
+        for i in range(start, start + n)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -38,20 +50,35 @@ def data_dir(tmp_path_factory) -> Path:
     (folder / "demo_train.json").write_text(json.dumps(records(32)))
     (folder / "demo_val.json").write_text(json.dumps(records(8, start=100)))
     (folder / "chat.json").write_text(json.dumps(MULTI_TURN))
-    (folder / "dataset_info.json").write_text(json.dumps({
-        "demo_train": {"file_name": "demo_train.json"},
-        "demo_val": {"file_name": "demo_val.json"},
-        "chat": {"file_name": "chat.json", "formatting": "sharegpt", "columns": {"messages": "conversations"}},
-    }))
+    (folder / "dataset_info.json").write_text(
+        json.dumps(
+            {
+                "demo_train": {"file_name": "demo_train.json"},
+                "demo_val": {"file_name": "demo_val.json"},
+                "chat": {"file_name": "chat.json", "formatting": "sharegpt", "columns": {"messages": "conversations"}},
+            }
+        )
+    )
     (folder / "demo_manifest.json").write_text(json.dumps({"seed": 42, "note": "test manifest"}))
     return folder
 
 
 def make_cfg(model, data_dir, out, **kw):
-    values = dict(model_name_or_path=str(model), dataset_dir=str(data_dir), dataset="demo_train",
-                  eval_dataset="demo_val", output_dir=str(out), max_steps=6, eval_steps=2, logging_steps=1,
-                  per_device_train_batch_size=4, per_device_eval_batch_size=8, learning_rate=1e-2,
-                  torch_threads=1, seed=7)
+    values = dict(
+        model_name_or_path=str(model),
+        dataset_dir=str(data_dir),
+        dataset="demo_train",
+        eval_dataset="demo_val",
+        output_dir=str(out),
+        max_steps=6,
+        eval_steps=2,
+        logging_steps=1,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        learning_rate=1e-2,
+        torch_threads=1,
+        seed=7,
+    )
     values.update(kw)
     return load_config(None, values)
 
@@ -71,8 +98,9 @@ class ScriptedEvalLoss(TrainerCallback):
 def lora_run(tiny_model, data_dir, tmp_path_factory):
     """A small LoRA run: validation every 2 steps, scripted losses (best at step 4, early stop at 8)."""
     out = tmp_path_factory.mktemp("runs") / "lora"
-    cfg = make_cfg(tiny_model, data_dir, out, max_steps=12, early_stopping_patience=2, save_last=True,
-                   dataset="demo_train,chat")
+    cfg = make_cfg(
+        tiny_model, data_dir, out, max_steps=12, early_stopping_patience=2, save_last=True, dataset="demo_train,chat"
+    )
     summary = train(cfg, callbacks=[ScriptedEvalLoss([3.0, 2.0, 2.5, 2.6, 2.7, 2.8])])
     return cfg, summary, out
 
@@ -100,9 +128,15 @@ def test_trainer_receives_masked_labels(request, fixture, closer, data_dir, tmp_
 
     monkeypatch.setattr(train_mod.LoralabTrainer, "training_step", spy)
     (tmp_path / "few.json").write_text(json.dumps(records(3)))  # dataset: file paths work as well as names
-    cfg = make_cfg(model_dir, data_dir, tmp_path / "run", dataset=f"{data_dir / 'chat.json'},{tmp_path / 'few.json'}",
-                   eval_strategy="no",
-                   max_steps=1, group_by_length=False)
+    cfg = make_cfg(
+        model_dir,
+        data_dir,
+        tmp_path / "run",
+        dataset=f"{data_dir / 'chat.json'},{tmp_path / 'few.json'}",
+        eval_strategy="no",
+        max_steps=1,
+        group_by_length=False,
+    )
     train(cfg)
     from loralab.models import load_tokenizer
 
@@ -127,10 +161,21 @@ def test_run_folder_best_and_last(lora_run, data_dir):
     # Scripted validation: best at step 4, no improvement for 2 validations -> stopped at step 8 of 12.
     assert summary["best_step"] == 4 and summary["best_eval_loss"] == 2.0 and summary["steps"] == 8
     assert summary["stopped_early"] and summary["max_steps"] == 12
-    assert abs(summary["best_eval_perplexity"] - 2.718281828 ** 2) < 1e-6
-    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "chat_template.jinja",
-                 "config.yaml", "run_info.json", "demo_manifest.json", "metrics.jsonl", "train.log",
-                 "train_results.json", "training_loss.png", "training_eval_loss.png"):
+    assert abs(summary["best_eval_perplexity"] - 2.718281828**2) < 1e-6
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "config.yaml",
+        "run_info.json",
+        "demo_manifest.json",
+        "metrics.jsonl",
+        "train.log",
+        "train_results.json",
+        "training_loss.png",
+        "training_eval_loss.png",
+    ):
         assert (out / name).is_file(), name
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     # The run folder's adapter is the best checkpoint's; last/ is the last step's.
@@ -166,8 +211,9 @@ def test_adapter_loads_in_peft_and_loralab(lora_run):
     cfg, _, out = lora_run
     base = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path)
     PeftModel.from_pretrained(base, str(out))
-    model, _ = load_model_and_tokenizer(load_config(None, {"model_name_or_path": cfg.model_name_or_path,
-                                                           "adapter_name_or_path": str(out)}))
+    model, _ = load_model_and_tokenizer(
+        load_config(None, {"model_name_or_path": cfg.model_name_or_path, "adapter_name_or_path": str(out)})
+    )
     assert type(model).__name__ == "PeftModelForCausalLM"
 
 
@@ -219,7 +265,7 @@ def test_length_grouped_sampler_is_deterministic_and_tight():
     assert list(LengthGroupedSampler(lengths, 8, seed=3)) == first
     sampler.set_epoch(1)
     assert list(sampler) != first
-    batches = [first[i:i + 8] for i in range(0, 1000, 8)]
+    batches = [first[i : i + 8] for i in range(0, 1000, 8)]
     random_batches = [list(range(i, min(i + 8, 1000))) for i in range(0, 1000, 8)]
     assert padding_efficiency(lengths, batches) > 0.95 > padding_efficiency(lengths, random_batches)
 
@@ -254,9 +300,22 @@ def test_lora_options_and_callbacks(tiny_model, data_dir, tmp_path):
             seen["lrs"] = sorted({round(g["lr"], 9) for g in optimizer.param_groups if g["params"]})
 
     out = tmp_path / "dora"
-    train(make_cfg(tiny_model, data_dir, out, max_steps=1, eval_strategy="no", lora_target="q_proj,v_proj",
-                   use_rslora=True, use_dora=True, loraplus_lr_ratio=16, lora_rank=4, lora_dropout=0.1),
-          callbacks=[OptimizerSpy()])
+    train(
+        make_cfg(
+            tiny_model,
+            data_dir,
+            out,
+            max_steps=1,
+            eval_strategy="no",
+            lora_target="q_proj,v_proj",
+            use_rslora=True,
+            use_dora=True,
+            loraplus_lr_ratio=16,
+            lora_rank=4,
+            lora_dropout=0.1,
+        ),
+        callbacks=[OptimizerSpy()],
+    )
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["use_dora"] and config["use_rslora"] and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
     assert config["r"] == 4 and config["lora_alpha"] == 8 and config["lora_dropout"] == 0.1
@@ -303,15 +362,32 @@ def test_clear_errors(tiny_model, data_dir, tmp_path, monkeypatch):
 
 
 def cli(*args, env=None, **kw):
-    return subprocess.run([sys.executable, "-m", "loralab.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "loralab.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        **kw,
+    )
 
 
 def cli_args(model, data_dir, out, **kw):
     cfg = make_cfg(model, data_dir, out, **kw)
-    keys = ("model_name_or_path", "dataset_dir", "dataset", "eval_dataset", "output_dir", "max_steps", "eval_steps",
-            "logging_steps", "per_device_train_batch_size", "learning_rate", "torch_threads", "seed",
-            "save_total_limit")
+    keys = (
+        "model_name_or_path",
+        "dataset_dir",
+        "dataset",
+        "eval_dataset",
+        "output_dir",
+        "max_steps",
+        "eval_steps",
+        "logging_steps",
+        "per_device_train_batch_size",
+        "learning_rate",
+        "torch_threads",
+        "seed",
+        "save_total_limit",
+    )
     return [f"{k}={getattr(cfg, k)}" for k in keys]
 
 
@@ -341,8 +417,9 @@ def test_sigkill_during_save_then_resume_matches_uninterrupted(tiny_model, data_
     out = tmp_path / "killed"
     args = ["train", *cli_args(tiny_model, data_dir, out, **settings)]
     values = json.dumps(make_cfg(tiny_model, data_dir, out, **settings).model_dump(mode="json"))
-    proc = subprocess.Popen([sys.executable, "-c", PAUSE_BEFORE_MARKER, values], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PAUSE_BEFORE_MARKER, values], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.time() + 120
         while not (out / "checkpoint-4" / "trainer_state.json").exists():
@@ -376,8 +453,12 @@ def test_sigkill_during_save_then_resume_matches_uninterrupted(tiny_model, data_
 def test_two_process_ddp(tiny_model, data_dir, tmp_path):
     out = tmp_path / "ddp"
     args = cli_args(tiny_model, data_dir, out, max_steps=4, eval_steps=2)
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "loralab.cli",
-                          "train", *args], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "loralab.cli", "train", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads((out / "train_results.json").read_text())
     # 32 examples, 2 processes x batch 4: one epoch is 4 steps (a single process would need 8).
@@ -398,15 +479,28 @@ def test_export_merged_logits_match_adapter(lora_run, tmp_path):
 
     cfg, _, run_dir = lora_run
     target = tmp_path / "merged"
-    export_cfg = load_config(None, {"model_name_or_path": cfg.model_name_or_path,
-                                    "adapter_name_or_path": str(run_dir), "export_dir": str(target)})
+    export_cfg = load_config(
+        None,
+        {"model_name_or_path": cfg.model_name_or_path, "adapter_name_or_path": str(run_dir), "export_dir": str(target)},
+    )
     export(export_cfg)
     assert (target / "model.safetensors").is_file() and not (target / "adapter_config.json").exists()
     tokenizer = AutoTokenizer.from_pretrained(target)
-    assert tokenizer.chat_template and tokenizer.convert_tokens_to_ids("<|eot_id|>") in \
-        AutoModelForCausalLM.from_pretrained(target).generation_config.eos_token_id
-    ids = torch.tensor([tokenizer.apply_chat_template([{"role": "user", "content": "Say number 3"}],
-                                                      add_generation_prompt=True, tokenize=True, return_dict=False)])
+    assert (
+        tokenizer.chat_template
+        and tokenizer.convert_tokens_to_ids("<|eot_id|>")
+        in AutoModelForCausalLM.from_pretrained(target).generation_config.eos_token_id
+    )
+    ids = torch.tensor(
+        [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": "Say number 3"}],
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=False,
+            )
+        ]
+    )
     with torch.no_grad():
         merged = AutoModelForCausalLM.from_pretrained(target)(ids).logits
         base = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path)
@@ -417,8 +511,10 @@ def test_export_merged_logits_match_adapter(lora_run, tmp_path):
     with pytest.raises(LoralabError, match="export_dir: .* not empty"):
         export(export_cfg)
     export(export_cfg, overwrite=True)
-    out = cli("export", *[f"{k}={v}" for k, v in (("model_name_or_path", cfg.model_name_or_path),
-                                                  ("export_dir", str(tmp_path / "x")))])
+    out = cli(
+        "export",
+        *[f"{k}={v}" for k, v in (("model_name_or_path", cfg.model_name_or_path), ("export_dir", str(tmp_path / "x")))],
+    )
     assert out.returncode == 2 and "adapter_name_or_path" in out.stderr and "Traceback" not in out.stderr
 
 
@@ -430,8 +526,20 @@ def test_smollm2_adapter_names_builtin_base(tmp_path):
 
     data.prepare(data.DEMO_SOURCE, output_dir=tmp_path / "data", seed=1, sample=60, split="40,20,0")
     out = tmp_path / "run"
-    summary = train(load_config(None, {"dataset_dir": str(tmp_path / "data"), "output_dir": str(out), "max_steps": 2,
-                                       "eval_dataset": "alpaca_data_val", "eval_steps": 2, "per_device_train_batch_size": 2, "cutoff_len": 256}))
+    summary = train(
+        load_config(
+            None,
+            {
+                "dataset_dir": str(tmp_path / "data"),
+                "output_dir": str(out),
+                "max_steps": 2,
+                "eval_dataset": "alpaca_data_val",
+                "eval_steps": 2,
+                "per_device_train_batch_size": 2,
+                "cutoff_len": 256,
+            },
+        )
+    )
     assert summary["steps"] == 2 and summary["best_eval_loss"] < 10
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "builtin:smollm2-135m-instruct"
@@ -466,7 +574,10 @@ def test_divergence_stops_the_run_with_one_line_and_saves_no_nan(tiny_model, dat
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert lines and all(json.loads(line, parse_constant=no_constants) for line in lines)
     assert train_mod.finite_or_none({"loss": float("nan"), "grad_norm": float("inf"), "step": 3}) == {
-        "loss": None, "grad_norm": None, "step": 3}
+        "loss": None,
+        "grad_norm": None,
+        "step": 3,
+    }
 
 
 def test_generation_validation_logs_scores_at_each_validation(tiny_model, data_dir, tmp_path):
@@ -478,8 +589,9 @@ def test_generation_validation_logs_scores_at_each_validation(tiny_model, data_d
     from loralab.evaluate import load_examples
     from loralab.generate import Engine, GenerationSettings
 
-    settings = dict(max_steps=4, eval_steps=2, max_new_tokens=6, lora_dropout=0.1, gradient_checkpointing=True,
-                    eval_max_samples=6)
+    settings = dict(
+        max_steps=4, eval_steps=2, max_new_tokens=6, lora_dropout=0.1, gradient_checkpointing=True, eval_max_samples=6
+    )
     plain = train(make_cfg(tiny_model, data_dir, tmp_path / "plain", **settings))
     out = tmp_path / "gen"
     cfg = make_cfg(tiny_model, data_dir, out, eval_generate_samples=3, **settings)
@@ -494,10 +606,12 @@ def test_generation_validation_logs_scores_at_each_validation(tiny_model, data_d
         rows = [json.loads(line) for line in step_file.read_text().splitlines()]
         assert len(rows) == 3
         # the logged numbers are metrics.py's scores of the replies written beside them
-        assert r["eval_rougeL"] == pytest.approx(sum(metrics.rouge_scores(x["predict"], x["label"])["rougeL"]
-                                                     for x in rows) / 3)
-        assert r["eval_exact_match"] == pytest.approx(sum(metrics.exact_match(x["predict"], x["label"])
-                                                          for x in rows) / 3)
+        assert r["eval_rougeL"] == pytest.approx(
+            sum(metrics.rouge_scores(x["predict"], x["label"])["rougeL"] for x in rows) / 3
+        )
+        assert r["eval_exact_match"] == pytest.approx(
+            sum(metrics.exact_match(x["predict"], x["label"]) for x in rows) / 3
+        )
     # The replies at step 4 are what the checkpoint saved at step 4 generates (same model, same engine).
     prompts, labels, _ = load_examples(cfg, "val")
     assert [x["label"] for x in rows] == labels[:3]
@@ -506,9 +620,11 @@ def test_generation_validation_logs_scores_at_each_validation(tiny_model, data_d
     assert [c.text for c in replies] == [x["predict"] for x in rows]
 
     # Generating in between changed nothing in training (dropout, gradient checkpointing, cache state).
-    assert [r["eval_loss"] for r in records if "eval_loss" in r] == \
-        [json.loads(line)["eval_loss"] for line in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()
-         if "eval_loss" in line]
+    assert [r["eval_loss"] for r in records if "eval_loss" in r] == [
+        json.loads(line)["eval_loss"]
+        for line in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()
+        if "eval_loss" in line
+    ]
     assert same_tensors(adapter_tensors(out), adapter_tensors(tmp_path / "plain"))
     assert summary["train_loss"] == plain["train_loss"] and summary["examples"]["eval"] == 6
 
@@ -525,5 +641,7 @@ def test_generation_validation_logs_scores_at_each_validation(tiny_model, data_d
     from loralab import report
 
     report.write_report(out)  # the report's curves get a third panel: ROUGE-L of the validation replies
-    assert Image.open(out / "report_files" / "losses.png").width > 1.4 * Image.open(
-        report.plot_losses({"plain": tmp_path / "plain"}, tmp_path / "files")).width
+    assert (
+        Image.open(out / "report_files" / "losses.png").width
+        > 1.4 * Image.open(report.plot_losses({"plain": tmp_path / "plain"}, tmp_path / "files")).width
+    )

@@ -11,8 +11,14 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 gr = pytest.importorskip("gradio")
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--no-first-run"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
 
 
 def free_port() -> int:
@@ -29,8 +35,14 @@ def engine(tiny_model, tiny_adapters):
     from loralab.generate import Engine
 
     threads = torch.get_num_threads()
-    yield Engine(Config(model_name_or_path=str(tiny_model), adapters={"alpha": tiny_adapters["alpha"]},
-                        max_new_tokens=64, torch_threads=1))
+    yield Engine(
+        Config(
+            model_name_or_path=str(tiny_model),
+            adapters={"alpha": tiny_adapters["alpha"]},
+            max_new_tokens=64,
+            torch_threads=1,
+        )
+    )
     torch.set_num_threads(threads)
 
 
@@ -58,12 +70,22 @@ def test_respond_streams_and_switches_models(engine):
     tuned, _ = final(respond("hello", [], "alpha", "", 0.0, 1.0, 12))
     assert tuned != base
     # gradio 6 hands history back with content as a list of text parts; the system box is used.
-    history = [{"role": "user", "content": [{"type": "text", "text": "hello"}]},
-               {"role": "assistant", "content": [{"type": "text", "text": base}]}]
+    history = [
+        {"role": "user", "content": [{"type": "text", "text": "hello"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": base}]},
+    ]
     again, _ = final(respond("more", history, engine.base_name, "Be brief.", 0.0, 1.0, 12))
-    expected = engine.generate([[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"},
-                                 {"role": "assistant", "content": base}, {"role": "user", "content": "more"}]],
-                               GenerationSettings(max_new_tokens=12))[0].text
+    expected = engine.generate(
+        [
+            [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "hello"},
+                {"role": "assistant", "content": base},
+                {"role": "user", "content": "more"},
+            ]
+        ],
+        GenerationSettings(max_new_tokens=12),
+    )[0].text
     assert again == expected
     with pytest.raises(gr.Error, match="unknown model"):
         list(respond("hello", [], "nope", "", 0.0, 1.0, 12))
@@ -80,8 +102,13 @@ def test_login_is_required_when_set_and_guessing_is_braked(engine):
 
     port = free_port()
     demo = build_demo(engine)
-    launch(demo, "127.0.0.1", port, auth=LoginGuard("ada", "s3cret", max_failures=3, window_s=2.5, delay_s=0.1),
-           block=False)
+    launch(
+        demo,
+        "127.0.0.1",
+        port,
+        auth=LoginGuard("ada", "s3cret", max_failures=3, window_s=2.5, delay_s=0.1),
+        block=False,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         assert httpx.get(url + "/config").status_code in (401, 403)
@@ -90,8 +117,9 @@ def test_login_is_required_when_set_and_guessing_is_braked(engine):
             assert c.get(url + "/config").status_code == 200
         # Guessing: failures are answered one at a time after a delay, then refused outright for a while.
         t0 = time.perf_counter()
-        codes = [httpx.post(url + "/login", data={"username": "ada", "password": f"guess{i}"}).status_code
-                 for i in range(5)]
+        codes = [
+            httpx.post(url + "/login", data={"username": "ada", "password": f"guess{i}"}).status_code for i in range(5)
+        ]
         assert codes == [400, 400, 400, 429, 429] and time.perf_counter() - t0 >= 0.3
         refused = httpx.post(url + "/login", data={"username": "ada", "password": "s3cret"})
         assert refused.status_code == 429 and "too many failed logins" in refused.text
@@ -115,11 +143,13 @@ def test_rejected_inputs_are_errors_in_the_page_without_a_traceback_in_the_log(e
         base = engine.base_name
         ok = client.predict("hello", base, "", 0.0, 1.0, 4, api_name="/respond")
         assert isinstance(ok, str)
-        bad = [("hello", "nope", "", 0.0, 1.0, 4, "not in the list of choices"),
-               ("hello", base, "", 0.0, 1.0, -5, "less than minimum"),
-               ("hello", base, "", 7.0, 1.0, 4, "greater than maximum"),
-               ("hello", base, "", 0.0, 0.0, 4, "less than minimum"),
-               ("word " * 1100, base, "", 0.0, 1.0, 60, "context")]
+        bad = [
+            ("hello", "nope", "", 0.0, 1.0, 4, "not in the list of choices"),
+            ("hello", base, "", 0.0, 1.0, -5, "less than minimum"),
+            ("hello", base, "", 7.0, 1.0, 4, "greater than maximum"),
+            ("hello", base, "", 0.0, 0.0, 4, "less than minimum"),
+            ("word " * 1100, base, "", 0.0, 1.0, 60, "context"),
+        ]
         for *args, expected in bad:
             with pytest.raises(Exception, match=expected):
                 client.predict(*args, api_name="/respond")
@@ -156,8 +186,11 @@ def test_page_streams_a_reply_in_a_real_browser(engine, artifacts_dir, tmp_path)
     try:
         with playwright_api.sync_playwright() as p:
             browser = p.chromium.launch_persistent_context(
-                str(tmp_path / "chromium-profile"), executable_path=str(CHROMIUM), headless=True,
-                args=CHROMIUM_FLAGS, viewport={"width": 1100, "height": 800},
+                str(tmp_path / "chromium-profile"),
+                executable_path=str(CHROMIUM),
+                headless=True,
+                args=CHROMIUM_FLAGS,
+                viewport={"width": 1100, "height": 800},
             )
 
             def only_local(route):
@@ -186,7 +219,8 @@ def test_page_streams_a_reply_in_a_real_browser(engine, artifacts_dir, tmp_path)
             box.press("Enter")
             page.locator("#chatbot .bot").last.wait_for(timeout=60_000)
             page.wait_for_function(
-                "() => !document.querySelector('#message .stop-button') && window.seen.length > 0", timeout=60_000)
+                "() => !document.querySelector('#message .stop-button') && window.seen.length > 0", timeout=60_000
+            )
             page.wait_for_timeout(300)
             page.screenshot(path=str(artifacts_dir / "webchat.png"), full_page=True)
             shown = page.locator("#chatbot .bot").last.inner_text()
@@ -210,10 +244,12 @@ def test_page_streams_a_reply_in_a_real_browser(engine, artifacts_dir, tmp_path)
         demo.close()
     from loralab.generate import GenerationSettings
 
-    expected = engine.generate([[{"role": "user", "content": "Hello there"}]],
-                               GenerationSettings(max_new_tokens=64), adapter="alpha")[0].text
-    base = engine.generate([[{"role": "user", "content": "Hello there"}]],
-                           GenerationSettings(max_new_tokens=64))[0].text
+    expected = engine.generate(
+        [[{"role": "user", "content": "Hello there"}]], GenerationSettings(max_new_tokens=64), adapter="alpha"
+    )[0].text
+    base = engine.generate([[{"role": "user", "content": "Hello there"}]], GenerationSettings(max_new_tokens=64))[
+        0
+    ].text
     assert turns == 1 and alnum(from_base) == alnum(base) != alnum(expected), (from_base, base)
     assert "Hello there" in user_text
     assert alnum(shown) and alnum(shown) == alnum(expected), (shown, expected)

@@ -66,8 +66,14 @@ DEFAULT_MAX_REQUEST_BYTES = 1_000_000  # 1 MB: hundreds of pages of chat history
 class APIError(Exception):
     """An error answered as OpenAI's error JSON with an HTTP status."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
 
@@ -76,8 +82,9 @@ class APIError(Exception):
 
     def response(self, headers: dict | None = None) -> Response:
         # ASCII JSON: a message may quote client text, and escaped text can never fail to encode.
-        return Response(json.dumps(self.body()), status_code=self.status, media_type="application/json",
-                        headers=headers)
+        return Response(
+            json.dumps(self.body()), status_code=self.status, media_type="application/json", headers=headers
+        )
 
 
 def _short(value: Any, limit: int = 80) -> str:
@@ -93,18 +100,29 @@ def describe_invalid(errors: list[dict]) -> APIError:
     if loc[:1] == ["body"]:
         loc = loc[1:]
     if first["type"] == "json_invalid":
-        return APIError(400, f"request body is not valid JSON: {first.get('ctx', {}).get('error', 'decode error')} "
-                        f"at character {loc[0] if loc else '?'}", code="invalid_json")
+        return APIError(
+            400,
+            f"request body is not valid JSON: {first.get('ctx', {}).get('error', 'decode error')} "
+            f"at character {loc[0] if loc else '?'}",
+            code="invalid_json",
+        )
     # Union types add the member tried to the path (content -> str / list[...]); name the field.
     loc = [p for p in loc if not (isinstance(p, str) and (p == "str" or p.startswith(("list[", "function-"))))]
     param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
     if param is None:
         what = "is empty" if first["type"] == "missing" else f"is a {type(first.get('input')).__name__}"
-        return APIError(400, f"request body {what}; expected a JSON object with `model` and `messages` "
-                        "(Content-Type: application/json)", code="invalid_json")
+        return APIError(
+            400,
+            f"request body {what}; expected a JSON object with `model` and `messages` (Content-Type: application/json)",
+            code="invalid_json",
+        )
     if first["type"] == "extra_forbidden":
-        return APIError(400, f"unsupported field `{param}` (supported: {SUPPORTED_FIELDS})", param=param,
-                        code="unsupported_parameter")
+        return APIError(
+            400,
+            f"unsupported field `{param}` (supported: {SUPPORTED_FIELDS})",
+            param=param,
+            code="unsupported_parameter",
+        )
     if first["type"] == "missing":
         return APIError(400, f"{param}: required field is missing", param=param, code="missing_required_parameter")
     code = "unsupported_value" if first["type"] == "unsupported_value" else "invalid_value"
@@ -121,8 +139,9 @@ def valid_text(text: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise PydanticCustomError("invalid_text", "contains a lone UTF-16 surrogate (\\ud800-\\udfff); "
-                                  "send valid Unicode text") from None
+        raise PydanticCustomError(
+            "invalid_text", "contains a lone UTF-16 surrogate (\\ud800-\\udfff); send valid Unicode text"
+        ) from None
     return text
 
 
@@ -279,16 +298,21 @@ class Serving:
 
     def adapter_of(self, model: str) -> str | None:
         if model not in self.models:
-            raise APIError(404, f"model: unknown model {_short(model)}; available: {', '.join(self.models)}",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"model: unknown model {_short(model)}; available: {', '.join(self.models)}",
+                param="model",
+                code="model_not_found",
+            )
         return None if model == self.engine.base_name else model
 
     def prompt_tokens(self, messages: list[dict]) -> int:
         """Tokens of the rendered prompt (runs in the threadpool: rendering can take a while)."""
         with self.check_lock:
             try:
-                return len(encode_prompt(self.check_tokenizer,
-                                         with_default_system(messages, self.engine.cfg.default_system)))
+                return len(
+                    encode_prompt(self.check_tokenizer, with_default_system(messages, self.engine.cfg.default_system))
+                )
             except LoralabError as e:  # the chat template refused the conversation
                 raise APIError(400, f"messages: {e}", param="messages", code="invalid_conversation") from None
 
@@ -329,14 +353,16 @@ ServingDep = Annotated[Serving, Depends(get_serving)]
 bearer = HTTPBearer(auto_error=False)
 
 
-def require_api_key(serving: ServingDep,
-                    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+def require_api_key(
+    serving: ServingDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> None:
     if not serving.api_key:
         return
     given = credentials.credentials.strip() if credentials else ""
     if not hmac.compare_digest(given.encode(), serving.api_key.encode()):
-        raise APIError(401, "invalid or missing API key: send the header `Authorization: Bearer <key>`",
-                       code="invalid_api_key")
+        raise APIError(
+            401, "invalid or missing API key: send the header `Authorization: Bearer <key>`", code="invalid_api_key"
+        )
 
 
 # --- routes --------------------------------------------------------------------------------------
@@ -348,9 +374,15 @@ v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 async def health(serving: ServingDep):
     s, stats = serving.scheduler, serving.engine.stats
     alive = s.is_alive()
-    body = {"status": "ok" if alive else "scheduler stopped", "served_models": len(serving.models),
-            "requests": s.rows, "steps": stats["steps"], "row_steps": stats["row_steps"],
-            "largest_batch": stats["largest_batch"], "cancelled": s.cancelled}
+    body = {
+        "status": "ok" if alive else "scheduler stopped",
+        "served_models": len(serving.models),
+        "requests": s.rows,
+        "steps": stats["steps"],
+        "row_steps": stats["row_steps"],
+        "largest_batch": stats["largest_batch"],
+        "cancelled": s.cancelled,
+    }
     return JSONResponse(body, status_code=200 if alive else 503)
 
 
@@ -379,12 +411,22 @@ async def chat_completions(req: ChatRequest, request: Request, serving: ServingD
     limit = serving.max_context
     if limit:
         if n_prompt >= limit:
-            raise APIError(400, f"messages: the prompt has {n_prompt} tokens, but the model's context is {limit} "
-                           "tokens; shorten the conversation", param="messages", code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"messages: the prompt has {n_prompt} tokens, but the model's context is {limit} "
+                "tokens; shorten the conversation",
+                param="messages",
+                code="context_length_exceeded",
+            )
         if asked and n_prompt + asked > limit:
             param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
-            raise APIError(400, f"{param}: prompt ({n_prompt} tokens) + {param} ({asked}) exceeds the model's "
-                           f"context of {limit} tokens", param=param, code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"{param}: prompt ({n_prompt} tokens) + {param} ({asked}) exceeds the model's "
+                f"context of {limit} tokens",
+                param=param,
+                code="context_length_exceeded",
+            )
         max_new = min(max_new, limit - n_prompt)  # the default shrinks to what fits
     settings = settings_for(req, serving.defaults, max_new)
     try:
@@ -392,23 +434,29 @@ async def chat_completions(req: ChatRequest, request: Request, serving: ServingD
     except LoralabError as e:
         raise APIError(400, str(e)) from None
     request_id = uuid.uuid4().hex[:24]
-    job = Job(messages, settings, adapter, asyncio.get_running_loop(), streaming=bool(req.stream),
-              request_id=request_id)
+    job = Job(
+        messages, settings, adapter, asyncio.get_running_loop(), streaming=bool(req.stream), request_id=request_id
+    )
     serving.scheduler.submit(job)
-    base = {"id": f"chatcmpl-{request_id}", "created": int(time.time()), "model": req.model,
-            "system_fingerprint": None}
+    base = {"id": f"chatcmpl-{request_id}", "created": int(time.time()), "model": req.model, "system_fingerprint": None}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         # Starlette cancels this generator when the client disconnects; its `finally` cancels the job.
-        return StreamingResponse(stream_events(job, base, include_usage), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            stream_events(job, base, include_usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     return await collect(job, base, request)
 
 
 def _chunk(base: dict, delta: dict, finish_reason: str | None = None, with_usage: bool = False) -> str:
     """One chat.completion.chunk event; with stream_options.include_usage every chunk has usage: null."""
-    body = dict(base, object="chat.completion.chunk",
-                choices=[{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}])
+    body = dict(
+        base,
+        object="chat.completion.chunk",
+        choices=[{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+    )
     if with_usage:
         body["usage"] = None
     return sse(body)
@@ -420,8 +468,11 @@ def sse(body: dict | str) -> str:
 
 
 def usage_of(c: Completion) -> dict:
-    return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-            "total_tokens": c.prompt_tokens + c.completion_tokens}
+    return {
+        "prompt_tokens": c.prompt_tokens,
+        "completion_tokens": c.completion_tokens,
+        "total_tokens": c.prompt_tokens + c.completion_tokens,
+    }
 
 
 def _finish(c: Completion) -> str:
@@ -431,8 +482,12 @@ def _finish(c: Completion) -> str:
 def generation_error(e: BaseException, request_id: str) -> APIError:
     if isinstance(e, LoralabError):
         return APIError(400, str(e))
-    return APIError(500, f"generation failed (request id {request_id}; the server log has the details)",
-                    type="server_error", code="generation_failed")
+    return APIError(
+        500,
+        f"generation failed (request id {request_id}; the server log has the details)",
+        type="server_error",
+        code="generation_failed",
+    )
 
 
 async def stream_events(job: Job, base: dict, include_usage: bool):
@@ -472,9 +527,19 @@ async def collect(job: Job, base: dict, request: Request):
         kind, value = reply.result()
         if kind == "error":
             raise generation_error(value, job.request_id)
-        return dict(base, object="chat.completion", usage=usage_of(value), choices=[{
-            "index": 0, "message": {"role": "assistant", "content": value.text},
-            "logprobs": None, "finish_reason": _finish(value)}])
+        return dict(
+            base,
+            object="chat.completion",
+            usage=usage_of(value),
+            choices=[
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": value.text},
+                    "logprobs": None,
+                    "finish_reason": _finish(value),
+                }
+            ],
+        )
     finally:
         job.cancel()
         reply.cancel()
@@ -483,8 +548,7 @@ async def collect(job: Job, base: dict, request: Request):
 
 # --- the app -------------------------------------------------------------------------------------
 def too_large(limit: int) -> APIError:
-    return APIError(413, f"request body is larger than this server's limit of {limit} bytes",
-                    code="request_too_large")
+    return APIError(413, f"request body is larger than this server's limit of {limit} bytes", code="request_too_large")
 
 
 class RequestSizeLimit:
@@ -527,7 +591,8 @@ async def on_http_error(request: Request, e: StarletteHTTPException) -> Response
         return too_large(request.app.state.options.max_request_bytes).response()
     code = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
     return APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", code=code).response(
-        headers=getattr(e, "headers", None))
+        headers=getattr(e, "headers", None)
+    )
 
 
 async def on_invalid_request(request: Request, e: RequestValidationError) -> Response:
@@ -538,12 +603,20 @@ async def on_unexpected_error(request: Request, e: Exception) -> Response:
     """A bug, not a client mistake: a 500 in OpenAI's shape, the traceback in the server log under an id."""
     request_id = uuid.uuid4().hex[:12]
     log.error("request %s: %s %s failed", request_id, request.method, request.url.path, exc_info=e)
-    return APIError(500, f"internal server error (request id {request_id}; the server log has the details)",
-                    type="server_error", code="internal_error").response()
+    return APIError(
+        500,
+        f"internal server error (request id {request_id}; the server log has the details)",
+        type="server_error",
+        code="internal_error",
+    ).response()
 
 
-def create_app(engine: Engine, api_key: str | None = None, max_batch_size: int = 16,
-               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
+def create_app(
+    engine: Engine,
+    api_key: str | None = None,
+    max_batch_size: int = 16,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+) -> FastAPI:
     """The FastAPI app serving `engine`; the scheduler thread runs while the app is up."""
     if max_batch_size < 1:
         raise LoralabError(f"--max-batch-size: got {max_batch_size}; expected a positive number")
@@ -592,8 +665,14 @@ def parse_adapter_flags(flags: list[str] | None) -> dict[str, str]:
     return out
 
 
-def serve(cfg: Config, host: str | None = None, port: int | None = None, api_key: str | None = None,
-          max_batch_size: int = 16, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
+def serve(
+    cfg: Config,
+    host: str | None = None,
+    port: int | None = None,
+    api_key: str | None = None,
+    max_batch_size: int = 16,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+) -> None:
     """Load the model and adapters once, then serve until Ctrl-C."""
     import uvicorn
 
@@ -607,6 +686,12 @@ def serve(cfg: Config, host: str | None = None, port: int | None = None, api_key
         log.warning("serving on %s without an API key: anyone who can reach this address can use the model", host)
     engine = Engine(cfg)
     app = create_app(engine, api_key=api_key, max_batch_size=max_batch_size, max_request_bytes=max_request_bytes)
-    log.info("serving %s on http://%s:%d/v1 (models: %s; request limit %d bytes)", cfg.model_name_or_path, host,
-             port, ", ".join([engine.base_name, *engine.adapter_names]), max_request_bytes)
+    log.info(
+        "serving %s on http://%s:%d/v1 (models: %s; request limit %d bytes)",
+        cfg.model_name_or_path,
+        host,
+        port,
+        ", ".join([engine.base_name, *engine.adapter_names]),
+        max_request_bytes,
+    )
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

@@ -29,8 +29,9 @@ HELP = "commands: /clear (forget the conversation), /system TEXT (set the system
 class ChatSession:
     """One conversation with history; `send` streams a reply to `out` and records it."""
 
-    def __init__(self, engine: Engine, settings: GenerationSettings, adapter: str | None = None,
-                 system: str | None = None):
+    def __init__(
+        self, engine: Engine, settings: GenerationSettings, adapter: str | None = None, system: str | None = None
+    ):
         self.engine, self.settings, self.adapter = engine, settings, adapter
         self.system = system
         self.history: list[dict] = []  # user/assistant turns, without the system prompt
@@ -46,8 +47,9 @@ class ChatSession:
         A message the model cannot take (too long for its context, refused by its chat template)
         raises LoralabError and leaves the history as it was.
         """
-        self.history, budget = fit_context(self.engine, self.system, [*self.history, {"role": "user", "content": text}],
-                                           self.settings.max_new_tokens)
+        self.history, budget = fit_context(
+            self.engine, self.system, [*self.history, {"role": "user", "content": text}], self.settings.max_new_tokens
+        )
         settings = replace(self.settings, max_new_tokens=budget)
         parts: list[str] = []
         deltas = self.engine.stream(self.messages, settings, adapter=self.adapter)
@@ -108,7 +110,7 @@ def fit_context(engine: Engine, system: str | None, history: list[dict], max_new
     if not limit:
         return history, max_new_tokens
     while n_prompt + max_new_tokens > limit and len(history) > 1:
-        history = history[2 if len(history) > 2 else 1:]  # a user turn and its reply
+        history = history[2 if len(history) > 2 else 1 :]  # a user turn and its reply
         log.warning("conversation too long for the model's %d-token context: forgot the oldest turn", limit)
         n_prompt = len(engine.prompt_ids(prefix + history))
     if n_prompt >= limit:
@@ -123,8 +125,11 @@ def run(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextIO, int
             import readline  # noqa: F401 - line editing and history for input()
         except ImportError:
             pass
-        stderr.write(f"chatting with {session.engine.base_name}"
-                     + (f" + adapter {session.adapter}" if session.adapter else "") + f"; {HELP}\n")
+        stderr.write(
+            f"chatting with {session.engine.base_name}"
+            + (f" + adapter {session.adapter}" if session.adapter else "")
+            + f"; {HELP}\n"
+        )
     while True:
         try:
             if interactive:

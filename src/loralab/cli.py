@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Annotated, Optional
+from typing import Annotated
 
 import click
 import typer
@@ -34,10 +34,16 @@ app.add_typer(config_app, name="config")
 log = logging.getLogger("loralab")
 
 # Libraries of optional stages -> the extra of pyproject.toml that installs them.
-EXTRA_OF_MODULE = {"fastapi": "serve", "uvicorn": "serve", "gradio": "webchat", "optuna": "sweep", "sqlalchemy": "sweep"}
+EXTRA_OF_MODULE = {
+    "fastapi": "serve",
+    "uvicorn": "serve",
+    "gradio": "webchat",
+    "optuna": "sweep",
+    "sqlalchemy": "sweep",
+}
 
 ConfigArgs = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Argument(help="CONFIG.yaml (optional) followed by key=value overrides, e.g. lora_rank=16."),
 ]
 
@@ -78,8 +84,13 @@ def _root(
 def config_show(
     args: ConfigArgs = None,
     keys: Annotated[bool, typer.Option("--keys", help="List every key with its default and help text.")] = False,
-    diff_lf: Annotated[bool, typer.Option(
-        "--diff-lf", help="Only the effective values LLaMA-Factory would not use for this file (keys it leaves unset).")] = False,
+    diff_lf: Annotated[
+        bool,
+        typer.Option(
+            "--diff-lf",
+            help="Only the effective values LLaMA-Factory would not use for this file (keys it leaves unset).",
+        ),
+    ] = False,
 ) -> None:
     """Print the resolved configuration (YAML file + key=value overrides), or the error."""
     if keys:
@@ -114,14 +125,20 @@ def prepare(
     ],
     output_dir: Annotated[str, typer.Option("--output-dir", "-o", help="Folder for the split files.")] = "data",
     seed: Annotated[int, typer.Option(help="Seed of the sample and split.")] = 42,
-    sample: Annotated[Optional[int], typer.Option(help="Records to sample (default: all).")] = None,
-    split: Annotated[str, typer.Option(help="train,val,test sizes: counts (7000,2000,1000) or fractions.")] = "0.7,0.2,0.1",
-    name: Annotated[str, typer.Option(help="Output prefix: NAME_train.json, NAME_val.json, NAME_test.json.")] = "alpaca_data",
-    dataset: Annotated[Optional[str], typer.Option(help="Dataset name when SOURCE is a LLaMA-Factory data folder.")] = None,
-    max_tokens: Annotated[
-        Optional[int], typer.Option(help="Drop records longer than this many tokens (needs --tokenizer).")
+    sample: Annotated[int | None, typer.Option(help="Records to sample (default: all).")] = None,
+    split: Annotated[
+        str, typer.Option(help="train,val,test sizes: counts (7000,2000,1000) or fractions.")
+    ] = "0.7,0.2,0.1",
+    name: Annotated[
+        str, typer.Option(help="Output prefix: NAME_train.json, NAME_val.json, NAME_test.json.")
+    ] = "alpaca_data",
+    dataset: Annotated[
+        str | None, typer.Option(help="Dataset name when SOURCE is a LLaMA-Factory data folder.")
     ] = None,
-    tokenizer: Annotated[Optional[str], typer.Option(help="Model whose tokenizer counts tokens for --max-tokens.")] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option(help="Drop records longer than this many tokens (needs --tokenizer).")
+    ] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="Model whose tokenizer counts tokens for --max-tokens.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing split files.")] = False,
 ) -> None:
     """Sample, clean and split an instruction dataset into train/val/test files plus a manifest."""
@@ -150,14 +167,19 @@ def prepare(
 @app.command("train")
 def train_cmd(
     args: ConfigArgs = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output_dir (overwrite_output_dir).")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last complete checkpoint in output_dir.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a non-empty output_dir (overwrite_output_dir).")
+    ] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the last complete checkpoint in output_dir.")
+    ] = False,
 ) -> None:
     """Fine-tune with LoRA (or full) on the train split, validated on the validation split."""
     from loralab import data
 
-    cfg = config_from_args(args, overwrite_output_dir=True if overwrite else None,
-                           resume_from_checkpoint=True if resume else None)
+    cfg = config_from_args(
+        args, overwrite_output_dir=True if overwrite else None, resume_from_checkpoint=True if resume else None
+    )
     # A typo in the config or a missing data file fails here in about a second, before the
     # 10-20 s of importing torch/transformers (reading the data twice costs far less).
     data.load_conversations(cfg, "train")
@@ -167,8 +189,10 @@ def train_cmd(
     summary = train(cfg)
     if summary:  # only the main process of a multi-process run reports
         best = summary["best_eval_loss"]
-        typer.echo(f"trained {summary['steps']} steps into {summary['run_dir']}"
-                   + (f" (best validation loss {best:.4f} at step {summary['best_step']})" if best is not None else ""))
+        typer.echo(
+            f"trained {summary['steps']} steps into {summary['run_dir']}"
+            + (f" (best validation loss {best:.4f} at step {summary['best_step']})" if best is not None else "")
+        )
 
 
 @app.command("export")
@@ -185,8 +209,8 @@ def export_cmd(
 
 # --- predict / eval / compare ------------------------------------------------------------------
 SplitOpt = Annotated[str, typer.Option("--split", help="train, val or test (dataset / eval_dataset / test_dataset).")]
-DataOpt = Annotated[Optional[str], typer.Option("--data", help="Predict on this data file instead of a split.")]
-OutOpt = Annotated[Optional[str], typer.Option("--output-dir", "-o", help="Output folder (default: under output_dir).")]
+DataOpt = Annotated[str | None, typer.Option("--data", help="Predict on this data file instead of a split.")]
+OutOpt = Annotated[str | None, typer.Option("--output-dir", "-o", help="Output folder (default: under output_dir).")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")]
 BootOpt = Annotated[int, typer.Option("--n-boot", help="Bootstrap / permutation resamples for CIs and p-values.")]
 
@@ -194,9 +218,14 @@ BootOpt = Annotated[int, typer.Option("--n-boot", help="Bootstrap / permutation 
 @app.command()
 def predict(
     args: ConfigArgs = None,
-    split: Annotated[Optional[str], typer.Option(
-        "--split", help="train, val or test (dataset / eval_dataset / test_dataset); default test, or "
-        "eval_dataset into output_dir with do_predict: true (LLaMA-Factory's predict).")] = None,
+    split: Annotated[
+        str | None,
+        typer.Option(
+            "--split",
+            help="train, val or test (dataset / eval_dataset / test_dataset); default test, or "
+            "eval_dataset into output_dir with do_predict: true (LLaMA-Factory's predict).",
+        ),
+    ] = None,
     data_file: DataOpt = None,
     output_dir: OutOpt = None,
     overwrite: OverwriteOpt = False,
@@ -206,8 +235,10 @@ def predict(
 
     out = evaluate.predict(config_from_args(args), split, data_file, output_dir, overwrite)
     r = out["results"]
-    typer.echo(f"wrote {out['dir']}/generated_predictions.jsonl: {r['samples']} samples in {r['seconds']:.1f}s "
-               f"({r['samples_per_second']:.2f} samples/s, {r['generated_tokens_per_second']:.1f} generated tokens/s)")
+    typer.echo(
+        f"wrote {out['dir']}/generated_predictions.jsonl: {r['samples']} samples in {r['seconds']:.1f}s "
+        f"({r['samples_per_second']:.2f} samples/s, {r['generated_tokens_per_second']:.1f} generated tokens/s)"
+    )
     if "metrics" in out:  # do_predict: LLaMA-Factory prints its predict metrics
         typer.echo(evaluate.format_metrics_table(out))
         typer.echo(f"wrote {out['dir']}/predict_results.json and metrics.json")
@@ -219,10 +250,11 @@ def eval_(
     split: SplitOpt = "test",
     data_file: DataOpt = None,
     predictions: Annotated[
-        Optional[str], typer.Option("--predictions", help="Score this generated_predictions.jsonl instead of predicting.")
+        str | None, typer.Option("--predictions", help="Score this generated_predictions.jsonl instead of predicting.")
     ] = None,
     compare_base: Annotated[
-        bool, typer.Option("--compare-base", help="Also score the base model (adapter off) and compare, sample by sample.")
+        bool,
+        typer.Option("--compare-base", help="Also score the base model (adapter off) and compare, sample by sample."),
     ] = False,
     output_dir: OutOpt = None,
     overwrite: OverwriteOpt = False,
@@ -236,16 +268,27 @@ def eval_(
         if predictions:
             raise LoralabError("--compare-base: generates with both models; it cannot be combined with --predictions")
         if len(cfg.adapter_paths) != 1:
-            raise LoralabError("--compare-base: set adapter_name_or_path=ADAPTER_DIR (one adapter) to compare with the base model")
+            raise LoralabError(
+                "--compare-base: set adapter_name_or_path=ADAPTER_DIR (one adapter) to compare with the base model"
+            )
         adapter = cfg.adapter_paths[0]
         tag = evaluate.adapter_tag(adapter)
-        summary = evaluate.evaluate_models(cfg, {"base": None, tag if tag != "base" else "tuned": adapter}, split,
-                                           output_dir, data_file, overwrite, n_boot)
+        summary = evaluate.evaluate_models(
+            cfg,
+            {"base": None, tag if tag != "base" else "tuned": adapter},
+            split,
+            output_dir,
+            data_file,
+            overwrite,
+            n_boot,
+        )
         typer.echo(evaluate.format_comparison_table(summary))
         typer.echo(f"wrote {summary['dir']}/comparison.json")
         return
     result = evaluate.evaluate(cfg, split, data_file, predictions, output_dir, overwrite, n_boot)
-    typer.echo(f"{result.get('split') or result.get('data') or result.get('predictions')}: {result['n_samples']} samples")
+    typer.echo(
+        f"{result.get('split') or result.get('data') or result.get('predictions')}: {result['n_samples']} samples"
+    )
     typer.echo(evaluate.format_metrics_table(result))
     typer.echo(f"wrote {result['dir']}/metrics.json")
 
@@ -254,7 +297,7 @@ def eval_(
 def compare(
     run_a: Annotated[str, typer.Argument(help="Evaluation folder A (the reference), made by `loralab eval`.")],
     run_b: Annotated[str, typer.Argument(help="Evaluation folder B, on the same split.")],
-    output: Annotated[Optional[str], typer.Option("--output", help="Also write the comparison as JSON here.")] = None,
+    output: Annotated[str | None, typer.Option("--output", help="Also write the comparison as JSON here.")] = None,
     n_boot: BootOpt = 1000,
     seed: Annotated[int, typer.Option(help="Seed of the resampling.")] = 0,
 ) -> None:
@@ -274,10 +317,12 @@ def compare(
 
 
 # --- serving: chat / api / webchat -------------------------------------------------------------
-HostOpt = Annotated[Optional[str], typer.Option("--host", help="Bind address (default: API_HOST env, else api_host = 127.0.0.1).")]
-PortOpt = Annotated[Optional[int], typer.Option("--port", help="Port (default: API_PORT env, else api_port).")]
+HostOpt = Annotated[
+    str | None, typer.Option("--host", help="Bind address (default: API_HOST env, else api_host = 127.0.0.1).")
+]
+PortOpt = Annotated[int | None, typer.Option("--port", help="Port (default: API_PORT env, else api_port).")]
 AdapterOpt = Annotated[
-    Optional[list[str]], typer.Option("--adapter", help="Serve an adapter as model NAME: NAME=PATH (repeatable).")
+    list[str] | None, typer.Option("--adapter", help="Serve an adapter as model NAME: NAME=PATH (repeatable).")
 ]
 
 
@@ -306,7 +351,7 @@ def api(
     port: PortOpt = None,
     adapter: AdapterOpt = None,
     api_key: Annotated[
-        Optional[str], typer.Option("--api-key", help="Require Authorization: Bearer KEY on /v1 (default: API_KEY env).")
+        str | None, typer.Option("--api-key", help="Require Authorization: Bearer KEY on /v1 (default: API_KEY env).")
     ] = None,
     max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Requests generated together at most.")] = 16,
     max_request_bytes: Annotated[
@@ -323,11 +368,11 @@ def api(
 def webchat(
     args: ConfigArgs = None,
     host: HostOpt = None,
-    port: Annotated[Optional[int], typer.Option("--port", help="Port (default: 7860).")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="Port (default: 7860).")] = None,
     adapter: AdapterOpt = None,
-    username: Annotated[Optional[str], typer.Option("--username", help="Require this login (with --password).")] = None,
+    username: Annotated[str | None, typer.Option("--username", help="Require this login (with --password).")] = None,
     password: Annotated[
-        Optional[str], typer.Option("--password", help="Password for --username (default: WEBCHAT_PASSWORD env).")
+        str | None, typer.Option("--password", help="Password for --username (default: WEBCHAT_PASSWORD env).")
     ] = None,
 ) -> None:
     """Browser chat page (Gradio): streaming replies, model/adapter selector, system prompt, settings."""
@@ -354,17 +399,22 @@ def run_cmd(
 # --- sweep / report ----------------------------------------------------------------------------
 @app.command()
 def sweep(
-    sweep_file: Annotated[str, typer.Argument(help="SWEEP.yaml: base config, strategy, search_space, n_trials, objective.")],
+    sweep_file: Annotated[
+        str, typer.Argument(help="SWEEP.yaml: base config, strategy, search_space, n_trials, objective.")
+    ],
     overrides: Annotated[
-        Optional[list[str]], typer.Argument(help="key=value overrides of the base config, e.g. torch_threads=2.")
+        list[str] | None, typer.Argument(help="key=value overrides of the base config, e.g. torch_threads=2.")
     ] = None,
     storage: Annotated[
-        Optional[str],
-        typer.Option(help="Optuna RDB URL shared by several workers, e.g. postgresql://user:pass@host/db "
-                     "(default: the sweep file's `storage`, else a journal file in the sweep folder)."),
+        str | None,
+        typer.Option(
+            help="Optuna RDB URL shared by several workers, e.g. postgresql://user:pass@host/db "
+            "(default: the sweep file's `storage`, else a journal file in the sweep folder)."
+        ),
     ] = None,
     trials_only: Annotated[
-        bool, typer.Option("--trials-only", help="Only run trials; leave selection and the test evaluation to another run.")
+        bool,
+        typer.Option("--trials-only", help="Only run trials; leave selection and the test evaluation to another run."),
     ] = False,
 ) -> None:
     """Hyperparameter sweep (grid / random / TPE); rerun the same command to resume or to add workers."""
@@ -378,8 +428,10 @@ def sweep(
     if result.get("final"):
         typer.echo(f"\n{result['final']['table']}")
         page = report.write_report(result["sweep_dir"])
-        typer.echo(f"\nwinner: trial {result['final']['best_trial']} {result['final']['best_params']}   "
-                   f"sweep folder: {result['sweep_dir']}   report: {page}")
+        typer.echo(
+            f"\nwinner: trial {result['final']['best_trial']} {result['final']['best_params']}   "
+            f"sweep folder: {result['sweep_dir']}   report: {page}"
+        )
 
 
 @app.command("report")
@@ -420,7 +472,9 @@ def main() -> None:
         extra = EXTRA_OF_MODULE.get((e.name or "").split(".")[0])
         if extra is None:
             raise
-        typer.echo(f"error: this command needs {e.name}, which is not installed: pip install 'loralab[{extra}]'", err=True)
+        typer.echo(
+            f"error: this command needs {e.name}, which is not installed: pip install 'loralab[{extra}]'", err=True
+        )
         sys.exit(2)
     sys.exit(rc if isinstance(rc, int) else 0)
 

@@ -62,17 +62,63 @@ LLAMAFACTORY_IGNORED_KEYS = {
 # The values transformers accepts for lr_scheduler_type (SchedulerType) and optim (OptimizerNames), kept
 # here so a config is checked without importing transformers; tests/test_lf_keys.py compares them with
 # the installed transformers.
-LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-                 "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
-                 "warmup_stable_decay", "greedy")
-OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused", "adafactor",
-              "adamw_anyprecision", "adamw_torch_4bit", "adamw_torch_8bit", "ademamix", "sgd", "adagrad",
-              "adamw_bnb_8bit", "adamw_8bit", "ademamix_8bit", "lion_8bit", "lion_32bit", "paged_adamw_32bit",
-              "paged_adamw_8bit", "paged_ademamix_32bit", "paged_ademamix_8bit", "paged_lion_32bit", "paged_lion_8bit",
-              "rmsprop", "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit", "galore_adamw", "galore_adamw_8bit",
-              "galore_adafactor", "galore_adamw_layerwise", "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise",
-              "lomo", "adalomo", "grokadamw", "schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd",
-              "apollo_adamw", "apollo_adamw_layerwise", "stable_adamw")
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "reduce_lr_on_plateau",
+    "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr",
+    "warmup_stable_decay",
+    "greedy",
+)
+OPTIMIZERS = (
+    "adamw_torch",
+    "adamw_torch_fused",
+    "adamw_torch_xla",
+    "adamw_torch_npu_fused",
+    "adafactor",
+    "adamw_anyprecision",
+    "adamw_torch_4bit",
+    "adamw_torch_8bit",
+    "ademamix",
+    "sgd",
+    "adagrad",
+    "adamw_bnb_8bit",
+    "adamw_8bit",
+    "ademamix_8bit",
+    "lion_8bit",
+    "lion_32bit",
+    "paged_adamw_32bit",
+    "paged_adamw_8bit",
+    "paged_ademamix_32bit",
+    "paged_ademamix_8bit",
+    "paged_lion_32bit",
+    "paged_lion_8bit",
+    "rmsprop",
+    "rmsprop_bnb",
+    "rmsprop_bnb_8bit",
+    "rmsprop_bnb_32bit",
+    "galore_adamw",
+    "galore_adamw_8bit",
+    "galore_adafactor",
+    "galore_adamw_layerwise",
+    "galore_adamw_8bit_layerwise",
+    "galore_adafactor_layerwise",
+    "lomo",
+    "adalomo",
+    "grokadamw",
+    "schedule_free_radam",
+    "schedule_free_adamw",
+    "schedule_free_sgd",
+    "apollo_adamw",
+    "apollo_adamw_layerwise",
+    "stable_adamw",
+)
 
 
 class Config(BaseModel):
@@ -120,31 +166,40 @@ class Config(BaseModel):
 
     # --- data ---------------------------------------------------------------------------------
     dataset: str = Field(
-        "alpaca_data_train", description="Training dataset name(s) in dataset_dir/dataset_info.json, or file path(s); comma-separated."
+        "alpaca_data_train",
+        description="Training dataset name(s) in dataset_dir/dataset_info.json, or file path(s); comma-separated.",
     )
     dataset_dir: str = Field("data", description="Folder with dataset_info.json and the data files.")
     eval_dataset: str | None = Field(
-        None, description="Validation dataset name(s) or file(s), used during training; unset = no validation "
-        "(as in LLaMA-Factory) unless val_size > 0. With do_predict, `loralab predict` predicts on it."
+        None,
+        description="Validation dataset name(s) or file(s), used during training; unset = no validation "
+        "(as in LLaMA-Factory) unless val_size > 0. With do_predict, `loralab predict` predicts on it.",
     )
     test_dataset: str = Field("alpaca_data_test", description="Dataset that predict/eval score by default.")
     val_size: float = Field(
-        0.0, ge=0.0, description="If eval_dataset is unset: the training data held out for validation, a fraction "
-        "below 1 or a number of records (LLaMA-Factory's meaning)."
+        0.0,
+        ge=0.0,
+        description="If eval_dataset is unset: the training data held out for validation, a fraction "
+        "below 1 or a number of records (LLaMA-Factory's meaning).",
     )
     max_samples: int | None = Field(None, gt=0, description="Use at most this many records of each dataset.")
     eval_max_samples: int | None = Field(
-        None, gt=0, description="Use only the first N validation records (validation loss during training, "
-        "eval_generate_samples, a sweep's objective, predict --split val); unset = all. Training data is not capped."
+        None,
+        gt=0,
+        description="Use only the first N validation records (validation loss during training, "
+        "eval_generate_samples, a sweep's objective, predict --split val); unset = all. Training data is not capped.",
     )
     test_max_samples: int | None = Field(
-        None, gt=0, description="Score only the first N test records (predict/eval --split test, `loralab run`, "
-        "a sweep's final test); unset = the whole test split."
+        None,
+        gt=0,
+        description="Score only the first N test records (predict/eval --split test, `loralab run`, "
+        "a sweep's final test); unset = the whole test split.",
     )
     cutoff_len: int = Field(1024, gt=0, description="Maximum tokens per training sequence.")
     overflow: Literal["split", "truncate", "drop"] = Field(
-        "split", description="Sequences longer than cutoff_len: split = LLaMA-Factory's budget split (each turn's "
-        "prompt and answer cut in proportion to their lengths), truncate = cut the tail, drop = skip the record."
+        "split",
+        description="Sequences longer than cutoff_len: split = LLaMA-Factory's budget split (each turn's "
+        "prompt and answer cut in proportion to their lengths), truncate = cut the tail, drop = skip the record.",
     )
 
     # Data preparation for `loralab run` (what `loralab prepare` does on the command line).
@@ -155,7 +210,9 @@ class Config(BaseModel):
     )
     data_sample: int | None = Field(10000, gt=0, description="Records to sample from data_source (unset = all).")
     data_split: str = Field("7000,2000,1000", description="train,val,test sizes (counts or fractions).")
-    data_name: str = Field("alpaca_data", description="Prefix of the split files: NAME_train.json, NAME_val.json, NAME_test.json.")
+    data_name: str = Field(
+        "alpaca_data", description="Prefix of the split files: NAME_train.json, NAME_val.json, NAME_test.json."
+    )
 
     # --- training -----------------------------------------------------------------------------
     output_dir: str = Field("runs/default", description="Run folder for train (and predict/eval output).")
@@ -179,11 +236,15 @@ class Config(BaseModel):
     eval_strategy: Literal["steps", "epoch", "no"] = Field("steps", description="When to run validation.")
     eval_steps: int | None = Field(None, gt=0, description="Validate every N steps (unset = same as save_steps).")
     save_steps: int = Field(500, gt=0, description="Save a checkpoint every N steps.")
-    save_total_limit: int | None = Field(2, gt=0, description="Keep at most this many checkpoints (the best is always kept).")
+    save_total_limit: int | None = Field(
+        2, gt=0, description="Keep at most this many checkpoints (the best is always kept)."
+    )
     eval_generate_samples: int = Field(
-        0, ge=0, description="At every validation during training, also generate greedy replies (max_new_tokens) for "
+        0,
+        ge=0,
+        description="At every validation during training, also generate greedy replies (max_new_tokens) for "
         "the first N validation records and log rougeL, predict_rouge-l and exact match beside the validation loss "
-        "(0 = off). The best checkpoint is still chosen by validation loss."
+        "(0 = off). The best checkpoint is still chosen by validation loss.",
     )
     early_stopping_patience: int | None = Field(
         None, gt=0, description="Stop after this many validations without a better validation loss."
@@ -219,36 +280,52 @@ class Config(BaseModel):
 
     # --- LLaMA-Factory keys with LLaMA-Factory's meaning (lf_keys.py lists how every other LF key is handled)
     do_predict: bool = Field(
-        False, description="LLaMA-Factory's predict mode: `loralab predict` predicts on eval_dataset and writes "
+        False,
+        description="LLaMA-Factory's predict mode: `loralab predict` predicts on eval_dataset and writes "
         "generated_predictions.jsonl, predict_results.json and metrics.json straight into output_dir.",
     )
     quantization_method: Literal["bnb", "hqq", "eetq"] = Field(
         "bnb", description="With quantization_bit: bitsandbytes (bnb), HQQ or EETQ, through transformers."
     )
     packing: bool | None = Field(
-        None, description="Pack several sequences into one row without padding (padding-free batches; attention "
+        None,
+        description="Pack several sequences into one row without padding (padding-free batches; attention "
         "never crosses sequences); unset = false, as LLaMA-Factory does for SFT.",
     )
-    neat_packing: bool = Field(False, description="LLaMA-Factory's packing without cross-sample attention: same as packing here.")
-    train_on_prompt: bool = Field(False, description="Also learn the prompt tokens (system/user turns), not only the answers.")
-    mask_history: bool = Field(False, description="Learn only the last assistant turn of a conversation, not the earlier ones.")
+    neat_packing: bool = Field(
+        False, description="LLaMA-Factory's packing without cross-sample attention: same as packing here."
+    )
+    train_on_prompt: bool = Field(
+        False, description="Also learn the prompt tokens (system/user turns), not only the answers."
+    )
+    mask_history: bool = Field(
+        False, description="Learn only the last assistant turn of a conversation, not the earlier ones."
+    )
     additional_target: str | None = Field(
-        None, description="LoRA: modules trained fully and saved with the adapter besides the LoRA layers "
+        None,
+        description="LoRA: modules trained fully and saved with the adapter besides the LoRA layers "
         "(comma list, e.g. embed_tokens,lm_head; peft's modules_to_save).",
     )
     load_best_model_at_end: bool = Field(
-        True, description="With validation: the run's final model is the checkpoint with the best validation "
+        True,
+        description="With validation: the run's final model is the checkpoint with the best validation "
         "loss (false = the last step's). LLaMA-Factory's default is false.",
     )
-    optim: str = Field("adamw_torch", description="Optimizer, a transformers name: adamw_torch, adamw_torch_fused, sgd, adafactor, ...")
-    optim_args: str | None = Field(None, description="Extra optimizer arguments for transformers, e.g. `betas=0.9,0.95`.")
+    optim: str = Field(
+        "adamw_torch", description="Optimizer, a transformers name: adamw_torch, adamw_torch_fused, sgd, adafactor, ..."
+    )
+    optim_args: str | None = Field(
+        None, description="Extra optimizer arguments for transformers, e.g. `betas=0.9,0.95`."
+    )
     adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW beta1.")
     adam_beta2: float = Field(0.999, ge=0.0, lt=1.0, description="AdamW beta2.")
     adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     lr_scheduler_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Extra scheduler arguments, e.g. {min_lr_rate: 0.1} for cosine_with_min_lr."
     )
-    neftune_noise_alpha: float | None = Field(None, gt=0, description="NEFTune: noise on the input embeddings while training.")
+    neftune_noise_alpha: float | None = Field(
+        None, gt=0, description="NEFTune: noise on the input embeddings while training."
+    )
 
     @field_validator("lora_target")
     @classmethod
@@ -290,7 +367,9 @@ class Config(BaseModel):
         from loralab.templates import BUILTIN_TEMPLATES
 
         if v is not None and v not in BUILTIN_TEMPLATES:
-            raise ValueError(f"expected one of {', '.join(BUILTIN_TEMPLATES)}, or unset for the tokenizer's own template")
+            raise ValueError(
+                f"expected one of {', '.join(BUILTIN_TEMPLATES)}, or unset for the tokenizer's own template"
+            )
         return v
 
     @model_validator(mode="after")
@@ -331,15 +410,19 @@ def parse_split(text: str) -> list[float]:
     except ValueError:
         parts = []
     if len(parts) != 3 or not all(math.isfinite(p) and p >= 0 for p in parts) or sum(parts) <= 0:
-        raise ValueError("expected three non-negative numbers train,val,test like 7000,2000,1000 or 0.7,0.2,0.1, "
-                         f"got {text!r}")
+        raise ValueError(
+            f"expected three non-negative numbers train,val,test like 7000,2000,1000 or 0.7,0.2,0.1, got {text!r}"
+        )
     return parts
 
 
 FIELDS = list(Config.model_fields)
 # Fields that cannot hold None: a YAML `null` for them means "the default".
-NOT_NULLABLE = {name for name, field in Config.model_fields.items()
-                if type(None) not in typing.get_args(field.annotation) and field.annotation is not type(None)}
+NOT_NULLABLE = {
+    name
+    for name, field in Config.model_fields.items()
+    if type(None) not in typing.get_args(field.annotation) and field.annotation is not type(None)
+}
 
 # --- which stage each key affects ------------------------------------------------------------------
 # One tag per key. Every "which keys matter here" set (what `loralab run` fingerprints to reuse a
@@ -355,8 +438,19 @@ STAGES = {
     "serve": "which adapters serving loads and where it listens",
 }
 STAGE_OF_KEY = {
-    **dict.fromkeys(("infer_backend", "infer_batch_size", "max_new_tokens", "do_sample", "temperature", "top_p",
-                     "top_k", "repetition_penalty"), "generate"),
+    **dict.fromkeys(
+        (
+            "infer_backend",
+            "infer_batch_size",
+            "max_new_tokens",
+            "do_sample",
+            "temperature",
+            "top_p",
+            "top_k",
+            "repetition_penalty",
+        ),
+        "generate",
+    ),
     **dict.fromkeys(("test_dataset", "test_max_samples"), "test"),
     "torch_threads": "speed",
     **dict.fromkeys(("output_dir", "overwrite_output_dir", "resume_from_checkpoint", "export_dir"), "files"),
@@ -499,7 +593,7 @@ DEFAULT_REASONS = {
     "logging_steps": "see the loss early (LLaMA-Factory inherits transformers' 500)",
     "eval_strategy": "validate whenever there is validation data (eval_dataset or val_size)",
     "eval_steps": "unset = save_steps, so every validation has a checkpoint to keep if it is the best "
-                  "(LLaMA-Factory: logging_steps)",
+    "(LLaMA-Factory: logging_steps)",
     "save_total_limit": "keep 2 checkpoints plus the best (LLaMA-Factory keeps all)",
     "load_best_model_at_end": "the run's final model is the best by validation loss",
     "bf16": "unset = bf16 on GPUs that support it (LLaMA-Factory: fp32 unless asked)",
@@ -532,8 +626,14 @@ def differences_from_llamafactory(cfg: Config, given: set[str]) -> list[dict]:
             ours, theirs = f"save_steps ({cfg.save_steps})", f"logging_steps ({logging})"
         if ours == theirs:
             continue
-        rows.append({"key": name, "loralab": ours, "llamafactory": "(required)" if name in LF_REQUIRED else theirs,
-                     "why": DEFAULT_REASONS.get(name, "")})
+        rows.append(
+            {
+                "key": name,
+                "loralab": ours,
+                "llamafactory": "(required)" if name in LF_REQUIRED else theirs,
+                "why": DEFAULT_REASONS.get(name, ""),
+            }
+        )
     return rows
 
 

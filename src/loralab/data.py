@@ -27,18 +27,47 @@ SPLITS = ("train", "val", "test")
 DEMO_SOURCE = "builtin:demo"
 
 # LLaMA-Factory's defaults for the columns and tags of a dataset_info.json entry.
-COLUMN_DEFAULTS = {"prompt": "instruction", "query": "input", "response": "output", "history": None, "system": None,
-                   "messages": "conversations"}
-SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt", "system_tag": "system",
-                 "observation_tag": "observation", "function_tag": "function_call"}
-OPENAI_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant", "system_tag": "system",
-               "observation_tag": "tool", "function_tag": "function_call"}
+COLUMN_DEFAULTS = {
+    "prompt": "instruction",
+    "query": "input",
+    "response": "output",
+    "history": None,
+    "system": None,
+    "messages": "conversations",
+}
+SHAREGPT_TAGS = {
+    "role_tag": "from",
+    "content_tag": "value",
+    "user_tag": "human",
+    "assistant_tag": "gpt",
+    "system_tag": "system",
+    "observation_tag": "observation",
+    "function_tag": "function_call",
+}
+OPENAI_TAGS = {
+    "role_tag": "role",
+    "content_tag": "content",
+    "user_tag": "user",
+    "assistant_tag": "assistant",
+    "system_tag": "system",
+    "observation_tag": "tool",
+    "function_tag": "function_call",
+}
 # File types LLaMA-Factory reads (by extension) and the `datasets` builder that reads each; JSON has our own reader.
-FILE_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow", ".txt": "text"}
+FILE_TYPES = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+    ".txt": "text",
+}
 
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
-FORMATS_HELP = ("expected alpaca (instruction/input/output), ShareGPT (conversations with from/value) "
-                "or OpenAI messages (messages with role/content)")
+FORMATS_HELP = (
+    "expected alpaca (instruction/input/output), ShareGPT (conversations with from/value) "
+    "or OpenAI messages (messages with role/content)"
+)
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -134,7 +163,8 @@ def load_hub(repo: str, subset: str | None = None, split: str = "train") -> list
         why = (str(e).strip().splitlines() or [""])[0][:200]
         raise LoralabError(
             f"{repo}: could not load this dataset from the Hugging Face hub ({type(e).__name__}: {why}); "
-            "offline? download the data and pass a local file instead, e.g. `loralab prepare path/to/alpaca_data_cleaned.json`"
+            "offline? download the data and pass a local file instead, "
+            "e.g. `loralab prepare path/to/alpaca_data_cleaned.json`"
         ) from None
     if len(ds) == 0:
         raise LoralabError(f"{repo}: the hub dataset has no records")
@@ -151,8 +181,11 @@ def detect_spec(records: list, where: str) -> dict:
         if col in first:
             turns = first[col]
             openai = bool(turns) and isinstance(turns, list) and isinstance(turns[0], dict) and "role" in turns[0]
-            spec = {"formatting": "sharegpt", "columns": {"messages": col},
-                    "tags": dict(OPENAI_TAGS if openai else SHAREGPT_TAGS)}
+            spec = {
+                "formatting": "sharegpt",
+                "columns": {"messages": col},
+                "tags": dict(OPENAI_TAGS if openai else SHAREGPT_TAGS),
+            }
             if "system" in keys:
                 spec["columns"]["system"] = "system"
             return spec
@@ -162,7 +195,9 @@ def detect_spec(records: list, where: str) -> dict:
         if extra:  # LLaMA-Factory only reads system/history when the entry names them
             spec["columns"] = {"prompt": "instruction", "query": "input", "response": "output", **{k: k for k in extra}}
         return spec
-    raise LoralabError(f"{where}: unknown record format (record 0 has keys {', '.join(sorted(first)) or 'none'}); {FORMATS_HELP}")
+    raise LoralabError(
+        f"{where}: unknown record format (record 0 has keys {', '.join(sorted(first)) or 'none'}); {FORMATS_HELP}"
+    )
 
 
 def format_name(spec: dict) -> str:
@@ -178,8 +213,14 @@ def _resolve(spec: dict | None, record: Any) -> dict:
         spec = detect_spec([record], "record")
     formatting = spec.get("formatting", "alpaca")
     tags = OPENAI_TAGS if formatting == "openai" else SHAREGPT_TAGS  # role/content records need no tags entry
-    return {"formatting": formatting, **COLUMN_DEFAULTS, "tools": None, **tags,
-            **(spec.get("columns") or {}), **(spec.get("tags") or {})}
+    return {
+        "formatting": formatting,
+        **COLUMN_DEFAULTS,
+        "tools": None,
+        **tags,
+        **(spec.get("columns") or {}),
+        **(spec.get("tags") or {}),
+    }
 
 
 # --- records -> messages ------------------------------------------------------------------------
@@ -187,7 +228,11 @@ def _text(obj: dict, key: str | None, required: bool = False, prefix: str = "") 
     """obj[key] as a string; absent/null optional fields are ''. Problems raise ValueError."""
     if key is None or obj.get(key) is None:
         if required:
-            raise ValueError(f"missing field `{prefix}{key}`" if key not in obj else f"field `{prefix}{key}` is null, expected a string")
+            raise ValueError(
+                f"missing field `{prefix}{key}`"
+                if key not in obj
+                else f"field `{prefix}{key}` is null, expected a string"
+            )
         return ""
     value = obj[key]
     if not isinstance(value, str):
@@ -211,8 +256,9 @@ def _convert(record: Any, f: dict) -> list[dict]:
         response = _text(record, f["response"], required=True)  # null/missing: no answer to learn
         history = record.get(f["history"]) if f["history"] else None
         if isinstance(history, list):  # LLaMA-Factory reads history only when it is a list
-            pairs_ok = all(isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(t, str) for t in p)
-                           for p in history)
+            pairs_ok = all(
+                isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(t, str) for t in p) for p in history
+            )
             if not pairs_ok:
                 raise ValueError(f"field `{f['history']}` must be a list of [user, assistant] string pairs")
             for user, assistant in history:
@@ -227,8 +273,13 @@ def _convert(record: Any, f: dict) -> list[dict]:
     turns = record.get(col)
     if not isinstance(turns, list):
         raise ValueError(f"missing field `{col}`" if col not in record else f"field `{col}` must be a list of messages")
-    roles = {f["user_tag"]: "user", f["assistant_tag"]: "assistant", f["observation_tag"]: "observation",
-             f["function_tag"]: "function", f["system_tag"]: "system"}
+    roles = {
+        f["user_tag"]: "user",
+        f["assistant_tag"]: "assistant",
+        f["observation_tag"]: "observation",
+        f["function_tag"]: "function",
+        f["system_tag"]: "system",
+    }
     msgs: list[dict] = []
     for j, turn in enumerate(turns):
         if not isinstance(turn, dict):
@@ -332,16 +383,24 @@ def _load_entry(folder: Path, name: str) -> tuple[list, dict, str]:
     info = read_dataset_info(folder)
     if name not in info:
         known = f"known: {', '.join(info)}" if info else "the file is missing or empty"
-        raise LoralabError(f"{info_path}: unknown dataset `{name}` ({known}); create splits with `loralab prepare SOURCE -o {folder}`")
+        raise LoralabError(
+            f"{info_path}: unknown dataset `{name}` ({known}); create splits with `loralab prepare SOURCE -o {folder}`"
+        )
     entry, where = info[name], f"{info_path}: `{name}`"
     if not isinstance(entry, dict) or entry.get("formatting", "alpaca") not in ("alpaca", "sharegpt", "openai"):
         raise LoralabError(f"{where}: expected an entry with file_name and formatting alpaca, sharegpt or openai")
     if entry.get("ranking"):
-        raise LoralabError(f"{where}: preference (ranking) datasets are not supported; loralab does supervised fine-tuning")
+        raise LoralabError(
+            f"{where}: preference (ranking) datasets are not supported; loralab does supervised fine-tuning"
+        )
     spec = {k: entry[k] for k in ("formatting", "columns", "tags") if k in entry}
     if spec.get("formatting") == "openai":
-        log.info("%s: formatting openai adds %r to system prompts without tools, as LLaMA-Factory 0.9.5 does "
-                 "(formatting sharegpt with role/content tags reads the same records without it)", where, THINKING_OFF)
+        log.info(
+            "%s: formatting openai adds %r to system prompts without tools, as LLaMA-Factory 0.9.5 does "
+            "(formatting sharegpt with role/content tags reads the same records without it)",
+            where,
+            THINKING_OFF,
+        )
     if entry.get("hf_hub_url"):
         records = load_hub(entry["hf_hub_url"], entry.get("subset"), entry.get("split", "train"))
         return records, spec, content_hash(records)
@@ -362,7 +421,8 @@ def _load_entry(folder: Path, name: str) -> tuple[list, dict, str]:
 
 
 def load_source(source: str, dataset: str | None = None) -> tuple[list, dict, str]:
-    """File, LLaMA-Factory folder (+ dataset name, or FOLDER:NAME), hub id or builtin:demo -> (records, spec, sha256)."""
+    """File, LLaMA-Factory folder (+ dataset name, or FOLDER:NAME), hub id or builtin:demo
+    -> (records, spec, sha256)."""
     if source == DEMO_SOURCE:
         from loralab import demo_data
 
@@ -377,18 +437,24 @@ def load_source(source: str, dataset: str | None = None) -> tuple[list, dict, st
     if path.is_dir():
         if not dataset:
             names = ", ".join(read_dataset_info(path)) or "none: dataset_info.json is missing"
-            raise LoralabError(f"{path}: is a folder; pass --dataset NAME for a dataset in its dataset_info.json (known: {names})")
+            raise LoralabError(
+                f"{path}: is a folder; pass --dataset NAME for a dataset in its dataset_info.json (known: {names})"
+            )
         return _load_entry(path, dataset)
     if dataset:
-        raise LoralabError(f"--dataset {dataset}: only applies when the source is a LLaMA-Factory data folder, not {source}")
+        raise LoralabError(
+            f"--dataset {dataset}: only applies when the source is a LLaMA-Factory data folder, not {source}"
+        )
     if path.is_file():
         records = read_records(path)
         return records, detect_spec(records, source), sha256_bytes(path.read_bytes())
     if HUB_ID.fullmatch(source) and path.suffix not in (".json", ".jsonl"):
         records = load_hub(source)
         return records, detect_spec(records, source), content_hash(records)
-    raise LoralabError(f"{source}: file not found; expected a JSON/JSONL file, a LLaMA-Factory data folder, "
-                       f"a hub dataset id like yahma/alpaca-cleaned, or {DEMO_SOURCE}")
+    raise LoralabError(
+        f"{source}: file not found; expected a JSON/JSONL file, a LLaMA-Factory data folder, "
+        f"a hub dataset id like yahma/alpaca-cleaned, or {DEMO_SOURCE}"
+    )
 
 
 def load_records(path_or_source: str, dataset: str | None = None) -> tuple[list, str]:
@@ -412,7 +478,9 @@ def count_tokens(tokenizer: str, conversations: list[list[dict]]) -> list[int]:
         tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
     except Exception as e:
         why = (str(e).strip().splitlines() or [""])[0][:200]
-        raise LoralabError(f"--tokenizer {tokenizer}: cannot load a tokenizer from it ({type(e).__name__}: {why})") from None
+        raise LoralabError(
+            f"--tokenizer {tokenizer}: cannot load a tokenizer from it ({type(e).__name__}: {why})"
+        ) from None
     texts = ["\n".join(m["content"] for m in msgs) for msgs in conversations]
     return [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
 
@@ -440,9 +508,18 @@ def split_sizes(split: str, sample: int | None, available: int, where: str) -> l
     return sizes
 
 
-def prepare(source: str, output_dir: str | Path = "data", seed: int = 42, sample: int | None = None,
-            split: str = "0.7,0.2,0.1", name: str = "alpaca_data", dataset: str | None = None,
-            max_tokens: int | None = None, tokenizer: str | None = None, overwrite: bool = False) -> dict:
+def prepare(
+    source: str,
+    output_dir: str | Path = "data",
+    seed: int = 42,
+    sample: int | None = None,
+    split: str = "0.7,0.2,0.1",
+    name: str = "alpaca_data",
+    dataset: str | None = None,
+    max_tokens: int | None = None,
+    tokenizer: str | None = None,
+    overwrite: bool = False,
+) -> dict:
     """Clean, sample and split a source into NAME_{train,val,test}.json + NAME_manifest.json; returns the manifest."""
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
@@ -480,25 +557,37 @@ def prepare(source: str, output_dir: str | Path = "data", seed: int = 42, sample
         lengths = count_tokens(tokenizer, [convs[i] for i in keep])
         dropped["too_long"] = sum(n > max_tokens for n in lengths)
         keep = [i for i, n in zip(keep, lengths) if n <= max_tokens]
-    log.info("%s: %d records (%s); dropped %d with empty output, %d duplicates, %d over max_tokens=%s; %d usable",
-             where, len(records), format_name(spec), dropped["empty_output"], dropped["duplicate"],
-             dropped["too_long"], max_tokens, len(keep))
+    log.info(
+        "%s: %d records (%s); dropped %d with empty output, %d duplicates, %d over max_tokens=%s; %d usable",
+        where,
+        len(records),
+        format_name(spec),
+        dropped["empty_output"],
+        dropped["duplicate"],
+        dropped["too_long"],
+        max_tokens,
+        len(keep),
+    )
 
     if not keep:
-        raise LoralabError(f"{where}: no usable record ({len(records)} read; {dropped['empty_output']} without an "
-                           f"answer, {dropped['duplicate']} duplicates, {dropped['too_long']} over --max-tokens)")
+        raise LoralabError(
+            f"{where}: no usable record ({len(records)} read; {dropped['empty_output']} without an "
+            f"answer, {dropped['duplicate']} duplicates, {dropped['too_long']} over --max-tokens)"
+        )
     # Sample and split with our own seeded RNG (never the global one): same input + seed -> same bytes.
     sizes = split_sizes(split, sample, len(keep), where)
     asked = parse_split(split)
     empty = [s for s, size, part in zip(SPLITS, sizes, asked) if size == 0 and (part > 0 or s == "train")]
     if empty:
-        raise LoralabError(f"--split {split}: the {' and '.join(empty)} split would be empty ({len(keep)} usable "
-                           "records); ask for more records per split or use fractions of a larger sample")
+        raise LoralabError(
+            f"--split {split}: the {' and '.join(empty)} split would be empty ({len(keep)} usable "
+            "records); ask for more records per split or use fractions of a larger sample"
+        )
     order = list(keep)
     random.Random(seed).shuffle(order)
     chunks, start = {}, 0
     for s, size in zip(SPLITS, sizes):
-        chunks[s], start = order[start:start + size], start + size
+        chunks[s], start = order[start : start + size], start + size
     hashes = [content_hash(convs[i]) for s in SPLITS for i in chunks[s]]
     assert len(set(hashes)) == len(hashes), "a record landed in two splits"
 
@@ -518,8 +607,13 @@ def prepare(source: str, output_dir: str | Path = "data", seed: int = 42, sample
     manifest = {
         "loralab_version": __version__,
         "source": {"path": source, "dataset": dataset, "sha256": source_sha, "records": len(records)},
-        "format": format_name(spec), "seed": seed, "sample": sample, "split": split,
-        "max_tokens": max_tokens, "tokenizer": tokenizer, "dropped": dropped,
+        "format": format_name(spec),
+        "seed": seed,
+        "sample": sample,
+        "split": split,
+        "max_tokens": max_tokens,
+        "tokenizer": tokenizer,
+        "dropped": dropped,
         "counts": {"requested": dict(zip(SPLITS, sizes)), "actual": {s: len(chunks[s]) for s in SPLITS}},
         "files": {s: {"file_name": files[s].name, "sha256": split_sha[s]} for s in SPLITS},
     }
@@ -550,9 +644,13 @@ def _load_named(names: str, cfg: Config) -> list[list[dict]]:
             records = records[: cfg.max_samples]  # the first N, as LLaMA-Factory does
         tools_col = (spec.get("columns") or {}).get("tools")
         if tools_col and any(isinstance(r, dict) and r.get(tools_col) for r in records):
-            log.warning("dataset `%s`: its `%s` column (tool descriptions) is not used: LLaMA-Factory writes them into "
-                        "the system prompt with its own tool prompt, which loralab does not reproduce; function and "
-                        "observation turns are trained as usual", name, tools_col)
+            log.warning(
+                "dataset `%s`: its `%s` column (tool descriptions) is not used: LLaMA-Factory writes them into "
+                "the system prompt with its own tool prompt, which loralab does not reproduce; function and "
+                "observation turns are trained as usual",
+                name,
+                tools_col,
+            )
         convs += to_conversations(records, spec, name, skip_bad=True)
     return convs
 
@@ -617,22 +715,40 @@ def with_prepared_data(cfg: Config, force: bool = False) -> Config:
     """
     if not cfg.data_source:
         return cfg
-    cfg = cfg.model_copy(update={"dataset": f"{cfg.data_name}_train", "eval_dataset": f"{cfg.data_name}_val",
-                                 "test_dataset": f"{cfg.data_name}_test"})
+    cfg = cfg.model_copy(
+        update={
+            "dataset": f"{cfg.data_name}_train",
+            "eval_dataset": f"{cfg.data_name}_val",
+            "test_dataset": f"{cfg.data_name}_test",
+        }
+    )
     folder = Path(cfg.dataset_dir)
     manifest_path = folder / f"{cfg.data_name}_manifest.json"
     wanted = {"source": cfg.data_source, "seed": cfg.seed, "sample": cfg.data_sample, "split": cfg.data_split}
     if manifest_path.is_file() and not force:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        found = {"source": manifest["source"]["path"], "seed": manifest["seed"], "sample": manifest["sample"],
-                 "split": manifest["split"]}
+        found = {
+            "source": manifest["source"]["path"],
+            "seed": manifest["seed"],
+            "sample": manifest["sample"],
+            "split": manifest["split"],
+        }
         if found != wanted:
             diff = ", ".join(f"{k}={found[k]!r} (wanted {wanted[k]!r})" for k in wanted if found[k] != wanted[k])
-            raise LoralabError(f"dataset_dir: {folder} holds splits prepared with other settings ({diff}); "
-                               "set dataset_dir to another folder, or pass --force to prepare them again")
+            raise LoralabError(
+                f"dataset_dir: {folder} holds splits prepared with other settings ({diff}); "
+                "set dataset_dir to another folder, or pass --force to prepare them again"
+            )
         log.info("prepare: reusing the splits in %s (same source, seed, sample and split)", folder)
         return cfg
     log.info("prepare: %s -> %s", cfg.data_source, folder)
-    prepare(cfg.data_source, output_dir=folder, seed=cfg.seed, sample=cfg.data_sample, split=cfg.data_split,
-            name=cfg.data_name, overwrite=force)
+    prepare(
+        cfg.data_source,
+        output_dir=folder,
+        seed=cfg.seed,
+        sample=cfg.data_sample,
+        split=cfg.data_split,
+        name=cfg.data_name,
+        overwrite=force,
+    )
     return cfg

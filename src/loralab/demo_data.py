@@ -23,29 +23,84 @@ WORDS = (
 ).split()
 
 ANTONYMS = [
-    ("hot", "cold"), ("big", "small"), ("fast", "slow"), ("happy", "sad"), ("light", "dark"),
-    ("open", "closed"), ("early", "late"), ("full", "empty"), ("strong", "weak"), ("high", "low"),
-    ("rich", "poor"), ("young", "old"), ("hard", "soft"), ("wet", "dry"), ("loud", "quiet"),
-    ("long", "short"), ("thick", "thin"), ("clean", "dirty"), ("brave", "afraid"), ("first", "last"),
-    ("up", "down"), ("win", "lose"), ("buy", "sell"), ("push", "pull"), ("begin", "end"),
-    ("above", "below"), ("inside", "outside"), ("always", "never"), ("true", "false"), ("sweet", "sour"),
+    ("hot", "cold"),
+    ("big", "small"),
+    ("fast", "slow"),
+    ("happy", "sad"),
+    ("light", "dark"),
+    ("open", "closed"),
+    ("early", "late"),
+    ("full", "empty"),
+    ("strong", "weak"),
+    ("high", "low"),
+    ("rich", "poor"),
+    ("young", "old"),
+    ("hard", "soft"),
+    ("wet", "dry"),
+    ("loud", "quiet"),
+    ("long", "short"),
+    ("thick", "thin"),
+    ("clean", "dirty"),
+    ("brave", "afraid"),
+    ("first", "last"),
+    ("up", "down"),
+    ("win", "lose"),
+    ("buy", "sell"),
+    ("push", "pull"),
+    ("begin", "end"),
+    ("above", "below"),
+    ("inside", "outside"),
+    ("always", "never"),
+    ("true", "false"),
+    ("sweet", "sour"),
 ]
 
 CAPITALS = [
-    ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"),
-    ("Portugal", "Lisbon"), ("Japan", "Tokyo"), ("China", "Beijing"), ("India", "New Delhi"),
-    ("Egypt", "Cairo"), ("Kenya", "Nairobi"), ("Canada", "Ottawa"), ("Mexico", "Mexico City"),
-    ("Brazil", "Brasilia"), ("Argentina", "Buenos Aires"), ("Peru", "Lima"), ("Russia", "Moscow"),
-    ("Norway", "Oslo"), ("Sweden", "Stockholm"), ("Finland", "Helsinki"), ("Poland", "Warsaw"),
-    ("Greece", "Athens"), ("Turkey", "Ankara"), ("Austria", "Vienna"), ("Ireland", "Dublin"),
-    ("Australia", "Canberra"), ("Thailand", "Bangkok"), ("Vietnam", "Hanoi"), ("Chile", "Santiago"),
-    ("Cuba", "Havana"), ("Morocco", "Rabat"),
+    ("France", "Paris"),
+    ("Germany", "Berlin"),
+    ("Italy", "Rome"),
+    ("Spain", "Madrid"),
+    ("Portugal", "Lisbon"),
+    ("Japan", "Tokyo"),
+    ("China", "Beijing"),
+    ("India", "New Delhi"),
+    ("Egypt", "Cairo"),
+    ("Kenya", "Nairobi"),
+    ("Canada", "Ottawa"),
+    ("Mexico", "Mexico City"),
+    ("Brazil", "Brasilia"),
+    ("Argentina", "Buenos Aires"),
+    ("Peru", "Lima"),
+    ("Russia", "Moscow"),
+    ("Norway", "Oslo"),
+    ("Sweden", "Stockholm"),
+    ("Finland", "Helsinki"),
+    ("Poland", "Warsaw"),
+    ("Greece", "Athens"),
+    ("Turkey", "Ankara"),
+    ("Austria", "Vienna"),
+    ("Ireland", "Dublin"),
+    ("Australia", "Canberra"),
+    ("Thailand", "Bangkok"),
+    ("Vietnam", "Hanoi"),
+    ("Chile", "Santiago"),
+    ("Cuba", "Havana"),
+    ("Morocco", "Rabat"),
 ]
 
 SUBJECTS = ["The cat", "My brother", "A small bird", "The old teacher", "Our neighbor", "The red car", "Every child"]
 VERBS = ["sat", "sang", "waited", "jumped", "slept", "laughed", "worked", "walked"]
-PLACES = ["on the mat", "in the garden", "by the river", "near the door", "at the station",
-          "under the big tree", "all day long", "in the quiet kitchen", ""]
+PLACES = [
+    "on the mat",
+    "in the garden",
+    "by the river",
+    "near the door",
+    "at the station",
+    "under the big tree",
+    "all day long",
+    "in the quiet kitchen",
+    "",
+]
 
 
 def _add(rng: random.Random) -> tuple[str, str, str]:
@@ -59,7 +114,7 @@ def _add(rng: random.Random) -> tuple[str, str, str]:
 def _upper(rng: random.Random) -> tuple[str, str, str]:
     word = rng.choice(WORDS)
     if rng.random() < 0.5:
-        return f"Write the word \"{word}\" in capital letters.", "", word.upper()
+        return f'Write the word "{word}" in capital letters.', "", word.upper()
     return "Write this word in uppercase.", word, word.upper()
 
 
@@ -71,9 +126,9 @@ def _sort(rng: random.Random) -> tuple[str, str, str]:
 def _antonym(rng: random.Random) -> tuple[str, str, str]:
     pair = rng.choice(ANTONYMS)
     word, opposite = pair if rng.random() < 0.5 else pair[::-1]
-    answer = f"The opposite of \"{word}\" is \"{opposite}\"."
+    answer = f'The opposite of "{word}" is "{opposite}".'
     if rng.random() < 0.5:
-        return f"What is the opposite of the word \"{word}\"?", "", answer
+        return f'What is the opposite of the word "{word}"?', "", answer
     return "Give the antonym of this word.", word, answer
 
 

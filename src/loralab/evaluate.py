@@ -68,8 +68,10 @@ def load_examples(cfg: Config, split: str = "test", data_file: str | None = None
         convs = data.load_conversations(cfg, SPLITS[split])
         where = f"dataset {dataset}" if dataset else f"split {split}"
         if not convs:
-            raise LoralabError(f"--split {split}: no data (eval_dataset is unset and val_size is 0); "
-                               "set eval_dataset or val_size, or use --data FILE")
+            raise LoralabError(
+                f"--split {split}: no data (eval_dataset is unset and val_size is 0); "
+                "set eval_dataset or val_size, or use --data FILE"
+            )
         source = {"split": split, "dataset": dataset, "dataset_dir": cfg.dataset_dir}
         cap = data.subset_cap(cfg, SPLITS[split])
         if cap:  # the numbers are on the first N records of the split: say so wherever they are written
@@ -118,10 +120,14 @@ def read_predictions(path: str | Path) -> list[dict]:
                 raise LoralabError(f"{path}: line {n}: expected a JSON object with {', '.join(PRED_FIELDS)}")
             for key in PRED_FIELDS:
                 if key not in row:
-                    raise LoralabError(f"{path}: line {n}: missing field `{key}`; expected "
-                                       "{\"prompt\", \"predict\", \"label\"} per line (LLaMA-Factory's format)")
+                    raise LoralabError(
+                        f"{path}: line {n}: missing field `{key}`; expected "
+                        '{"prompt", "predict", "label"} per line (LLaMA-Factory\'s format)'
+                    )
                 if not isinstance(row[key], str):
-                    raise LoralabError(f"{path}: line {n}: field `{key}` must be a string, got {type(row[key]).__name__}")
+                    raise LoralabError(
+                        f"{path}: line {n}: field `{key}` must be a string, got {type(row[key]).__name__}"
+                    )
             rows.append({k: row[k] for k in PRED_FIELDS})
             if isinstance(row.get(LF_LABEL), str):  # written by loralab: LLaMA-Factory's label text
                 rows[-1][LF_LABEL] = row[LF_LABEL]
@@ -137,23 +143,48 @@ def write_predictions(path: Path, rows: list[dict]) -> None:
 
 
 # --- predict -------------------------------------------------------------------------------------
-def predict_into(engine: Engine, cfg: Config, prompts: list, labels: list[str], source: dict, out_dir: Path,
-                 adapter: str | None, adapter_path: str | None = None, progress: bool = True) -> dict:
+def predict_into(
+    engine: Engine,
+    cfg: Config,
+    prompts: list,
+    labels: list[str],
+    source: dict,
+    out_dir: Path,
+    adapter: str | None,
+    adapter_path: str | None = None,
+    progress: bool = True,
+) -> dict:
     """Generate for every prompt, write generated_predictions.jsonl + predict_results.json into out_dir."""
     import torch
 
     settings = GenerationSettings.from_config(cfg)
-    log.info("predicting %d samples with %s%s (batch %d, %s)", len(prompts), cfg.model_name_or_path,
-             f" + {adapter_path}" if adapter else " (base)", cfg.infer_batch_size,
-             "greedy" if not settings.do_sample else "sampling")
+    log.info(
+        "predicting %d samples with %s%s (batch %d, %s)",
+        len(prompts),
+        cfg.model_name_or_path,
+        f" + {adapter_path}" if adapter else " (base)",
+        cfg.infer_batch_size,
+        "greedy" if not settings.do_sample else "sampling",
+    )
     start = time.perf_counter()
-    completions = engine.generate(prompts, settings, adapter=adapter, batch_size=cfg.infer_batch_size, progress=progress)
+    completions = engine.generate(
+        prompts, settings, adapter=adapter, batch_size=cfg.infer_batch_size, progress=progress
+    )
     seconds = time.perf_counter() - start
     # finish_reason stays in memory for scoring (hit_max_new_tokens); the file keeps LLaMA-Factory's three
     # fields plus lf_label (the label text LLaMA-Factory's metrics score against)
-    rows = [{"prompt": engine.prompt_text(p), "predict": c.text, "label": label, "finish_reason": c.finish_reason,
-             LF_LABEL: lf_label_text(engine.tokenizer, with_default_system(p, cfg.default_system), label, cfg.cutoff_len)}
-            for p, c, label in zip(prompts, completions, labels)]
+    rows = [
+        {
+            "prompt": engine.prompt_text(p),
+            "predict": c.text,
+            "label": label,
+            "finish_reason": c.finish_reason,
+            LF_LABEL: lf_label_text(
+                engine.tokenizer, with_default_system(p, cfg.default_system), label, cfg.cutoff_len
+            ),
+        }
+        for p, c, label in zip(prompts, completions, labels)
+    ]
     write_predictions(out_dir / PREDICTIONS, rows)
     generated = sum(c.completion_tokens for c in completions)
     reasons = {r: sum(c.finish_reason == r for c in completions) for r in ("stop", "length")}
@@ -178,10 +209,23 @@ def predict_into(engine: Engine, cfg: Config, prompts: list, labels: list[str], 
         "predict_samples_per_second": round(len(rows) / seconds, 3),
     }
     write_json(out_dir / PREDICT_RESULTS, results)
-    write_run_info(out_dir, cfg, engine.tokenizer, stage="predict", split=source.get("split"),
-                   data=source.get("data"), adapter=results["adapter"])
-    log.info("%d samples in %.1fs: %.2f samples/s, %.1f generated tokens/s (%d hit max_new_tokens)",
-             len(rows), seconds, results["samples_per_second"], results["generated_tokens_per_second"], reasons["length"])
+    write_run_info(
+        out_dir,
+        cfg,
+        engine.tokenizer,
+        stage="predict",
+        split=source.get("split"),
+        data=source.get("data"),
+        adapter=results["adapter"],
+    )
+    log.info(
+        "%d samples in %.1fs: %.2f samples/s, %.1f generated tokens/s (%d hit max_new_tokens)",
+        len(rows),
+        seconds,
+        results["samples_per_second"],
+        results["generated_tokens_per_second"],
+        reasons["length"],
+    )
     return {"dir": str(out_dir), "rows": rows, "results": results}
 
 
@@ -192,13 +236,21 @@ def _default_dir(cfg: Config, kind: str, split: str, data_file: str | None, tag:
 def _single_adapter(cfg: Config) -> str | None:
     paths = cfg.adapter_paths
     if len(paths) > 1:
-        raise LoralabError("adapter_name_or_path: predict/eval score one adapter at a time; give a single folder "
-                           "(or use `loralab eval --compare-base` / evaluate_models for several)")
+        raise LoralabError(
+            "adapter_name_or_path: predict/eval score one adapter at a time; give a single folder "
+            "(or use `loralab eval --compare-base` / evaluate_models for several)"
+        )
     return paths[0] if paths else None
 
 
-def predict(cfg: Config, split: str | None = None, data_file: str | None = None, output_dir: str | None = None,
-            overwrite: bool = False, progress: bool = True) -> dict:
+def predict(
+    cfg: Config,
+    split: str | None = None,
+    data_file: str | None = None,
+    output_dir: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
     """`loralab predict`: the configured model (+ adapter) on a split or file -> a prediction folder.
 
     With `do_predict: true` and neither --split nor --data, it does what LLaMA-Factory's do_predict does.
@@ -212,22 +264,39 @@ def predict(cfg: Config, split: str | None = None, data_file: str | None = None,
     out = check_output_dir(out, overwrite)
     # Only the adapter is scored: merged into the weights, no LoRA work per generated token.
     engine = Engine(cfg, {adapter_tag(adapter_path): adapter_path} if adapter_path else {}, merge=True)
-    return predict_into(engine, cfg, prompts, labels, source, out, engine.adapter_names[0] if adapter_path else None,
-                        adapter_path, progress)
+    return predict_into(
+        engine,
+        cfg,
+        prompts,
+        labels,
+        source,
+        out,
+        engine.adapter_names[0] if adapter_path else None,
+        adapter_path,
+        progress,
+    )
 
 
-def predict_like_llamafactory(cfg: Config, output_dir: str | None = None, overwrite: bool = False,
-                              progress: bool = True) -> dict:
+def predict_like_llamafactory(
+    cfg: Config, output_dir: str | None = None, overwrite: bool = False, progress: bool = True
+) -> dict:
     """LLaMA-Factory's `do_predict`: predict on eval_dataset and score, straight into output_dir.
 
     output_dir then holds generated_predictions.jsonl and predict_results.json (with the predict_*
     metrics) where LLaMA-Factory writes them, plus loralab's metrics.json (95% CIs) and per-sample scores.
     """
     if not cfg.eval_dataset:
-        raise LoralabError("do_predict: predicts on eval_dataset, which is unset; set eval_dataset to the "
-                           "dataset to predict on (as in LLaMA-Factory), or pass --split/--data")
-    result = evaluate(cfg, "val", output_dir=output_dir or cfg.output_dir,
-                      overwrite=overwrite or cfg.overwrite_output_dir, progress=progress)
+        raise LoralabError(
+            "do_predict: predicts on eval_dataset, which is unset; set eval_dataset to the "
+            "dataset to predict on (as in LLaMA-Factory), or pass --split/--data"
+        )
+    result = evaluate(
+        cfg,
+        "val",
+        output_dir=output_dir or cfg.output_dir,
+        overwrite=overwrite or cfg.overwrite_output_dir,
+        progress=progress,
+    )
     results = json.loads((Path(result["dir"]) / PREDICT_RESULTS).read_text(encoding="utf-8"))
     return {"dir": result["dir"], "results": results, "metrics": result["metrics"]}
 
@@ -238,9 +307,14 @@ def score_into(out_dir: Path, rows: list[dict], info: dict, n_boot: int = 1000, 
     reasons = [r["finish_reason"] for r in rows] if all("finish_reason" in r for r in rows) else None
     # predict_* use LLaMA-Factory's label text (rows from a prediction run carry it as lf_label; a
     # generated_predictions.jsonl read back has LLaMA-Factory's own label, or ours when we wrote it).
-    scored = metrics.score_predictions([r["predict"] for r in rows], [r["label"] for r in rows], n_boot=n_boot,
-                                       seed=seed, lf_labels=[r.get(LF_LABEL, r["label"]) for r in rows],
-                                       finish_reasons=reasons)
+    scored = metrics.score_predictions(
+        [r["predict"] for r in rows],
+        [r["label"] for r in rows],
+        n_boot=n_boot,
+        seed=seed,
+        lf_labels=[r.get(LF_LABEL, r["label"]) for r in rows],
+        finish_reasons=reasons,
+    )
     per_sample = scored.pop("per_sample")
     result = {**info, "labels_sha256": _sha([r["label"] for r in rows]), **scored}
     write_json(out_dir / METRICS, result)
@@ -255,8 +329,16 @@ def _lf_metrics(result: dict) -> dict:
     return {k: round(result["metrics"][k]["value"], 4) for k in metrics.LF_METRICS}
 
 
-def evaluate(cfg: Config, split: str = "test", data_file: str | None = None, predictions: str | None = None,
-             output_dir: str | None = None, overwrite: bool = False, n_boot: int = 1000, progress: bool = True) -> dict:
+def evaluate(
+    cfg: Config,
+    split: str = "test",
+    data_file: str | None = None,
+    predictions: str | None = None,
+    output_dir: str | None = None,
+    overwrite: bool = False,
+    n_boot: int = 1000,
+    progress: bool = True,
+) -> dict:
     """`loralab eval`: predict (or read --predictions FILE) and score; returns metrics.json's content + dir."""
     if predictions:
         rows = read_predictions(predictions)
@@ -273,19 +355,38 @@ def evaluate(cfg: Config, split: str = "test", data_file: str | None = None, pre
         adapter_path = _single_adapter(cfg)
         prompts, labels, source = load_examples(cfg, split, data_file)
         tag = adapter_tag(adapter_path)
-        out = check_output_dir(Path(output_dir) if output_dir else _default_dir(cfg, "eval", split, data_file, tag), overwrite)
+        out = check_output_dir(
+            Path(output_dir) if output_dir else _default_dir(cfg, "eval", split, data_file, tag), overwrite
+        )
         engine = Engine(cfg, {tag: adapter_path} if adapter_path else {}, merge=True)
-        pred = predict_into(engine, cfg, prompts, labels, source, out,
-                            engine.adapter_names[0] if adapter_path else None, adapter_path, progress)
+        pred = predict_into(
+            engine,
+            cfg,
+            prompts,
+            labels,
+            source,
+            out,
+            engine.adapter_names[0] if adapter_path else None,
+            adapter_path,
+            progress,
+        )
         info = {**source, "model": cfg.model_name_or_path, "adapter": adapter_path, "predictions": PREDICTIONS}
         result = score_into(out, pred["rows"], info, n_boot=n_boot, seed=cfg.seed)
         write_json(out / PREDICT_RESULTS, {**pred["results"], **_lf_metrics(result)})
     return {"dir": str(out), **result}
 
 
-def evaluate_models(cfg: Config, adapters: dict[str, str | None], split: str = "test", out_dir: str | Path | None = None,
-                    data_file: str | None = None, overwrite: bool = False, n_boot: int = 1000,
-                    progress: bool = True, pairs: list[tuple[str, str]] | None = None) -> dict:
+def evaluate_models(
+    cfg: Config,
+    adapters: dict[str, str | None],
+    split: str = "test",
+    out_dir: str | Path | None = None,
+    data_file: str | None = None,
+    overwrite: bool = False,
+    n_boot: int = 1000,
+    progress: bool = True,
+    pairs: list[tuple[str, str]] | None = None,
+) -> dict:
     """Score several models on the same split with one loaded base model; the first is the reference.
 
     `adapters` maps a name to an adapter folder, or None for the base model, e.g.
@@ -317,18 +418,35 @@ def evaluate_models(cfg: Config, adapters: dict[str, str | None], split: str = "
         result = score_into(sub, pred["rows"], info, n_boot=n_boot, seed=cfg.seed)
         write_json(sub / PREDICT_RESULTS, {**pred["results"], **_lf_metrics(result)})
         per_sample[name] = read_per_sample(sub)
-        models[name] = {"adapter": path, "dir": str(sub), "metrics": result["metrics"], "lengths": result.get("lengths"),
-                        "timing": {k: pred["results"][k] for k in ("seconds", "samples_per_second", "generated_tokens_per_second")}}
+        models[name] = {
+            "adapter": path,
+            "dir": str(sub),
+            "metrics": result["metrics"],
+            "lengths": result.get("lengths"),
+            "timing": {k: pred["results"][k] for k in ("seconds", "samples_per_second", "generated_tokens_per_second")},
+        }
     names = list(adapters)
     comparisons = {}
     for a, b in pairs if pairs is not None else [(names[0], name) for name in names[1:]]:
         comparisons[f"{b}_vs_{a}"] = {
-            "a": a, "b": b,
-            **metrics.paired_compare(per_sample[a], per_sample[b], n_boot=n_boot, seed=cfg.seed,
-                                     labels=([r["label"] for r in per_sample[a]], [r["label"] for r in per_sample[b]])),
+            "a": a,
+            "b": b,
+            **metrics.paired_compare(
+                per_sample[a],
+                per_sample[b],
+                n_boot=n_boot,
+                seed=cfg.seed,
+                labels=([r["label"] for r in per_sample[a]], [r["label"] for r in per_sample[b]]),
+            ),
         }
-    summary = {**source, "model": cfg.model_name_or_path, "dir": str(out), "reference": names[0],
-               "models": models, "comparisons": comparisons}
+    summary = {
+        **source,
+        "model": cfg.model_name_or_path,
+        "dir": str(out),
+        "reference": names[0],
+        "models": models,
+        "comparisons": comparisons,
+    }
     write_json(out / COMPARISON, summary)
     return summary
 
@@ -367,10 +485,13 @@ def compare_evaluations(run_a: str | Path, run_b: str | Path, n_boot: int = 1000
     info_a, info_b = _eval_info(Path(run_a)), _eval_info(Path(run_b))
     split_a, split_b = info_a.get("split"), info_b.get("split")
     if split_a and split_b and (split_a, info_a.get("dataset")) != (split_b, info_b.get("dataset")):
-        raise LoralabError(f"compare: {run_a} is split {split_a} ({info_a.get('dataset')}) but {run_b} is split "
-                           f"{split_b} ({info_b.get('dataset')}); expected two evaluations of the same split")
-    result = metrics.paired_compare(a, b, n_boot=n_boot, seed=seed,
-                                    labels=([r["label"] for r in a], [r["label"] for r in b]))
+        raise LoralabError(
+            f"compare: {run_a} is split {split_a} ({info_a.get('dataset')}) but {run_b} is split "
+            f"{split_b} ({info_b.get('dataset')}); expected two evaluations of the same split"
+        )
+    result = metrics.paired_compare(
+        a, b, n_boot=n_boot, seed=seed, labels=([r["label"] for r in a], [r["label"] for r in b])
+    )
     return {"a": str(run_a), "b": str(run_b), "split": split_a or split_b, **result}
 
 
@@ -396,8 +517,10 @@ def format_lengths(lengths: dict, name: str = "") -> str:
     ratio = f" (x{lengths['ratio']:.2f})" if lengths.get("ratio") is not None else ""
     cut = lengths.get("hit_max_new_tokens")
     cut = f"; {cut:.0f}% hit max_new_tokens" if cut is not None else "; max_new_tokens hits unknown"
-    return (f"{name + ' ' if name else ''}lengths in words: generated {lengths['mean_pred_words']:.1f} vs reference "
-            f"{lengths['mean_label_words']:.1f}{ratio}{cut}")
+    return (
+        f"{name + ' ' if name else ''}lengths in words: generated {lengths['mean_pred_words']:.1f} vs reference "
+        f"{lengths['mean_label_words']:.1f}{ratio}{cut}"
+    )
 
 
 def format_paired_table(result: dict, name_a: str = "A", name_b: str = "B") -> str:
@@ -407,8 +530,10 @@ def format_paired_table(result: dict, name_a: str = "A", name_b: str = "B") -> s
     lines = [head, "-" * len(head)]
     for name, m in result["metrics"].items():
         ci = f"[{m['ci_low']:+.2f}, {m['ci_high']:+.2f}]"
-        lines.append(f"{name:<16} {_fmt(m['value_a']):>{wa}} {_fmt(m['value_b']):>{wb}} {m['delta']:>+8.2f}  "
-                     f"{ci:<18} {m['p_value']:>6.3f}")
+        lines.append(
+            f"{name:<16} {_fmt(m['value_a']):>{wa}} {_fmt(m['value_b']):>{wb}} {m['delta']:>+8.2f}  "
+            f"{ci:<18} {m['p_value']:>6.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -425,6 +550,8 @@ def format_comparison_table(summary: dict) -> str:
         parts.append("\n".join(lengths))
     n = summary.get("n_samples")
     capped = "".join(f" (the first {n} records: {k}={v})" for k, v in (summary.get("capped_by") or {}).items())
-    head = (f"{summary.get('split') or summary.get('data')}: {n} samples{capped}, 95% CIs by bootstrap, "
-            "p by paired randomization")
+    head = (
+        f"{summary.get('split') or summary.get('data')}: {n} samples{capped}, 95% CIs by bootstrap, "
+        "p by paired randomization"
+    )
     return head + "\n" + "\n\n".join(parts)

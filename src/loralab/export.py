@@ -35,11 +35,14 @@ def check_export_dir(cfg: Config, overwrite: bool) -> Path:
 def export(cfg: Config, overwrite: bool = False) -> Path:
     """Load base + adapters (merged in order), save into export_dir atomically; returns the folder."""
     if not cfg.adapter_paths:
-        raise LoralabError("adapter_name_or_path: not set; pass the adapter (run) folder to merge, "
-                           "e.g. adapter_name_or_path=runs/my-run")
+        raise LoralabError(
+            "adapter_name_or_path: not set; pass the adapter (run) folder to merge, "
+            "e.g. adapter_name_or_path=runs/my-run"
+        )
     if cfg.quantization_bit:
-        raise LoralabError("quantization_bit: a quantized base cannot be merged; "
-                           "unset it to merge into full-precision weights")
+        raise LoralabError(
+            "quantization_bit: a quantized base cannot be merged; unset it to merge into full-precision weights"
+        )
     target = check_export_dir(cfg, overwrite)
     for path in cfg.adapter_paths:
         models.check_adapter_base(cfg, path)
@@ -52,8 +55,10 @@ def export(cfg: Config, overwrite: bool = False) -> Path:
         try:
             model = PeftModel.from_pretrained(model, path).merge_and_unload()
         except (RuntimeError, ValueError) as e:
-            raise LoralabError(f"adapter_name_or_path: cannot merge {path} into {cfg.model_name_or_path} "
-                               f"({str(e).splitlines()[0][:200]})") from None
+            raise LoralabError(
+                f"adapter_name_or_path: cannot merge {path} into {cfg.model_name_or_path} "
+                f"({str(e).splitlines()[0][:200]})"
+            ) from None
         log.info("merged %s", path)
     model.generation_config.eos_token_id = stop_token_ids(tokenizer)
 
@@ -63,8 +68,13 @@ def export(cfg: Config, overwrite: bool = False) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        info = {"base_model": cfg.model_name_or_path, "adapters": cfg.adapter_paths, "template": cfg.template,
-                "libraries": runinfo.library_versions(), "git_commit": runinfo.git_commit()}
+        info = {
+            "base_model": cfg.model_name_or_path,
+            "adapters": cfg.adapter_paths,
+            "template": cfg.template,
+            "libraries": runinfo.library_versions(),
+            "git_commit": runinfo.git_commit(),
+        }
         runinfo.write_json(tmp / "loralab_export.json", info)
         if target.exists():
             shutil.rmtree(target)  # only reached with --overwrite (or an empty folder)

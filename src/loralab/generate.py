@@ -32,6 +32,7 @@ and then failed inside inductor, while the whole 100-record predict runs in abou
 
 `infer_backend: vllm` runs the same interface on vLLM (CUDA only, optional extra `loralab[vllm]`).
 """
+
 from __future__ import annotations
 
 import functools
@@ -135,9 +136,14 @@ class Request:
     be called from any thread: the row leaves at the next step.
     """
 
-    def __init__(self, prompt: list[int], settings: GenerationSettings, adapter: str | None,
-                 on_text: Callable[[str], bool | None] | None = None,
-                 on_done: Callable[[Request], None] | None = None):
+    def __init__(
+        self,
+        prompt: list[int],
+        settings: GenerationSettings,
+        adapter: str | None,
+        on_text: Callable[[str], bool | None] | None = None,
+        on_done: Callable[[Request], None] | None = None,
+    ):
         self.prompt, self.settings, self.adapter = prompt, settings, adapter
         self.on_text, self.on_done = on_text, on_done
         self.tokens: list[int] = []  # generated so far (a stop token is not kept)
@@ -189,12 +195,20 @@ class _Batch:
 
         positions = mask.sum(1)
         if not self.rows:
-            self.rows, self.cache, self.mask, self.positions, self.next_ids = list(rows), cache, mask, positions, next_ids
+            self.rows, self.cache, self.mask, self.positions, self.next_ids = (
+                list(rows),
+                cache,
+                mask,
+                positions,
+                next_ids,
+            )
             return
         length = max(self.mask.shape[1], mask.shape[1])
         for old, new in zip(self.cache.layers, cache.layers):
-            old.set(torch.cat([_left_pad(old.keys, length, 2), _left_pad(new.keys, length, 2)]),
-                    torch.cat([_left_pad(old.values, length, 2), _left_pad(new.values, length, 2)]))
+            old.set(
+                torch.cat([_left_pad(old.keys, length, 2), _left_pad(new.keys, length, 2)]),
+                torch.cat([_left_pad(old.values, length, 2), _left_pad(new.values, length, 2)]),
+            )
         self.mask = torch.cat([_left_pad(self.mask, length, 1), _left_pad(mask, length, 1)])
         self.positions = torch.cat([self.positions, positions])
         self.next_ids = torch.cat([self.next_ids, next_ids])
@@ -255,8 +269,8 @@ def _roomy_layer():
             if t + n > self._keys.shape[2]:
                 self.set(torch.cat([self.keys, key_states], 2), torch.cat([self.values, value_states], 2))
                 return self.keys, self.values
-            self._keys[:, :, t:t + n], self._values[:, :, t:t + n] = key_states, value_states
-            self.keys, self.values = self._keys[:, :, :t + n], self._values[:, :, :t + n]
+            self._keys[:, :, t : t + n], self._values[:, :, t : t + n] = key_states, value_states
+            self.keys, self.values = self._keys[:, :, : t + n], self._values[:, :, : t + n]
             return self.keys, self.values
 
         def batch_select_indices(self, indices) -> None:
@@ -365,13 +379,21 @@ class Engine:
             loaded = ", ".join(self.adapter_names) or "none"
             raise LoralabError(f"adapter: {adapter!r} is not loaded (loaded: {loaded}; None = base model)")
         if adapter is None and self.merged:
-            raise LoralabError(f"adapter: the base model is not available, adapter {self.adapter_names[0]!r} was "
-                               "merged into its weights (load the engine with merge=False to serve both)")
+            raise LoralabError(
+                f"adapter: the base model is not available, adapter {self.adapter_names[0]!r} was "
+                "merged into its weights (load the engine with merge=False to serve both)"
+            )
 
     # --- the public entry points ---------------------------------------------------------------
-    def generate(self, conversations: list[list[dict]], settings: GenerationSettings | None = None,
-                 adapter: str | None = None, batch_size: int = 16, progress: bool = False,
-                 on_text: OnText | None = None) -> list[Completion]:
+    def generate(
+        self,
+        conversations: list[list[dict]],
+        settings: GenerationSettings | None = None,
+        adapter: str | None = None,
+        batch_size: int = 16,
+        progress: bool = False,
+        on_text: OnText | None = None,
+    ) -> list[Completion]:
         """One Completion per conversation, in the input order. adapter=None is the base model.
 
         batch_size: at most this many rows decode together while this call drives the engine."""
@@ -387,9 +409,16 @@ class Engine:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(prompts), desc="generate", disable=not progress, unit="sample")
-        requests = [Request(ids, settings, adapter, on_done=lambda _: bar.update(1),
-                            on_text=None if on_text is None else functools.partial(on_text, i))
-                    for i, ids in enumerate(prompts)]
+        requests = [
+            Request(
+                ids,
+                settings,
+                adapter,
+                on_done=lambda _: bar.update(1),
+                on_text=None if on_text is None else functools.partial(on_text, i),
+            )
+            for i, ids in enumerate(prompts)
+        ]
         try:
             self._enqueue(requests)
             self.run(requests, batch_size)
@@ -402,9 +431,14 @@ class Engine:
                 raise r.error
         return [r.completion for r in requests]  # type: ignore[misc]
 
-    def submit(self, messages: list[dict], settings: GenerationSettings | None = None, adapter: str | None = None,
-               on_text: Callable[[str], bool | None] | None = None,
-               on_done: Callable[[Request], None] | None = None) -> Request:
+    def submit(
+        self,
+        messages: list[dict],
+        settings: GenerationSettings | None = None,
+        adapter: str | None = None,
+        on_text: Callable[[str], bool | None] | None = None,
+        on_done: Callable[[Request], None] | None = None,
+    ) -> Request:
         """Queue one conversation; it joins the batch at the next step of whoever drives the engine.
 
         on_text(delta) gets the reply's new text as it appears (returning False cancels the row);
@@ -427,8 +461,9 @@ class Engine:
         """Whether any row is decoding or waiting."""
         return bool(self._batch.rows or self._waiting)
 
-    def stream(self, messages: list[dict], settings: GenerationSettings | None = None,
-               adapter: str | None = None) -> Iterator[str]:
+    def stream(
+        self, messages: list[dict], settings: GenerationSettings | None = None, adapter: str | None = None
+    ) -> Iterator[str]:
         """Text deltas of one reply as they are generated; closing the iterator cancels generation."""
         deltas: queue.Queue = queue.Queue()
         END = object()
@@ -503,8 +538,8 @@ class Engine:
         ids = torch.full((len(rows), length), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), length), dtype=torch.long)
         for i, r in enumerate(rows):
-            ids[i, length - len(r.prompt):] = torch.tensor(r.prompt)
-            mask[i, length - len(r.prompt):] = 1
+            ids[i, length - len(r.prompt) :] = torch.tensor(r.prompt)
+            mask[i, length - len(r.prompt) :] = 1
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         cache = new_kv_cache()
         logits = self._forward(rows, ids, mask, positions, cache)
@@ -540,8 +575,15 @@ class Engine:
             else:  # peft's mixed-adapter batch: each LoRA layer applies each row's adapter to its rows
                 self._use_adapter(next(a for a in adapters if a is not None))  # adapter layers enabled
                 kwargs["adapter_names"] = [self._peft_name[r.adapter] if r.adapter else "__base__" for r in rows]
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                         logits_to_keep=1, **kwargs)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **kwargs,
+        )
         return out.logits[:, -1, :]
 
     def _use_adapter(self, adapter: str | None) -> None:
@@ -592,22 +634,22 @@ class Engine:
         character (U+FFFD) waits for the next token.
         """
         stops = r.settings.stop
-        seen = self._decode_ids(r.tokens[r.decoded_from:r.decoded_to])
-        window = self._decode_ids(r.tokens[r.decoded_from:])
+        seen = self._decode_ids(r.tokens[r.decoded_from : r.decoded_to])
+        window = self._decode_ids(r.tokens[r.decoded_from :])
         if len(window) <= len(seen) or window.endswith("\ufffd"):
             return
-        delta = window[len(seen):]
+        delta = window[len(seen) :]
         r.decoded_from, r.decoded_to = r.decoded_to, len(r.tokens)
         r.text += delta
         if stops:
-            tail = r.text[max(0, len(r.text) - len(delta) - max(map(len, stops)) + 1):]
+            tail = r.text[max(0, len(r.text) - len(delta) - max(map(len, stops)) + 1) :]
             if _find_stop(tail, stops) >= 0:
                 r.stop_hit = True
                 return
         if r.on_text is not None:
             ready = r.text[: len(r.text) - _holdback(r.text, stops)]
             if len(ready) > len(r.sent):
-                delta, r.sent = ready[len(r.sent):], ready
+                delta, r.sent = ready[len(r.sent) :], ready
                 if r.on_text(delta) is False:
                     r.cancel()
 
@@ -619,11 +661,12 @@ class Engine:
             if cut >= 0:
                 text, reason = text[:cut], "stop"
             if r.on_text is not None and len(text) > len(r.sent) and text.startswith(r.sent):
-                r.on_text(text[len(r.sent):])
+                r.on_text(text[len(r.sent) :])
         else:
             self.stats["cancelled"] += 1
-        r.completion = Completion(text=text, prompt_tokens=len(r.prompt), completion_tokens=len(r.tokens),
-                                  finish_reason=reason)
+        r.completion = Completion(
+            text=text, prompt_tokens=len(r.prompt), completion_tokens=len(r.tokens), finish_reason=reason
+        )
         self._done(r)
         return True
 
@@ -695,7 +738,9 @@ class VllmBackend:
         import torch
 
         if not torch.cuda.is_available():
-            raise LoralabError("infer_backend: vllm needs a CUDA GPU and this machine has none; set infer_backend=huggingface")
+            raise LoralabError(
+                "infer_backend: vllm needs a CUDA GPU and this machine has none; set infer_backend=huggingface"
+            )
         from vllm import LLM
         from vllm.lora.request import LoRARequest
 
@@ -717,8 +762,9 @@ class VllmBackend:
         self.tokenizer = tokenizer
         self.stop_ids = stop_token_ids(tokenizer)
 
-    def generate(self, prompts: list[list[int]], settings: GenerationSettings, adapter: str | None,
-                 on_text: OnText | None) -> list[Completion]:
+    def generate(
+        self, prompts: list[list[int]], settings: GenerationSettings, adapter: str | None, on_text: OnText | None
+    ) -> list[Completion]:
         from vllm import SamplingParams
 
         params = SamplingParams(
@@ -733,8 +779,10 @@ class VllmBackend:
             skip_special_tokens=True,
         )
         outputs = self.llm.generate(
-            [{"prompt_token_ids": ids} for ids in prompts], params,
-            lora_request=self.requests.get(adapter) if adapter else None, use_tqdm=False,
+            [{"prompt_token_ids": ids} for ids in prompts],
+            params,
+            lora_request=self.requests.get(adapter) if adapter else None,
+            use_tqdm=False,
         )
         results = []
         for i, (ids, out) in enumerate(zip(prompts, outputs)):

@@ -46,8 +46,9 @@ class GenerationValidation(TrainerCallback):
         prompts, labels, _ = evaluate.load_examples(cfg, "val")
         n = cfg.eval_generate_samples
         if n > len(labels):
-            log.warning("eval_generate_samples: %d, but only %d validation records; generating for all of them",
-                        n, len(labels))
+            log.warning(
+                "eval_generate_samples: %d, but only %d validation records; generating for all of them", n, len(labels)
+            )
         self.prompts, self.labels = prompts[:n], labels[:n]
         self.settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens)  # greedy: reproducible
         self.sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
@@ -68,28 +69,44 @@ class GenerationValidation(TrainerCallback):
         try:
             engine = Engine.from_model(self.cfg, model, self.tokenizer, name="trained")
             adapter = "trained" if engine.adapter_names else None
-            completions = engine.generate(self.prompts, self.settings, adapter=adapter,
-                                          batch_size=self.cfg.infer_batch_size)
+            completions = engine.generate(
+                self.prompts, self.settings, adapter=adapter, batch_size=self.cfg.infer_batch_size
+            )
         finally:
             model.train(was_training)
         preds = [c.text for c in completions]
-        scored = metrics.score_predictions(preds, self.labels, n_boot=200, seed=self.cfg.seed,
-                                           finish_reasons=[c.finish_reason for c in completions])
+        scored = metrics.score_predictions(
+            preds, self.labels, n_boot=200, seed=self.cfg.seed, finish_reasons=[c.finish_reason for c in completions]
+        )
         seconds = time.perf_counter() - start
         self.write_samples(step, preds, completions, scored["per_sample"])
         values = {name: scored["metrics"][name]["value"] for name in LOGGED}
-        log.info("step %d: generation on %d validation records: rougeL %.2f, predict_rouge-l %.2f, exact match "
-                 "%.1f%% (%.0fs)", step, len(preds), values["rougeL"], values["predict_rouge-l"],
-                 values["exact_match"], seconds)
+        log.info(
+            "step %d: generation on %d validation records: rougeL %.2f, predict_rouge-l %.2f, exact match "
+            "%.1f%% (%.0fs)",
+            step,
+            len(preds),
+            values["rougeL"],
+            values["predict_rouge-l"],
+            values["exact_match"],
+            seconds,
+        )
         return {**{LOGGED[name]: v for name, v in values.items()}, "eval_generate_seconds": round(seconds, 3)}
 
     def write_samples(self, step: int, preds: list[str], completions, per_sample: list[dict]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         with (self.folder / f"step-{step}.jsonl").open("w", encoding="utf-8") as f:
-            for i, (prompt, pred, label, c, scores) in enumerate(zip(self.prompts, preds, self.labels, completions,
-                                                                     per_sample)):
-                row = {"index": i, "prompt": prompt[-1]["content"], "predict": pred, "label": label,
-                       "finish_reason": c.finish_reason, **{k: scores[k] for k in LOGGED}}
+            for i, (prompt, pred, label, c, scores) in enumerate(
+                zip(self.prompts, preds, self.labels, completions, per_sample)
+            ):
+                row = {
+                    "index": i,
+                    "prompt": prompt[-1]["content"],
+                    "predict": pred,
+                    "label": label,
+                    "finish_reason": c.finish_reason,
+                    **{k: scores[k] for k in LOGGED},
+                }
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
@@ -110,8 +127,15 @@ def summary(cfg: Config, run_dir: Path, best_step: int | None) -> dict | None:
     at_best = next((scores(r) for r in points if r["step"] == best_step), None)
     last_file = Path(run_dir) / FOLDER / f"step-{points[-1]['step']}.jsonl"
     n = sum(1 for line in last_file.open(encoding="utf-8") if line.strip()) if last_file.is_file() else None
-    return {"samples": n, "eval_generate_samples": cfg.eval_generate_samples, "max_new_tokens": cfg.max_new_tokens,
-            "decoding": "greedy", "records": f"the first {n} validation records", "at_best_step": at_best,
-            "last": scores(points[-1]), "validations": len(points),
-            "seconds": round(sum(r.get("eval_generate_seconds", 0.0) for r in points), 2),
-            "files": f"{FOLDER}/step-N.jsonl"}
+    return {
+        "samples": n,
+        "eval_generate_samples": cfg.eval_generate_samples,
+        "max_new_tokens": cfg.max_new_tokens,
+        "decoding": "greedy",
+        "records": f"the first {n} validation records",
+        "at_best_step": at_best,
+        "last": scores(points[-1]),
+        "validations": len(points),
+        "seconds": round(sum(r.get("eval_generate_seconds", 0.0) for r in points), 2),
+        "files": f"{FOLDER}/step-N.jsonl",
+    }

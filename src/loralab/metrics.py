@@ -156,8 +156,9 @@ def quality_scores(pred: str, label: str, finish_reason: str | None = None) -> d
     return row
 
 
-def add_quality_scores(per_sample: list[dict], preds: list[str], labels: list[str],
-                       finish_reasons: list[str] | None = None) -> None:
+def add_quality_scores(
+    per_sample: list[dict], preds: list[str], labels: list[str], finish_reasons: list[str] | None = None
+) -> None:
     """Add `quality_scores` to each per-sample row (in place)."""
     if finish_reasons is not None and len(finish_reasons) != len(preds):
         raise LoralabError(f"predictions: {len(finish_reasons)} finish reasons for {len(preds)} predictions")
@@ -167,8 +168,9 @@ def add_quality_scores(per_sample: list[dict], preds: list[str], labels: list[st
 
 def quality_metric_names(*per_sample_lists: list[dict]) -> tuple[str, ...]:
     """The QUALITY_METRICS every row of every list has (files scored before they existed have none)."""
-    return tuple(name for name in QUALITY_METRICS
-                 if all(rows and all(name in r for r in rows) for rows in per_sample_lists))
+    return tuple(
+        name for name in QUALITY_METRICS if all(rows and all(name in r for r in rows) for rows in per_sample_lists)
+    )
 
 
 def length_summary(per_sample: list[dict]) -> dict:
@@ -179,10 +181,14 @@ def length_summary(per_sample: list[dict]) -> dict:
     pred = sum(r["pred_words"] for r in per_sample) / n
     label = sum(r["label_words"] for r in per_sample) / n
     cut = [r["hit_max_new_tokens"] for r in per_sample if "hit_max_new_tokens" in r]
-    return {"unit": LENGTH_UNIT, "mean_pred_words": pred, "mean_label_words": label,
-            "ratio": pred / label if label else None,
-            "hit_max_new_tokens": sum(cut) / len(cut) if len(cut) == n else None,  # % of samples; None = unknown
-            "n_hit_max_new_tokens": round(sum(cut) / 100) if len(cut) == n else None}
+    return {
+        "unit": LENGTH_UNIT,
+        "mean_pred_words": pred,
+        "mean_label_words": label,
+        "ratio": pred / label if label else None,
+        "hit_max_new_tokens": sum(cut) / len(cut) if len(cut) == n else None,  # % of samples; None = unknown
+        "n_hit_max_new_tokens": round(sum(cut) / 100) if len(cut) == n else None,
+    }
 
 
 def _quality_implementations() -> dict[str, str]:
@@ -246,8 +252,8 @@ def _check_pairs(preds, labels) -> None:
         raise LoralabError(f"predictions: {len(preds)} predictions for {len(labels)} labels; expected one per label")
     if not preds:
         raise LoralabError("predictions: nothing to score; expected at least one prediction/label pair")
-    for i, (p, l) in enumerate(zip(preds, labels)):
-        if not isinstance(p, str) or not isinstance(l, str):
+    for i, (pred, label) in enumerate(zip(preds, labels)):
+        if not isinstance(pred, str) or not isinstance(label, str):
             raise LoralabError(f"predictions: sample {i}: prediction and label must be strings")
 
 
@@ -256,8 +262,15 @@ def _check_n_boot(n_boot: int) -> None:
         raise LoralabError(f"n_boot: got {n_boot!r}; expected a positive number of bootstrap resamples")
 
 
-def score_predictions(preds: list[str], labels: list[str], *, n_boot: int = 1000, seed: int = 0,
-                      lf_labels: list[str] | None = None, finish_reasons: list[str] | None = None) -> dict:
+def score_predictions(
+    preds: list[str],
+    labels: list[str],
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    lf_labels: list[str] | None = None,
+    finish_reasons: list[str] | None = None,
+) -> dict:
     """Every metric with a 95% percentile-bootstrap CI over samples, plus per-sample scores.
 
     `lf_labels` (optional, one per label): LLaMA-Factory's label text for the predict_* metrics.
@@ -276,11 +289,21 @@ def score_predictions(preds: list[str], labels: list[str], *, n_boot: int = 1000
         vec = _vector(per_sample, name)
         value = _full(name, vec)
         low, high = np.percentile(_resampled(name, vec, weights), [2.5, 97.5])
-        metrics[name] = {"value": value, "ci_low": float(low), "ci_high": float(high),
-                         "implementation": implementations[name]}
-    return {"n_samples": len(preds), "n_boot": n_boot, "seed": seed,
-            "ci": "95% percentile bootstrap, samples resampled with replacement",
-            "metrics": metrics, "lengths": length_summary(per_sample), "per_sample": per_sample}
+        metrics[name] = {
+            "value": value,
+            "ci_low": float(low),
+            "ci_high": float(high),
+            "implementation": implementations[name],
+        }
+    return {
+        "n_samples": len(preds),
+        "n_boot": n_boot,
+        "seed": seed,
+        "ci": "95% percentile bootstrap, samples resampled with replacement",
+        "metrics": metrics,
+        "lengths": length_summary(per_sample),
+        "per_sample": per_sample,
+    }
 
 
 # --- paired comparison ----------------------------------------------------------------------------
@@ -288,8 +311,10 @@ def score_predictions(preds: list[str], labels: list[str], *, n_boot: int = 1000
 
 def _check_same_split(per_sample_a, per_sample_b, labels, prompts) -> None:
     if len(per_sample_a) != len(per_sample_b):
-        raise LoralabError(f"compare: A has {len(per_sample_a)} samples, B has {len(per_sample_b)}; "
-                           "expected two evaluations of the same split")
+        raise LoralabError(
+            f"compare: A has {len(per_sample_a)} samples, B has {len(per_sample_b)}; "
+            "expected two evaluations of the same split"
+        )
     for what, pair in (("labels", labels), ("prompts", prompts)):
         if pair is None:
             continue
@@ -308,9 +333,15 @@ def _swapped_deltas(name: str, a: np.ndarray, b: np.ndarray, swaps: np.ndarray) 
     return (1 - 2 * swaps) @ (b - a) / len(a)  # a swap flips the sign of that sample's difference
 
 
-def paired_compare(per_sample_a: list[dict], per_sample_b: list[dict], *, n_boot: int = 1000, seed: int = 0,
-                   labels: tuple[list[str], list[str]] | None = None,
-                   prompts: tuple[list[str], list[str]] | None = None) -> dict:
+def paired_compare(
+    per_sample_a: list[dict],
+    per_sample_b: list[dict],
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    labels: tuple[list[str], list[str]] | None = None,
+    prompts: tuple[list[str], list[str]] | None = None,
+) -> dict:
     """B versus A on the same samples: delta (B-A), paired bootstrap 95% CI, two-sided p-value.
 
     The CI resamples the same sample indices for A and B. The p-value is a paired approximate
@@ -335,10 +366,19 @@ def paired_compare(per_sample_a: list[dict], per_sample_b: list[dict], *, n_boot
         perm = _swapped_deltas(name, a, b, swaps)
         low, high = np.percentile(boot, [2.5, 97.5])
         extreme = np.sum(np.abs(perm) >= abs(delta) - 1e-9)  # tolerance: float noise on ties
-        out[name] = {"value_a": value_a, "value_b": value_b, "delta": delta,
-                     "ci_low": float(low), "ci_high": float(high),
-                     "p_value": float((1 + extreme) / (1 + n_boot))}
-    return {"n_samples": n, "n_boot": n_boot, "seed": seed,
-            "ci": "95% paired percentile bootstrap of B-A (same resampled samples for A and B)",
-            "test": "two-sided paired approximate randomization (swap A/B per sample)",
-            "metrics": out}
+        out[name] = {
+            "value_a": value_a,
+            "value_b": value_b,
+            "delta": delta,
+            "ci_low": float(low),
+            "ci_high": float(high),
+            "p_value": float((1 + extreme) / (1 + n_boot)),
+        }
+    return {
+        "n_samples": n,
+        "n_boot": n_boot,
+        "seed": seed,
+        "ci": "95% paired percentile bootstrap of B-A (same resampled samples for A and B)",
+        "test": "two-sided paired approximate randomization (swap A/B per sample)",
+        "metrics": out,
+    }

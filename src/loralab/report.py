@@ -446,7 +446,9 @@ def comparison_section(
     models = {k: v["metrics"] for k, v in summary["models"].items()}
     split = summary.get("split") or summary.get("data")
     # evaluate_models writes OUT/NAME/; the recorded "dir" may be relative to another working folder
-    dirs = {k: eval_dir / k if (eval_dir / k).is_dir() else Path(v.get("dir", "")) for k, v in summary["models"].items()}
+    dirs = {
+        k: eval_dir / k if (eval_dir / k).is_dir() else Path(v.get("dir", "")) for k, v in summary["models"].items()
+    }
     capped = "".join(f", the first records: {k}={v}" for k, v in (summary.get("capped_by") or {}).items())
     where = f" on {split} ({summary.get('n_samples')} samples{capped})" if split else ""
     page.heading((title or "Evaluation") + where)
@@ -474,22 +476,45 @@ def answers_table(page: Page, results: dict[str, dict]) -> None:
         if em is None and not lengths:
             continue  # scored before these metrics existed
         cut = lengths.get("hit_max_new_tokens")
-        rows.append([name, f"{em['value']:.1f} [{em['ci_low']:.1f}, {em['ci_high']:.1f}]" if em else "",
-                     lengths.get("mean_pred_words"), lengths.get("mean_label_words"), lengths.get("ratio"),
-                     f"{cut:.0f}% ({lengths.get('n_hit_max_new_tokens')})" if cut is not None else "unknown"])
+        rows.append(
+            [
+                name,
+                f"{em['value']:.1f} [{em['ci_low']:.1f}, {em['ci_high']:.1f}]" if em else "",
+                lengths.get("mean_pred_words"),
+                lengths.get("mean_label_words"),
+                lengths.get("ratio"),
+                f"{cut:.0f}% ({lengths.get('n_hit_max_new_tokens')})" if cut is not None else "unknown",
+            ]
+        )
     if not rows:
         return
-    page.table(["model", "exact match % (95% CI)", "generated words (mean)", "reference words (mean)",
-                "generated / reference", "hit max_new_tokens"], rows)
-    page.para("Exact match: the reply equals the reference after SQuAD normalization (lowercase, no punctuation, "
-              "no a/an/the, single spaces); a reply in the right format with a wrong answer scores 0 here even when "
-              "its BLEU/ROUGE is high. Lengths are counted in whitespace-separated words.")
+    page.table(
+        [
+            "model",
+            "exact match % (95% CI)",
+            "generated words (mean)",
+            "reference words (mean)",
+            "generated / reference",
+            "hit max_new_tokens",
+        ],
+        rows,
+    )
+    page.para(
+        "Exact match: the reply equals the reference after SQuAD normalization (lowercase, no punctuation, "
+        "no a/an/the, single spaces); a reply in the right format with a wrong answer scores 0 here even when "
+        "its BLEU/ROUGE is high. Lengths are counted in whitespace-separated words."
+    )
 
 
-def biggest_changes(rows_a: list[dict], rows_b: list[dict], key: str = "rougeL", n: int = 5) -> tuple[list[int], list[int]]:
+def biggest_changes(
+    rows_a: list[dict], rows_b: list[dict], key: str = "rougeL", n: int = 5
+) -> tuple[list[int], list[int]]:
     """Sample indices where B beat A by most (wins) and lost to A by most (losses) on a per-sample score."""
-    deltas = [(row_b[key] - row_a[key], i) for i, (row_a, row_b) in enumerate(zip(rows_a, rows_b))
-              if key in row_a and key in row_b]
+    deltas = [
+        (row_b[key] - row_a[key], i)
+        for i, (row_a, row_b) in enumerate(zip(rows_a, rows_b))
+        if key in row_a and key in row_b
+    ]
     wins = [i for d, i in sorted(deltas, key=lambda t: (-t[0], t[1])) if d > 0][:n]
     losses = [i for d, i in sorted(deltas, key=lambda t: (t[0], t[1])) if d < 0][:n]
     return wins, losses
@@ -504,18 +529,28 @@ def wins_and_losses_section(page: Page, a: str, b: str, dir_a: Path, dir_b: Path
     better = sum(rb[key] > ra[key] for ra, rb in zip(rows_a, rows_b))
     worse = sum(rb[key] < ra[key] for ra, rb in zip(rows_a, rows_b))
     page.heading(f"Biggest wins and losses of {b} vs {a} (per-sample {key})")
-    page.para(f"{b} scores higher than {a} on {better} of {len(rows_a)} samples, lower on {worse}, the same on "
-              f"{len(rows_a) - better - worse}.")
+    page.para(
+        f"{b} scores higher than {a} on {better} of {len(rows_a)} samples, lower on {worse}, the same on "
+        f"{len(rows_a) - better - worse}."
+    )
     for label, picked in ((f"Wins: where {b} gained most", wins), (f"Losses: where {b} lost most", losses)):
         if not picked:
             continue
         page.para(f"{label} ({len(picked)} samples; # = 0-based sample index in the evaluated data):")
-        rows = [[i, _clip(user_text(rows_a[i].get("prompt", "")), 300), _clip(rows_a[i].get("predict", ""), 300),
-                 _clip(rows_b[i].get("predict", ""), 300), _clip(rows_a[i].get("label", ""), 300),
-                 f"{rows_a[i][key]:.1f} -> {rows_b[i][key]:.1f}",
-                 f"{rows_a[i].get('exact_match', 0):.0f} -> {rows_b[i].get('exact_match', 0):.0f}"
-                 if "exact_match" in rows_a[i] and "exact_match" in rows_b[i] else ""]
-                for i in picked]
+        rows = [
+            [
+                i,
+                _clip(user_text(rows_a[i].get("prompt", "")), 300),
+                _clip(rows_a[i].get("predict", ""), 300),
+                _clip(rows_b[i].get("predict", ""), 300),
+                _clip(rows_a[i].get("label", ""), 300),
+                f"{rows_a[i][key]:.1f} -> {rows_b[i][key]:.1f}",
+                f"{rows_a[i].get('exact_match', 0):.0f} -> {rows_b[i].get('exact_match', 0):.0f}"
+                if "exact_match" in rows_a[i] and "exact_match" in rows_b[i]
+                else "",
+            ]
+            for i in picked
+        ]
         page.table(["#", "prompt", a, b, "reference", key, "exact match"], rows)
 
 
@@ -678,16 +713,27 @@ def recipes_section(page: Page, results: dict, objective: str) -> None:
         cells = []
         for metric in ("rougeL", "exact_match"):
             m = (comp.get("metrics") or {}).get(metric)
-            cells.append(f"{m['delta']:+.2f} [{m['ci_low']:+.2f}, {m['ci_high']:+.2f}], p={m['p_value']:.3f}"
-                         if m else "")
+            cells.append(
+                f"{m['delta']:+.2f} [{m['ci_low']:+.2f}, {m['ci_high']:+.2f}], p={m['p_value']:.3f}" if m else ""
+            )
         settings = ", ".join(f"{k}={v}" for k, v in r["keys"].items())
         rows.append([name, settings, _num(r.get("validation")), *cells, r.get("reused") or r.get("run")])
-    page.table(["recipe", "settings (on top of the base config)", f"validation {objective}",
-                "test rougeL: winner - recipe (95% CI)", "test exact match: winner - recipe (95% CI)",
-                "run (or the run reused)"], rows)
-    page.para(f"Each recipe was trained at the base config's budget and tested on the same test records as the "
-              f"winner (validation {objective} of the winner: {results['best_value']:.4f}). A difference whose CI "
-              "includes 0 is no clear difference.")
+    page.table(
+        [
+            "recipe",
+            "settings (on top of the base config)",
+            f"validation {objective}",
+            "test rougeL: winner - recipe (95% CI)",
+            "test exact match: winner - recipe (95% CI)",
+            "run (or the run reused)",
+        ],
+        rows,
+    )
+    page.para(
+        f"Each recipe was trained at the base config's budget and tested on the same test records as the "
+        f"winner (validation {objective} of the winner: {results['best_value']:.4f}). A difference whose CI "
+        "includes 0 is no clear difference."
+    )
 
 
 def write_report(folder: str | Path) -> Path:

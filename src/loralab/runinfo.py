@@ -13,8 +13,21 @@ from loralab import __version__
 from loralab.config import Config, save_config
 from loralab.errors import LoralabError
 
-LIBRARIES = ["torch", "transformers", "peft", "accelerate", "datasets", "tokenizers", "optuna",
-             "sacrebleu", "rouge-score", "nltk", "jieba", "rouge-chinese", "vllm"]
+LIBRARIES = [
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "datasets",
+    "tokenizers",
+    "optuna",
+    "sacrebleu",
+    "rouge-score",
+    "nltk",
+    "jieba",
+    "rouge-chinese",
+    "vllm",
+]
 
 
 def write_json(path: str | Path, obj) -> None:
@@ -36,10 +49,15 @@ def git_commit() -> str | None:
     """The loralab checkout's commit (with '-dirty' for local changes), or None outside git."""
     here = Path(__file__).resolve().parent
     try:
-        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("-dirty" if dirty else "")

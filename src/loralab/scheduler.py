@@ -107,8 +107,9 @@ class Scheduler:
             job.push("done", request.completion)
 
         try:
-            job.request = self.engine.submit(job.messages, job.settings, job.adapter,
-                                             on_text=on_text if job.streaming else None, on_done=on_done)
+            job.request = self.engine.submit(
+                job.messages, job.settings, job.adapter, on_text=on_text if job.streaming else None, on_done=on_done
+            )
         except Exception as e:  # noqa: BLE001 - e.g. a chat template that refuses the conversation
             job.push("error", e)
             return True

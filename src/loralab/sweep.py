@@ -222,8 +222,10 @@ def _check_recipes(spec: SweepSpec, base_values: dict, source: str) -> None:
     for name, keys in spec.compare_recipes.items():
         where = f"{source}: compare_recipes.{name}"
         if name in (WINNER, BASE_CONFIG) or not name.replace("_", "").replace("-", "").isalnum():
-            raise LoralabError(f"{where}: expected a plain name of letters, digits, - and _ other than "
-                               f"`{WINNER}` and `{BASE_CONFIG}` (it names the recipe's folder and table column)")
+            raise LoralabError(
+                f"{where}: expected a plain name of letters, digits, - and _ other than "
+                f"`{WINNER}` and `{BASE_CONFIG}` (it names the recipe's folder and table column)"
+            )
         if not isinstance(keys, dict) or not keys:
             raise LoralabError(f"{where}: expected config keys, e.g. {{lora_rank: 8, learning_rate: 1.0e-4}}")
         for key, value in keys.items():
@@ -231,8 +233,10 @@ def _check_recipes(spec: SweepSpec, base_values: dict, source: str) -> None:
                 hint = did_you_mean(key, [*FIELDS, *DERIVED_KEYS])
                 raise LoralabError(f"{where}: unknown config key `{key}`{hint} (see `loralab config show --keys`)")
             if key in NOT_SEARCHABLE_KEYS:
-                raise LoralabError(f"{where}: `{key}` cannot be set by a recipe (the sweep sets it, and a recipe is "
-                                   "tested on the same test records as the winner)")
+                raise LoralabError(
+                    f"{where}: `{key}` cannot be set by a recipe (the sweep sets it, and a recipe is "
+                    "tested on the same test records as the winner)"
+                )
             if not (value is None or isinstance(value, (str, int, float, bool))):
                 raise LoralabError(f"{where}.{key}: {value!r} is not a plain value (string, number, true/false, null)")
         build_config(apply_params(base_values, keys), source=where)
@@ -579,8 +583,11 @@ def prepare_recipes(spec: SweepSpec, base: Config, sweep_dir: Path, done: list, 
     for name, keys in spec.compare_recipes.items():
         cfg = build_config(apply_params(base.model_dump(), keys), source=f"compare_recipes.{name}")
         same = next(
-            (t for t in done if training_settings(build_config(apply_params(base.model_dump(), t.params)))
-             == training_settings(cfg)),
+            (
+                t
+                for t in done
+                if training_settings(build_config(apply_params(base.model_dump(), t.params))) == training_settings(cfg)
+            ),
             None,
         )
         if same is not None:
@@ -650,11 +657,18 @@ def finalize(study, spec: SweepSpec, base: Config, sweep_dir: Path) -> dict:
     results_path = sweep_dir / RESULTS_FILE
     old = json.loads(results_path.read_text(encoding="utf-8")) if results_path.is_file() else {}
     test_dir = sweep_dir / "test_eval"
-    tested = json.loads((test_dir / evaluate.COMPARISON).read_text(encoding="utf-8")) if (
-        test_dir / evaluate.COMPARISON).is_file() else None
-    if tested and old.get("best_trial") == best.number and set(tested["models"]) == set(models) and \
-            {n: r["keys"] for n, r in (old.get("recipes") or {}).items()} == spec.compare_recipes and \
-            old.get("test_settings", test_settings) == test_settings:  # (files from before it was recorded)
+    tested = (
+        json.loads((test_dir / evaluate.COMPARISON).read_text(encoding="utf-8"))
+        if (test_dir / evaluate.COMPARISON).is_file()
+        else None
+    )
+    if (
+        tested
+        and old.get("best_trial") == best.number
+        and set(tested["models"]) == set(models)
+        and {n: r["keys"] for n, r in (old.get("recipes") or {}).items()} == spec.compare_recipes
+        and old.get("test_settings", test_settings) == test_settings
+    ):  # (files from before it was recorded)
         summary = tested  # tested once already
     else:
         log.info("evaluating %s on the test split", ", ".join(f"{n} ({p})" for n, p in models.items()))

@@ -33,7 +33,9 @@ _QWEN_LIKE = {
     **_CHATML_LIKE,
     "function": "{content}<|im_end|>\n",
     "observation": "<|im_start|>user\n<tool_response>\n{content}\n</tool_response><|im_end|>\n<|im_start|>assistant\n",
-    "stop_words": ["<|im_end|>"], "replace_eos": True, "tool_format": "qwen",
+    "stop_words": ["<|im_end|>"],
+    "replace_eos": True,
+    "tool_format": "qwen",
 }
 _GEMMA = {
     "prefix": "{bos}",
@@ -41,17 +43,21 @@ _GEMMA = {
     "assistant": "{content}<end_of_turn>\n",
     "system": "{content}\n\n",
     "observation": "<start_of_turn>tool\n{content}<end_of_turn>\n<start_of_turn>model\n",
-    "stop_words": ["<end_of_turn>"], "replace_eos": True, "system_in_user": True,
+    "stop_words": ["<end_of_turn>"],
+    "replace_eos": True,
+    "system_in_user": True,
 }
 TEMPLATE_SPECS: dict[str, dict] = {
     "llama3": {
         "prefix": "{bos}",
-        "user": "<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+        "user": "<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",  # noqa: E501 (one slot, as LLaMA-Factory writes it)
         "assistant": "{content}<|eot_id|>",
         "system": "<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
         "function": "{content}<|eot_id|>",
-        "observation": "<|start_header_id|>ipython<|end_header_id|>\n\n{content}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
-        "stop_words": ["<|eot_id|>", "<|eom_id|>"], "replace_eos": True, "tool_format": "llama3",
+        "observation": "<|start_header_id|>ipython<|end_header_id|>\n\n{content}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",  # noqa: E501 (one slot, as LLaMA-Factory writes it)
+        "stop_words": ["<|eot_id|>", "<|eom_id|>"],
+        "replace_eos": True,
+        "tool_format": "llama3",
     },
     "llama4": {
         "prefix": "{bos}",
@@ -59,8 +65,10 @@ TEMPLATE_SPECS: dict[str, dict] = {
         "assistant": "{content}<|eot|>",
         "system": "<|header_start|>system<|header_end|>\n\n{content}<|eot|>",
         "function": "{content}<|eot|>",
-        "observation": "<|header_start|>ipython<|header_end|>\n\n{content}<|eot|><|header_start|>assistant<|header_end|>\n\n",
-        "stop_words": ["<|eot|>", "<|eom|>"], "replace_eos": True, "tool_format": "llama3",
+        "observation": "<|header_start|>ipython<|header_end|>\n\n{content}<|eot|><|header_start|>assistant<|header_end|>\n\n",  # noqa: E501 (one slot, as LLaMA-Factory writes it)
+        "stop_words": ["<|eot|>", "<|eom|>"],
+        "replace_eos": True,
+        "tool_format": "llama3",
     },
     "qwen": {**_QWEN_LIKE, "default_system": "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."},
     "qwen3": {**_QWEN_LIKE, "empty_thought": True},
@@ -72,7 +80,8 @@ TEMPLATE_SPECS: dict[str, dict] = {
         "system": "{content}\n\n",
         "function": "[TOOL_CALLS] {content}{eos}",
         "observation": '[TOOL_RESULTS] {"content": {content}}[/TOOL_RESULTS]',
-        "system_in_user": True, "tool_format": "mistral",
+        "system_in_user": True,
+        "tool_format": "mistral",
     },
     "gemma": dict(_GEMMA),
     "gemma3": dict(_GEMMA),
@@ -80,25 +89,33 @@ TEMPLATE_SPECS: dict[str, dict] = {
         "user": "<|user|>\n{content}<|end|>\n<|assistant|>\n",
         "assistant": "{content}<|end|>\n",
         "system": "<|system|>\n{content}<|end|>\n",
-        "stop_words": ["<|end|>"], "replace_eos": True,
+        "stop_words": ["<|end|>"],
+        "replace_eos": True,
     },
     "phi4": {
         "user": "<|im_start|>user<|im_sep|>{content}<|im_end|><|im_start|>assistant<|im_sep|>",
         "assistant": "{content}<|im_end|>",
         "system": "<|im_start|>system<|im_sep|>{content}<|im_end|>",
-        "stop_words": ["<|im_end|>"], "replace_eos": True,
+        "stop_words": ["<|im_end|>"],
+        "replace_eos": True,
     },
     "deepseek3": {"prefix": "{bos}", "user": "<｜User｜>{content}<｜Assistant｜>"},
-    "smollm2": {**_CHATML_LIKE, "stop_words": ["<|im_end|>"],
-                "default_system": "You are a helpful AI assistant named SmolLM, trained by Hugging Face."},
-    "chatml": {**_CHATML_LIKE,
-               "observation": "<|im_start|>tool\n{content}<|im_end|>\n<|im_start|>assistant\n",
-               "stop_words": ["<|im_end|>", "<|im_start|>"], "replace_eos": True},
+    "smollm2": {
+        **_CHATML_LIKE,
+        "stop_words": ["<|im_end|>"],
+        "default_system": "You are a helpful AI assistant named SmolLM, trained by Hugging Face.",
+    },
+    "chatml": {
+        **_CHATML_LIKE,
+        "observation": "<|im_start|>tool\n{content}<|im_end|>\n<|im_start|>assistant\n",
+        "stop_words": ["<|im_end|>", "<|im_start|>"],
+        "replace_eos": True,
+    },
     "alpaca": {
         "user": "### Instruction:\n{content}\n\n### Response:\n",
         "assistant": "{content}{eos}\n\n",
         "default_system": "Below is an instruction that describes a task. "
-                          "Write a response that appropriately completes the request.\n\n",
+        "Write a response that appropriately completes the request.\n\n",
     },
     "default": {
         "user": "Human: {content}{eos}\nAssistant:",
@@ -109,7 +126,7 @@ TEMPLATE_SPECS: dict[str, dict] = {
     "vicuna": {
         "user": "USER: {content} ASSISTANT:",
         "default_system": "A chat between a curious user and an artificial intelligence assistant. "
-                          "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+        "The assistant gives helpful, detailed, and polite answers to the user's questions.",
     },
 }
 EMPTY_THOUGHT = "<think>\n\n</think>\n\n"
@@ -118,9 +135,19 @@ EMPTY_THOUGHT = "<think>\n\n</think>\n\n"
 def template_spec(name: str) -> dict:
     """A template's slots with LLaMA-Factory's defaults filled in."""
     spec = TEMPLATE_SPECS[name]
-    full = {"prefix": "", "user": "{content}", "assistant": "{content}{eos}", "system": "{content}",
-            "default_system": "", "stop_words": [], "replace_eos": False, "system_in_user": False,
-            "empty_thought": False, "tool_format": "default", **spec}
+    full = {
+        "prefix": "",
+        "user": "{content}",
+        "assistant": "{content}{eos}",
+        "system": "{content}",
+        "default_system": "",
+        "stop_words": [],
+        "replace_eos": False,
+        "system_in_user": False,
+        "empty_thought": False,
+        "tool_format": "default",
+        **spec,
+    }
     full.setdefault("observation", full["user"])
     full.setdefault("function", full["assistant"])
     return full
@@ -143,16 +170,23 @@ def chat_template(name: str) -> str:
     """The jinja chat template of a built-in template: what LLaMA-Factory renders, for tokenizer.apply_chat_template."""
     t = template_spec(name)
     system = _slot(t["system"], "ns.system")
-    first = (f"{{%- set content = {system} ~ content -%}}" if t["system_in_user"] else f"{{{{ {system} }}}}")
-    thought = ("{%- if '<think>' not in content and '</think>' not in content -%}"
-               f"{{%- set content = {json.dumps(EMPTY_THOUGHT)} ~ content -%}}{{%- endif -%}}") if t["empty_thought"] else ""
+    first = f"{{%- set content = {system} ~ content -%}}" if t["system_in_user"] else f"{{{{ {system} }}}}"
+    thought = (
+        (
+            "{%- if '<think>' not in content and '</think>' not in content -%}"
+            f"{{%- set content = {json.dumps(EMPTY_THOUGHT)} ~ content -%}}{{%- endif -%}}"
+        )
+        if t["empty_thought"]
+        else ""
+    )
     return (
         f"{{%- set ns = namespace(system={json.dumps(t['default_system'], ensure_ascii=False)}) -%}}"
         "{%- set loop_messages = messages -%}"
         "{%- if messages and messages[0]['role'] == 'system' -%}"
         "{%- set ns.system = messages[0]['content'] -%}{%- set loop_messages = messages[1:] -%}{%- endif -%}"
         "{%- for message in loop_messages -%}{%- set content = message['content'] -%}"
-        f"{{%- if loop.first -%}}{{{{ {_slot(t['prefix'])} }}}}{{%- if ns.system -%}}{first}{{%- endif -%}}{{%- endif -%}}"
+        f"{{%- if loop.first -%}}{{{{ {_slot(t['prefix'])} }}}}"
+        f"{{%- if ns.system -%}}{first}{{%- endif -%}}{{%- endif -%}}"
         f"{{%- if message['role'] == 'user' -%}}{{{{ {_slot(t['user'])} }}}}"
         f"{{%- elif message['role'] == 'assistant' -%}}{thought}{{{{ {_slot(t['assistant'])} }}}}"
         f"{{%- elif message['role'] in ('observation', 'tool') -%}}{{{{ {_slot(t['observation'])} }}}}"
@@ -238,12 +272,19 @@ def _say_how_it_differs(tokenizer, own: str, name: str, model_name: str) -> None
     _warned.add(key)
     a, b = ours.splitlines(), theirs.splitlines()
     n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
     def line(lines: list[str]) -> str:
         return repr(lines[n]) if n < len(lines) else "(no line)"
 
-    log.warning("template: %r renders differently from %s's own chat template (which vLLM and transformers use "
-                "when serving it); first differing line %d: %s here vs %s in the tokenizer's", name, model_name,
-                n + 1, line(a), line(b))
+    log.warning(
+        "template: %r renders differently from %s's own chat template (which vLLM and transformers use "
+        "when serving it); first differing line %d: %s here vs %s in the tokenizer's",
+        name,
+        model_name,
+        n + 1,
+        line(a),
+        line(b),
+    )
 
 
 def with_default_system(messages: list[dict], default_system: str | None) -> list[dict]:
@@ -256,8 +297,10 @@ def with_default_system(messages: list[dict], default_system: str | None) -> lis
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
     tool_format = getattr(tokenizer, "loralab_tool_format", None)  # set by apply_template for built-in templates
     if tool_format and any(m["role"] == "function" for m in messages):
-        messages = [{**m, "content": format_function_call(m["content"], tool_format)} if m["role"] == "function" else m
-                    for m in messages]
+        messages = [
+            {**m, "content": format_function_call(m["content"], tool_format)} if m["role"] == "function" else m
+            for m in messages
+        ]
     from jinja2.exceptions import TemplateError
 
     try:
@@ -279,8 +322,10 @@ def format_function_call(content: str, tool_format: str) -> str:
         calls = calls if isinstance(calls, list) else [calls]
         pairs = [(c["name"], c["arguments"]) for c in calls]
     except (json.JSONDecodeError, TypeError, KeyError):
-        raise LoralabError(f"function turn: expected JSON {{\"name\": ..., \"arguments\": {{...}}}} (or a list), "
-                           f"got {content[:80]!r}") from None
+        raise LoralabError(
+            f'function turn: expected JSON {{"name": ..., "arguments": {{...}}}} (or a list), got {content[:80]!r}'
+        ) from None
+
     def dump(obj) -> str:
         return json.dumps(obj, ensure_ascii=False)
 
@@ -305,8 +350,13 @@ def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
 
 
 def encode_for_training(
-    tokenizer, messages: list[dict], cutoff_len: int, overflow: str = "split", *,
-    train_on_prompt: bool = False, mask_history: bool = False,
+    tokenizer,
+    messages: list[dict],
+    cutoff_len: int,
+    overflow: str = "split",
+    *,
+    train_on_prompt: bool = False,
+    mask_history: bool = False,
 ) -> dict | None:
     """input_ids + labels for one conversation; only answer turns (and their closing token) are learned.
 
@@ -331,7 +381,7 @@ def encode_for_training(
         full = render(tokenizer, messages[: i + 1])
         _check_prefix(rendered, prompt)
         _check_prefix(prompt, full)
-        pairs.append((encode_text(tokenizer, prompt[len(rendered):]), encode_text(tokenizer, full[len(prompt):])))
+        pairs.append((encode_text(tokenizer, prompt[len(rendered) :]), encode_text(tokenizer, full[len(prompt) :])))
         rendered = full
     last = len(pairs) - 1
 
@@ -346,7 +396,7 @@ def encode_for_training(
     if total > cutoff_len and overflow == "split":
         kept: dict[int, tuple[list[int], list[int]]] = {}
         used = 0
-        for k in (reversed(range(len(pairs))) if mask_history else range(len(pairs))):
+        for k in reversed(range(len(pairs))) if mask_history else range(len(pairs)):
             if used >= cutoff_len:
                 break
             prompt_ids, answer_ids = pairs[k]
@@ -378,7 +428,7 @@ def lf_label_text(tokenizer, prompt: list[dict], answer: str, cutoff_len: int) -
     prompt_text = render(tokenizer, prompt, add_generation_prompt=True)
     full = render(tokenizer, [*prompt, {"role": "assistant", "content": answer}])
     _check_prefix(prompt_text, full)
-    prompt_ids, answer_ids = encode_text(tokenizer, prompt_text), encode_text(tokenizer, full[len(prompt_text):])
+    prompt_ids, answer_ids = encode_text(tokenizer, prompt_text), encode_text(tokenizer, full[len(prompt_text) :])
     _, n_answer = budget_split(len(prompt_ids), len(answer_ids), cutoff_len)
     return tokenizer.decode(answer_ids[:n_answer], skip_special_tokens=True)
 
@@ -415,8 +465,8 @@ def stop_token_ids(tokenizer) -> list[int]:
     probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
     prompt = render(tokenizer, probe[:1], add_generation_prompt=True)
     full = render(tokenizer, probe)
-    tail = full[len(prompt):]
-    after_answer = tail[tail.find("y") + 1:] if "y" in tail else ""
+    tail = full[len(prompt) :]
+    after_answer = tail[tail.find("y") + 1 :] if "y" in tail else ""
     ids = encode_text(tokenizer, after_answer)
     special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
     if ids and ids[0] in special:

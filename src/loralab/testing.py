@@ -19,8 +19,14 @@ META_LLAMA3_TEMPLATE = (
     "{{ content }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
-LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                  "<|eot_id|>", "<|finetune_right_pad_id|>"]
+LLAMA3_SPECIAL = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|finetune_right_pad_id|>",
+]
 CHATML_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 _CORPUS = [
@@ -48,7 +54,9 @@ def make_tiny_tokenizer(style: str = "llama3", vocab_size: int = 400):
     tok.train_from_iterator(_CORPUS * 20, trainer=trainer)
     if style == "llama3":
         fast = PreTrainedTokenizerFast(
-            tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+            tokenizer_object=tok,
+            bos_token="<|begin_of_text|>",
+            eos_token="<|eot_id|>",
             pad_token="<|finetune_right_pad_id|>",
         )
         fast.chat_template = META_LLAMA3_TEMPLATE
@@ -60,8 +68,9 @@ def make_tiny_tokenizer(style: str = "llama3", vocab_size: int = 400):
     return fast
 
 
-def make_tiny_llama(folder: str | Path, style: str = "llama3", seed: int = 0, hidden_size: int = 64,
-                    num_layers: int = 2) -> Path:
+def make_tiny_llama(
+    folder: str | Path, style: str = "llama3", seed: int = 0, hidden_size: int = 64, num_layers: int = 2
+) -> Path:
     """Write a tiny random LlamaForCausalLM + tokenizer into `folder` and return it."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -41,8 +41,14 @@ CHECKPOINT_PREFIX = "checkpoint-"
 # Written into checkpoint-N/ once every file of it is on disk; resume only trusts marked checkpoints.
 COMPLETE_MARKER = "loralab_complete.json"
 # Files of a checkpoint that only the Trainer needs to resume (not part of the model/adapter itself).
-TRAINER_ONLY_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin",
-                      COMPLETE_MARKER)
+TRAINER_ONLY_FILES = (
+    "optimizer.pt",
+    "scheduler.pt",
+    "scaler.pt",
+    "trainer_state.json",
+    "training_args.bin",
+    COMPLETE_MARKER,
+)
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -125,9 +131,9 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
         order = torch.randperm(len(self.lengths), generator=g).tolist()
         full, remainder = [], []
         for start in range(0, len(order), self.chunk):
-            chunk = sorted(order[start:start + self.chunk], key=lambda i: self.lengths[i], reverse=True)
+            chunk = sorted(order[start : start + self.chunk], key=lambda i: self.lengths[i], reverse=True)
             for b in range(0, len(chunk), self.batch_size):
-                batch = chunk[b:b + self.batch_size]
+                batch = chunk[b : b + self.batch_size]
                 (full if len(batch) == self.batch_size else remainder).append(batch)
         shuffled = [full[i] for i in torch.randperm(len(full), generator=g).tolist()]
         return shuffled + remainder
@@ -163,14 +169,16 @@ def build_model(cfg: Config):
     """The base model, ready for training: LoRA adapter (peft) or all weights trainable."""
     if cfg.quantization_bit and cfg.finetuning_type != "lora":
         raise LoralabError(
-            "quantization_bit: 4/8-bit base models can only be trained with finetuning_type=lora (QLoRA)")
+            "quantization_bit: 4/8-bit base models can only be trained with finetuning_type=lora (QLoRA)"
+        )
     model = models.load_model(cfg, for_training=True)
     model.config.use_cache = False  # the KV cache is for generation; training does not use it
     if cfg.quantization_bit:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+            model,
+            use_gradient_checkpointing=cfg.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     if cfg.finetuning_type == "full":
@@ -187,7 +195,9 @@ def build_model(cfg: Config):
         target_modules=cfg.target_modules,
         use_rslora=cfg.use_rslora,
         use_dora=cfg.use_dora,
-        modules_to_save=[m.strip() for m in cfg.additional_target.split(",") if m.strip()] if cfg.additional_target else None,
+        modules_to_save=[m.strip() for m in cfg.additional_target.split(",") if m.strip()]
+        if cfg.additional_target
+        else None,
     )
     model = get_peft_model(model, lora)  # adapter weights are kept in fp32 even on a bf16 base
     # The adapter names the base model the way the user wrote it (e.g. builtin:smollm2-135m-instruct),
@@ -203,13 +213,14 @@ def count_params(model) -> tuple[int, int]:
 
 # --- run folder and checkpoints ------------------------------------------------------------------
 def checkpoint_step(path: Path) -> int:
-    return int(path.name[len(CHECKPOINT_PREFIX):])
+    return int(path.name[len(CHECKPOINT_PREFIX) :])
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """checkpoint-N folders, oldest first."""
-    found = [p for p in run_dir.glob(CHECKPOINT_PREFIX + "*")
-             if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    found = [
+        p for p in run_dir.glob(CHECKPOINT_PREFIX + "*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
+    ]
     return sorted(found, key=checkpoint_step)
 
 
@@ -326,8 +337,10 @@ class StopOnNonFinite(TrainerCallback):
         if model is not None:
             for name, param in model.named_parameters():
                 if param.requires_grad and not bool(torch.isfinite(param).all()):
-                    raise LoralabError(f"step {state.global_step}: training diverged: weights of {name} are no "
-                                       f"longer finite (inf/nan); {self.HINT}")
+                    raise LoralabError(
+                        f"step {state.global_step}: training diverged: weights of {name} are no "
+                        f"longer finite (inf/nan); {self.HINT}"
+                    )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         for key in ("loss", "grad_norm", "eval_loss"):
@@ -358,8 +371,9 @@ class RunLog(TrainerCallback):
         if state.is_world_process_zero:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
-                            dynamic_ncols=True)
+            self.bar = tqdm(
+                total=state.max_steps, initial=state.global_step, desc="train", unit="step", dynamic_ncols=True
+            )
         self.start_tokens = state.num_input_tokens_seen
         self._last = (state.num_input_tokens_seen, 0.0)
 
@@ -391,9 +405,13 @@ class RunLog(TrainerCallback):
         if "eval_loss" in logs:
             record["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
             best = state.best_metric if state.best_metric is not None else logs["eval_loss"]
-            log.info("step %d: validation loss %.4f, perplexity %.2f%s", state.global_step, logs["eval_loss"],
-                     record["eval_perplexity"],
-                     " (best so far)" if logs["eval_loss"] <= best else f" (best {best:.4f})")
+            log.info(
+                "step %d: validation loss %.4f, perplexity %.2f%s",
+                state.global_step,
+                logs["eval_loss"],
+                record["eval_perplexity"],
+                " (best so far)" if logs["eval_loss"] <= best else f" (best {best:.4f})",
+            )
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(finite_or_none(record), allow_nan=False) + "\n")
         if self.bar is not None and self.last_loss is not None:
@@ -458,8 +476,10 @@ def plot_losses(run_dir: Path) -> list[Path]:
         return []
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     written = []
-    for key, name, title in (("loss", "training_loss.png", "training loss"),
-                             ("eval_loss", "training_eval_loss.png", "validation loss")):
+    for key, name, title in (
+        ("loss", "training_loss.png", "training loss"),
+        ("eval_loss", "training_eval_loss.png", "validation loss"),
+    ):
         points = [(r["step"], r[key]) for r in records if key in r]
         if not points:
             continue
@@ -477,8 +497,9 @@ def plot_losses(run_dir: Path) -> list[Path]:
     if generated:  # eval_generate_samples: answer quality at each validation, the validation loss beside it
         fig, ax = plt.subplots(figsize=(6.4, 4.0))
         for key in GENERATION_KEYS[:-1]:  # the scores, not the seconds
-            ax.plot([r["step"] for r in generated], [r[key] for r in generated], marker="o",
-                    label=key.removeprefix("eval_"))
+            ax.plot(
+                [r["step"] for r in generated], [r[key] for r in generated], marker="o", label=key.removeprefix("eval_")
+            )
         ax.set_xlabel("step")
         ax.set_ylabel("score (x100)")
         losses = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
@@ -600,9 +621,11 @@ def _train(cfg: Config, callbacks: list | None, run_log_file: contextlib.ExitSta
     model = build_model(cfg)
     trainable, total = count_params(model)
     dtype = models.pick_dtype(cfg)
-    facts = {"examples": {"train": len(train_examples), "eval": len(eval_examples)},
-             "overflow": {"train": train_counts, "eval": eval_counts},
-             "parameters": {"trainable": trainable, "total": total}}
+    facts = {
+        "examples": {"train": len(train_examples), "eval": len(eval_examples)},
+        "overflow": {"train": train_counts, "eval": eval_counts},
+        "parameters": {"trainable": trainable, "total": total},
+    }
 
     if is_main:  # the run folder describes itself from here on
         run_log_file.enter_context(log_to_file(run_dir / "train.log"))
@@ -611,17 +634,33 @@ def _train(cfg: Config, callbacks: list | None, run_log_file: contextlib.ExitSta
         if resume_from is not None:
             log.info("resuming from %s", resume_from)
             clean_for_resume(run_dir, resume_from)
-        for name, counts, n in (("train", train_counts, len(train_examples)),
-                                ("validation", eval_counts, len(eval_examples))):
+        for name, counts, n in (
+            ("train", train_counts, len(train_examples)),
+            ("validation", eval_counts, len(eval_examples)),
+        ):
             if counts["conversations"]:
-                log.info("%s: %d of %d conversations used; over cutoff_len=%d: %d truncated, %d dropped; "
-                         "%d without answer tokens dropped", name, n, counts["conversations"], cfg.cutoff_len,
-                         counts["truncated"], counts["dropped_too_long"], counts["no_labels"])
+                log.info(
+                    "%s: %d of %d conversations used; over cutoff_len=%d: %d truncated, %d dropped; "
+                    "%d without answer tokens dropped",
+                    name,
+                    n,
+                    counts["conversations"],
+                    cfg.cutoff_len,
+                    counts["truncated"],
+                    counts["dropped_too_long"],
+                    counts["no_labels"],
+                )
         if cfg.eval_strategy != "no" and not eval_examples:
             log.warning("no validation data (eval_dataset unset/empty and val_size=0): the last step's model is kept")
-        log.info("%s fine-tuning of %s: %s trainable of %s parameters (%.2f%%), %s", cfg.finetuning_type,
-                 cfg.model_name_or_path, f"{trainable:,}", f"{total:,}", 100 * trainable / total,
-                 str(dtype).removeprefix("torch."))
+        log.info(
+            "%s fine-tuning of %s: %s trainable of %s parameters (%.2f%%), %s",
+            cfg.finetuning_type,
+            cfg.model_name_or_path,
+            f"{trainable:,}",
+            f"{total:,}",
+            100 * trainable / total,
+            str(dtype).removeprefix("torch."),
+        )
         runinfo.write_run_info(run_dir, cfg, tokenizer, finetuning_type=cfg.finetuning_type, **facts)
         copy_manifests(cfg, run_dir)
     state.wait_for_everyone()
@@ -633,9 +672,16 @@ def _train(cfg: Config, callbacks: list | None, run_log_file: contextlib.ExitSta
     if cfg.loraplus_lr_ratio and cfg.finetuning_type == "lora":
         from peft.optimizers import create_loraplus_optimizer
 
-        optimizers = (create_loraplus_optimizer(model, torch.optim.AdamW, lr=cfg.learning_rate,
-                                                loraplus_lr_ratio=cfg.loraplus_lr_ratio,
-                                                weight_decay=cfg.weight_decay), None)
+        optimizers = (
+            create_loraplus_optimizer(
+                model,
+                torch.optim.AdamW,
+                lr=cfg.learning_rate,
+                loraplus_lr_ratio=cfg.loraplus_lr_ratio,
+                weight_decay=cfg.weight_decay,
+            ),
+            None,
+        )
     extra = [CompleteCheckpoints(run_dir, cfg.save_total_limit), RunLog(run_dir)]
     if has_eval and cfg.early_stopping_patience:
         extra.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
@@ -676,8 +722,16 @@ def _train(cfg: Config, callbacks: list | None, run_log_file: contextlib.ExitSta
     return finish_run(trainer, result, cfg, tokenizer, run_dir, is_main, resume_from, facts)
 
 
-def finish_run(trainer: LoralabTrainer, result, cfg: Config, tokenizer, run_dir: Path, is_main: bool,
-               resume_from: Path | None, facts: dict) -> dict:
+def finish_run(
+    trainer: LoralabTrainer,
+    result,
+    cfg: Config,
+    tokenizer,
+    run_dir: Path,
+    is_main: bool,
+    resume_from: Path | None,
+    facts: dict,
+) -> dict:
     """The final model at the top of the run folder: the best checkpoint by validation loss (loaded back
     by the Trainer), else the last step's; then the loss plots and RUN/train_results.json (the summary).
     save_model gathers sharded (DeepSpeed/FSDP) weights, so every process calls it; only the main process
@@ -689,12 +743,22 @@ def finish_run(trainer: LoralabTrainer, result, cfg: Config, tokenizer, run_dir:
         return {}
     tokenizer.save_pretrained(run_dir)
     if st.best_model_checkpoint and cfg.load_best_model_at_end:
-        log.info("final %s in %s = %s (best validation loss %.4f at step %d of %d)",
-                 "adapter" if cfg.finetuning_type == "lora" else "model", run_dir,
-                 Path(st.best_model_checkpoint).name, st.best_metric, st.best_global_step, st.global_step)
+        log.info(
+            "final %s in %s = %s (best validation loss %.4f at step %d of %d)",
+            "adapter" if cfg.finetuning_type == "lora" else "model",
+            run_dir,
+            Path(st.best_model_checkpoint).name,
+            st.best_metric,
+            st.best_global_step,
+            st.global_step,
+        )
     else:
-        log.info("final model in %s = the last step's (%d; %s)", run_dir, st.global_step,
-                 "load_best_model_at_end is false" if st.best_model_checkpoint else "no validation data")
+        log.info(
+            "final model in %s = the last step's (%d; %s)",
+            run_dir,
+            st.global_step,
+            "load_best_model_at_end is false" if st.best_model_checkpoint else "no validation data",
+        )
     if cfg.save_last and last_checkpoint.is_dir():
         copy_model_files(last_checkpoint, run_dir / "last")
         tokenizer.save_pretrained(run_dir / "last")
@@ -725,11 +789,16 @@ def finish_run(trainer: LoralabTrainer, result, cfg: Config, tokenizer, run_dir:
         "padding_efficiency": trainer.real_tokens / trainer.padded_tokens if trainer.padded_tokens else None,
         "resumed_from": str(resume_from) if resume_from else None,
         "eval_max_samples": cfg.eval_max_samples,
-        "eval_generation": generation_validation.summary(cfg, run_dir, st.best_global_step if best_loss is not None
-                                                         else None),
+        "eval_generation": generation_validation.summary(
+            cfg, run_dir, st.best_global_step if best_loss is not None else None
+        ),
     }
     runinfo.write_json(run_dir / "train_results.json", summary)
-    log.info("done: %d steps, best validation loss %s, %s tokens/s; results in %s", st.global_step,
-             f"{best_loss:.4f}" if best_loss is not None else "n/a",
-             f"{summary['tokens_per_s']:,.0f}" if summary["tokens_per_s"] else "n/a", run_dir / "train_results.json")
+    log.info(
+        "done: %d steps, best validation loss %s, %s tokens/s; results in %s",
+        st.global_step,
+        f"{best_loss:.4f}" if best_loss is not None else "n/a",
+        f"{summary['tokens_per_s']:,.0f}" if summary["tokens_per_s"] else "n/a",
+        run_dir / "train_results.json",
+    )
     return summary

@@ -72,16 +72,28 @@ def make_respond(engine: Engine):
     defaults = replace(GenerationSettings.from_config(engine.cfg), seed=None)
     limit = context_length(engine)
 
-    def respond(message: str, history: list[dict], model: str, system: str, temperature: float, top_p: float,
-                max_new_tokens: float):
+    def respond(
+        message: str,
+        history: list[dict],
+        model: str,
+        system: str,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: float,
+    ):
         # The page only sends sane values, but Gradio's API takes anything: check what the engine relies on.
         if model not in models:
             raise rejected(f"unknown model {model!r}; choose one of {', '.join(models)}")
         try:
-            settings = replace(defaults, max_new_tokens=int(max_new_tokens), do_sample=temperature > 0,
-                               temperature=temperature if temperature > 0 else defaults.temperature, top_p=top_p)
+            settings = replace(
+                defaults,
+                max_new_tokens=int(max_new_tokens),
+                do_sample=temperature > 0,
+                temperature=temperature if temperature > 0 else defaults.temperature,
+                top_p=top_p,
+            )
             settings.check()
-            messages = ([{"role": "system", "content": system.strip()}] if system and system.strip() else [])
+            messages = [{"role": "system", "content": system.strip()}] if system and system.strip() else []
             messages += history_to_messages(history) + [{"role": "user", "content": message}]
             for m in messages:
                 m["content"].encode("utf-8")  # lone surrogates are not text
@@ -91,8 +103,10 @@ def make_respond(engine: Engine):
         except (TypeError, ValueError, OverflowError, AttributeError) as e:
             raise rejected(f"invalid input: {type(e).__name__}: {e}"[:300]) from None
         if limit and n_prompt + settings.max_new_tokens > limit:
-            raise rejected(f"the conversation plus {settings.max_new_tokens} new tokens does not fit the model's "
-                           f"{limit}-token context; clear the chat or lower max new tokens")
+            raise rejected(
+                f"the conversation plus {settings.max_new_tokens} new tokens does not fit the model's "
+                f"{limit}-token context; clear the chat or lower max new tokens"
+            )
         text = ""
         try:
             # Closing this generator (the Stop button, a closed tab) closes engine.stream, which
@@ -113,8 +127,9 @@ class LoginGuard:
     each after `delay_s`, and after `max_failures` failures within `window_s` every attempt gets a
     429 until the oldest of them leaves the window."""
 
-    def __init__(self, username: str, password: str, max_failures: int = 5, window_s: float = 60.0,
-                 delay_s: float = 1.0):
+    def __init__(
+        self, username: str, password: str, max_failures: int = 5, window_s: float = 60.0, delay_s: float = 1.0
+    ):
         self.username, self.password = username, password
         self.max_failures, self.window_s, self.delay_s = max_failures, window_s, delay_s
         self.failures: list[float] = []
@@ -131,7 +146,8 @@ class LoginGuard:
                 wait = int(self.failures[0] + self.window_s - now) + 1
                 raise HTTPException(429, f"too many failed logins; try again in {wait} s")
             ok = hmac.compare_digest(username.encode(), self.username.encode()) & hmac.compare_digest(
-                password.encode(), self.password.encode())
+                password.encode(), self.password.encode()
+            )
             if not ok:
                 self.failures.append(now)
                 log.warning("webchat: failed login for user %r", username[:40])
@@ -150,20 +166,38 @@ def build_demo(engine: Engine):
     with gr.Blocks(title="loralab chat", fill_height=True) as demo:
         gr.Markdown(f"### loralab chat: `{engine.base_name}`")
         with gr.Row():
-            model = quiet(gr.Dropdown(models, value=models[-1] if engine.adapter_names else models[0],
-                                      label="model (base or adapter)", scale=2, elem_id="model"))
+            model = quiet(
+                gr.Dropdown(
+                    models,
+                    value=models[-1] if engine.adapter_names else models[0],
+                    label="model (base or adapter)",
+                    scale=2,
+                    elem_id="model",
+                )
+            )
             system = gr.Textbox(cfg.default_system or "", label="system prompt", scale=3, elem_id="system")
         with gr.Row():
-            temperature = quiet(gr.Slider(0.0, 2.0, value=cfg.temperature if cfg.do_sample else 0.0, step=0.05,
-                                          label="temperature (0 = greedy)"))
+            temperature = quiet(
+                gr.Slider(
+                    0.0,
+                    2.0,
+                    value=cfg.temperature if cfg.do_sample else 0.0,
+                    step=0.05,
+                    label="temperature (0 = greedy)",
+                )
+            )
             top_p = quiet(gr.Slider(0.05, 1.0, value=cfg.top_p, step=0.05, label="top_p"))
-            max_new = quiet(gr.Slider(1, max_tokens_cap, value=min(cfg.max_new_tokens, max_tokens_cap), step=1,
-                                      label="max new tokens"))
+            max_new = quiet(
+                gr.Slider(
+                    1, max_tokens_cap, value=min(cfg.max_new_tokens, max_tokens_cap), step=1, label="max new tokens"
+                )
+            )
         gr.ChatInterface(
             respond,
             chatbot=gr.Chatbot(elem_id="chatbot", scale=1),
-            textbox=gr.Textbox(placeholder="Type a message and press Enter", elem_id="message", submit_btn=True,
-                               stop_btn=True),
+            textbox=gr.Textbox(
+                placeholder="Type a message and press Enter", elem_id="message", submit_btn=True, stop_btn=True
+            ),
             additional_inputs=[model, system, temperature, top_p, max_new],
             fill_height=True,
         )
@@ -177,19 +211,32 @@ def theme():
     return gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 
 
-def launch(demo, host: str = "127.0.0.1", port: int = DEFAULT_PORT, auth: LoginGuard | None = None,
-           block: bool = True):
+def launch(demo, host: str = "127.0.0.1", port: int = DEFAULT_PORT, auth: LoginGuard | None = None, block: bool = True):
     """Serve the page; everything that would reach the internet (share links, SSR, MCP, PWA) is off."""
     return demo.launch(
-        server_name=host, server_port=port, auth=auth.check if auth else None, share=False, ssr_mode=False,
-        mcp_server=False, pwa=False,
-        enable_monitoring=False, inbrowser=False, show_error=True, quiet=True, prevent_thread_lock=not block,
+        server_name=host,
+        server_port=port,
+        auth=auth.check if auth else None,
+        share=False,
+        ssr_mode=False,
+        mcp_server=False,
+        pwa=False,
+        enable_monitoring=False,
+        inbrowser=False,
+        show_error=True,
+        quiet=True,
+        prevent_thread_lock=not block,
         theme=theme(),
     )
 
 
-def serve(cfg: Config, host: str | None = None, port: int | None = None, username: str | None = None,
-          password: str | None = None) -> None:
+def serve(
+    cfg: Config,
+    host: str | None = None,
+    port: int | None = None,
+    username: str | None = None,
+    password: str | None = None,
+) -> None:
     """`loralab webchat`: load the model and adapters once, then serve the page until Ctrl-C."""
     password = password or os.environ.get("WEBCHAT_PASSWORD") or None
     if bool(username) != bool(password):
