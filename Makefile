@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make demo   - install, then run the whole offline experiment (SmolLM2-135M + built-in demo data)
 #   make test   - install, then run the test suite
-#   make lint   - install, then ruff check (CI runs it before the tests)
+#   make lint   - install, then ruff check and ruff format --check (CI runs it before the tests)
 # On a GPU machine whose python already has CUDA torch: make demo VENV_FLAGS=--system-site-packages
 VENV ?= .venv
 VENV_FLAGS ?=
@@ -32,9 +32,10 @@ test: setup
 test-slow: setup
 	$(VENV)/bin/python -m pytest -m slow
 
-# ruff: the rules in pyproject.toml [tool.ruff]
+# ruff: the rules in pyproject.toml [tool.ruff], and the formatting (`ruff format .` fixes it)
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf $(VENV) runs data
