@@ -1,10 +1,10 @@
 """Token-level parity with LLaMA-Factory 0.9.5: the same input_ids and labels for the same data.
 
-fixtures/lf_reference/data/ holds the datasets (alpaca with custom columns and history, ShareGPT with custom
-tags and function/observation turns, OpenAI messages with tool calls, ShareGPT and OpenAI records with a tools
-column (rendered in the llama3, qwen, mistral and default tool formats), JSON lines, a folder, records longer than
-cutoff_len, and records LLaMA-Factory skips); data_ids.json is what LLaMA-Factory's own get_dataset produced
-for them (record_data.py), on the tiny test tokenizers.
+fixtures/lf_reference/data/ holds the datasets (alpaca with custom columns and history, ShareGPT with custom tags
+and function/observation turns, OpenAI messages with tool calls, ShareGPT and OpenAI records with a tools column
+(rendered in the llama3, qwen, mistral and default tool formats, also chosen with tool_format), JSON lines, a
+folder, records longer than cutoff_len, and records LLaMA-Factory skips); data_ids.json is what LLaMA-Factory's
+own get_dataset produced for them (record_data.py), on the tiny test tokenizers.
 """
 
 import json
@@ -15,6 +15,7 @@ import pytest
 
 from loralab import data, templates
 from loralab.config import load_config
+from loralab.errors import LoralabError
 from loralab.templates import apply_template
 from loralab.testing import make_tiny_tokenizer
 from loralab.train import encode_split
@@ -42,9 +43,10 @@ def test_input_ids_and_labels_equal_llamafactorys(case, tokenizers, caplog, monk
             "cutoff_len": ref["cutoff_len"],
             "train_on_prompt": ref.get("train_on_prompt", False),
             "mask_history": ref.get("mask_history", False),
+            "tool_format": ref.get("tool_format"),
         },
     )
-    tokenizer = apply_template(tokenizers[ref["tokenizer"]], cfg.template)
+    tokenizer = apply_template(tokenizers[ref["tokenizer"]], cfg.template, tool_format=cfg.tool_format)
     with caplog.at_level(logging.WARNING, logger="loralab"):
         examples, _ = encode_split(tokenizer, data.load_conversations(cfg, "train"), cfg)
     got = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
@@ -127,3 +129,8 @@ def test_tools_render_the_same_for_training_and_generation(tokenizers):
     trained = templates.encode_for_training(tokenizer, messages, cutoff_len=10**6)
     assert trained["input_ids"][: len(prompt)] == prompt
     assert set(trained["labels"][: len(prompt)]) == {-100} and trained["labels"][len(prompt)] != -100
+
+
+def test_tool_format_is_checked_at_config_time():
+    with pytest.raises(LoralabError, match=r"tool_format.*expected one of default, llama3, qwen, mistral"):
+        load_config(None, {"tool_format": "glm4"})

@@ -134,8 +134,15 @@ TEMPLATE_SPECS: dict[str, dict] = {
 EMPTY_THOUGHT = "<think>\n\n</think>\n\n"
 
 
-def template_spec(name: str) -> dict:
-    """A template's slots with LLaMA-Factory's defaults filled in."""
+TOOL_FORMATS = ("default", "llama3", "qwen", "mistral")
+
+
+def template_spec(name: str, tool_format: str | None = None) -> dict:
+    """A template's slots with LLaMA-Factory's defaults filled in.
+
+    tool_format (the config key) replaces the template's own, and, as in LLaMA-Factory, its function slot with
+    the plain one: the call's text, then eos.
+    """
     spec = TEMPLATE_SPECS[name]
     full = {
         "prefix": "",
@@ -152,6 +159,8 @@ def template_spec(name: str) -> dict:
     }
     full.setdefault("observation", full["user"])
     full.setdefault("function", full["assistant"])
+    if tool_format:
+        full.update(tool_format=tool_format, function="{content}{eos}")
     return full
 
 
@@ -168,9 +177,9 @@ def _slot(text: str, content: str = "content") -> str:
     return " ~ ".join(exprs) or "''"
 
 
-def chat_template(name: str) -> str:
+def chat_template(name: str, tool_format: str | None = None) -> str:
     """The jinja chat template of a built-in template: what LLaMA-Factory renders, for tokenizer.apply_chat_template."""
-    t = template_spec(name)
+    t = template_spec(name, tool_format)
     system = _slot(t["system"], "ns.system")
     first = f"{{%- set content = {system} ~ content -%}}" if t["system_in_user"] else f"{{{{ {system} }}}}"
     thought = (
@@ -208,11 +217,13 @@ _PROBE = [{"role": "user", "content": "U1"}, {"role": "assistant", "content": "A
 ANSWER_ROLES = ("assistant", "function")
 
 
-def apply_template(tokenizer, name: str | None = None, model_name: str = "model"):
+def apply_template(tokenizer, name: str | None = None, model_name: str = "model", tool_format: str | None = None):
     """Give `tokenizer` the chat template the whole run uses; set a pad token if it has none.
 
     A named template works as in LLaMA-Factory: its first stop word must be a token of the vocabulary
-    (it ends every answer), and becomes the eos token where LLaMA-Factory replaces it.
+    (it ends every answer), and becomes the eos token where LLaMA-Factory replaces it. tool_format overrides
+    the template's tool format; with the tokenizer's own template it writes tools and tool calls in that format
+    into the system and function messages the template renders.
     """
     if name:
         if name not in TEMPLATE_SPECS:
@@ -220,7 +231,7 @@ def apply_template(tokenizer, name: str | None = None, model_name: str = "model"
                 f"template: unknown template {name!r}; expected one of {', '.join(BUILTIN_TEMPLATES)} "
                 "or unset (the tokenizer's own template)"
             )
-        spec = template_spec(name)
+        spec = template_spec(name, tool_format)
         vocab = tokenizer.get_vocab()
         missing = [t for t in spec["stop_words"][:1] + _special_tokens_of(spec) if t not in vocab]
         if missing:
@@ -229,7 +240,7 @@ def apply_template(tokenizer, name: str | None = None, model_name: str = "model"
                 f"{model_name} does not have; leave template unset to use the model's own template"
             )
         own = tokenizer.chat_template
-        tokenizer.chat_template = chat_template(name)
+        tokenizer.chat_template = chat_template(name, tool_format)
         tokenizer.loralab_tool_format = spec["tool_format"]
         tokenizer.loralab_default_system = spec["default_system"]  # what tool descriptions follow without a system
         if isinstance(own, str) and own:
@@ -241,6 +252,8 @@ def apply_template(tokenizer, name: str | None = None, model_name: str = "model"
             f"template: {model_name} has no chat template of its own; set template: alpaca (base models), "
             "chatml or llama3"
         )
+    elif tool_format:
+        tokenizer.loralab_tool_format, tokenizer.loralab_default_system = tool_format, ""
     if tokenizer.pad_token is None:
         # Padding positions are masked by the attention mask and labels, so reusing eos is safe.
         tokenizer.pad_token = tokenizer.eos_token
