@@ -134,3 +134,15 @@ def test_tools_render_the_same_for_training_and_generation(tokenizers):
 def test_tool_format_is_checked_at_config_time():
     with pytest.raises(LoralabError, match=r"tool_format.*expected one of default, llama3, qwen, mistral"):
         load_config(None, {"tool_format": "glm4"})
+
+
+def test_tools_go_to_the_tokenizers_own_template_when_no_template_is_named():
+    tokenizer = make_tiny_tokenizer("chatml")
+    tokenizer.chat_template = (
+        "{% for t in tools or [] %}[{{ t['function']['name'] }}]{% endfor %}"
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    )
+    tokenizer = apply_template(tokenizer, None)
+    tools = [{"name": "a", "parameters": {}}, {"type": "function", "function": {"name": "b"}}]
+    messages = [{"role": "system", "content": "S", "tools": tools}, {"role": "user", "content": "U"}]
+    assert templates.render(tokenizer, messages) == "[a][b]<system>S<user>U"

@@ -504,7 +504,7 @@ def load_records(path_or_source: str, dataset: str | None = None) -> tuple[list,
 
 # --- prepare: clean, sample, split, manifest -----------------------------------------------------
 def count_tokens(tokenizer: str, conversations: list[list[dict]]) -> list[int]:
-    """Tokens of each conversation's full text (all turns joined by newlines)."""
+    """Tokens of each conversation's full text (all turns joined by newlines, tool definitions as JSON)."""
     from transformers import AutoTokenizer
 
     path, gguf = tokenizer, None
@@ -519,7 +519,11 @@ def count_tokens(tokenizer: str, conversations: list[list[dict]]) -> list[int]:
         raise LoralabError(
             f"--tokenizer {tokenizer}: cannot load a tokenizer from it ({type(e).__name__}: {why})"
         ) from None
-    texts = ["\n".join(m["content"] for m in msgs) for msgs in conversations]
+    # tool definitions count too: they are written into the system prompt
+    texts = [
+        "\n".join(m["content"] + (json.dumps(m["tools"], ensure_ascii=False) if m.get("tools") else "") for m in msgs)
+        for msgs in conversations
+    ]
     return [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
 
 

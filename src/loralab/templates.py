@@ -252,7 +252,7 @@ def apply_template(tokenizer, name: str | None = None, model_name: str = "model"
             f"template: {model_name} has no chat template of its own; set template: alpaca (base models), "
             "chatml or llama3"
         )
-    elif tool_format:
+    else:  # the tokenizer's own template: tools go to its `tools` argument unless a tool_format is set
         tokenizer.loralab_tool_format, tokenizer.loralab_default_system = tool_format, ""
     if tokenizer.pad_token is None:
         # Padding positions are masked by the attention mask and labels, so reusing eos is safe.
@@ -331,8 +331,10 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False)
     if tools and tool_format:
         system = messages[0]["content"] or getattr(tokenizer, "loralab_default_system", "")
         messages = [{"role": "system", "content": system + format_tools(tools, tool_format)}, *messages[1:]]
-    elif tools:
-        own_template_tools = {"tools": tools}
+    elif tools:  # as OpenAI's {"type": "function", "function": {...}}, the form chat templates expect
+        own_template_tools = {
+            "tools": [t if t.get("type") == "function" else {"type": "function", "function": t} for t in tools]
+        }
     if tool_format and any(m["role"] == "function" for m in messages):
         messages = [
             {**m, "content": format_function_call(m["content"], tool_format)} if m["role"] == "function" else m
