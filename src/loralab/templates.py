@@ -313,7 +313,7 @@ def with_default_system(messages: list[dict], default_system: str | None) -> lis
         return messages
     if not messages or messages[0]["role"] != "system":
         return [{"role": "system", "content": default_system}, *messages]
-    if not messages[0]["content"]:
+    if not messages[0]["content"] and messages[0].get("tools"):  # (an empty system otherwise stays empty)
         return [{**messages[0], "content": default_system}, *messages[1:]]
     return messages
 
