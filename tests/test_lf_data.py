@@ -1,9 +1,10 @@
 """Token-level parity with LLaMA-Factory 0.9.5: the same input_ids and labels for the same data.
 
-fixtures/lf_reference/data/ holds the datasets (alpaca with custom columns and history, ShareGPT with custom
-tags and function/observation turns, OpenAI messages with tool calls, JSON lines, a folder, records longer than
-cutoff_len, and records LLaMA-Factory skips); data_ids.json is what LLaMA-Factory's own get_dataset produced
-for them (record_data.py), on the tiny test tokenizers.
+fixtures/lf_reference/data/ holds the datasets (alpaca with custom columns and history, ShareGPT with custom tags
+and function/observation turns, OpenAI messages with tool calls, ShareGPT and OpenAI records with a tools column
+(rendered in the llama3, qwen, mistral and default tool formats, also chosen with tool_format), JSON lines, a
+folder, records longer than cutoff_len, and records LLaMA-Factory skips); data_ids.json is what LLaMA-Factory's
+own get_dataset produced for them (record_data.py), on the tiny test tokenizers.
 """
 
 import json
@@ -12,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from loralab import data
+from loralab import data, templates
 from loralab.config import load_config
+from loralab.errors import LoralabError
 from loralab.templates import apply_template
 from loralab.testing import make_tiny_tokenizer
 from loralab.train import encode_split
@@ -28,8 +30,10 @@ def tokenizers():
 
 
 @pytest.mark.parametrize("case", sorted(REFERENCE["cases"]))
-def test_input_ids_and_labels_equal_llamafactorys(case, tokenizers, caplog):
+def test_input_ids_and_labels_equal_llamafactorys(case, tokenizers, caplog, monkeypatch):
     ref = REFERENCE["cases"][case]
+    # LLaMA-Factory's llama3 tool prompt names the day of the run; the reference was recorded on a fixed one
+    monkeypatch.setattr(templates, "tool_prompt_date", lambda: REFERENCE["tool_date"])
     cfg = load_config(
         None,
         {
@@ -39,9 +43,10 @@ def test_input_ids_and_labels_equal_llamafactorys(case, tokenizers, caplog):
             "cutoff_len": ref["cutoff_len"],
             "train_on_prompt": ref.get("train_on_prompt", False),
             "mask_history": ref.get("mask_history", False),
+            "tool_format": ref.get("tool_format"),
         },
     )
-    tokenizer = apply_template(tokenizers[ref["tokenizer"]], cfg.template)
+    tokenizer = apply_template(tokenizers[ref["tokenizer"]], cfg.template, tool_format=cfg.tool_format)
     with caplog.at_level(logging.WARNING, logger="loralab"):
         examples, _ = encode_split(tokenizer, data.load_conversations(cfg, "train"), cfg)
     got = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
@@ -83,3 +88,61 @@ def test_num_samples_and_other_file_types(tmp_path):
     assert answers == [
         c[-1]["content"] for c in data.load_conversations(cfg.model_copy(update={"dataset": "csv"}), "train")
     ]
+
+
+def test_unusable_tools_skip_the_record_with_its_index(tmp_path, caplog):
+    tool = {"name": "f", "description": "d", "parameters": {"type": "object", "properties": {}}}
+    turns = [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]
+    records = [
+        {"conversations": turns, "tools": json.dumps([tool])},
+        {"conversations": turns, "tools": "[{'name': 'f'}"},  # not JSON
+        {"conversations": turns, "tools": json.dumps(tool)},  # an object, not a list
+        {"conversations": turns, "tools": json.dumps([{"description": "no name"}])},
+    ]
+    (tmp_path / "t.json").write_text(json.dumps(records))
+    (tmp_path / "dataset_info.json").write_text(
+        json.dumps({"t": {"file_name": "t.json", "formatting": "sharegpt", "columns": {"tools": "tools"}}})
+    )
+    cfg = load_config(None, {"dataset": "t", "dataset_dir": str(tmp_path)})
+    with caplog.at_level(logging.WARNING, logger="loralab"):
+        convs = data.load_conversations(cfg, "train")
+    assert convs == [[{"role": "system", "content": "", "tools": [tool]}, *convs[0][1:]]]
+    assert "t: skipped 3 of 4 records: record 1 (field `tools` is not valid JSON" in caplog.text
+    assert "record 2 (field `tools` must be a list of tool definitions, got dict)" in caplog.text
+    assert "record 3 (`tools[0]` must be a tool definition" in caplog.text
+
+
+def test_tools_render_the_same_for_training_and_generation(tokenizers):
+    """A prediction or served prompt with tools is token for token the prompt its training sequence had."""
+    tool = {"name": "search", "description": "Search.", "parameters": {"type": "object", "properties": {}}}
+    messages = [
+        {"role": "system", "content": "", "tools": [tool]},
+        {"role": "user", "content": "Find cats."},
+        {"role": "assistant", "content": "No need."},
+    ]
+    tokenizer = apply_template(tokenizers["chatml"], "qwen")
+    messages = templates.with_default_system(messages, "Be brief.")  # an empty system takes the default
+    prompt_text = templates.render(tokenizer, messages[:-1], add_generation_prompt=True)
+    assert prompt_text.startswith("<|im_start|>system\nBe brief.\n\n# Tools\n\n")
+    assert json.dumps({"type": "function", "function": tool}) in prompt_text
+    prompt = templates.encode_prompt(tokenizer, messages[:-1])
+    trained = templates.encode_for_training(tokenizer, messages, cutoff_len=10**6)
+    assert trained["input_ids"][: len(prompt)] == prompt
+    assert set(trained["labels"][: len(prompt)]) == {-100} and trained["labels"][len(prompt)] != -100
+
+
+def test_tool_format_is_checked_at_config_time():
+    with pytest.raises(LoralabError, match=r"tool_format.*expected one of default, llama3, qwen, mistral"):
+        load_config(None, {"tool_format": "glm4"})
+
+
+def test_tools_go_to_the_tokenizers_own_template_when_no_template_is_named():
+    tokenizer = make_tiny_tokenizer("chatml")
+    tokenizer.chat_template = (
+        "{% for t in tools or [] %}[{{ t['function']['name'] }}]{% endfor %}"
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    )
+    tokenizer = apply_template(tokenizer, None)
+    tools = [{"name": "a", "parameters": {}}, {"type": "function", "function": {"name": "b"}}]
+    messages = [{"role": "system", "content": "S", "tools": tools}, {"role": "user", "content": "U"}]
+    assert templates.render(tokenizer, messages) == "[a][b]<system>S<user>U"

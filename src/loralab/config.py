@@ -142,6 +142,11 @@ class Config(BaseModel):
         "evaluation and serving all use this one template.",
     )
     default_system: str | None = Field(None, description="System prompt added when a conversation has none.")
+    tool_format: str | None = Field(
+        None,
+        description="How tool definitions (a tools column) and tool calls (function turns) are written: unset = "
+        "the template's own tool format; or default, llama3, qwen, mistral (LLaMA-Factory's tool formats).",
+    )
     trust_remote_code: bool = Field(False, description="Allow model code from the hub (transformers).")
     hf_hub_token: str | None = Field(
         None, description="Hub token for gated models; defaults to the HF_TOKEN environment variable."
@@ -370,6 +375,15 @@ class Config(BaseModel):
             raise ValueError(
                 f"expected one of {', '.join(BUILTIN_TEMPLATES)}, or unset for the tokenizer's own template"
             )
+        return v
+
+    @field_validator("tool_format")
+    @classmethod
+    def _check_tool_format(cls, v: str | None) -> str | None:
+        from loralab.templates import TOOL_FORMATS
+
+        if v is not None and v not in TOOL_FORMATS:
+            raise ValueError(f"expected one of {', '.join(TOOL_FORMATS)}, or unset for the template's own")
         return v
 
     @model_validator(mode="after")

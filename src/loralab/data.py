@@ -250,8 +250,9 @@ def _convert(record: Any, f: dict) -> list[dict]:
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
     system = _text(record, f["system"])
+    tools = _tools(record, f["tools"])
     if f["formatting"] == "alpaca":
-        msgs = [{"role": "system", "content": system}] if system else []
+        msgs = _system_message(system, tools)
         query = [t for t in (_text(record, f["prompt"]), _text(record, f["query"])) if t]
         response = _text(record, f["response"], required=True)  # null/missing: no answer to learn
         history = record.get(f["history"]) if f["history"] else None
@@ -303,7 +304,44 @@ def _convert(record: Any, f: dict) -> list[dict]:
         system = msgs.pop(0)["content"]  # a system message in the conversation overrides the system column
     if f["formatting"] == "openai":
         system = openai_system(system, bool(f["tools"] and record.get(f["tools"])))
-    return ([{"role": "system", "content": system}] if system else []) + msgs
+    return _system_message(system, tools) + msgs
+
+
+def _system_message(system: str, tools: list[dict] | None) -> list[dict]:
+    """The conversation's opening system message, if any; tool descriptions ride on it (templates.render
+    writes them after the system text in the template's tool format)."""
+    if tools:
+        return [{"role": "system", "content": system, "tools": tools}]
+    return [{"role": "system", "content": system}] if system else []
+
+
+def _tools(record: dict, key: str | None) -> list[dict] | None:
+    """The record's tool definitions (a JSON string or a list), or None without any; ValueError when unusable."""
+    value = record.get(key) if key else None
+    if not value:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"field `{key}` is not valid JSON ({e.msg} at character {e.pos})") from None
+    if not isinstance(value, list):
+        raise ValueError(f"field `{key}` must be a list of tool definitions, got {type(value).__name__}")
+    for j, tool in enumerate(value):
+        function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else tool
+        parameters = function.get("parameters") or {} if isinstance(function, dict) else None
+        properties = parameters.get("properties") or {} if isinstance(parameters, dict) else None
+        if (
+            not isinstance(function, dict)
+            or not isinstance(function.get("name"), str)
+            or not isinstance(properties, dict)
+            or not all(isinstance(p, dict) for p in properties.values())
+        ):
+            raise ValueError(
+                f'`{key}[{j}]` must be a tool definition {{"name", "description", "parameters"}} '
+                'or {"type": "function", "function": {...}}'
+            )
+    return value or None
 
 
 # LLaMA-Factory 0.9.5's `formatting: openai` converter writes Nemotron's reasoning switch into the system prompt
@@ -466,7 +504,7 @@ def load_records(path_or_source: str, dataset: str | None = None) -> tuple[list,
 
 # --- prepare: clean, sample, split, manifest -----------------------------------------------------
 def count_tokens(tokenizer: str, conversations: list[list[dict]]) -> list[int]:
-    """Tokens of each conversation's full text (all turns joined by newlines)."""
+    """Tokens of each conversation's full text (all turns joined by newlines, tool definitions as JSON)."""
     from transformers import AutoTokenizer
 
     path, gguf = tokenizer, None
@@ -481,7 +519,11 @@ def count_tokens(tokenizer: str, conversations: list[list[dict]]) -> list[int]:
         raise LoralabError(
             f"--tokenizer {tokenizer}: cannot load a tokenizer from it ({type(e).__name__}: {why})"
         ) from None
-    texts = ["\n".join(m["content"] for m in msgs) for msgs in conversations]
+    # tool definitions count too: they are written into the system prompt
+    texts = [
+        "\n".join(m["content"] + (json.dumps(m["tools"], ensure_ascii=False) if m.get("tools") else "") for m in msgs)
+        for msgs in conversations
+    ]
     return [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
 
 
@@ -642,15 +684,6 @@ def _load_named(names: str, cfg: Config) -> list[list[dict]]:
             )
         if cfg.max_samples is not None:
             records = records[: cfg.max_samples]  # the first N, as LLaMA-Factory does
-        tools_col = (spec.get("columns") or {}).get("tools")
-        if tools_col and any(isinstance(r, dict) and r.get(tools_col) for r in records):
-            log.warning(
-                "dataset `%s`: its `%s` column (tool descriptions) is not used: LLaMA-Factory writes them into "
-                "the system prompt with its own tool prompt, which loralab does not reproduce; function and "
-                "observation turns are trained as usual",
-                name,
-                tools_col,
-            )
         convs += to_conversations(records, spec, name, skip_bad=True)
     return convs
 

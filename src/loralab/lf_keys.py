@@ -123,9 +123,6 @@ NOTICES: dict[str, str] = {
     **_same("validation reports one loss over all eval datasets", "eval_on_each_dataset"),
     **_same("padding never counts in the loss (labels are -100 there)", "ignore_pad_token_for_loss"),
     **_same(
-        "tool calls are trained as the text of the function turns; tool_format re-formatting is not done", "tool_format"
-    ),
-    **_same(
         "qwen3 answers without a thought are learned with an empty one (LLaMA-Factory's default, "
         "enable_thinking: true); earlier thoughts are kept",
         "enable_thinking",

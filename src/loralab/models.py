@@ -137,7 +137,7 @@ def load_tokenizer(cfg: Config):
         )
     except (OSError, ValueError) as e:
         raise _load_error(cfg.model_name_or_path, e) from None
-    return apply_template(tokenizer, cfg.template, cfg.model_name_or_path)
+    return apply_template(tokenizer, cfg.template, cfg.model_name_or_path, tool_format=cfg.tool_format)
 
 
 def pick_dtype(cfg: Config):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from datetime import datetime
 
 from loralab.errors import LoralabError
 
@@ -21,7 +22,8 @@ log = logging.getLogger(__name__)
 # slots a template leaves out (user "{content}", assistant "{content}{eos}", system "{content}", observation =
 # the user slot, function = the assistant slot). system_in_user: the system text opens the first user message
 # instead of being a turn of its own (LLaMA-Factory's Llama2Template: gemma, mistral). empty_thought: an answer
-# without <think> tags is learned with an empty thought block first (LLaMA-Factory's ReasoningTemplate, qwen3).
+# (or tool call) without <think> tags is learned with an empty thought block first (LLaMA-Factory's
+# ReasoningTemplate, qwen3).
 # The user slot ends with the assistant header, so a rendered prompt is always ready for the answer.
 # tests/fixtures/lf_reference/templates.json holds what LLaMA-Factory itself renders for each of them.
 _CHATML_LIKE = {
@@ -132,8 +134,15 @@ TEMPLATE_SPECS: dict[str, dict] = {
 EMPTY_THOUGHT = "<think>\n\n</think>\n\n"
 
 
-def template_spec(name: str) -> dict:
-    """A template's slots with LLaMA-Factory's defaults filled in."""
+TOOL_FORMATS = ("default", "llama3", "qwen", "mistral")
+
+
+def template_spec(name: str, tool_format: str | None = None) -> dict:
+    """A template's slots with LLaMA-Factory's defaults filled in.
+
+    tool_format (the config key) replaces the template's own, and, as in LLaMA-Factory, its function slot with
+    the plain one: the call's text, then eos.
+    """
     spec = TEMPLATE_SPECS[name]
     full = {
         "prefix": "",
@@ -150,6 +159,8 @@ def template_spec(name: str) -> dict:
     }
     full.setdefault("observation", full["user"])
     full.setdefault("function", full["assistant"])
+    if tool_format:
+        full.update(tool_format=tool_format, function="{content}{eos}")
     return full
 
 
@@ -166,9 +177,9 @@ def _slot(text: str, content: str = "content") -> str:
     return " ~ ".join(exprs) or "''"
 
 
-def chat_template(name: str) -> str:
+def chat_template(name: str, tool_format: str | None = None) -> str:
     """The jinja chat template of a built-in template: what LLaMA-Factory renders, for tokenizer.apply_chat_template."""
-    t = template_spec(name)
+    t = template_spec(name, tool_format)
     system = _slot(t["system"], "ns.system")
     first = f"{{%- set content = {system} ~ content -%}}" if t["system_in_user"] else f"{{{{ {system} }}}}"
     thought = (
@@ -190,7 +201,7 @@ def chat_template(name: str) -> str:
         f"{{%- if message['role'] == 'user' -%}}{{{{ {_slot(t['user'])} }}}}"
         f"{{%- elif message['role'] == 'assistant' -%}}{thought}{{{{ {_slot(t['assistant'])} }}}}"
         f"{{%- elif message['role'] in ('observation', 'tool') -%}}{{{{ {_slot(t['observation'])} }}}}"
-        f"{{%- elif message['role'] == 'function' -%}}{{{{ {_slot(t['function'])} }}}}"
+        f"{{%- elif message['role'] == 'function' -%}}{thought}{{{{ {_slot(t['function'])} }}}}"
         "{%- endif -%}{%- endfor -%}"
     )
 
@@ -206,11 +217,13 @@ _PROBE = [{"role": "user", "content": "U1"}, {"role": "assistant", "content": "A
 ANSWER_ROLES = ("assistant", "function")
 
 
-def apply_template(tokenizer, name: str | None = None, model_name: str = "model"):
+def apply_template(tokenizer, name: str | None = None, model_name: str = "model", tool_format: str | None = None):
     """Give `tokenizer` the chat template the whole run uses; set a pad token if it has none.
 
     A named template works as in LLaMA-Factory: its first stop word must be a token of the vocabulary
-    (it ends every answer), and becomes the eos token where LLaMA-Factory replaces it.
+    (it ends every answer), and becomes the eos token where LLaMA-Factory replaces it. tool_format overrides
+    the template's tool format; with the tokenizer's own template it writes tools and tool calls in that format
+    into the system and function messages the template renders.
     """
     if name:
         if name not in TEMPLATE_SPECS:
@@ -218,7 +231,7 @@ def apply_template(tokenizer, name: str | None = None, model_name: str = "model"
                 f"template: unknown template {name!r}; expected one of {', '.join(BUILTIN_TEMPLATES)} "
                 "or unset (the tokenizer's own template)"
             )
-        spec = template_spec(name)
+        spec = template_spec(name, tool_format)
         vocab = tokenizer.get_vocab()
         missing = [t for t in spec["stop_words"][:1] + _special_tokens_of(spec) if t not in vocab]
         if missing:
@@ -227,8 +240,9 @@ def apply_template(tokenizer, name: str | None = None, model_name: str = "model"
                 f"{model_name} does not have; leave template unset to use the model's own template"
             )
         own = tokenizer.chat_template
-        tokenizer.chat_template = chat_template(name)
+        tokenizer.chat_template = chat_template(name, tool_format)
         tokenizer.loralab_tool_format = spec["tool_format"]
+        tokenizer.loralab_default_system = spec["default_system"]  # what tool descriptions follow without a system
         if isinstance(own, str) and own:
             _say_how_it_differs(tokenizer, own, name, model_name)
         if spec["replace_eos"] and tokenizer.eos_token != spec["stop_words"][0]:
@@ -238,6 +252,8 @@ def apply_template(tokenizer, name: str | None = None, model_name: str = "model"
             f"template: {model_name} has no chat template of its own; set template: alpaca (base models), "
             "chatml or llama3"
         )
+    else:  # the tokenizer's own template: tools go to its `tools` argument unless a tool_format is set
+        tokenizer.loralab_tool_format, tokenizer.loralab_default_system = tool_format, ""
     if tokenizer.pad_token is None:
         # Padding positions are masked by the attention mask and labels, so reusing eos is safe.
         tokenizer.pad_token = tokenizer.eos_token
@@ -288,14 +304,37 @@ def _say_how_it_differs(tokenizer, own: str, name: str, model_name: str) -> None
 
 
 def with_default_system(messages: list[dict], default_system: str | None) -> list[dict]:
-    """Prepend the configured system prompt to a conversation that has none."""
-    if default_system and (not messages or messages[0]["role"] != "system"):
+    """Prepend the configured system prompt to a conversation that has none.
+
+    A system message with tool descriptions but no text (a record with a tools column and no system) gets it too,
+    as LLaMA-Factory uses its default system whenever the system text is empty.
+    """
+    if not default_system:
+        return messages
+    if not messages or messages[0]["role"] != "system":
         return [{"role": "system", "content": default_system}, *messages]
+    if not messages[0]["content"] and messages[0].get("tools"):  # (an empty system otherwise stays empty)
+        return [{**messages[0], "content": default_system}, *messages[1:]]
     return messages
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """A conversation as the text the model reads: the one rendering of training, prediction and serving.
+
+    Tool descriptions (a `tools` list on the system message) are written after the system text in the template's
+    tool format, as LLaMA-Factory writes them (no system text: the template's default system, then the tools).
+    With the tokenizer's own template they go to its `tools` argument, for the template to render its way.
+    """
     tool_format = getattr(tokenizer, "loralab_tool_format", None)  # set by apply_template for built-in templates
+    tools = messages[0].get("tools") if messages and messages[0]["role"] == "system" else None
+    own_template_tools = {}
+    if tools and tool_format:
+        system = messages[0]["content"] or getattr(tokenizer, "loralab_default_system", "")
+        messages = [{"role": "system", "content": system + format_tools(tools, tool_format)}, *messages[1:]]
+    elif tools:  # as OpenAI's {"type": "function", "function": {...}}, the form chat templates expect
+        own_template_tools = {
+            "tools": [t if t.get("type") == "function" else {"type": "function", "function": t} for t in tools]
+        }
     if tool_format and any(m["role"] == "function" for m in messages):
         messages = [
             {**m, "content": format_function_call(m["content"], tool_format)} if m["role"] == "function" else m
@@ -304,11 +343,81 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False)
     from jinja2.exceptions import TemplateError
 
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **own_template_tools
+        )
     except TemplateError as e:
         # A template may refuse a conversation on purpose (`raise_exception("System role not
         # supported")` in Gemma/Mistral templates): that is the user's message to fix, not a crash.
         raise LoralabError(f"chat template: {e}") from None
+
+
+# The tool prompts of LLaMA-Factory 0.9.5's tool formats (its tool_utils), as data: the text around the tool list.
+DEFAULT_TOOL_PROMPT = (
+    "You have access to the following tools:\n{tool_text}"
+    "Use the following format if using a tool:\n```\n"
+    "Action: tool name (one of [{tool_names}])\n"
+    "Action Input: the input to the tool, in a JSON format representing the kwargs "
+    '(e.g. ```{{"input": "hello world", "num_beams": 5}}```)\n```\n'
+)
+LLAMA3_TOOL_PROMPT = (
+    "Cutting Knowledge Date: December 2023\nToday Date: {date}\n\n"
+    "You have access to the following functions. To call a function, please respond with JSON for a function call. "
+    'Respond in the format {{"name": function name, "parameters": dictionary of argument name and its value}}. '
+    "Do not use variables.\n\n{tool_text}"
+)
+QWEN_TOOL_PROMPT = (
+    "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>{tool_text}"
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{{"name": <function-name>, '
+    '"arguments": <args-json-object>}}\n</tool_call>'
+)
+
+
+def tool_prompt_date() -> str:
+    """Today as the llama3 tool prompt writes it ("26 Jul 2024"): LLaMA-Factory puts the day of the run there."""
+    return datetime.now().strftime("%d %b %Y")
+
+
+def format_tools(tools: list[dict], tool_format: str) -> str:
+    """Tool definitions as the text LLaMA-Factory's tool format appends to the system prompt.
+
+    A tool is {"name", "description", "parameters"} or OpenAI's {"type": "function", "function": {...}}.
+    default: a bulleted description of each tool and its arguments, then how to call one (Action/Action Input);
+    llama3: each tool as indented JSON after a date line; qwen: each as JSON inside <tools></tools>;
+    mistral: the list as JSON inside [AVAILABLE_TOOLS].
+    """
+    if not tools:
+        return ""
+    wrapped = [t if t.get("type") == "function" else {"type": "function", "function": t} for t in tools]
+
+    def dump(obj, **kw) -> str:
+        return json.dumps(obj, ensure_ascii=False, **kw)
+
+    if tool_format == "llama3":
+        text = "".join(dump(t, indent=4) + "\n\n" for t in wrapped)
+        return LLAMA3_TOOL_PROMPT.format(date=tool_prompt_date(), tool_text=text)
+    if tool_format == "qwen":
+        return QWEN_TOOL_PROMPT.format(tool_text="".join("\n" + dump(t) for t in wrapped))
+    if tool_format == "mistral":
+        return f"[AVAILABLE_TOOLS] {dump(wrapped)}[/AVAILABLE_TOOLS]"
+    text = ""
+    for tool in (t["function"] for t in wrapped):
+        parameters = tool.get("parameters") or {}
+        required = parameters.get("required") or []
+        args = ""
+        for name, param in (parameters.get("properties") or {}).items():
+            notes = ", required" if name in required else ""
+            detail = ""
+            if param.get("enum"):
+                detail += f", should be one of [{', '.join(str(v) for v in param['enum'])}]"
+            if param.get("items"):
+                detail += f", where each item should be {param['items'].get('type', '')}"
+            args += f"  - {name} ({param.get('type', '')}{notes}): {param.get('description', '')}{detail}\n"
+        text += f"> Tool Name: {tool['name']}\nTool Description: {tool.get('description', '')}\nTool Args:\n{args}\n"
+    names = ", ".join(t["function"]["name"] for t in wrapped)
+    return DEFAULT_TOOL_PROMPT.format(tool_text=text, tool_names=names)
 
 
 def format_function_call(content: str, tool_format: str) -> str:
