@@ -149,6 +149,49 @@ def padding_efficiency(lengths: list[int], batches: list[list[int]]) -> float:
     return real / padded if padded else 1.0
 
 
+# --- loss ----------------------------------------------------------------------------------------
+# Models whose logits are exactly lm_head(last hidden state): no soft-capping, scaling or auxiliary
+# (router) loss that the chunked loss below would leave out. Others keep the model's own loss.
+PLAIN_LM_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "smollm3"}
+LOSS_CHUNK_TOKENS = 512  # label positions per chunk: 512 x a 49k vocab = 100 MB of fp32 logits
+
+
+def chunked_lm_loss(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    lm_head: torch.nn.Module,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    chunk_tokens: int = LOSS_CHUNK_TOKENS,
+) -> torch.Tensor:
+    """The causal-LM cross-entropy of transformers' ForCausalLMLoss, from the final hidden states.
+
+    Why: a batch's logits (tokens x vocab, fp32), their log-softmax and their gradient are the largest
+    tensors of a LoRA step (8 x 476 tokens x 49,152 = 750 MB each for SmolLM2). Here logits are made only
+    for the positions that have a label (the masked prompt needs none), a chunk at a time, and each chunk
+    is checkpointed: its logits are dropped after its loss and recomputed in the backward pass, so at most
+    one chunk's logits are alive. Same normalisation as the model's loss: the sum over label tokens divided
+    by num_items_in_batch (the label tokens of the whole accumulated batch) when given, else their mean.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    targets = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]  # position i predicts token i+1
+    learned = targets != -100
+    hidden, targets = hidden[learned], targets[learned]
+
+    def chunk_loss(h, t):
+        return torch.nn.functional.cross_entropy(lm_head(h).float(), t, reduction="sum")
+
+    total = hidden.sum().float() * 0.0  # a zero that is part of the graph, for a batch without labels
+    for start in range(0, len(targets), chunk_tokens):
+        end = start + chunk_tokens
+        total = total + checkpoint(chunk_loss, hidden[start:end], targets[start:end], use_reentrant=False)
+    if num_items_in_batch is None:
+        return total / len(targets)
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
 # --- model ---------------------------------------------------------------------------------------
 def check_target_modules(model, cfg: Config) -> None:
     """Every name in lora_target must be a module of the model; list the linear ones when not."""
@@ -454,6 +497,31 @@ class LoralabTrainer(transformers.Trainer):
             drop_last=args.dataloader_drop_last,
         )
         return self.accelerator.prepare(loader)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Training loss through `chunked_lm_loss` (the model returns its final hidden states, no logits);
+        validation, other models and sharded (FSDP/DeepSpeed) runs keep the Trainer's own path."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        if (
+            not model.training
+            or return_outputs
+            or "labels" not in inputs
+            or getattr(unwrapped.config, "model_type", None) not in PLAIN_LM_HEAD_MODELS
+            or self.label_smoother is not None
+            or self.is_fsdp_enabled
+            or self.is_deepspeed_enabled
+        ):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        no_logits = torch.zeros(0, dtype=torch.long, device=labels.device)  # logits_to_keep: no position
+        outputs = model(**inputs, output_hidden_states=True, logits_to_keep=no_logits)
+        loss = chunked_lm_loss(outputs.hidden_states[-1], labels, unwrapped.get_output_embeddings(), num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # As the Trainer's compute_loss: num_items_in_batch counts every process's label tokens, and
+            # DDP averages the gradients over processes.
+            loss = loss * self.accelerator.num_processes
+        return loss
 
     def training_step(self, model, inputs, *args, **kwargs):
         mask = inputs.get("attention_mask")  # none in packed (padding-free) batches: every token is real
