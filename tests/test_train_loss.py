@@ -1,5 +1,6 @@
-"""The chunked training loss (train.chunked_lm_loss): the same loss and gradients as the model's own
-cross-entropy, and a short training run that logs the same losses as the Trainer's own loss path."""
+"""Training memory: the chunked loss (train.chunked_lm_loss) gives the model's own cross-entropy and
+gradients; batches split by max_tokens_per_pass (train.split_by_token_budget) keep whole rows; a short run
+with both logs the losses and gradient norms of the Trainer's own one-pass, all-logits path."""
 
 import json
 
@@ -9,7 +10,7 @@ import transformers
 
 from loralab import train as train_mod
 from loralab.config import load_config
-from loralab.train import chunked_lm_loss, train
+from loralab.train import chunked_lm_loss, split_by_token_budget, train
 
 
 def lora_model(tiny_model):
@@ -80,7 +81,18 @@ def test_chunked_loss_and_gradients_equal_the_models_own(tiny_model, make_batch,
         assert torch.allclose(chunked_grads[name], grad, rtol=1e-4, atol=1e-6), name
 
 
-def run_losses(tiny_model, data_file, out) -> list[float]:
+def test_split_by_token_budget_keeps_rows_whole_and_trims_padding():
+    batch = padded_batch(100)  # rows of 23, 9 and 16 tokens, padded to 23
+    parts = split_by_token_budget(batch, 32)
+    assert [p["input_ids"].shape for p in parts] == [(1, 23), (2, 16)]  # 2 x 23 > 32; 2 x 16 fits
+    for key in batch:
+        assert torch.equal(parts[0][key], batch[key][:1])
+        assert torch.equal(parts[1][key], batch[key][1:, :16])
+    assert [p["input_ids"].shape for p in split_by_token_budget(batch, 10)] == [(1, 23), (1, 9), (1, 16)]
+    assert [p["input_ids"].shape for p in split_by_token_budget(batch, 69)] == [(3, 23)]
+
+
+def run_losses(tiny_model, data_file, out, **settings) -> list[float]:
     cfg = load_config(
         None,
         {
@@ -96,6 +108,7 @@ def run_losses(tiny_model, data_file, out) -> list[float]:
             "learning_rate": 1e-2,
             "torch_threads": 1,
             "seed": 7,
+            **settings,
         },
     )
     train(cfg)
@@ -104,8 +117,9 @@ def run_losses(tiny_model, data_file, out) -> list[float]:
 
 
 def test_training_logs_the_same_losses_as_the_trainers_own_loss(tiny_model, tmp_path, monkeypatch):
-    """4 steps of 2 accumulated micro-batches: the chunked path (checked to run) logs the losses and
-    gradient norms of the Trainer's own loss path (the model's cross-entropy over all logits)."""
+    """4 steps of 2 accumulated batches of 3, each split into passes of at most 40 tokens: the chunked
+    loss (checked to run) logs the losses and gradient norms of the Trainer's own loss path (the model's
+    cross-entropy over all logits, every batch in one pass)."""
     calls = []
     original = train_mod.chunked_lm_loss
 
@@ -123,9 +137,10 @@ def test_training_logs_the_same_losses_as_the_trainers_own_loss(tiny_model, tmp_
         )
     )
     monkeypatch.setattr(train_mod, "chunked_lm_loss", counting)
-    chunked = run_losses(tiny_model, data_file, tmp_path / "chunked")
-    assert len(calls) == 8  # every micro-batch of every step
+    chunked = run_losses(tiny_model, data_file, tmp_path / "chunked", max_tokens_per_pass=40)
+    assert len(calls) > 8  # every pass of every batch of every step; some batches were split
     monkeypatch.setattr(train_mod, "PLAIN_LM_HEAD_MODELS", set())  # the Trainer's own loss path
-    plain = run_losses(tiny_model, data_file, tmp_path / "plain")
-    assert len(calls) == 8 and len(plain) == 8  # loss and gradient norm of 4 steps
+    n_chunked = len(calls)
+    plain = run_losses(tiny_model, data_file, tmp_path / "plain", max_tokens_per_pass=None)
+    assert len(calls) == n_chunked and len(plain) == 8  # loss and gradient norm of 4 steps
     assert chunked == pytest.approx(plain, rel=1e-4)

@@ -142,6 +142,25 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
         return iter([i for batch in self.batches() for i in batch])
 
 
+def split_by_token_budget(batch: dict, max_tokens: int) -> list[dict]:
+    """A right-padded batch as consecutive groups of whole rows, each of at most max_tokens tokens once
+    trimmed to its own longest row (a single longer row is a group of its own)."""
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    groups, start = [], 0
+    for end in range(1, len(lengths) + 1):
+        if end == len(lengths) or (end + 1 - start) * max(lengths[start : end + 1]) > max_tokens:
+            groups.append((start, end))
+            start = end
+    width = batch["input_ids"].shape[1]
+    return [
+        {
+            k: v[a:b, : max(lengths[a:b])] if torch.is_tensor(v) and v.dim() == 2 and v.shape[1] == width else v[a:b]
+            for k, v in batch.items()
+        }
+        for a, b in groups
+    ]
+
+
 def padding_efficiency(lengths: list[int], batches: list[list[int]]) -> float:
     """Non-padding tokens / tokens processed, for a batch order (right padding to each batch's longest)."""
     real = sum(lengths[i] for b in batches for i in b)
@@ -470,11 +489,13 @@ class RunLog(TrainerCallback):
 
 
 class LoralabTrainer(transformers.Trainer):
-    """transformers' Trainer with our batch order and a count of the tokens each batch really holds."""
+    """transformers' Trainer with our batch order, a memory cap per pass, the chunked loss, and a count of
+    the tokens each batch really holds."""
 
-    def __init__(self, *args, lengths: list[int], group_by_length: bool, **kwargs):
+    def __init__(self, *args, lengths: list[int], group_by_length: bool, max_tokens_per_pass: int | None, **kwargs):
         super().__init__(*args, **kwargs)
         self.lengths, self.group_by_length = lengths, group_by_length
+        self.max_tokens_per_pass = max_tokens_per_pass
         self.real_tokens = 0  # this process, this session: non-padding tokens
         self.padded_tokens = 0  # ... and tokens including padding
 
@@ -523,11 +544,32 @@ class LoralabTrainer(transformers.Trainer):
             loss = loss * self.accelerator.num_processes
         return loss
 
-    def training_step(self, model, inputs, *args, **kwargs):
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """One batch; above max_tokens_per_pass tokens, as several passes (split_by_token_budget).
+
+        Why: activations grow with the tokens of a pass (about 1.5 MB a token for SmolLM2 with LoRA), so a
+        batch of 8 long rows is the memory peak of a run. Every pass's loss is divided by the label tokens
+        of the whole (accumulated) batch, so the gradients add up to exactly the one-pass gradients; only
+        the last pass syncs DDP gradients. Needs that count (num_items_in_batch) and a padded batch; runs
+        sharded by FSDP/DeepSpeed keep one pass."""
         mask = inputs.get("attention_mask")  # none in packed (padding-free) batches: every token is real
         self.real_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
         self.padded_tokens += inputs["input_ids"].numel()
-        return super().training_step(model, inputs, *args, **kwargs)
+        if (
+            self.max_tokens_per_pass is None
+            or mask is None
+            or num_items_in_batch is None
+            or self.is_fsdp_enabled
+            or self.is_deepspeed_enabled
+        ):
+            return super().training_step(model, inputs, num_items_in_batch)
+        passes = split_by_token_budget(inputs, self.max_tokens_per_pass)
+        loss = 0.0
+        for i, part in enumerate(passes):
+            last = i == len(passes) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                loss = loss + super().training_step(model, part, num_items_in_batch)
+        return loss
 
 
 # --- outputs -------------------------------------------------------------------------------------
@@ -770,6 +812,7 @@ def _train(cfg: Config, callbacks: list | None, run_log_file: contextlib.ExitSta
         optimizers=optimizers,
         lengths=[len(e["input_ids"]) for e in train_examples],
         group_by_length=cfg.group_by_length,
+        max_tokens_per_pass=cfg.max_tokens_per_pass,
     )
     trainer.remove_callback(ProgressCallback)  # RunLog draws the progress bar
     if has_eval and cfg.eval_generate_samples and is_main:  # replies scored beside each validation loss
