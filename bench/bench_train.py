@@ -6,10 +6,11 @@ the file is absent), torch threads pinned. Two configurations, each in its own s
 RSS is per configuration):
 
   baseline  what LLaMA-Factory users get by default: random batch order, per-batch dynamic padding,
-            gradient checkpointing on, 8 sequences per forward pass
+            gradient checkpointing on, 8 sequences per forward pass, the model's own loss (all logits)
   loralab   loralab's defaults: length-grouped batches (seeded), no gradient checkpointing (no
-            recomputation), 8 sequences per forward pass, and the chunked cross-entropy (logits only
-            for label positions, a checkpointed chunk at a time: train.chunked_lm_loss)
+            recomputation), the batch of 8 in passes of at most 1,024 tokens (max_tokens_per_pass unset
+            on CPU: the same optimizer step and loss), and the chunked cross-entropy (logits only for
+            label positions, a checkpointed chunk at a time: train.chunked_lm_loss)
 
 For each: non-padding tokens/s (steps 2..N; step 1 is warm-up), padding efficiency (non-padding /
 all tokens processed), peak RSS, and model FLOP/s as a fraction of this machine's fp32 matmul FLOP/s
@@ -51,6 +52,7 @@ CONFIGS = {  # batch 8 = per_device_train_batch_size x gradient_accumulation_ste
         "gradient_checkpointing": True,
         "per_device_train_batch_size": 8,
         "gradient_accumulation_steps": 1,
+        "max_tokens_per_pass": 0,  # the whole batch in one pass
     },
     "loralab": {  # the defaults of loralab's config, written out
         "group_by_length": True,
@@ -111,10 +113,13 @@ def worker(args) -> dict:
     """One configuration: measure matmul FLOP/s, train, report (runs in its own process)."""
     import torch
 
+    from loralab import train as train_module
     from loralab.config import load_config
     from loralab.train import train
 
     peak_flops = 0.0 if args.probe else matmul_flops(args.threads)
+    if args.worker == "baseline":  # LLaMA-Factory's loss: the model's own cross-entropy over all logits
+        train_module.PLAIN_LM_HEAD_MODELS = frozenset()
     cfg = load_config(
         None,
         {

@@ -141,6 +141,6 @@ def test_training_logs_the_same_losses_as_the_trainers_own_loss(tiny_model, tmp_
     assert len(calls) > 8  # every pass of every batch of every step; some batches were split
     monkeypatch.setattr(train_mod, "PLAIN_LM_HEAD_MODELS", set())  # the Trainer's own loss path
     n_chunked = len(calls)
-    plain = run_losses(tiny_model, data_file, tmp_path / "plain", max_tokens_per_pass=None)
+    plain = run_losses(tiny_model, data_file, tmp_path / "plain", max_tokens_per_pass=0)
     assert len(calls) == n_chunked and len(plain) == 8  # loss and gradient norm of 4 steps
     assert chunked == pytest.approx(plain, rel=1e-4)

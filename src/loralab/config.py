@@ -257,11 +257,11 @@ class Config(BaseModel):
         True, description="Batch sequences of similar length together (less padding, faster)."
     )
     max_tokens_per_pass: int | None = Field(
-        1024,
-        gt=0,
+        None,
+        ge=0,
         description="Memory cap: a padded batch larger than this many tokens runs as several forward/backward "
-        "passes of at most this many tokens (rows kept whole) with the same optimizer step and loss; unset = "
-        "the whole batch in one pass. Packed batches are never split.",
+        "passes of at most this many tokens (rows kept whole) with the same optimizer step and loss; 0 = the "
+        "whole batch in one pass; unset = 1024 on CPU, 0 on GPUs. Packed batches are never split.",
     )
     torch_threads: int | None = Field(None, gt=0, description="CPU threads for torch (unset = torch's default).")
 

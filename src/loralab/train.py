@@ -142,6 +142,13 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
         return iter([i for batch in self.batches() for i in batch])
 
 
+def tokens_per_pass(cfg: Config) -> int | None:
+    """The token budget of one forward/backward pass (None = whole batches), from max_tokens_per_pass."""
+    if cfg.max_tokens_per_pass is None:
+        return None if torch.cuda.is_available() else CPU_TOKENS_PER_PASS
+    return cfg.max_tokens_per_pass or None
+
+
 def split_by_token_budget(batch: dict, max_tokens: int) -> list[dict]:
     """A right-padded batch as consecutive groups of whole rows, each of at most max_tokens tokens once
     trimmed to its own longest row (a single longer row is a group of its own)."""
@@ -172,6 +179,9 @@ def padding_efficiency(lengths: list[int], batches: list[list[int]]) -> float:
 # Models whose logits are exactly lm_head(last hidden state): no soft-capping, scaling or auxiliary
 # (router) loss that the chunked loss below would leave out. Others keep the model's own loss.
 PLAIN_LM_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "smollm3"}
+# max_tokens_per_pass unset on CPU: passes of ~1,000 tokens already run the matmuls at full speed there,
+# and keep SmolLM2's LoRA activations near 1.5 GB. GPUs want whole batches (their memory is the user's call).
+CPU_TOKENS_PER_PASS = 1024
 LOSS_CHUNK_TOKENS = 512  # label positions per chunk: 512 x a 49k vocab = 100 MB of fp32 logits
 
 
@@ -812,7 +822,7 @@ def _train(cfg: Config, callbacks: list | None, run_log_file: contextlib.ExitSta
         optimizers=optimizers,
         lengths=[len(e["input_ids"]) for e in train_examples],
         group_by_length=cfg.group_by_length,
-        max_tokens_per_pass=cfg.max_tokens_per_pass,
+        max_tokens_per_pass=tokens_per_pass(cfg),
     )
     trainer.remove_callback(ProgressCallback)  # RunLog draws the progress bar
     if has_eval and cfg.eval_generate_samples and is_main:  # replies scored beside each validation loss
@@ -824,7 +834,8 @@ def _train(cfg: Config, callbacks: list | None, run_log_file: contextlib.ExitSta
     except (torch.OutOfMemoryError, MemoryError):
         raise LoralabError(
             f"per_device_train_batch_size: a batch of {cfg.per_device_train_batch_size} sequences of up to "
-            f"{cfg.cutoff_len} tokens does not fit in memory; lower per_device_train_batch_size (raise "
+            f"{cfg.cutoff_len} tokens does not fit in memory; set max_tokens_per_pass (tokens per "
+            "forward/backward pass, same results) or lower per_device_train_batch_size (raise "
             "gradient_accumulation_steps to keep the effective batch), lower cutoff_len, or set "
             "gradient_checkpointing=true"
         ) from None
