@@ -459,7 +459,7 @@ STAGE_OF_KEY = {
         "generate",
     ),
     **dict.fromkeys(("test_dataset", "test_max_samples"), "test"),
-    "torch_threads": "speed",
+    **dict.fromkeys(("torch_threads", "max_tokens_per_pass"), "speed"),
     **dict.fromkeys(("output_dir", "overwrite_output_dir", "resume_from_checkpoint", "export_dir"), "files"),
     **dict.fromkeys(("adapter_name_or_path", "adapters", "api_host", "api_port"), "serve"),
 }
