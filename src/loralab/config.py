@@ -261,6 +261,13 @@ class Config(BaseModel):
     group_by_length: bool = Field(
         True, description="Batch sequences of similar length together (less padding, faster)."
     )
+    max_tokens_per_pass: int | None = Field(
+        None,
+        ge=0,
+        description="Memory cap: a padded batch larger than this many tokens runs as several forward/backward "
+        "passes of at most this many tokens (rows kept whole) with the same optimizer step and loss; 0 = the "
+        "whole batch in one pass; unset = 1024 on CPU, 0 on GPUs. Packed batches are never split.",
+    )
     torch_threads: int | None = Field(None, gt=0, description="CPU threads for torch (unset = torch's default).")
 
     # --- generation (predict, eval, chat, api, webchat) ----------------------------------------
@@ -466,7 +473,7 @@ STAGE_OF_KEY = {
         "generate",
     ),
     **dict.fromkeys(("test_dataset", "test_max_samples"), "test"),
-    "torch_threads": "speed",
+    **dict.fromkeys(("torch_threads", "max_tokens_per_pass"), "speed"),
     **dict.fromkeys(("output_dir", "overwrite_output_dir", "resume_from_checkpoint", "export_dir"), "files"),
     **dict.fromkeys(("adapter_name_or_path", "adapters", "api_host", "api_port"), "serve"),
 }

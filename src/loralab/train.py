@@ -142,11 +142,83 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
         return iter([i for batch in self.batches() for i in batch])
 
 
+def tokens_per_pass(cfg: Config) -> int | None:
+    """The token budget of one forward/backward pass (None = whole batches), from max_tokens_per_pass."""
+    if cfg.max_tokens_per_pass is None:
+        return None if torch.cuda.is_available() else CPU_TOKENS_PER_PASS
+    return cfg.max_tokens_per_pass or None
+
+
+def split_by_token_budget(batch: dict, max_tokens: int) -> list[dict]:
+    """A right-padded batch as consecutive groups of whole rows, each of at most max_tokens tokens once
+    trimmed to its own longest row (a single longer row is a group of its own)."""
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    groups, start = [], 0
+    for end in range(1, len(lengths) + 1):
+        if end == len(lengths) or (end + 1 - start) * max(lengths[start : end + 1]) > max_tokens:
+            groups.append((start, end))
+            start = end
+    width = batch["input_ids"].shape[1]
+    return [
+        {
+            k: v[a:b, : max(lengths[a:b])] if torch.is_tensor(v) and v.dim() == 2 and v.shape[1] == width else v[a:b]
+            for k, v in batch.items()
+        }
+        for a, b in groups
+    ]
+
+
 def padding_efficiency(lengths: list[int], batches: list[list[int]]) -> float:
     """Non-padding tokens / tokens processed, for a batch order (right padding to each batch's longest)."""
     real = sum(lengths[i] for b in batches for i in b)
     padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
     return real / padded if padded else 1.0
+
+
+# --- loss ----------------------------------------------------------------------------------------
+# Models whose logits are exactly lm_head(last hidden state): no soft-capping, scaling or auxiliary
+# (router) loss that the chunked loss below would leave out. Others keep the model's own loss.
+PLAIN_LM_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "smollm3"}
+# max_tokens_per_pass unset on CPU: passes of ~1,000 tokens already run the matmuls at full speed there,
+# and keep SmolLM2's LoRA activations near 1.5 GB. GPUs want whole batches (their memory is the user's call).
+CPU_TOKENS_PER_PASS = 1024
+LOSS_CHUNK_TOKENS = 512  # label positions per chunk: 512 x a 49k vocab = 100 MB of fp32 logits
+
+
+def chunked_lm_loss(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    lm_head: torch.nn.Module,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    chunk_tokens: int = LOSS_CHUNK_TOKENS,
+) -> torch.Tensor:
+    """The causal-LM cross-entropy of transformers' ForCausalLMLoss, from the final hidden states.
+
+    Why: a batch's logits (tokens x vocab, fp32), their log-softmax and their gradient are the largest
+    tensors of a LoRA step (8 x 476 tokens x 49,152 = 750 MB each for SmolLM2). Here logits are made only
+    for the positions that have a label (the masked prompt needs none), a chunk at a time, and each chunk
+    is checkpointed: its logits are dropped after its loss and recomputed in the backward pass, so at most
+    one chunk's logits are alive. Same normalisation as the model's loss: the sum over label tokens divided
+    by num_items_in_batch (the label tokens of the whole accumulated batch) when given, else their mean.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    targets = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]  # position i predicts token i+1
+    learned = targets != -100
+    hidden, targets = hidden[learned], targets[learned]
+
+    def chunk_loss(h, t):
+        return torch.nn.functional.cross_entropy(lm_head(h).float(), t, reduction="sum")
+
+    total = hidden.sum().float() * 0.0  # a zero that is part of the graph, for a batch without labels
+    for start in range(0, len(targets), chunk_tokens):
+        end = start + chunk_tokens
+        total = total + checkpoint(chunk_loss, hidden[start:end], targets[start:end], use_reentrant=False)
+    if num_items_in_batch is None:
+        return total / len(targets)
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
 
 
 # --- model ---------------------------------------------------------------------------------------
@@ -427,11 +499,13 @@ class RunLog(TrainerCallback):
 
 
 class LoralabTrainer(transformers.Trainer):
-    """transformers' Trainer with our batch order and a count of the tokens each batch really holds."""
+    """transformers' Trainer with our batch order, a memory cap per pass, the chunked loss, and a count of
+    the tokens each batch really holds."""
 
-    def __init__(self, *args, lengths: list[int], group_by_length: bool, **kwargs):
+    def __init__(self, *args, lengths: list[int], group_by_length: bool, max_tokens_per_pass: int | None, **kwargs):
         super().__init__(*args, **kwargs)
         self.lengths, self.group_by_length = lengths, group_by_length
+        self.max_tokens_per_pass = max_tokens_per_pass
         self.real_tokens = 0  # this process, this session: non-padding tokens
         self.padded_tokens = 0  # ... and tokens including padding
 
@@ -455,11 +529,57 @@ class LoralabTrainer(transformers.Trainer):
         )
         return self.accelerator.prepare(loader)
 
-    def training_step(self, model, inputs, *args, **kwargs):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Training loss through `chunked_lm_loss` (the model returns its final hidden states, no logits);
+        validation, other models and sharded (FSDP/DeepSpeed) runs keep the Trainer's own path."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        if (
+            not model.training
+            or return_outputs
+            or "labels" not in inputs
+            or getattr(unwrapped.config, "model_type", None) not in PLAIN_LM_HEAD_MODELS
+            or self.label_smoother is not None
+            or self.is_fsdp_enabled
+            or self.is_deepspeed_enabled
+        ):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        no_logits = torch.zeros(0, dtype=torch.long, device=labels.device)  # logits_to_keep: no position
+        outputs = model(**inputs, output_hidden_states=True, logits_to_keep=no_logits)
+        loss = chunked_lm_loss(outputs.hidden_states[-1], labels, unwrapped.get_output_embeddings(), num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # As the Trainer's compute_loss: num_items_in_batch counts every process's label tokens, and
+            # DDP averages the gradients over processes.
+            loss = loss * self.accelerator.num_processes
+        return loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """One batch; above max_tokens_per_pass tokens, as several passes (split_by_token_budget).
+
+        Why: activations grow with the tokens of a pass (about 1.5 MB a token for SmolLM2 with LoRA), so a
+        batch of 8 long rows is the memory peak of a run. Every pass's loss is divided by the label tokens
+        of the whole (accumulated) batch, so the gradients add up to exactly the one-pass gradients; only
+        the last pass syncs DDP gradients. Needs that count (num_items_in_batch) and a padded batch; runs
+        sharded by FSDP/DeepSpeed keep one pass."""
         mask = inputs.get("attention_mask")  # none in packed (padding-free) batches: every token is real
         self.real_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
         self.padded_tokens += inputs["input_ids"].numel()
-        return super().training_step(model, inputs, *args, **kwargs)
+        if (
+            self.max_tokens_per_pass is None
+            or mask is None
+            or num_items_in_batch is None
+            or self.is_fsdp_enabled
+            or self.is_deepspeed_enabled
+        ):
+            return super().training_step(model, inputs, num_items_in_batch)
+        passes = split_by_token_budget(inputs, self.max_tokens_per_pass)
+        loss = 0.0
+        for i, part in enumerate(passes):
+            last = i == len(passes) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                loss = loss + super().training_step(model, part, num_items_in_batch)
+        return loss
 
 
 # --- outputs -------------------------------------------------------------------------------------
@@ -702,6 +822,7 @@ def _train(cfg: Config, callbacks: list | None, run_log_file: contextlib.ExitSta
         optimizers=optimizers,
         lengths=[len(e["input_ids"]) for e in train_examples],
         group_by_length=cfg.group_by_length,
+        max_tokens_per_pass=tokens_per_pass(cfg),
     )
     trainer.remove_callback(ProgressCallback)  # RunLog draws the progress bar
     if has_eval and cfg.eval_generate_samples and is_main:  # replies scored beside each validation loss
@@ -713,7 +834,8 @@ def _train(cfg: Config, callbacks: list | None, run_log_file: contextlib.ExitSta
     except (torch.OutOfMemoryError, MemoryError):
         raise LoralabError(
             f"per_device_train_batch_size: a batch of {cfg.per_device_train_batch_size} sequences of up to "
-            f"{cfg.cutoff_len} tokens does not fit in memory; lower per_device_train_batch_size (raise "
+            f"{cfg.cutoff_len} tokens does not fit in memory; set max_tokens_per_pass (tokens per "
+            "forward/backward pass, same results) or lower per_device_train_batch_size (raise "
             "gradient_accumulation_steps to keep the effective batch), lower cutoff_len, or set "
             "gradient_checkpointing=true"
         ) from None
