@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -106,8 +105,7 @@ def test_predict_eval_chat_and_export_with_odd_folder_names(tiny_model, odd_adap
 
 def test_api_adapter_names_with_dots(tiny_model, odd_adapters):
     openai = pytest.importorskip("openai")
-    httpx = pytest.importorskip("httpx")
-    from test_api import free_port
+    from test_api import free_port, wait_until_healthy
 
     port = free_port()
     env = dict(os.environ, API_PORT=str(port), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -130,15 +128,7 @@ def test_api_adapter_names_with_dots(tiny_model, odd_adapters):
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
-            assert time.time() < deadline, "server did not start"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_until_healthy(proc, port)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         names = [m.id for m in client.models.list()]
         assert names == [str(tiny_model), "run v1.0", "llama3.2-tuned", "адаптер"]

@@ -30,6 +30,19 @@ def tiny_adapters(tiny_model, tmp_path_factory) -> dict[str, str]:
     return {name: str(make_adapter(tiny_model, root / name, seed)) for name, seed in (("alpha", 1), ("beta", 2))}
 
 
+def wait_until_healthy(proc, port: int, timeout: float = 120) -> None:
+    """Wait for a `loralab api` process to answer /health on 127.0.0.1:port (fail if it exits first)."""
+    deadline = time.time() + timeout
+    while True:
+        assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+        assert time.time() < deadline, "server did not start"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -365,15 +378,7 @@ def test_loralab_api_command(tiny_model, tiny_adapters):
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
-            assert time.time() < deadline, "server did not start"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_until_healthy(proc, port)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="env-key", max_retries=0)
         assert [m.id for m in client.models.list()] == [str(tiny_model), "tuned"]
         r = client.chat.completions.create(model="tuned", messages=HELLO)

@@ -262,19 +262,23 @@ def predict(
     prompts, labels, source = load_examples(cfg, split, data_file)
     out = Path(output_dir) if output_dir else _default_dir(cfg, "predict", split, data_file, adapter_tag(adapter_path))
     out = check_output_dir(out, overwrite)
-    # Only the adapter is scored: merged into the weights, no LoRA work per generated token.
-    engine = Engine(cfg, {adapter_tag(adapter_path): adapter_path} if adapter_path else {}, merge=True)
-    return predict_into(
-        engine,
-        cfg,
-        prompts,
-        labels,
-        source,
-        out,
-        engine.adapter_names[0] if adapter_path else None,
-        adapter_path,
-        progress,
-    )
+    return predict_one_model(cfg, adapter_path, adapter_tag(adapter_path), prompts, labels, source, out, progress)
+
+
+def predict_one_model(
+    cfg: Config,
+    adapter_path: str | None,
+    tag: str,
+    prompts: list,
+    labels: list[str],
+    source: dict,
+    out: Path,
+    progress: bool,
+) -> dict:
+    """predict_into with the base model or one adapter, merged into the weights (no LoRA work per token)."""
+    engine = Engine(cfg, {tag: adapter_path} if adapter_path else {}, merge=True)
+    adapter = engine.adapter_names[0] if adapter_path else None
+    return predict_into(engine, cfg, prompts, labels, source, out, adapter, adapter_path, progress)
 
 
 def predict_like_llamafactory(
@@ -358,18 +362,7 @@ def evaluate(
         out = check_output_dir(
             Path(output_dir) if output_dir else _default_dir(cfg, "eval", split, data_file, tag), overwrite
         )
-        engine = Engine(cfg, {tag: adapter_path} if adapter_path else {}, merge=True)
-        pred = predict_into(
-            engine,
-            cfg,
-            prompts,
-            labels,
-            source,
-            out,
-            engine.adapter_names[0] if adapter_path else None,
-            adapter_path,
-            progress,
-        )
+        pred = predict_one_model(cfg, adapter_path, tag, prompts, labels, source, out, progress)
         info = {**source, "model": cfg.model_name_or_path, "adapter": adapter_path, "predictions": PREDICTIONS}
         result = score_into(out, pred["rows"], info, n_boot=n_boot, seed=cfg.seed)
         write_json(out / PREDICT_RESULTS, {**pred["results"], **_lf_metrics(result)})
