@@ -808,21 +808,14 @@ def test_a_bug_is_a_500_in_openai_shape_with_a_request_id(server, engine, monkey
 
 def test_a_template_that_refuses_a_conversation_is_a_400(tiny_model, tmp_path):
     """Gemma/Mistral-style templates call raise_exception(...) for conversations they do not support."""
-    import shutil
-
     from fastapi.testclient import TestClient
 
     from loralab.api import create_app
     from loralab.config import Config
     from loralab.generate import Engine
+    from loralab.testing import copy_refusing_system_prompts
 
-    model = tmp_path / "no-system-model"
-    shutil.copytree(tiny_model, model)
-    template = model / "chat_template.jinja"
-    template.write_text(
-        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
-        "{% endif %}" + template.read_text()
-    )
+    model = copy_refusing_system_prompts(tiny_model, tmp_path / "no-system-model")
     engine = Engine(Config(model_name_or_path=str(model), max_new_tokens=4, torch_threads=1))
     with TestClient(create_app(engine)) as client:
         r = client.post(

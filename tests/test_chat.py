@@ -170,19 +170,12 @@ def test_oldest_turns_are_forgotten_when_the_context_is_full(engine):
 
 def test_a_template_that_refuses_the_conversation_is_one_line_and_the_session_goes_on(tiny_model, tmp_path):
     """Gemma/Mistral-style templates raise_exception("System role not supported"): an error line, not a crash."""
-    import shutil
-
     from loralab.chat import ChatSession
     from loralab.config import Config
     from loralab.generate import Engine, GenerationSettings
+    from loralab.testing import copy_refusing_system_prompts
 
-    model = tmp_path / "no-system-model"
-    shutil.copytree(tiny_model, model)
-    template = model / "chat_template.jinja"
-    template.write_text(
-        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
-        "{% endif %}" + template.read_text()
-    )
+    model = copy_refusing_system_prompts(tiny_model, tmp_path / "no-system-model")
     engine = Engine(Config(model_name_or_path=str(model), torch_threads=1))
     session = ChatSession(engine, GenerationSettings(max_new_tokens=4))
     out, note = io.StringIO(), io.StringIO()

@@ -109,3 +109,18 @@ def make_random_adapter(base: str | Path, out: str | Path, seed: int, target_mod
     lora = LoraConfig(r=4, lora_alpha=32, target_modules=target_modules, init_lora_weights=False)
     get_peft_model(model, lora).save_pretrained(out)
     return Path(out)
+
+
+def copy_refusing_system_prompts(model: str | Path, out: str | Path) -> Path:
+    """A copy of a tiny model whose chat template refuses a system message, as Gemma's and Mistral's do
+    (`raise_exception('System role not supported')`)."""
+    import shutil
+
+    out = Path(out)
+    shutil.copytree(model, out)
+    template = out / "chat_template.jinja"
+    template.write_text(
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}" + template.read_text()
+    )
+    return out
