@@ -76,13 +76,13 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def leaderboard_table(rows: list[dict], objective: str, keys: list[str], markdown: bool = False) -> str:
-    column = objective_column(objective)
-    cols = [
+def leaderboard_columns(objective: str, keys: list[str]) -> list[str]:
+    """The leaderboard's columns, in order: the same in leaderboard.csv/.md and the report."""
+    return [
         "rank",
         "trial",
         "state",
-        column,
+        objective_column(objective),
         *keys,
         "best_eval_loss",
         "steps",
@@ -91,6 +91,11 @@ def leaderboard_table(rows: list[dict], objective: str, keys: list[str], markdow
         "note",
         "error",
     ]
+
+
+def leaderboard_table(rows: list[dict], objective: str, keys: list[str], markdown: bool = False) -> str:
+    column = objective_column(objective)
+    cols = leaderboard_columns(objective, keys)
     header = [("val_" + objective) if c == column else c for c in cols]
     cells = [[_fmt(r.get(c))[:60] for c in cols] for r in rows]
     if markdown:

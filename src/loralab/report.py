@@ -21,6 +21,7 @@ from pathlib import Path
 
 from loralab import __version__
 from loralab.errors import LoralabError
+from loralab.leaderboard import leaderboard_columns
 
 log = logging.getLogger(__name__)
 
@@ -636,19 +637,7 @@ def sweep_section(page: Page, folder: Path, found: Found) -> None:
         recipes_section(page, results, objective)
     page.heading("Leaderboard")
     if board:
-        cols = [
-            "rank",
-            "trial",
-            "state",
-            "objective" if objective == "eval_loss" else objective,
-            *keys,
-            "best_eval_loss",
-            "steps",
-            "tokens_per_s",
-            "runtime_s",
-            "note",
-            "error",
-        ]
+        cols = leaderboard_columns(objective, keys)
         head = [f"validation {objective}" if c in ("objective", objective) and c not in keys else c for c in cols]
         page.table(
             head,
