@@ -196,6 +196,38 @@ def test_random_budget_and_dead_worker_requeued(tmp_path):
     assert len(counted) == 3 and all(t.state.name == "COMPLETE" for t in counted) and len(fake.ran) == 3
 
 
+def test_command_line_budget_replaces_the_files_and_grows_a_sweep(tmp_path, monkeypatch):
+    """--n-trials / --timeout-minutes: fit a sweep to the time at hand, or add trials to a finished one."""
+    from typer.testing import CliRunner
+
+    from loralab.cli import app
+
+    path = write_sweep(
+        tmp_path,
+        base=BASE,
+        strategy="random",
+        n_trials=5,
+        output_dir=str(tmp_path / "sw"),
+        pruner="none",
+        search_space={"lora_rank": [4, 8, 16], "learning_rate": {"low": 1e-5, "high": 1e-3, "log": True}},
+    )
+    fake = FakeTrain()
+    sweep.run_sweep(path, trials_only=True, train_fn=fake, n_trials=2)
+    assert len(fake.ran) == 2
+    sweep.run_sweep(path, trials_only=True, train_fn=fake, n_trials=3)  # the same folder, a bigger budget
+    assert len(fake.ran) == 3 and len(study_of(path).get_trials()) == 3
+    spec, _, _ = sweep.load_sweep(path, budget_overrides={"n_trials": None, "timeout_minutes": 30})
+    assert (spec.n_trials, spec.timeout_minutes) == (5, 30)  # unset keeps the file's value
+
+    seen = {}
+    monkeypatch.setattr(sweep, "run_sweep", lambda *a, **kw: seen.update(kw) or {"final": None})
+    result = CliRunner().invoke(app, ["sweep", str(path), "--n-trials", "7", "--timeout-minutes", "45"])
+    assert result.exit_code == 0, result.output
+    assert (seen["n_trials"], seen["timeout_minutes"]) == (7, 45.0)
+    refused = CliRunner().invoke(app, ["sweep", str(path), "--n-trials", "0"])
+    assert refused.exit_code == 2 and "--n-trials" in refused.output
+
+
 # --- on the tiny model ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory):

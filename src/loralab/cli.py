@@ -416,6 +416,14 @@ def sweep(
         bool,
         typer.Option("--trials-only", help="Only run trials; leave selection and the test evaluation to another run."),
     ] = False,
+    n_trials: Annotated[
+        int | None,
+        typer.Option(min=1, help="Trial budget of the whole sweep instead of the file's (more: grows a sweep)."),
+    ] = None,
+    timeout_minutes: Annotated[
+        float | None,
+        typer.Option(min=0.01, help="No new trial starts after this long in this worker, instead of the file's."),
+    ] = None,
 ) -> None:
     """Hyperparameter sweep (grid / random / TPE); rerun the same command to resume or to add workers."""
     from loralab import report
@@ -424,7 +432,14 @@ def sweep(
     stray = [a for a in overrides or [] if "=" not in a]
     if stray:
         raise LoralabError(f"command line: expected key=value after the sweep file, got {stray[0]!r}")
-    result = sweep_stage.run_sweep(sweep_file, overrides, storage=storage, trials_only=trials_only)
+    result = sweep_stage.run_sweep(
+        sweep_file,
+        overrides,
+        storage=storage,
+        trials_only=trials_only,
+        n_trials=n_trials,
+        timeout_minutes=timeout_minutes,
+    )
     if result.get("final"):
         typer.echo(f"\n{result['final']['table']}")
         page = report.write_report(result["sweep_dir"])

@@ -242,10 +242,15 @@ def _check_recipes(spec: SweepSpec, base_values: dict, source: str) -> None:
         build_config(apply_params(base_values, keys), source=where)
 
 
-def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[SweepSpec, Config, Path]:
-    """Read and check a sweep file -> (spec, base config, sweep folder). Bad input: one-line LoralabError."""
+def load_sweep(
+    path: str | Path, overrides: list[str] | None = None, budget_overrides: dict | None = None
+) -> tuple[SweepSpec, Config, Path]:
+    """Read and check a sweep file -> (spec, base config, sweep folder). `overrides` are key=value of the base
+    config; `budget_overrides` replace the file's n_trials / timeout_minutes (the command line's --n-trials,
+    --timeout-minutes). Bad input: one-line LoralabError."""
     path = Path(path)
     raw = read_yaml(path)
+    raw = raw | {k: v for k, v in (budget_overrides or {}).items() if v is not None}
     try:
         spec = SweepSpec(**raw)
     except ValidationError as e:
@@ -696,11 +701,14 @@ def run_sweep(
     trials_only: bool = False,
     train_fn: TrainFn | None = None,
     finalize_fn=None,
+    n_trials: int | None = None,
+    timeout_minutes: float | None = None,
 ) -> dict:
-    """`loralab sweep`: run trials until the budget is spent, then (unless trials_only) select and test."""
+    """`loralab sweep`: run trials until the budget is spent, then (unless trials_only) select and test.
+    n_trials / timeout_minutes, when given, replace the sweep file's budget (a folder's sweep may grow)."""
     from optuna.trial import TrialState
 
-    spec, base, sweep_dir = load_sweep(path, overrides)
+    spec, base, sweep_dir = load_sweep(path, overrides, {"n_trials": n_trials, "timeout_minutes": timeout_minutes})
     base = data.with_prepared_data(base)
     storage_url = storage or spec.storage
     resolved = _resolved(spec, base, storage_url)
