@@ -186,6 +186,62 @@ def test_content_parts_developer_role_and_max_completion_tokens(client):
     assert parts.usage.prompt_tokens == plain.usage.prompt_tokens
 
 
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather in a city.",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+
+
+def test_tools_are_written_into_the_prompt_and_calls_come_back_as_tool_calls(client, engine, monkeypatch):
+    from loralab import api
+
+    with_tools = api.to_messages(api.ChatRequest.model_validate({"model": "m", "messages": HELLO, "tools": TOOLS}))
+    r = client.chat.completions.create(model="alpha", messages=HELLO, tools=TOOLS, max_tokens=6)
+    assert r.usage.prompt_tokens == len(engine.prompt_ids(with_tools)) > len(engine.prompt_ids(HELLO))
+    # The random tiny model answers in words: a plain reply.
+    assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason in ("stop", "length")
+
+    # A reply the tool format reads as a call (here every reply: the tiny model cannot write one).
+    monkeypatch.setattr(api, "parse_tool_calls", lambda text, fmt: [("get_weather", {"city": "Zürich"})])
+    r = client.chat.completions.create(model="alpha", messages=HELLO, tools=TOOLS, max_tokens=6)
+    (call,) = r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Zürich"}
+    chunks = list(client.chat.completions.create(model="alpha", messages=HELLO, tools=TOOLS, max_tokens=6, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert len(deltas) == 1 and deltas[0].tool_calls[0].index == 0
+    assert deltas[0].tool_calls[0].function.name == "get_weather"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["tool_calls"]
+    # tool_choice "none", or a call of a tool the request did not define: text.
+    r = client.chat.completions.create(model="alpha", messages=HELLO, tools=TOOLS, tool_choice="none", max_tokens=6)
+    assert r.choices[0].message.tool_calls is None and r.choices[0].message.content
+    monkeypatch.setattr(api, "parse_tool_calls", lambda text, fmt: [("rm_rf", {})])
+    r = client.chat.completions.create(model="alpha", messages=HELLO, tools=TOOLS, max_tokens=6)
+    assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason != "tool_calls"
+
+
+def test_the_tool_result_turn_continues_the_conversation(client, engine):
+    from loralab import api
+
+    messages = [
+        *HELLO,
+        {"role": "assistant", "content": None, "tool_calls": [CALL]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'},
+    ]
+    served = api.to_messages(api.ChatRequest.model_validate({"model": "m", "messages": messages, "tools": TOOLS}))
+    assert [m["role"] for m in served] == ["system", "user", "function", "observation"]
+    r = client.chat.completions.create(model="beta", messages=messages, tools=TOOLS, max_tokens=4)
+    assert r.usage.prompt_tokens == len(engine.prompt_ids(served))
+
+
 def test_wrong_or_missing_key_is_401(server):
     for key in ("wrong", ""):
         bad = openai.OpenAI(
@@ -493,7 +549,16 @@ CORPUS = [
     ("message-string", "POST", "/v1/chat/completions", J(messages=["hi"]), {}, 400, "messages[0]"),
     ("message-null", "POST", "/v1/chat/completions", J(messages=[None]), {}, 400, "messages[0]"),
     ("role-wizard", "POST", "/v1/chat/completions", M(role="wizard", content="hi"), {}, 400, "messages[0].role"),
-    ("role-tool", "POST", "/v1/chat/completions", M(role="tool", content="hi"), {}, 400, "messages[0].role"),
+    ("role-tool-first", "POST", "/v1/chat/completions", M(role="tool", content="hi"), {}, 400, "messages"),
+    (
+        "role-tool-after-user",
+        "POST",
+        "/v1/chat/completions",
+        J(messages=[*HELLO, {"role": "tool", "content": "hi"}]),
+        {},
+        400,
+        "messages",
+    ),
     ("role-missing", "POST", "/v1/chat/completions", M(content="hi"), {}, 400, "messages[0].role"),
     ("role-number", "POST", "/v1/chat/completions", M(role=1, content="hi"), {}, 400, "messages[0].role"),
     ("content-missing", "POST", "/v1/chat/completions", M(role="user"), {}, 400, "messages[0].content"),
@@ -581,7 +646,80 @@ CORPUS = [
         "messages[0].strict",
     ),
     ("name-number", "POST", "/v1/chat/completions", M(role="user", content="hi", name=5), {}, 400, "messages[0].name"),
-    ("unknown-field-tools", "POST", "/v1/chat/completions", J(tools=[]), {}, 400, "tools"),
+    ("tools-empty", "POST", "/v1/chat/completions", J(tools=[]), {}, 400, "tools"),
+    (
+        "tools-not-function",
+        "POST",
+        "/v1/chat/completions",
+        J(tools=[{"type": "code", "function": {"name": "f"}}]),
+        {},
+        400,
+        "tools[0].type",
+    ),
+    (
+        "tool-name-spaces",
+        "POST",
+        "/v1/chat/completions",
+        J(tools=[{"type": "function", "function": {"name": "a b"}}]),
+        {},
+        400,
+        "tools[0].function.name",
+    ),
+    (
+        "tool-choice-required",
+        "POST",
+        "/v1/chat/completions",
+        J(tools=TOOLS, tool_choice="required"),
+        {},
+        400,
+        "tool_choice",
+    ),
+    ("tool-choice-without-tools", "POST", "/v1/chat/completions", J(tool_choice="auto"), {}, 400, "tool_choice"),
+    (
+        "tool-calls-on-user",
+        "POST",
+        "/v1/chat/completions",
+        M(role="user", content="hi", tool_calls=[CALL]),
+        {},
+        400,
+        "messages[0].tool_calls",
+    ),
+    (
+        "tool-call-arguments-not-json",
+        "POST",
+        "/v1/chat/completions",
+        J(
+            messages=[
+                *HELLO,
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [CALL | {"function": {"name": "get_weather", "arguments": "city=Paris"}}],
+                },
+            ]
+        ),
+        {},
+        400,
+        "messages[1].tool_calls[0].function.arguments",
+    ),
+    (
+        "assistant-content-null-without-calls",
+        "POST",
+        "/v1/chat/completions",
+        J(messages=[*HELLO, {"role": "assistant", "content": None}]),
+        {},
+        400,
+        "messages[1].content",
+    ),
+    (
+        "ok-tools",
+        "POST",
+        "/v1/chat/completions",
+        J(tools=TOOLS, tool_choice="auto", parallel_tool_calls=True),
+        {},
+        200,
+        None,
+    ),
     ("unknown-field-prompt", "POST", "/v1/chat/completions", J(prompt="hi"), {}, 400, "prompt"),
     ("max-tokens-zero", "POST", "/v1/chat/completions", J(max_tokens=0), {}, 400, "max_tokens"),
     ("max-tokens-negative", "POST", "/v1/chat/completions", J(max_tokens=-5), {}, 400, "max_tokens"),

@@ -52,10 +52,11 @@ from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loralab.config import Config
+from loralab.data import TOOL_RESULTS_JOIN
 from loralab.errors import LoralabError
 from loralab.generate import Completion, Engine, GenerationSettings
 from loralab.scheduler import Job, Scheduler
-from loralab.templates import encode_prompt, with_default_system
+from loralab.templates import encode_prompt, parse_tool_calls, with_default_system
 
 log = logging.getLogger(__name__)
 
@@ -155,12 +156,65 @@ class TextPart(BaseModel):
     text: Text
 
 
+class FunctionDef(BaseModel):
+    model_config = STRICT
+    name: Annotated[Text, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema, written into the prompt as the tool format does
+    strict: bool | None = None
+
+
+class ToolDef(BaseModel):
+    model_config = STRICT
+    type: Literal["function"]
+    function: FunctionDef
+
+
+def json_object_text(text: str) -> str:
+    try:
+        ok = isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        ok = False
+    if not ok:
+        raise PydanticCustomError("invalid_arguments", "expected a JSON object as a string")
+    return text
+
+
+class CalledFunction(BaseModel):
+    model_config = STRICT
+    name: Text
+    arguments: Annotated[Text, AfterValidator(json_object_text)]  # OpenAI sends the arguments as a JSON string
+
+
+class ToolCall(BaseModel):
+    model_config = STRICT
+    id: Text
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class Message(BaseModel):
     model_config = STRICT
-    # "developer" is what newer OpenAI clients send instead of "system".
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[TextPart]
+    # "developer" is what newer OpenAI clients send instead of "system"; "tool" carries a tool's result.
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    tool_calls: list[ToolCall] | None = Field(None, min_length=1)  # (before content: content may then be null)
+    content: Text | list[TextPart] | None = Field(None, validate_default=True)
     name: Text | None = None
+    tool_call_id: Text | None = None
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _calls_from_the_assistant(cls, calls: list[ToolCall] | None, info: ValidationInfo) -> list[ToolCall] | None:
+        if calls is not None and info.data.get("role") != "assistant":
+            raise unsupported("only assistant messages carry tool_calls")
+        return calls
+
+    @field_validator("content")
+    @classmethod
+    def _content_unless_calls(cls, content, info: ValidationInfo):
+        if content is None and not info.data.get("tool_calls"):
+            raise PydanticCustomError("missing", "Field required")
+        return content
 
 
 class StreamOptions(BaseModel):
@@ -191,6 +245,33 @@ class ChatRequest(BaseModel):
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     logprobs: bool | None = None
+    # Function calling: tool definitions are written into the prompt in the template's tool format (as in
+    # training), and a reply that calls tools comes back as `tool_calls`.
+    tools: list[ToolDef] | None = Field(None, min_length=1)
+    tool_choice: Text | dict | None = None
+    parallel_tool_calls: bool | None = None
+
+    @field_validator("messages")
+    @classmethod
+    def _tool_results_answer_calls(cls, messages: list[Message]) -> list[Message]:
+        for i, m in enumerate(messages):
+            before = messages[i - 1] if i else None
+            if m.role == "tool" and not (before and (before.tool_calls or before.role == "tool")):
+                raise PydanticCustomError(
+                    "invalid_conversation",
+                    "a `tool` message (messages[{i}]) must follow an assistant message with tool_calls",
+                    {"i": i},
+                )
+        return messages
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _auto_or_none(cls, choice: str | dict | None, info: ValidationInfo) -> str | None:
+        if choice is not None and not info.data.get("tools"):
+            raise unsupported("only allowed when tools are given")
+        if choice not in (None, "auto", "none"):
+            raise unsupported("only 'auto' and 'none' are supported (the model decides whether to call a tool)")
+        return choice
 
     @field_validator("n")
     @classmethod
@@ -233,12 +314,47 @@ SUPPORTED_FIELDS = ", ".join(ChatRequest.model_fields)
 
 
 def to_messages(req: ChatRequest) -> list[dict]:
-    """Request messages -> loralab conversations ({"role", "content": str})."""
-    out = []
+    """Request messages -> loralab conversations, in the roles training data has (data.py): an assistant's
+    tool calls are a `function` turn ({"name", "arguments"} JSON), tool results an `observation` turn, and
+    the tool definitions ride on the system message, for templates.render to write in the tool format."""
+    out: list[dict] = []
     for m in req.messages:
+        if m.tool_calls:  # any text beside the calls is dropped, as LLaMA-Factory's API does
+            calls = [{"name": c.function.name, "arguments": json.loads(c.function.arguments)} for c in m.tool_calls]
+            out.append({"role": "function", "content": json.dumps(calls, ensure_ascii=False)})
+            continue
         content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
-        out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+        role = {"developer": "system", "tool": "observation"}.get(m.role, m.role)
+        if role == "observation" and out and out[-1]["role"] == "observation":
+            out[-1]["content"] += TOOL_RESULTS_JOIN + content
+            continue
+        out.append({"role": role, "content": content})
+    if req.tools:
+        tools = [t.function.model_dump(exclude_none=True) for t in req.tools]
+        if out and out[0]["role"] == "system":
+            out[0] = {**out[0], "tools": tools}
+        else:
+            out.insert(0, {"role": "system", "content": "", "tools": tools})
     return out
+
+
+def tool_calls_in(text: str, req: ChatRequest, tool_format: str | None) -> list[dict] | None:
+    """The reply's calls of the request's tools, in OpenAI's shape; None when it is an answer in words
+    (or tool_choice is "none", or it names a tool the request did not define)."""
+    if not req.tools or req.tool_choice == "none":
+        return None
+    calls = parse_tool_calls(text, tool_format)
+    names = {t.function.name for t in req.tools}
+    if not calls or any(name not in names for name, _ in calls):
+        return None
+    return [
+        {
+            "id": f"call_{uuid.uuid4().hex[:24]}",
+            "type": "function",
+            "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)},
+        }
+        for name, args in calls
+    ]
 
 
 def settings_for(req: ChatRequest, defaults: GenerationSettings, max_new_tokens: int) -> GenerationSettings:
@@ -434,8 +550,16 @@ async def chat_completions(req: ChatRequest, request: Request, serving: ServingD
     except LoralabError as e:
         raise APIError(400, str(e)) from None
     request_id = uuid.uuid4().hex[:24]
+    # With tools, whether the reply is a call or an answer is known only at its end: it streams as one piece.
+    tool_format = getattr(serving.engine.tokenizer, "loralab_tool_format", None)
+    answer = Answer(req, tool_format)
     job = Job(
-        messages, settings, adapter, asyncio.get_running_loop(), streaming=bool(req.stream), request_id=request_id
+        messages,
+        settings,
+        adapter,
+        asyncio.get_running_loop(),
+        streaming=bool(req.stream) and not answer.may_call_tools,
+        request_id=request_id,
     )
     serving.scheduler.submit(job)
     base = {"id": f"chatcmpl-{request_id}", "created": int(time.time()), "model": req.model, "system_fingerprint": None}
@@ -443,11 +567,30 @@ async def chat_completions(req: ChatRequest, request: Request, serving: ServingD
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         # Starlette cancels this generator when the client disconnects; its `finally` cancels the job.
         return StreamingResponse(
-            stream_events(job, base, include_usage),
+            stream_events(job, base, include_usage, answer),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    return await collect(job, base, request)
+    return await collect(job, base, request, answer)
+
+
+@dataclass
+class Answer:
+    """What a finished reply is: text, or (a request with tools) calls of its tools."""
+
+    req: ChatRequest
+    tool_format: str | None
+
+    @property
+    def may_call_tools(self) -> bool:
+        return bool(self.req.tools) and self.req.tool_choice != "none"
+
+    def message(self, c: Completion) -> tuple[dict, str]:
+        """-> (the assistant message, finish_reason)."""
+        calls = tool_calls_in(c.text, self.req, self.tool_format) if self.may_call_tools else None
+        if calls:
+            return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+        return {"role": "assistant", "content": c.text}, _finish(c)
 
 
 def _chunk(base: dict, delta: dict, finish_reason: str | None = None, with_usage: bool = False) -> str:
@@ -490,7 +633,7 @@ def generation_error(e: BaseException, request_id: str) -> APIError:
     )
 
 
-async def stream_events(job: Job, base: dict, include_usage: bool):
+async def stream_events(job: Job, base: dict, include_usage: bool, answer: Answer):
     try:
         yield _chunk(base, {"role": "assistant", "content": ""}, with_usage=include_usage)
         while True:
@@ -498,7 +641,16 @@ async def stream_events(job: Job, base: dict, include_usage: bool):
             if kind == "delta":
                 yield _chunk(base, {"content": value}, with_usage=include_usage)
             elif kind == "done":
-                yield _chunk(base, {}, finish_reason=_finish(value), with_usage=include_usage)
+                finish = _finish(value)
+                if answer.may_call_tools:  # the whole reply in one chunk: text, or the calls (indexed, as OpenAI)
+                    message, finish = answer.message(value)
+                    delta = (
+                        {"tool_calls": [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]}
+                        if message["content"] is None
+                        else {"content": message["content"]}
+                    )
+                    yield _chunk(base, delta, with_usage=include_usage)
+                yield _chunk(base, {}, finish_reason=finish, with_usage=include_usage)
                 if include_usage:
                     yield sse(dict(base, object="chat.completion.chunk", choices=[], usage=usage_of(value)))
                 yield sse("[DONE]")
@@ -516,7 +668,7 @@ async def wait_for_disconnect(request: Request) -> None:
         pass
 
 
-async def collect(job: Job, base: dict, request: Request):
+async def collect(job: Job, base: dict, request: Request, answer: Answer):
     """The whole reply of a non-streaming request; a disconnect cancels the job at once."""
     reply = asyncio.ensure_future(job.events.get())
     hangup = asyncio.ensure_future(wait_for_disconnect(request))
@@ -527,18 +679,12 @@ async def collect(job: Job, base: dict, request: Request):
         kind, value = reply.result()
         if kind == "error":
             raise generation_error(value, job.request_id)
+        message, finish = answer.message(value)
         return dict(
             base,
             object="chat.completion",
             usage=usage_of(value),
-            choices=[
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": value.text},
-                    "logprobs": None,
-                    "finish_reason": _finish(value),
-                }
-            ],
+            choices=[{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
         )
     finally:
         job.cancel()

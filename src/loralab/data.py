@@ -240,6 +240,10 @@ def _text(obj: dict, key: str | None, required: bool = False, prefix: str = "") 
     return value
 
 
+# Several tool results in a row are one observation turn, joined as LLaMA-Factory's openai converter joins them.
+TOOL_RESULTS_JOIN = "\n</tool_response>\n<tool_response>\n"
+
+
 def _convert(record: Any, f: dict) -> list[dict]:
     """One record -> messages, following LLaMA-Factory's alpaca/sharegpt/openai converters.
 
@@ -297,7 +301,7 @@ def _convert(record: Any, f: dict) -> list[dict]:
             content = _text(turn, ct, required=True, prefix=f"{col}[{j}].")
         if f["formatting"] == "openai" and role == "observation" and msgs and msgs[-1]["role"] == "observation":
             # several tool results in a row are one observation turn (LLaMA-Factory joins them)
-            msgs[-1]["content"] += "\n</tool_response>\n<tool_response>\n" + content
+            msgs[-1]["content"] += TOOL_RESULTS_JOIN + content
             continue
         msgs.append({"role": role, "content": content})
     if msgs and msgs[0]["role"] == "system":

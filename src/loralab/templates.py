@@ -448,6 +448,65 @@ def format_function_call(content: str, tool_format: str) -> str:
     return "\n".join(f"Action: {n}\nAction Input: {dump(a)}" for n, a in pairs)
 
 
+_ACTION = re.compile(r"Action:\s*([\w.-]+)\s*Action Input:\s*(.+?)(?=\s*Action:|\s*$)", re.DOTALL)
+_TOOL_CALL = re.compile(r"<tool_call>\s*(.+?)\s*</tool_call>", re.DOTALL)
+
+
+def parse_tool_calls(text: str, tool_format: str | None) -> list[tuple[str, dict]] | None:
+    """A reply that calls tools -> [(name, arguments)], else None: the inverse of format_function_call.
+
+    Each tool format's own way (default: Action/Action Input lines; llama3: {"name", "parameters"} JSON; qwen:
+    <tool_call> blocks; mistral: a JSON list, after [TOOL_CALLS] when the model writes it). With the tokenizer's
+    own template (no tool_format) the common forms are tried: <tool_call> blocks, then a JSON call or list of
+    calls. A reply that is not wholly a call (text around a JSON object, arguments that are not a JSON object)
+    is text.
+    """
+
+    def calls_of(obj) -> list[tuple[str, dict]] | None:
+        items = obj if isinstance(obj, list) else [obj]
+        out = []
+        for item in items:
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+                return None
+            args = item.get("arguments", item.get("parameters", {}))
+            if isinstance(args, str):  # OpenAI writes arguments as a JSON string
+                try:
+                    args = json.loads(args)
+                except json.JSONDecodeError:
+                    return None
+            if not isinstance(args, dict):
+                return None
+            out.append((item["name"], args))
+        return out or None
+
+    def load(chunk: str):
+        try:
+            return json.loads(chunk)
+        except json.JSONDecodeError:
+            return None
+
+    text = text.strip()
+    if tool_format in (None, "qwen") and _TOOL_CALL.search(text):
+        found = []
+        for block in _TOOL_CALL.findall(text):
+            calls = calls_of(load(block))
+            if calls is None:
+                return None
+            found += calls
+        return found
+    if tool_format == "default":
+        found = []
+        for name, args in _ACTION.findall(text):
+            args = load(args.strip().strip("`").strip())
+            if not isinstance(args, dict):
+                return None
+            found.append((name, args))
+        return found or None
+    if tool_format in (None, "llama3", "mistral"):
+        return calls_of(load(text.removeprefix("[TOOL_CALLS]").strip()))
+    return None
+
+
 def encode_text(tokenizer, text: str) -> list[int]:
     # The template writes bos itself where the model wants it; the tokenizer must not add another.
     return tokenizer(text, add_special_tokens=False)["input_ids"]

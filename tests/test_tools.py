@@ -1,0 +1,133 @@
+"""Function calling through the API: a request's tools and tool turns render as training data with the same
+tools does, and a reply that calls tools is read back in each tool format."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from loralab import api, data, templates
+from loralab.templates import apply_template
+from loralab.testing import make_tiny_tokenizer
+
+FIXTURES = Path(__file__).parent / "fixtures" / "lf_reference" / "data"
+SPEC = json.loads((FIXTURES / "dataset_info.json").read_text(encoding="utf-8"))["sharegpt_tools"]
+RECORD = json.loads((FIXTURES / "sharegpt_tools.json").read_text(encoding="utf-8"))[0]
+
+
+def as_request(record: dict) -> api.ChatRequest:
+    """The fixture's conversation (up to its last answer) as an OpenAI client would send it."""
+    tools = [
+        t if t.get("type") == "function" else {"type": "function", "function": t}
+        for t in json.loads(record["tool_defs"])
+    ]
+    messages = [{"role": "system", "content": record["sys"]}]
+    for turn in record["turns"][:-1]:
+        if turn["who"] == "u":
+            messages.append({"role": "user", "content": turn["text"]})
+        elif turn["who"] == "call":
+            call = json.loads(turn["text"])
+            arguments = json.dumps(call["arguments"])
+            fn = {"name": call["name"], "arguments": arguments}
+            messages.append(
+                {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": fn}]}
+            )
+        else:
+            messages.append({"role": "tool", "tool_call_id": "c1", "content": turn["text"]})
+    return api.ChatRequest.model_validate({"model": "m", "messages": messages, "tools": tools})
+
+
+@pytest.mark.parametrize(
+    "style, template, tool_format",
+    [
+        ("chatml", "qwen", None),
+        ("llama3", "llama3", None),
+        ("chatml", "qwen", "default"),
+        ("llama3", "llama3", "mistral"),
+    ],
+)
+def test_a_request_renders_as_its_training_record(style, template, tool_format, monkeypatch):
+    monkeypatch.setattr(templates, "tool_prompt_date", lambda: "26 Jul 2024")
+    tokenizer = apply_template(make_tiny_tokenizer(style), template, tool_format=tool_format)
+    trained = data.to_messages(RECORD, SPEC)
+    served = api.to_messages(as_request(RECORD))
+    assert [m["role"] for m in served] == ["system", "user", "function", "observation"]
+    want = templates.render(tokenizer, trained[:-1], add_generation_prompt=True)
+    assert templates.render(tokenizer, served, add_generation_prompt=True) == want
+    assert "get_weather" in want and '"celsius"' in want  # the tools and the call are in the prompt
+
+
+def test_tool_definitions_without_a_system_message_open_the_conversation():
+    req = api.ChatRequest.model_validate(
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+        }
+    )
+    assert api.to_messages(req) == [
+        {"role": "system", "content": "", "tools": [{"name": "f"}]},
+        {"role": "user", "content": "hi"},
+    ]
+
+
+def test_several_tool_results_in_a_row_are_one_observation_as_in_training():
+    calls = [{"id": f"c{i}", "type": "function", "function": {"name": "f", "arguments": "{}"}} for i in (1, 2)]
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": calls},
+        {"role": "tool", "content": "one"},
+        {"role": "tool", "content": "two"},
+    ]
+    served = api.to_messages(api.ChatRequest.model_validate({"model": "m", "messages": messages}))
+    assert served[1] == {"role": "function", "content": json.dumps([{"name": "f", "arguments": {}}] * 2)}
+    assert served[2] == {"role": "observation", "content": "one" + data.TOOL_RESULTS_JOIN + "two"}
+
+
+CALLS = [("get_weather", {"city": "Zürich", "unit": "celsius"}), ("search", {"query": "cats", "sites": ["a.org"]})]
+
+
+@pytest.mark.parametrize("tool_format", ["default", "llama3", "qwen", "mistral"])
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_call_written_in_a_tool_format_is_read_back(tool_format, n):
+    calls = CALLS[:n]
+    text = templates.format_function_call(json.dumps([{"name": a, "arguments": b} for a, b in calls]), tool_format)
+    assert templates.parse_tool_calls(text, tool_format) == calls
+    assert templates.parse_tool_calls("  " + text + "\n", tool_format) == calls  # as a model may space it
+    if tool_format == "mistral":  # the template's function slot writes the marker before the list
+        assert templates.parse_tool_calls("[TOOL_CALLS] " + text, tool_format) == calls
+
+
+@pytest.mark.parametrize(
+    "text, calls",
+    [
+        ('<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>', [("f", {"x": 1})]),  # Qwen, SmolLM2
+        (
+            '<tool_call>[{"name": "f", "arguments": {}}, {"name": "g", "arguments": {}}]</tool_call>',
+            [("f", {}), ("g", {})],
+        ),
+        ('{"name": "f", "parameters": {"x": "1"}}', [("f", {"x": "1"})]),  # Llama 3.1's own template
+        ('{"name": "f", "arguments": "{\\"x\\": 2}"}', [("f", {"x": 2})]),  # arguments as a JSON string
+        ("Paris is the capital of France.", None),
+        ('Sure: {"name": "f", "arguments": {}}', None),  # words around a call: an answer, not a call
+        ('<tool_call>{"name": "f", "arguments": [1]}</tool_call>', None),
+        ('{"name": 3, "arguments": {}}', None),
+        ("[]", None),
+    ],
+)
+def test_the_tokenizers_own_template_reads_the_common_forms(text, calls):
+    assert templates.parse_tool_calls(text, None) == calls
+
+
+@pytest.mark.parametrize(
+    "tool_format, text",
+    [
+        ("default", "Action: f\nAction Input: not json"),
+        ("default", "I would call a tool here."),
+        ("llama3", '{"name": "f", "parameters": {}} and more'),
+        ("qwen", '{"name": "f", "arguments": {}}'),  # qwen calls are inside <tool_call>
+        ("mistral", "[TOOL_CALLS] [oops"),
+    ],
+)
+def test_text_that_is_not_a_call_stays_text(tool_format, text):
+    assert templates.parse_tool_calls(text, tool_format) is None
