@@ -7,6 +7,11 @@ The official `openai` client works with it unchanged (base_url=http://127.0.0.1:
                               answers with server-sent events in OpenAI's chunk format
 - GET  /health                readiness and counters (no key needed, no model paths)
 
+Function calling: a request's `tools`, assistant `tool_calls` and `tool` results become the system
+message's tools, function and observation turns that training data with tools has (data.py), so they
+render through the same template path; a reply the tool format reads as calls of the request's tools
+(templates.parse_tool_calls) is answered as `tool_calls`.
+
 How a request travels: FastAPI validates the body into `ChatRequest` (strict types: `"stream": "yes"`
 is an error, not true); the prompt is rendered and counted in the threadpool, never on the event
 loop; then a `scheduler.Job` goes to the one scheduler thread that owns the engine (continuous
