@@ -228,6 +228,24 @@ def test_command_line_budget_replaces_the_files_and_grows_a_sweep(tmp_path, monk
     assert refused.exit_code == 2 and "--n-trials" in refused.output
 
 
+@pytest.mark.parametrize("n_trials, startup, expected", [(8, None, 3), (30, None, 10), (12, None, 4), (8, 5, 5)])
+def test_tpe_models_the_results_after_a_few_random_trials(tmp_path, n_trials, startup, expected):
+    """Optuna's TPE default (10 random trials first) would make a small sweep a random search."""
+    path = write_sweep(
+        tmp_path,
+        base=BASE,
+        strategy="tpe",
+        n_trials=n_trials,
+        tpe_startup_trials=startup,
+        output_dir=str(tmp_path / "sw"),
+        search_space={"lora_rank": [4, 8, 16]},
+    )
+    spec, _, sweep_dir = sweep.load_sweep(path)
+    assert sweep.tpe_startup(spec) == expected
+    sweep_dir.mkdir(parents=True)
+    assert sweep.open_study(spec, sweep_dir, None).sampler._n_startup_trials == expected
+
+
 # --- on the tiny model ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory):
