@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from loralab.testing import make_random_adapter
+from loralab.testing import free_port, make_random_adapter
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -41,12 +41,6 @@ def wait_until_healthy(proc, port: int, timeout: float = 120) -> None:
                 return
         except httpx.HTTPError:
             time.sleep(0.2)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerThread:

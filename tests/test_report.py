@@ -11,16 +11,7 @@ import pytest
 
 from loralab import report
 from loralab.errors import LoralabError
-
-CHROMIUM = Path("/usr/bin/chromium")
-BROWSER_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-]
+from loralab.testing import CHROMIUM, CHROMIUM_FLAGS
 
 
 def check_in_browser(page: Path, screenshot: Path) -> None:
@@ -30,7 +21,7 @@ def check_in_browser(page: Path, screenshot: Path) -> None:
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (test extra)")
     with playwright.sync_playwright() as p, tempfile.TemporaryDirectory(prefix="loralab-chromium-") as profile:
         browser = p.chromium.launch_persistent_context(
-            profile, executable_path=str(CHROMIUM), headless=True, args=BROWSER_FLAGS, offline=True
+            profile, executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS, offline=True
         )
         try:
             tab = browser.new_page()

@@ -1,30 +1,14 @@
 """`loralab webchat`: the chat function in-process, and the page end to end in headless Chromium."""
 
 import os
-import socket
 import string
-from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 gr = pytest.importorskip("gradio")
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from loralab.testing import CHROMIUM, CHROMIUM_FLAGS, free_port  # noqa: E402 (after the analytics switch)
 
 
 @pytest.fixture(scope="module")

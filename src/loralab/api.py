@@ -343,25 +343,6 @@ def to_messages(req: ChatRequest) -> list[dict]:
     return out
 
 
-def tool_calls_in(text: str, req: ChatRequest, tool_format: str | None) -> list[dict] | None:
-    """The reply's calls of the request's tools, in OpenAI's shape; None when it is an answer in words
-    (or tool_choice is "none", or it names a tool the request did not define)."""
-    if not req.tools or req.tool_choice == "none":
-        return None
-    calls = parse_tool_calls(text, tool_format)
-    names = {t.function.name for t in req.tools}
-    if not calls or any(name not in names for name, _ in calls):
-        return None
-    return [
-        {
-            "id": f"call_{uuid.uuid4().hex[:24]}",
-            "type": "function",
-            "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)},
-        }
-        for name, args in calls
-    ]
-
-
 def settings_for(req: ChatRequest, defaults: GenerationSettings, max_new_tokens: int) -> GenerationSettings:
     """The request's sampling knobs on top of the server's defaults (from the config).
 
@@ -591,11 +572,21 @@ class Answer:
         return bool(self.req.tools) and self.req.tool_choice != "none"
 
     def message(self, c: Completion) -> tuple[dict, str]:
-        """-> (the assistant message, finish_reason)."""
-        calls = tool_calls_in(c.text, self.req, self.tool_format) if self.may_call_tools else None
-        if calls:
-            return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
-        return {"role": "assistant", "content": c.text}, _finish(c)
+        """-> (the assistant message, finish_reason). A reply is a call only when the tool format reads it as
+        calls of tools the request defined; anything else (a made-up tool name included) is text."""
+        calls = parse_tool_calls(c.text, self.tool_format) if self.may_call_tools else None
+        defined = {t.function.name for t in self.req.tools or []}
+        if not calls or any(name not in defined for name, _ in calls):
+            return {"role": "assistant", "content": c.text}, _finish(c)
+        tool_calls = [
+            {
+                "id": f"call_{uuid.uuid4().hex[:24]}",
+                "type": "function",
+                "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)},
+            }
+            for name, args in calls
+        ]
+        return {"role": "assistant", "content": None, "tool_calls": tool_calls}, "tool_calls"
 
 
 def _chunk(base: dict, delta: dict, finish_reason: str | None = None, with_usage: bool = False) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from loralab.errors import LoralabError
 
@@ -359,18 +359,12 @@ class Config(BaseModel):
             raise ValueError("expected a fraction below 1 or a whole number of records")
         return v
 
-    @field_validator("lr_scheduler_type")
+    @field_validator("lr_scheduler_type", "optim")
     @classmethod
-    def _check_scheduler(cls, v: str) -> str:
-        if v not in LR_SCHEDULERS:
-            raise ValueError(f"expected one of {', '.join(LR_SCHEDULERS)}")
-        return v
-
-    @field_validator("optim")
-    @classmethod
-    def _check_optim(cls, v: str) -> str:
-        if v not in OPTIMIZERS:
-            raise ValueError(f"expected one of {', '.join(OPTIMIZERS)}")
+    def _check_choice(cls, v: str, info: ValidationInfo) -> str:
+        choices = {"lr_scheduler_type": LR_SCHEDULERS, "optim": OPTIMIZERS}[info.field_name]
+        if v not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
         return v
 
     @field_validator("template")

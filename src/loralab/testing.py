@@ -7,7 +7,27 @@ matters is that every code path (templates, masking, training, generation, servi
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
+
+# The headless browser of the page tests (Debian's chromium; .ci/run installs it), kept off the network.
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 # Meta's chat template of Meta-Llama-3-8B-Instruct (the Llama 3 instruct format), as shipped in its
 # tokenizer_config.json. Tests check that loralab's built-in `llama3` template gives the same token ids.
