@@ -38,16 +38,19 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import math
 import queue
 import threading
-from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from loralab.admission import WaitingLine
 from loralab.config import Config
+from loralab.decode_batch import DecodeBatch, left_pad_rows, new_kv_cache
 from loralab.errors import LoralabError
 from loralab.models import default_adapters, peft_adapter_names
+from loralab.sampling import choose_tokens
 from loralab.templates import encode_prompt, stop_token_ids, with_default_system
 
 log = logging.getLogger(__name__)
@@ -84,8 +87,12 @@ class GenerationSettings:
         return asdict(self)
 
     def check(self) -> None:
+        """Refuse knobs no sampler can use, in one line each (NaN and infinity included)."""
         if self.max_new_tokens < 1:
             raise LoralabError(f"max_new_tokens: got {self.max_new_tokens}; expected a positive number")
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise LoralabError(f"{name}: got {getattr(self, name)}; expected a finite number")
         if self.do_sample and self.temperature <= 0:
             raise LoralabError(f"temperature: got {self.temperature}; expected > 0 when sampling (do_sample)")
         if not 0 < self.top_p <= 1:
@@ -158,12 +165,9 @@ class Request:
         self.sent = ""  # the part of it already streamed
         self.stop_hit = False
         self.decoded_from = self.decoded_to = 0  # incremental detokenization window (token offsets)
+        # A seeded sample has its own RNG (made on the model's device at its first sample, see
+        # sampling.row_generator): it does not depend on the rows it shares a batch with.
         self.generator = None
-        if settings.do_sample and settings.seed is not None:
-            import torch
-
-            # A seeded sample has its own RNG: it does not depend on the rows it shares a batch with.
-            self.generator = torch.Generator().manual_seed(settings.seed)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -172,124 +176,7 @@ class Request:
         """Forget what was generated (a failed batch is retried row by row)."""
         self.tokens, self.text, self.sent, self.stop_hit = [], "", "", False
         self.decoded_from = self.decoded_to = 0
-        if self.generator is not None:
-            self.generator.manual_seed(self.settings.seed)
-
-
-class _Batch:
-    """The rows being decoded together and their KV cache.
-
-    Rows are left-padded so every row's next token sits in the same (last) column: one forward serves
-    all. `mask` marks real tokens (1) and padding (0), `positions` is each row's next position id,
-    `next_ids` the token each row feeds next. Joining rows are left-padded (or the batch is) to a
-    common length; columns that are padding in every row are cut when rows leave.
-    """
-
-    def __init__(self):
-        self.rows: list[Request] = []
-        self.cache = None
-        self.mask = self.positions = self.next_ids = None
-
-    def add(self, rows: list[Request], cache, mask, next_ids) -> None:
-        import torch
-
-        positions = mask.sum(1)
-        if not self.rows:
-            self.rows, self.cache, self.mask, self.positions, self.next_ids = (
-                list(rows),
-                cache,
-                mask,
-                positions,
-                next_ids,
-            )
-            return
-        length = max(self.mask.shape[1], mask.shape[1])
-        for old, new in zip(self.cache.layers, cache.layers):
-            old.set(
-                torch.cat([_left_pad(old.keys, length, 2), _left_pad(new.keys, length, 2)]),
-                torch.cat([_left_pad(old.values, length, 2), _left_pad(new.values, length, 2)]),
-            )
-        self.mask = torch.cat([_left_pad(self.mask, length, 1), _left_pad(mask, length, 1)])
-        self.positions = torch.cat([self.positions, positions])
-        self.next_ids = torch.cat([self.next_ids, next_ids])
-        self.rows += rows
-
-    def keep(self, keep: list[int]) -> None:
-        """Only the rows at `keep` stay; padding columns no row needs any more are cut."""
-        import torch
-
-        if len(keep) == len(self.rows):
-            return
-        if not keep:
-            self.__init__()
-            return
-        index = torch.tensor(keep)
-        self.rows = [self.rows[i] for i in keep]
-        self.mask, self.positions, self.next_ids = self.mask[index], self.positions[index], self.next_ids[index]
-        lead = int(torch.argmax(self.mask.any(0).to(torch.int8)))  # first column some row still uses
-        for layer in self.cache.layers:
-            layer.set(layer.keys[index, :, lead:], layer.values[index, :, lead:])
-        self.mask = self.mask[:, lead:]
-
-
-def new_kv_cache():
-    """A KV cache whose layers keep spare room after the last token (see `_roomy_layer`)."""
-    from transformers.cache_utils import Cache
-
-    return Cache(layer_class_to_replicate=_roomy_layer())
-
-
-@functools.cache
-def _roomy_layer():
-    """A DynamicLayer that writes each new token into spare room at the end of its tensors.
-
-    DynamicLayer grows by torch.cat, which copies the whole cache at every step: a third of a decode
-    step's time at 32 rows x 250 tokens (SmolLM2, profiled). Here the cache is copied only when the
-    room runs out (every 64+ tokens) and when rows join or leave (`set`). Rows and positions are
-    plain tensors, so the batch can add, drop and left-pad rows.
-    """
-    import torch
-    from transformers.cache_utils import DynamicLayer
-
-    class RoomyLayer(DynamicLayer):
-        def set(self, keys, values) -> None:
-            """Install keys/values [rows, heads, tokens, dim] with room for more tokens."""
-            b, h, t, d = keys.shape
-            room = max(64, t // 4)
-            self._keys, self._values = keys.new_empty((b, h, t + room, d)), values.new_empty((b, h, t + room, d))
-            self._keys[:, :, :t], self._values[:, :, :t] = keys, values
-            self.keys, self.values = self._keys[:, :, :t], self._values[:, :, :t]
-            self.device, self.dtype, self.is_initialized = keys.device, keys.dtype, True
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.set(key_states, value_states)
-                return self.keys, self.values
-            t, n = self.keys.shape[2], key_states.shape[2]
-            if t + n > self._keys.shape[2]:
-                self.set(torch.cat([self.keys, key_states], 2), torch.cat([self.values, value_states], 2))
-                return self.keys, self.values
-            self._keys[:, :, t : t + n], self._values[:, :, t : t + n] = key_states, value_states
-            self.keys, self.values = self._keys[:, :, : t + n], self._values[:, :, : t + n]
-            return self.keys, self.values
-
-        def batch_select_indices(self, indices) -> None:
-            if self.is_initialized:
-                self.set(self.keys[indices], self.values[indices])
-
-    return RoomyLayer
-
-
-def _left_pad(t, length: int, dim: int):
-    """`t` padded with zeros at the start of `dim` to `length`."""
-    import torch
-
-    missing = length - t.shape[dim]
-    if missing == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
+        self.generator = None  # re-seeded at the next sample
 
 
 class Engine:
@@ -317,11 +204,10 @@ class Engine:
         self._vllm = None
         self._vllm_lock = threading.Lock()
         self._step_lock = threading.Lock()  # one step at a time: it owns the batch and the model
-        self._waiting: deque[Request] = deque()
-        self._waiting_lock = threading.Lock()
+        self._waiting = WaitingLine()
         # A fast tokenizer must not be used by two threads at once (encoding may reconfigure it).
         self._tokenizer_lock = threading.Lock()
-        self._batch = _Batch()
+        self._batch = DecodeBatch()
         self._adapter_on = None  # adapter the PeftModel is set to (uniform batches); "" = disabled
         self.stats = {"steps": 0, "row_steps": 0, "largest_batch": 0, "cancelled": 0}
         if cfg.torch_threads:
@@ -420,7 +306,7 @@ class Engine:
             for i, ids in enumerate(prompts)
         ]
         try:
-            self._enqueue(requests)
+            self._waiting.add(requests)
             self.run(requests, batch_size)
         finally:
             for r in requests:  # interrupted (Ctrl-C): nothing of this call stays in the engine
@@ -448,7 +334,7 @@ class Engine:
         settings.check()
         self._check_adapter(adapter)
         request = Request(self.prompt_ids(messages), settings, adapter, on_text, on_done)
-        self._enqueue([request])
+        self._waiting.add([request])
         return request
 
     def run(self, requests: list[Request], max_rows: int | None = None) -> None:
@@ -485,10 +371,6 @@ class Engine:
             thread.join()
 
     # --- one step ------------------------------------------------------------------------------
-    def _enqueue(self, requests: list[Request]) -> None:
-        with self._waiting_lock:
-            self._waiting.extend(requests)
-
     def step(self, max_rows: int | None = None) -> None:
         """Admit waiting requests (up to max_rows rows in all), decode one token for every row, let
         finished and cancelled rows leave. A failing step fails only the rows it can no longer retry."""
@@ -500,7 +382,7 @@ class Engine:
             joining: list[Request] = []
             try:
                 batch.keep([i for i, r in enumerate(batch.rows) if not (r.cancelled and self._finish(r, "cancelled"))])
-                joining = self._admit(max_rows)
+                joining = self._waiting.admit(batch.rows, max_rows, lambda r: self._finish(r, "cancelled"))
                 if joining:
                     self._prefill(joining)
                     joining = []
@@ -511,44 +393,21 @@ class Engine:
                 if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit
                     raise
 
-    def _admit(self, max_rows: int) -> list[Request]:
-        """Waiting requests that join now, oldest first; a request marked solo runs alone."""
-        joining = []
-        if any(r.solo for r in self._batch.rows):
-            return joining
-        with self._waiting_lock:
-            while self._waiting and len(self._batch.rows) + len(joining) < max_rows:
-                r = self._waiting[0]
-                if r.cancelled:
-                    self._waiting.popleft()
-                    self._finish(r, "cancelled")
-                    continue
-                if r.solo and (self._batch.rows or joining):
-                    break
-                joining.append(self._waiting.popleft())
-                if r.solo:
-                    break
-        return joining
-
     def _prefill(self, rows: list[Request]) -> None:
         """The joining rows' prompts in one left-padded forward; their first tokens; into the batch."""
         import torch
 
-        length = max(len(r.prompt) for r in rows)
-        ids = torch.full((len(rows), length), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, length - len(r.prompt) :] = torch.tensor(r.prompt)
-            mask[i, length - len(r.prompt) :] = 1
+        ids, mask = left_pad_rows([r.prompt for r in rows], self._pad_id, self.device)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         cache = new_kv_cache()
         logits = self._forward(rows, ids, mask, positions, cache)
         tokens = self._choose(rows, logits)
-        keep = [i for i, (r, t) in enumerate(zip(rows, tokens.tolist())) if not self._accept(r, t)]
+        keep = [i for i, (r, t) in enumerate(zip(rows, tokens)) if not self._accept(r, t)]
         if keep:
-            index = torch.tensor(keep)
+            index = torch.tensor(keep, device=self.device)
+            next_ids = torch.tensor([[tokens[i]] for i in keep], dtype=torch.long, device=self.device)
             cache.batch_select_indices(index)
-            self._batch.add([rows[i] for i in keep], cache, mask[index], tokens[index, None])
+            self._batch.add([rows[i] for i in keep], cache, mask[index], next_ids)
 
     def _decode(self) -> None:
         import torch
@@ -558,12 +417,11 @@ class Engine:
         self.stats["steps"] += 1
         self.stats["row_steps"] += n
         self.stats["largest_batch"] = max(self.stats["largest_batch"], n)
-        mask = torch.cat([batch.mask, batch.mask.new_ones((n, 1))], dim=1)
-        logits = self._forward(batch.rows, batch.next_ids, mask, batch.positions[:, None], batch.cache)
-        batch.mask, batch.positions = mask, batch.positions + 1
+        logits = self._forward(batch.rows, batch.next_ids, batch.decode_mask(), batch.positions[:, None], batch.cache)
         tokens = self._choose(batch.rows, logits)
-        batch.next_ids = tokens[:, None]
-        batch.keep([i for i, (r, t) in enumerate(zip(batch.rows, tokens.tolist())) if not self._accept(r, t)])
+        fed = [self._pad_id if t is None else t for t in tokens]  # a failed row leaves below; it feeds nothing
+        batch.advance(torch.tensor(fed, dtype=torch.long, device=self.device)[:, None])
+        batch.keep([i for i, (r, t) in enumerate(zip(batch.rows, tokens)) if not self._accept(r, t)])
 
     def _forward(self, rows: list[Request], ids, mask, positions, cache):
         """Last-position logits of one forward; each row with its own adapter (or the base model)."""
@@ -597,18 +455,19 @@ class Engine:
             self.model.set_adapter(self._peft_name[adapter])
         self._adapter_on = want
 
-    def _choose(self, rows: list[Request], logits):
-        """The next token of every row: argmax for greedy rows, each sampling row with its own knobs."""
-        tokens = logits.argmax(-1)
-        for i, r in enumerate(rows):
-            s = r.settings
-            if s.do_sample or s.repetition_penalty != 1.0:
-                tokens[i] = _pick(r, logits[i])
+    def _choose(self, rows: list[Request], logits) -> list[int | None]:
+        """The next token of every row; None for a row whose sampling failed (it fails alone, now)."""
+        tokens, failed = choose_tokens(rows, logits)
+        for i, error in failed.items():
+            self._fail_row(rows[i], error)
+            tokens[i] = None
         return tokens
 
     # --- per-row bookkeeping -------------------------------------------------------------------
-    def _accept(self, r: Request, token: int) -> bool:
-        """Record a row's new token; True when the row is done (and has been finished)."""
+    def _accept(self, r: Request, token: int | None) -> bool:
+        """Record a row's new token; True when the row is done (finished, or failed: token None)."""
+        if token is None:
+            return True
         if token in self.stop_ids:
             return self._finish(r, "stop")
         r.tokens.append(token)
@@ -675,12 +534,19 @@ class Engine:
         if r.on_done is not None:
             r.on_done(r)
 
+    def _fail_row(self, r: Request, error: BaseException) -> None:
+        """One row cannot go on (e.g. its sampling knobs give no distribution): it alone gets the error."""
+        log.warning("generation failed for one request: %s: %s", type(error).__name__, error)
+        r.error = error
+        self._done(r)
+
     def _fail(self, rows: list[Request], error: BaseException) -> None:
         """A step failed: the batch is dropped. When several rows shared it, those that have not
         streamed anything yet start over one by one (so only a request that breaks fails); the
         others get the error."""
-        self._batch = _Batch()
+        self._batch = DecodeBatch()
         self._adapter_on = None
+        rows = [r for r in rows if not r.done.is_set()]  # rows that already failed alone stay failed
         retry = [r for r in rows if len(rows) > 1 and not r.sent and isinstance(error, Exception)]
         for r in rows:
             if r in retry:
@@ -692,31 +558,7 @@ class Engine:
                 self._done(r)
         if retry:
             log.warning("a batch of %d rows failed (%s); retrying them one by one", len(rows), error)
-            with self._waiting_lock:
-                self._waiting.extendleft(reversed(retry))
-
-
-def _pick(r: Request, scores):
-    """One row's next token with repetition penalty, temperature, top-k and top-p (as HF applies them)."""
-    import torch
-
-    s = r.settings
-    scores = scores.clone()
-    if s.repetition_penalty != 1.0:
-        seen = torch.tensor(r.prompt + r.tokens)
-        hit = scores[seen]
-        scores[seen] = torch.where(hit < 0, hit * s.repetition_penalty, hit / s.repetition_penalty)
-    if not s.do_sample:
-        return scores.argmax()
-    scores = scores / s.temperature
-    if 0 < s.top_k < scores.shape[-1]:
-        scores[scores < torch.topk(scores, s.top_k).values[-1]] = -float("inf")
-    if s.top_p < 1.0:
-        ordered, order = torch.sort(scores, descending=True)
-        cumulative = ordered.softmax(-1).cumsum(-1)
-        drop = cumulative - ordered.softmax(-1) >= s.top_p  # tokens after the top_p mass is reached
-        scores[order[drop]] = -float("inf")
-    return torch.multinomial(scores.softmax(-1), 1, generator=r.generator)[0]
+            self._waiting.put_first(retry)
 
 
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)

@@ -141,16 +141,42 @@ def load_tokenizer(cfg: Config):
 
 
 def pick_dtype(cfg: Config):
-    """bf16 on GPUs that support it (unless disabled), fp16 when asked, fp32 on CPU."""
+    """The weights' dtype: bf16 on GPUs that support it (unless bf16=false), fp16 when asked on a GPU,
+    bf16 on a CPU only when bf16=true is set explicitly, else fp32."""
     import torch
 
     if not torch.cuda.is_available():
-        return torch.float32
+        return torch.bfloat16 if cfg.bf16 is True else torch.float32
     if cfg.fp16:
         return torch.float16
     if cfg.bf16 is not False and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
+
+
+def cpu_dtype_note(cfg: Config, dtype) -> str | None:
+    """What a CPU user should know about the precision their config gives, or None."""
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    if cfg.fp16:
+        return "fp16: mixed fp16 needs a GPU; this CPU run uses fp32 (set bf16=true for half precision on a CPU)"
+    if dtype == torch.bfloat16 and not cpu_has_bf16_units():
+        return (
+            "bf16=true on a CPU without bf16 instructions (AVX512-BF16/AMX): bf16 is emulated there and "
+            "runs slower than fp32; unset bf16 for speed"
+        )
+    return None
+
+
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU computes bf16 natively (Linux: avx512_bf16 or amx_bf16 in /proc/cpuinfo)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 QUANTIZERS = {"bnb": "bitsandbytes", "hqq": "hqq", "eetq": "eetq"}  # quantization_method -> the package it needs

@@ -144,3 +144,99 @@ def copy_refusing_system_prompts(model: str | Path, out: str | Path) -> Path:
         "{% endif %}" + template.read_text()
     )
     return out
+
+
+class DevicePlacementCheck:
+    """Within `with DevicePlacementCheck(device) as check:`, every tensor that loralab's own code creates
+    must name the device it is meant for, and that device must be `device`; `check.violations` lists the
+    `file:line function` of each one that does not.
+
+    Why: CI has no GPU, so a tensor built on the default device (the CPU) beside a model on cuda passes
+    every CPU test and fails on the first GPU. Factories (torch.tensor, torch.full, torch.zeros, ...) are
+    caught with a TorchFunctionMode, torch.Generator by a stand-in function; `*_like`/`new_*` tensors inherit
+    their device and need no check. `host_side` names functions whose tensors are meant for the host
+    (a DataLoader's collator and sampler: the Trainer moves batches itself).
+    """
+
+    FACTORIES = (
+        "tensor",
+        "as_tensor",
+        "full",
+        "zeros",
+        "ones",
+        "empty",
+        "arange",
+        "rand",
+        "randn",
+        "randint",
+        "randperm",
+        "eye",
+        "linspace",
+    )
+    HOST_SIDE = ("PadCollator.__call__", "LengthGroupedSampler.batches")
+
+    def __init__(self, device, host_side: tuple[str, ...] = HOST_SIDE, generators: bool = True):
+        """generators=False leaves torch.Generator alone (libraries that isinstance-check it, e.g. in a Trainer)."""
+        import torch
+
+        self.device = torch.device(device)
+        self.host_side = host_side
+        self.generators = generators
+        self.violations: list[str] = []
+        self.checked = 0
+        self._source = str(Path(__file__).resolve().parent)
+        self._factories = {getattr(torch, name) for name in self.FACTORIES}
+
+    def _loralab_caller(self):
+        """The frame that asked for the tensor when it is loralab's own code (None for other libraries)."""
+        import sys
+
+        frame = sys._getframe(1)
+        while frame is not None and (frame.f_code.co_filename == __file__ or "/torch/" in frame.f_code.co_filename):
+            frame = frame.f_back
+        if frame is None or not frame.f_code.co_filename.startswith(self._source):
+            return None
+        return None if frame.f_code.co_qualname in self.host_side else frame
+
+    def _record(self, what: str, device) -> None:
+        import torch
+
+        frame = self._loralab_caller()
+        if frame is None:
+            return
+        self.checked += 1
+        if device is None or torch.device(device) != self.device:
+            where = f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno} {frame.f_code.co_qualname}"
+            self.violations.append(f"{where}: {what} on {device or 'the default device'}, not {self.device}")
+
+    def __enter__(self):
+        import torch
+        from torch.overrides import TorchFunctionMode
+
+        check = self
+
+        class FactoryMode(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if func in check._factories:
+                    check._record(f"torch.{func.__name__}", kwargs.get("device"))
+                return func(*args, **kwargs)
+
+        real_generator = self._real_generator = torch.Generator
+
+        def generator(device=None):
+            check._record("torch.Generator", device)
+            return real_generator(device) if device is not None else real_generator()
+
+        if self.generators:
+            torch.Generator = generator
+        self._mode = FactoryMode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        self._mode.__exit__(*exc)
+        torch.Generator = self._real_generator
+        return False

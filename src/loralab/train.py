@@ -15,6 +15,7 @@ what is ours is the data encoding, the batch order, the run folder and the user-
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -207,8 +208,12 @@ def chunked_lm_loss(
     learned = targets != -100
     hidden, targets = hidden[learned], targets[learned]
 
+    # The head's own dtype: hidden states may come out in fp32 (fp32 LoRA weights, autocast ends with the
+    # model's forward) while a bf16/fp16 model's lm_head is half precision.
+    head_dtype = next((p.dtype for p in lm_head.parameters() if p.is_floating_point()), hidden.dtype)
+
     def chunk_loss(h, t):
-        return torch.nn.functional.cross_entropy(lm_head(h).float(), t, reduction="sum")
+        return torch.nn.functional.cross_entropy(lm_head(h.to(head_dtype)).float(), t, reduction="sum")
 
     total = hidden.sum().float() * 0.0  # a zero that is part of the graph, for a batch without labels
     for start in range(0, len(targets), chunk_tokens):
@@ -646,6 +651,15 @@ def copy_model_files(checkpoint: Path, target: Path) -> None:
             shutil.copy2(path, target / path.name)
 
 
+def checkpointing_arguments(enabled: bool) -> dict:
+    """Gradient checkpointing under the name this transformers has: `activation_checkpointing` in newer
+    5.x releases (where `gradient_checkpointing` is a deprecated alias), `gradient_checkpointing` in older
+    ones such as 5.17, which rejects the new name."""
+    fields = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False}}
+
+
 def training_arguments(cfg: Config, run_dir: Path, has_eval: bool, dtype) -> transformers.TrainingArguments:
     """Our config -> TrainingArguments. With validation, a checkpoint is saved at every validation so the
     best one by validation loss can be kept (and is what the run folder's final adapter is)."""
@@ -685,8 +699,7 @@ def training_arguments(cfg: Config, run_dir: Path, has_eval: bool, dtype) -> tra
         restore_callback_states_from_checkpoint=True,  # early-stopping patience survives a resume
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
-        activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5's name for gradient checkpointing
-        activation_checkpointing_kwargs={"use_reentrant": False},
+        **checkpointing_arguments(cfg.gradient_checkpointing),
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
         report_to="none",  # TensorBoard is added below, writing into RUN/tensorboard
@@ -741,6 +754,8 @@ def _train(cfg: Config, callbacks: list | None, run_log_file: contextlib.ExitSta
     model = build_model(cfg)
     trainable, total = count_params(model)
     dtype = models.pick_dtype(cfg)
+    if is_main and (note := models.cpu_dtype_note(cfg, dtype)):
+        log.warning(note)
     facts = {
         "examples": {"train": len(train_examples), "eval": len(eval_examples)},
         "overflow": {"train": train_counts, "eval": eval_counts},
