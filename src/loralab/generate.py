@@ -179,6 +179,16 @@ class Request:
         self.generator = None  # re-seeded at the next sample
 
 
+def kv_cache_argument(model) -> str:
+    """The keyword a model's forward takes its KV cache by: `cache` in newer transformers 5.x releases,
+    `past_key_values` in older ones such as 5.17 (which would silently ignore `cache=` and generate
+    without the prompt's context)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+
+
 class Engine:
     """Base model + tokenizer (+ adapters) and a continuous-batching, streaming `generate`.
 
@@ -226,6 +236,7 @@ class Engine:
             from loralab.models import load_model_and_tokenizer
 
             self.model, self.tokenizer = _loaded or load_model_and_tokenizer(cfg, adapters)
+            self._cache_argument = kv_cache_argument(self.model)
             if merge and len(adapters) == 1:
                 self.model = self.model.merge_and_unload()
                 self.merged = True
@@ -437,7 +448,7 @@ class Engine:
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
-            cache=cache,
+            **{self._cache_argument: cache},
             use_cache=True,
             logits_to_keep=1,
             **kwargs,
