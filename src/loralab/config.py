@@ -255,7 +255,11 @@ class Config(BaseModel):
         None, gt=0, description="Stop after this many validations without a better validation loss."
     )
     save_last: bool = Field(False, description="Also keep the last adapter (RUN/last/) besides the best one.")
-    bf16: bool | None = Field(None, description="bf16 mixed precision; unset = on for GPUs that support it.")
+    bf16: bool | None = Field(
+        None,
+        description="bf16 weights and mixed precision; unset = on for GPUs that support it, off on a CPU "
+        "(true there too: slower than fp32 on CPUs without bf16 instructions).",
+    )
     fp16: bool = Field(False, description="fp16 mixed precision (older GPUs).")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory on long sequences.")
     group_by_length: bool = Field(
