@@ -272,6 +272,14 @@ class Config(BaseModel):
         "passes of at most this many tokens (rows kept whole) with the same optimizer step and loss; 0 = the "
         "whole batch in one pass; unset = 1024 on CPU, 0 on GPUs. Packed batches are never split.",
     )
+    fill_batches: bool | None = Field(
+        None,
+        description="Run an optimizer step's gradient_accumulation_steps micro-batches as one batch of "
+        "per_device_train_batch_size x gradient_accumulation_steps rows, in passes of at most "
+        "per_device_train_batch_size x cutoff_len tokens (what one micro-batch could hold): the same optimizer "
+        "batch and loss normalisation in fewer, fuller forward passes. Unset = on with a GPU (not under "
+        "DeepSpeed/FSDP, not with packing), off on a CPU.",
+    )
     torch_threads: int | None = Field(None, gt=0, description="CPU threads for torch (unset = torch's default).")
 
     # --- generation (predict, eval, chat, api, webchat) ----------------------------------------
@@ -471,7 +479,7 @@ STAGE_OF_KEY = {
         "generate",
     ),
     **dict.fromkeys(("test_dataset", "test_max_samples"), "test"),
-    **dict.fromkeys(("torch_threads", "max_tokens_per_pass"), "speed"),
+    **dict.fromkeys(("torch_threads", "max_tokens_per_pass"), "speed"),  # fill_batches: batch order changes
     **dict.fromkeys(("output_dir", "overwrite_output_dir", "resume_from_checkpoint", "export_dir"), "files"),
     **dict.fromkeys(("adapter_name_or_path", "adapters", "api_host", "api_port"), "serve"),
 }
