@@ -108,6 +108,13 @@ def test_qwen3_examples_train_chat_merge(lf_workdir):
     run("train", "v095_train_lora_qwen3_lora_sft.yaml")
     run_dir = lf_workdir / "saves/qwen3-4b/lora/sft"
     assert (run_dir / "adapter_model.safetensors").is_file()
+    if not torch.cuda.is_available():
+        # LLaMA-Factory's next example, QLoRA, shares the output folder (overwrite_output_dir: true); on a CPU
+        # it cannot start, and the LoRA run it would have replaced is left exactly as it was.
+        before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+        with pytest.raises(LoralabError, match="needs a CUDA GPU"):
+            run("train", "v095_train_qlora_qwen3_lora_sft_otfq.yaml")
+        assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
     assert run("chat", "v095_inference_qwen3.yaml", "max_new_tokens=4", stdin="hello\n").strip()
     assert run("chat", "v095_inference_qwen3_lora_sft.yaml", "max_new_tokens=4", stdin="hello\n").strip()
     run("export", "v095_merge_lora_qwen3_lora_sft.yaml")

@@ -235,6 +235,55 @@ def test_refuses_to_overwrite_and_overwrites_when_asked(lora_run, tiny_model, da
     assert "= checkpoint-4" not in (out / "train.log").read_text()
 
 
+def folder_state(folder: Path) -> dict[str, bytes]:
+    """Every file under a folder (relative path -> bytes): what 'intact' means for a run."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+class FailAtStep(TrainerCallback):
+    """Stand-in for a run that fails part-way (out of memory, a kill): raises after step `step`."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            raise RuntimeError(f"failed at step {state.global_step}")
+
+
+def test_a_failed_overwrite_never_loses_the_previous_run(lora_run, tiny_model, data_dir, tmp_path):
+    _, _, first = lora_run
+    out = tmp_path / "run"
+    shutil.copytree(first, out)
+    before = folder_state(out)
+    # A failed start (an unknown template, a model that does not load, no data): nothing is touched.
+    for bad in (
+        {"template": "no-such-template"},
+        {"model_name_or_path": str(tmp_path / "no-such-model")},
+        {"dataset": "no_such_dataset"},
+    ):
+        with pytest.raises(LoralabError):
+            train(make_cfg(tiny_model, data_dir, out, max_steps=2, overwrite_output_dir=True, **bad))
+        assert folder_state(out) == before, bad
+    # A failure before the new run's first checkpoint: the previous run is put back as it was.
+    with pytest.raises(RuntimeError, match="failed at step 1"):
+        train(make_cfg(tiny_model, data_dir, out, max_steps=4, overwrite_output_dir=True), callbacks=[FailAtStep(1)])
+    assert folder_state(out) == before
+    # After a checkpoint: the new run stays (resumable), the previous one waits in .previous_run/.
+    with pytest.raises(RuntimeError, match="failed at step 3"):
+        train(make_cfg(tiny_model, data_dir, out, max_steps=4, overwrite_output_dir=True), callbacks=[FailAtStep(3)])
+    assert folder_state(out / ".previous_run") == before
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]
+    # Overwriting again replaces the unfinished attempt; failing early, it puts the finished run back.
+    with pytest.raises(RuntimeError, match="failed at step 1"):
+        train(make_cfg(tiny_model, data_dir, out, max_steps=4, overwrite_output_dir=True), callbacks=[FailAtStep(1)])
+    assert folder_state(out) == before
+    # A run that finishes replaces the previous one for good.
+    train(make_cfg(tiny_model, data_dir, out, max_steps=2, overwrite_output_dir=True))
+    assert not (out / ".previous_run").exists() and (out / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+
+
 def test_overflow_counts(tiny_model, data_dir):
     from loralab.data import load_conversations
     from loralab.models import load_tokenizer

@@ -40,6 +40,8 @@ GENERATION_KEYS = generation_validation.LOG_KEYS
 CHECKPOINT_PREFIX = "checkpoint-"
 # Written into checkpoint-N/ once every file of it is on disk; resume only trusts marked checkpoints.
 COMPLETE_MARKER = "loralab_complete.json"
+# With overwrite_output_dir the replaced run waits here until the new run has finished (never deleted first).
+PREVIOUS_RUN = ".previous_run"
 # Files of a checkpoint that only the Trainer needs to resume (not part of the model/adapter itself).
 TRAINER_ONLY_FILES = (
     "optimizer.pt",
@@ -313,19 +315,15 @@ def remove_checkpoint(path: Path) -> None:
 
 
 def prepare_run_dir(cfg: Config, is_main: bool) -> tuple[Path, Path | None]:
-    """Check (main process) and return the run folder, plus the checkpoint to resume from, if any."""
+    """Check (main process) and return the run folder, plus the checkpoint to resume from, if any.
+
+    Nothing is removed here: with overwrite_output_dir the previous run stays in place until this run has
+    loaded its data and model (`set_aside_previous_run`), so a failed start leaves it untouched."""
     run_dir = Path(cfg.output_dir)
     resume = cfg.resume_from_checkpoint
     if resume in (None, False):
         if is_main:
             runinfo.check_output_dir(run_dir, cfg.overwrite_output_dir)
-            # --overwrite: a previous run's checkpoints and logs would mix with this run's (or be resumed).
-            for old in list_checkpoints(run_dir):
-                remove_checkpoint(old)
-            for name in ("metrics.jsonl", "train.log", "train_results.json"):
-                (run_dir / name).unlink(missing_ok=True)
-            for name in ("tensorboard", "last", generation_validation.FOLDER):
-                shutil.rmtree(run_dir / name, ignore_errors=True)
         return run_dir, None
     if resume is True or str(resume).lower() == "true":
         checkpoint = find_resume_checkpoint(run_dir) if run_dir.is_dir() else None
@@ -342,6 +340,60 @@ def prepare_run_dir(cfg: Config, is_main: bool) -> tuple[Path, Path | None]:
                 f"(no {COMPLETE_MARKER}: missing, or the save was interrupted)"
             )
     return run_dir, checkpoint
+
+
+def set_aside_previous_run(run_dir: Path) -> Path | None:
+    """overwrite_output_dir, once the new run has started: move what the folder holds into
+    RUN/.previous_run/, so the new run's checkpoints and logs never mix with the old ones (or get resumed).
+
+    The previous run is removed only when the new one has finished (`drop_previous_run`); a run that fails
+    before its first complete checkpoint puts it back (`restore_previous_run`). If RUN/.previous_run/ is
+    already there, an earlier replacement never finished: the finished run is the one set aside then, and
+    what the folder holds now is that unfinished attempt, which this run replaces."""
+    entries = [p for p in run_dir.iterdir() if p.name != PREVIOUS_RUN] if run_dir.is_dir() else []
+    if not entries:
+        return None
+    previous = run_dir / PREVIOUS_RUN
+    if previous.is_dir():
+        log.info(
+            "overwrite_output_dir: replacing the unfinished run in %s (the last finished one stays in %s)",
+            run_dir,
+            previous,
+        )
+        for path in entries:
+            remove_path(path)
+        return previous
+    previous.mkdir()
+    for path in entries:
+        os.replace(path, previous / path.name)
+    return previous
+
+
+def restore_previous_run(run_dir: Path, previous: Path) -> None:
+    """The new run failed: with no complete checkpoint of its own, put the previous run back where it was;
+    with one, keep both (the new run can be resumed) and say where the previous one is."""
+    if find_resume_checkpoint(run_dir) is not None:
+        log.warning("the previous run of %s is kept in %s until a run in this folder finishes", run_dir, previous)
+        return
+    for path in [p for p in run_dir.iterdir() if p.name != PREVIOUS_RUN]:
+        remove_path(path)
+    for path in previous.iterdir():
+        os.replace(path, run_dir / path.name)
+    previous.rmdir()
+    log.info("the previous run in %s is back in place", run_dir)
+
+
+def drop_previous_run(run_dir: Path) -> None:
+    """The new run has finished: the run it replaced goes."""
+    if (run_dir / PREVIOUS_RUN).is_dir():
+        shutil.rmtree(run_dir / PREVIOUS_RUN)
+
+
+def remove_path(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def clean_for_resume(run_dir: Path, checkpoint: Path) -> None:
@@ -704,13 +756,13 @@ def train(cfg: Config, callbacks: list | None = None) -> dict:
     `callbacks`: extra transformers TrainerCallbacks (e.g. Optuna pruning on the validation loss); they
     run before ours. Only the main process of a multi-process run returns the summary (others: {}).
     """
-    # The run's log file (RUN/train.log) is attached once the run folder is written to, and detached
-    # when this call returns: one process may train many times (sweeps, `loralab run`).
-    with contextlib.ExitStack() as run_log_file:
-        return _train(cfg, callbacks, run_log_file)
+    # What the run holds until this call returns (one process may train many times: sweeps, `loralab run`):
+    # its log file (RUN/train.log), attached once the run folder is written to, and a replaced run's return.
+    with contextlib.ExitStack() as run_scope:
+        return _train(cfg, callbacks, run_scope)
 
 
-def _train(cfg: Config, callbacks: list | None, run_log_file: contextlib.ExitStack) -> dict:
+def _train(cfg: Config, callbacks: list | None, run_scope: contextlib.ExitStack) -> dict:
     from accelerate import PartialState
     from transformers.trainer_callback import EarlyStoppingCallback, ProgressCallback
 
@@ -747,8 +799,15 @@ def _train(cfg: Config, callbacks: list | None, run_log_file: contextlib.ExitSta
         "parameters": {"trainable": trainable, "total": total},
     }
 
+    # The start succeeded: only now does a replaced run make way. It is kept aside until this run finishes,
+    # and put back if this run fails before its first complete checkpoint (the run's ExitStack unwinds
+    # after the log file is closed).
+    previous = set_aside_previous_run(run_dir) if is_main and resume_from is None else None
+    if previous is not None:
+        run_scope.push(lambda failed, *_: restore_previous_run(run_dir, previous) if failed else None)
+
     if is_main:  # the run folder describes itself from here on
-        run_log_file.enter_context(log_to_file(run_dir / "train.log"))
+        run_scope.enter_context(log_to_file(run_dir / "train.log"))
         if logging.getLogger("loralab").getEffectiveLevel() > logging.INFO:  # called as a library: still log the run
             logging.getLogger("loralab").setLevel(logging.INFO)
         if resume_from is not None:
@@ -916,6 +975,7 @@ def finish_run(
         ),
     }
     runinfo.write_json(run_dir / "train_results.json", summary)
+    drop_previous_run(run_dir)  # this run is complete: the one it replaced goes
     log.info(
         "done: %d steps, best validation loss %s, %s tokens/s; results in %s",
         st.global_step,
