@@ -87,9 +87,9 @@ def test_llama3_examples_train_predict_chat_merge(lf_workdir):
     out = run("predict", "v095_extras_nlg_eval_llama3_lora_predict.yaml", "max_new_tokens=8")
     pred_dir = lf_workdir / "saves/llama3-8b/lora/predict"
     rows = [json.loads(line) for line in (pred_dir / "generated_predictions.jsonl").read_text().splitlines()]
-    assert len(rows) == 8 and set(rows[0]) == {"prompt", "predict", "label", "lf_label"}
-    assert rows[0]["lf_label"] == rows[0]["label"]  # Llama 3: nothing after <|eot_id|>
-    assert rows[0]["label"] == IDENTITY[0]["output"] and rows[4]["label"] == ALPACA_DEMO[0]["output"]
+    assert len(rows) == 8 and set(rows[0]) == {"prompt", "predict", "label", "answer"}
+    assert rows[0]["answer"] == rows[0]["label"]  # Llama 3: nothing after <|eot_id|>
+    assert rows[0]["answer"] == IDENTITY[0]["output"] and rows[4]["answer"] == ALPACA_DEMO[0]["output"]
     results = json.loads((pred_dir / "predict_results.json").read_text())
     assert {"predict_bleu-4", "predict_rouge-1", "predict_rouge-2", "predict_rouge-l", "predict_runtime"} <= set(
         results

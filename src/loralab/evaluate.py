@@ -2,8 +2,9 @@
 
 A prediction folder holds what LLaMA-Factory writes for `do_predict`, so its tools read ours:
 
-    generated_predictions.jsonl   one {"prompt", "predict", "label"} per line; prompt = rendered
-                                  chat-template text (special tokens kept), predict/label = plain text
+    generated_predictions.jsonl   one {"prompt", "predict", "label", "answer"} per line; prompt = rendered
+                                  chat-template text (special tokens kept), predict = plain text, label =
+                                  the text LLaMA-Factory scores against, answer = the clean reference
     predict_results.json          samples, seconds, samples/s, generated tokens/s, settings
     config.yaml, run_info.json    what ran (runinfo)
 
@@ -39,10 +40,13 @@ METRICS = "metrics.json"
 PER_SAMPLE = "per_sample_scores.jsonl"
 COMPARISON = "comparison.json"
 PRED_FIELDS = ("prompt", "predict", "label")
-# An extra field of our generated_predictions.jsonl: the label text LLaMA-Factory scores against (with the
-# template's text after the closing token, e.g. "\n" after <|im_end|>), so predict_* can be recomputed from the
-# file alone. `label` stays the clean answer, which the standard metrics use.
+# In memory a prediction row's `label` is the clean answer (what the standard metrics use) and `lf_label` the
+# label text LLaMA-Factory scores against (with the template's text after the closing token, e.g. "\n" after
+# <|im_end|>). In generated_predictions.jsonl `label` is LLaMA-Factory's text, so LLaMA-Factory's own
+# scripts (scripts/eval_bleu_rouge.py) get our predict_* numbers from our file, and `answer` keeps the clean
+# answer. (Files written before this kept the clean answer in `label` and LLaMA-Factory's in `lf_label`.)
 LF_LABEL = "lf_label"
+ANSWER = "answer"
 
 
 def _sha(texts: list[str]) -> str:
@@ -129,7 +133,9 @@ def read_predictions(path: str | Path) -> list[dict]:
                         f"{path}: line {n}: field `{key}` must be a string, got {type(row[key]).__name__}"
                     )
             rows.append({k: row[k] for k in PRED_FIELDS})
-            if isinstance(row.get(LF_LABEL), str):  # written by loralab: LLaMA-Factory's label text
+            if isinstance(row.get(ANSWER), str):  # written by loralab: `label` is LLaMA-Factory's text
+                rows[-1].update({"label": row[ANSWER], LF_LABEL: row["label"]})
+            elif isinstance(row.get(LF_LABEL), str):  # written by an earlier loralab
                 rows[-1][LF_LABEL] = row[LF_LABEL]
     if not rows:
         raise LoralabError(f"{path}: no predictions (the file is empty)")
@@ -137,9 +143,11 @@ def read_predictions(path: str | Path) -> list[dict]:
 
 
 def write_predictions(path: Path, rows: list[dict]) -> None:
+    """LLaMA-Factory's {"prompt", "predict", "label"} with its label text, plus the clean `answer`."""
     with path.open("w", encoding="utf-8") as f:
         for row in rows:
-            f.write(json.dumps({k: row[k] for k in (*PRED_FIELDS, LF_LABEL) if k in row}, ensure_ascii=False) + "\n")
+            line = {"prompt": row["prompt"], "predict": row["predict"], "label": row.get(LF_LABEL, row["label"])}
+            f.write(json.dumps({**line, ANSWER: row["label"]}, ensure_ascii=False) + "\n")
 
 
 # --- predict -------------------------------------------------------------------------------------
@@ -172,7 +180,7 @@ def predict_into(
     )
     seconds = time.perf_counter() - start
     # finish_reason stays in memory for scoring (hit_max_new_tokens); the file keeps LLaMA-Factory's three
-    # fields plus lf_label (the label text LLaMA-Factory's metrics score against)
+    # fields (its label text) plus the clean answer (write_predictions)
     rows = [
         {
             "prompt": engine.prompt_text(p),
