@@ -91,11 +91,27 @@ def test_llama3_examples_train_predict_chat_merge(lf_workdir):
     assert rows[0]["answer"] == rows[0]["label"]  # Llama 3: nothing after <|eot_id|>
     assert rows[0]["answer"] == IDENTITY[0]["output"] and rows[4]["answer"] == ALPACA_DEMO[0]["output"]
     results = json.loads((pred_dir / "predict_results.json").read_text())
-    assert {"predict_bleu-4", "predict_rouge-1", "predict_rouge-2", "predict_rouge-l", "predict_runtime"} <= set(
-        results
-    )
+    lf_predict_keys = {
+        "predict_bleu-4",
+        "predict_rouge-1",
+        "predict_rouge-2",
+        "predict_rouge-l",
+        "predict_runtime",
+        "predict_samples_per_second",
+        "predict_steps_per_second",
+        "predict_model_preparation_time",
+    }
+    assert lf_predict_keys <= set(results)
+    all_results = json.loads((pred_dir / "all_results.json").read_text())  # LLaMA-Factory's combined file
+    assert set(all_results) == lf_predict_keys and all(results[k] == v for k, v in all_results.items())
     assert "ci_low" in json.loads((pred_dir / "metrics.json").read_text())["metrics"]["predict_bleu-4"]
     assert "predict_bleu-4" in out
+
+    # LLaMA-Factory runs this file with `llamafactory-cli train` (do_predict, no do_train): so does `loralab train`
+    out = run("train", "v095_extras_nlg_eval_llama3_lora_predict.yaml", "max_new_tokens=8")
+    assert "predict_bleu-4" in out and "trained" not in out
+    again = [json.loads(line) for line in (pred_dir / "generated_predictions.jsonl").read_text().splitlines()]
+    assert again == rows  # greedy: the same predictions as `loralab predict`
 
     # examples/inference: chat with the adapter; examples/merge_lora: merged model in export_dir
     out = run("chat", "v093_inference_llama3_lora_sft.yaml", "max_new_tokens=4", stdin="hello\n")

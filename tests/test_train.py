@@ -202,6 +202,45 @@ def test_run_folder_best_and_last(lora_run, data_dir):
     assert train_lines[-1]["tokens_seen"] > train_lines[0]["tokens_seen"] > 0
 
 
+def test_llamafactory_bookkeeping_files(lora_run):
+    """What LLaMA-Factory writes beside the model, with its keys: its web UI and plot scripts read these."""
+    cfg, summary, out = lora_run
+    results = json.loads((out / "train_results.json").read_text())
+    lf_keys = {
+        "epoch",
+        "total_flos",
+        "train_loss",
+        "train_runtime",
+        "train_samples_per_second",
+        "train_steps_per_second",
+    }
+    assert lf_keys <= set(results) and results["steps"] == summary["steps"]  # beside loralab's own keys
+    assert results["train_steps_per_second"] == pytest.approx(summary["steps"] / results["train_runtime"], rel=0.05)
+    all_results = json.loads((out / "all_results.json").read_text())  # the Trainer's metrics, as LLaMA-Factory's
+    assert lf_keys <= set(all_results) and all(results[k] == v for k, v in all_results.items())
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == summary["steps"] and state["best_global_step"] == 4 and state["log_history"]
+    lines = [json.loads(x) for x in (out / "trainer_log.jsonl").read_text().splitlines()]
+    train_lines = [r for r in lines if "loss" in r]
+    assert [r["current_steps"] for r in train_lines] == list(range(1, summary["steps"] + 1))  # logging_steps=1
+    assert {
+        "current_steps",
+        "total_steps",
+        "loss",
+        "lr",
+        "epoch",
+        "percentage",
+        "elapsed_time",
+        "remaining_time",
+    } <= set(train_lines[0])
+    assert train_lines[0]["total_steps"] == 12 and train_lines[0]["percentage"] == round(100 / 12, 2)
+    ours = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["current_steps"], r["eval_loss"]) for r in lines if "eval_loss" in r] == [
+        (r["step"], r["eval_loss"]) for r in ours if "eval_loss" in r
+    ]
+    assert all(r["elapsed_time"].count(":") == 2 for r in lines)  # H:MM:SS, as LLaMA-Factory's timedelta
+
+
 def test_adapter_loads_in_peft_and_loralab(lora_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -494,6 +533,11 @@ def test_sigkill_during_save_then_resume_matches_uninterrupted(tiny_model, data_
     ref_lines = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
     got_lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in got_lines] == [r["step"] for r in ref_lines]  # no duplicated steps after resume
+    lf_log = [json.loads(x)["current_steps"] for x in (out / "trainer_log.jsonl").read_text().splitlines()]
+    ref_lf_log = [
+        json.loads(x)["current_steps"] for x in (tmp_path / "ref" / "trainer_log.jsonl").read_text().splitlines()
+    ]
+    assert lf_log == ref_lf_log  # LLaMA-Factory's log too
     for ref, got in zip(ref_lines, got_lines):
         for key in ("loss", "eval_loss", "learning_rate"):
             assert (key in ref) == (key in got) and got.get(key, 0) == pytest.approx(ref.get(key, 0), abs=1e-5)

@@ -63,6 +63,17 @@ def config_from_args(args: list[str] | None, **extra) -> Config:
     return cfg
 
 
+def given_value(args: list[str] | None, key: str):
+    """The value the YAML file or a key=value override sets for `key` (None when neither sets it): for LLaMA-Factory
+    keys whose absence means something (do_train)."""
+    from loralab.config import parse_overrides, read_yaml
+
+    args = list(args or [])
+    path = args.pop(0) if args and "=" not in args[0] else None
+    values = {**(read_yaml(path) if path else {}), **parse_overrides(args)}
+    return values.get(key)
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"loralab {__version__}")
@@ -180,6 +191,18 @@ def train_cmd(
     cfg = config_from_args(
         args, overwrite_output_dir=True if overwrite else None, resume_from_checkpoint=True if resume else None
     )
+    if cfg.do_predict and not given_value(args, "do_train"):
+        # LLaMA-Factory runs its predict YAMLs (do_predict, no do_train) with `llamafactory-cli train`.
+        from loralab import evaluate
+
+        report_prediction(evaluate.predict(cfg))
+        return
+    if cfg.do_predict:
+        log.warning(
+            "do_predict: `loralab train` trains only; predict on eval_dataset afterwards with `loralab predict` "
+            "(adapter_name_or_path=%s, another output_dir)",
+            cfg.output_dir,
+        )
     # A typo in the config or a missing data file fails here in about a second, before the
     # 10-20 s of importing torch/transformers (reading the data twice costs far less).
     data.load_conversations(cfg, "train")
@@ -233,7 +256,13 @@ def predict(
     """Generate replies for a split (or --data FILE): generated_predictions.jsonl + predict_results.json."""
     from loralab import evaluate
 
-    out = evaluate.predict(config_from_args(args), split, data_file, output_dir, overwrite)
+    report_prediction(evaluate.predict(config_from_args(args), split, data_file, output_dir, overwrite))
+
+
+def report_prediction(out: dict) -> None:
+    """What `loralab predict` prints: the samples and speed, and with do_predict the predict metrics."""
+    from loralab import evaluate
+
     r = out["results"]
     typer.echo(
         f"wrote {out['dir']}/generated_predictions.jsonl: {r['samples']} samples in {r['seconds']:.1f}s "

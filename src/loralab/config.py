@@ -28,7 +28,7 @@ DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
 # They load without error so a user's YAML works unchanged; we say once that they are ignored.
 LLAMAFACTORY_IGNORED_KEYS = {
     "stage": "loralab always does supervised fine-tuning (sft)",
-    "do_train": "the command (train/predict/eval) decides what runs",
+    "do_train": "`loralab train` trains (with do_predict and without do_train it predicts, as LLaMA-Factory)",
     "do_eval": "the command (train/predict/eval) decides what runs",
     "predict_with_generate": "`loralab predict`/`eval` always generate",
     "overwrite_cache": "loralab does not keep a tokenized cache",

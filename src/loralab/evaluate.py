@@ -28,7 +28,7 @@ from loralab import data, metrics
 from loralab.config import Config
 from loralab.errors import LoralabError
 from loralab.generate import Engine, GenerationSettings
-from loralab.runinfo import check_output_dir, write_json, write_run_info
+from loralab.runinfo import check_output_dir, update_all_results, write_json, write_run_info
 from loralab.templates import lf_label_text, with_default_system
 
 log = logging.getLogger(__name__)
@@ -161,8 +161,14 @@ def predict_into(
     adapter: str | None,
     adapter_path: str | None = None,
     progress: bool = True,
+    preparation_seconds: float | None = None,
 ) -> dict:
-    """Generate for every prompt, write generated_predictions.jsonl + predict_results.json into out_dir."""
+    """Generate for every prompt, write generated_predictions.jsonl + predict_results.json into out_dir.
+
+    `preparation_seconds`: how long loading the model (and merging the adapter) took, when the caller timed it
+    (LLaMA-Factory's predict_model_preparation_time)."""
+    import math
+
     import torch
 
     settings = GenerationSettings.from_config(cfg)
@@ -212,10 +218,13 @@ def predict_into(
         "generated_tokens": generated,
         "generated_tokens_per_second": round(generated / seconds, 2),
         "finish_reasons": reasons,
-        # LLaMA-Factory's names for the same timing
+        # LLaMA-Factory's names for the same timing (a step: a batch of infer_batch_size prompts)
         "predict_runtime": round(seconds, 4),
         "predict_samples_per_second": round(len(rows) / seconds, 3),
+        "predict_steps_per_second": round(math.ceil(len(rows) / cfg.infer_batch_size) / seconds, 3),
     }
+    if preparation_seconds is not None:
+        results["predict_model_preparation_time"] = round(preparation_seconds, 4)
     write_json(out_dir / PREDICT_RESULTS, results)
     write_run_info(
         out_dir,
@@ -284,9 +293,11 @@ def predict_one_model(
     progress: bool,
 ) -> dict:
     """predict_into with the base model or one adapter, merged into the weights (no LoRA work per token)."""
+    start = time.perf_counter()
     engine = Engine(cfg, {tag: adapter_path} if adapter_path else {}, merge=True)
+    preparation = time.perf_counter() - start
     adapter = engine.adapter_names[0] if adapter_path else None
-    return predict_into(engine, cfg, prompts, labels, source, out, adapter, adapter_path, progress)
+    return predict_into(engine, cfg, prompts, labels, source, out, adapter, adapter_path, progress, preparation)
 
 
 def predict_like_llamafactory(
@@ -310,6 +321,7 @@ def predict_like_llamafactory(
         progress=progress,
     )
     results = json.loads((Path(result["dir"]) / PREDICT_RESULTS).read_text(encoding="utf-8"))
+    update_all_results(result["dir"], {k: v for k, v in results.items() if k.startswith("predict_")})
     return {"dir": result["dir"], "results": results, "metrics": result["metrics"]}
 
 
@@ -409,12 +421,16 @@ def evaluate_models(
         out_dir = Path(cfg.output_dir) / f"eval-{split_tag(split, data_file)}-{'-vs-'.join(tags)}"
     out = check_output_dir(out_dir, overwrite)
     # A lone adapter is merged into the weights; with the base or other adapters to score, they stay apart.
+    start = time.perf_counter()
     engine = Engine(cfg, {name: path for name, path in adapters.items() if path}, merge=len(adapters) == 1)
+    preparation = time.perf_counter() - start  # one model for all: each folder reports its loading time
     models, per_sample = {}, {}
     for name, path in adapters.items():
         sub = out / name
         sub.mkdir(exist_ok=True)
-        pred = predict_into(engine, cfg, prompts, labels, source, sub, name if path else None, path, progress)
+        pred = predict_into(
+            engine, cfg, prompts, labels, source, sub, name if path else None, path, progress, preparation
+        )
         info = {**source, "model": cfg.model_name_or_path, "adapter": path, "predictions": PREDICTIONS}
         result = score_into(sub, pred["rows"], info, n_boot=n_boot, seed=cfg.seed)
         write_json(sub / PREDICT_RESULTS, {**pred["results"], **_lf_metrics(result)})

@@ -15,6 +15,7 @@ what is ours is the data encoding, the batch order, the run folder and the user-
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import math
@@ -402,11 +403,13 @@ def clean_for_resume(run_dir: Path, checkpoint: Path) -> None:
         if not is_complete(path):
             log.info("removing %s: its save was interrupted (no completion marker)", path)
             remove_checkpoint(path)
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file():
-        step = checkpoint_step(checkpoint)
-        kept = [line for line in metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        metrics.write_text("".join(line + "\n" for line in kept))
+    step = checkpoint_step(checkpoint)
+    for name, step_key in (("metrics.jsonl", "step"), (LlamaFactoryTrainerLog.FILE, "current_steps")):
+        path = run_dir / name
+        if path.is_file():
+            lines = path.read_text().splitlines()
+            kept = [line for line in lines if line.strip() and json.loads(line)[step_key] <= step]
+            path.write_text("".join(line + "\n" for line in kept))
 
 
 def copy_manifests(cfg: Config, run_dir: Path) -> None:
@@ -548,6 +551,46 @@ class RunLog(TrainerCallback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class LlamaFactoryTrainerLog(TrainerCallback):
+    """RUN/trainer_log.jsonl in LLaMA-Factory's format (its LogCallback): one line per log with current_steps,
+    total_steps, loss / eval_loss, lr, epoch, percentage, elapsed_time and remaining_time (H:MM:SS), and
+    throughput / total_tokens; LLaMA-Factory's web UI and loss-plot scripts read this file."""
+
+    FILE = "trainer_log.jsonl"
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / self.FILE
+        self.start = time.time()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.time()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not state.log_history:
+            return
+        last = state.log_history[-1]
+        elapsed = time.time() - self.start
+        # As LLaMA-Factory: the time per step is averaged over global_step (a resumed run counts every step).
+        per_step = elapsed / state.global_step if state.global_step else 0.0
+        record = {
+            "current_steps": state.global_step,
+            "total_steps": state.max_steps,
+            "loss": last.get("loss"),
+            "eval_loss": last.get("eval_loss"),
+            "lr": last.get("learning_rate"),
+            "epoch": last.get("epoch"),
+            "percentage": round(state.global_step / state.max_steps * 100, 2) if state.max_steps else 100,
+            "elapsed_time": str(datetime.timedelta(seconds=int(elapsed))),
+            "remaining_time": str(datetime.timedelta(seconds=int((state.max_steps - state.global_step) * per_step))),
+        }
+        if state.num_input_tokens_seen:
+            record["throughput"] = round(state.num_input_tokens_seen / elapsed, 2) if elapsed > 0 else None
+            record["total_tokens"] = state.num_input_tokens_seen
+        record = finite_or_none({k: v for k, v in record.items() if v is not None})
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 class LoralabTrainer(transformers.Trainer):
@@ -861,7 +904,7 @@ def _train(cfg: Config, callbacks: list | None, run_scope: contextlib.ExitStack)
             ),
             None,
         )
-    extra = [CompleteCheckpoints(run_dir, cfg.save_total_limit), RunLog(run_dir)]
+    extra = [CompleteCheckpoints(run_dir, cfg.save_total_limit), RunLog(run_dir), LlamaFactoryTrainerLog(run_dir)]
     if has_eval and cfg.early_stopping_patience:
         extra.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     if is_main:
@@ -974,7 +1017,13 @@ def finish_run(
             cfg, run_dir, st.best_global_step if best_loss is not None else None
         ),
     }
-    runinfo.write_json(run_dir / "train_results.json", summary)
+    # LLaMA-Factory's bookkeeping beside ours: the Trainer's train metrics (epoch, total_flos, train_loss,
+    # train_runtime, train_samples_per_second, train_steps_per_second) also in train_results.json and in
+    # all_results.json, and the Trainer's state in trainer_state.json, as its `save_metrics` / `save_state`.
+    trainer_metrics = dict(result.metrics)
+    runinfo.write_json(run_dir / "train_results.json", {**summary, **trainer_metrics})
+    runinfo.update_all_results(run_dir, trainer_metrics)
+    trainer.save_state()
     drop_previous_run(run_dir)  # this run is complete: the one it replaced goes
     log.info(
         "done: %d steps, best validation loss %s, %s tokens/s; results in %s",
