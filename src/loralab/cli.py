@@ -66,12 +66,11 @@ def config_from_args(args: list[str] | None, **extra) -> Config:
 def given_value(args: list[str] | None, key: str):
     """The value the YAML file or a key=value override sets for `key` (None when neither sets it): for LLaMA-Factory
     keys whose absence means something (do_train)."""
-    from loralab.config import parse_overrides, read_yaml
+    from loralab.config import given_values
 
     args = list(args or [])
     path = args.pop(0) if args and "=" not in args[0] else None
-    values = {**(read_yaml(path) if path else {}), **parse_overrides(args)}
-    return values.get(key)
+    return given_values(path, args).get(key)
 
 
 def _version(value: bool) -> None:
@@ -108,18 +107,19 @@ def config_show(
         typer.echo(describe_fields())
         return
     if diff_lf:
-        from loralab.config import differences_from_llamafactory, given_keys
+        from loralab.config import differences_from_llamafactory, file_kind, given_values
 
         cfg = config_from_args(args)
         rest = list(args or [])
         path = rest.pop(0) if rest and "=" not in rest[0] else None
-        rows = differences_from_llamafactory(cfg, given_keys(path, rest))
+        values = given_values(path, rest)
+        rows = differences_from_llamafactory(cfg, set(values), file_kind(values))
         if not rows:
             typer.echo("every effective value is what LLaMA-Factory would use")
             return
-        typer.echo(f"{'key':<24} {'loralab':<28} {'LLaMA-Factory':<22} why loralab's default")
+        typer.echo(f"{'key':<26} {'loralab':<28} {'LLaMA-Factory':<22} why loralab's default")
         for r in rows:
-            typer.echo(f"{r['key']:<24} {str(r['loralab']):<28} {str(r['llamafactory']):<22} {r['why']}")
+            typer.echo(f"{r['key']:<26} {str(r['loralab']):<28} {str(r['llamafactory']):<22} {r['why']}")
         return
     typer.echo(config_to_yaml(config_from_args(args)), nl=False)
 
