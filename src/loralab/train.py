@@ -58,6 +58,7 @@ TRAINER_ONLY_FILES = (
 def encode_split(tokenizer, conversations: list[list[dict]], cfg: Config) -> tuple[list[dict], dict]:
     """Conversations -> [{"input_ids", "labels"}] plus counts of what cutoff_len/masking did."""
     examples, counts = [], {"conversations": len(conversations), "truncated": 0, "dropped_too_long": 0, "no_labels": 0}
+    cutoff_len = training_cutoff_len(cfg)
     for messages in conversations:
         messages = with_default_system(messages, cfg.default_system)
         masking = {"train_on_prompt": cfg.train_on_prompt, "mask_history": cfg.mask_history}
@@ -65,8 +66,8 @@ def encode_split(tokenizer, conversations: list[list[dict]], cfg: Config) -> tup
         if full is None:  # no assistant token at all (e.g. an empty answer)
             counts["no_labels"] += 1
             continue
-        if len(full["input_ids"]) > cfg.cutoff_len:
-            cut = encode_for_training(tokenizer, messages, cfg.cutoff_len, cfg.overflow, **masking)
+        if len(full["input_ids"]) > cutoff_len:
+            cut = encode_for_training(tokenizer, messages, cutoff_len, cfg.overflow, **masking)
             if cut is None:  # dropped (overflow=drop), or truncation cut away every answer token
                 counts["dropped_too_long" if cfg.overflow == "drop" else "no_labels"] += 1
                 continue
@@ -74,6 +75,12 @@ def encode_split(tokenizer, conversations: list[list[dict]], cfg: Config) -> tup
             full = cut
         examples.append(full)
     return examples, counts
+
+
+def training_cutoff_len(cfg: Config) -> int:
+    """The longest training sequence: cutoff_len, or with packing cutoff_len - 1, as LLaMA-Factory (its data
+    arguments lower cutoff_len by one when packing)."""
+    return cfg.cutoff_len - 1 if cfg.packing or cfg.neat_packing else cfg.cutoff_len
 
 
 @dataclass
