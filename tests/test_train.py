@@ -294,6 +294,7 @@ def test_a_failed_overwrite_never_loses_the_previous_run(lora_run, tiny_model, d
     _, _, first = lora_run
     out = tmp_path / "run"
     shutil.copytree(first, out)
+    (out / "my_notes.txt").write_text("the user's own file: never moved or deleted")
     before = folder_state(out)
     # A failed start (an unknown template, a model that does not load, no data): nothing is touched.
     for bad in (
@@ -311,8 +312,8 @@ def test_a_failed_overwrite_never_loses_the_previous_run(lora_run, tiny_model, d
     # After a checkpoint: the new run stays (resumable), the previous one waits in .previous_run/.
     with pytest.raises(RuntimeError, match="failed at step 3"):
         train(make_cfg(tiny_model, data_dir, out, max_steps=4, overwrite_output_dir=True), callbacks=[FailAtStep(3)])
-    assert folder_state(out / ".previous_run") == before
-    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]
+    assert folder_state(out / ".previous_run") == {k: v for k, v in before.items() if k != "my_notes.txt"}
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"] and (out / "my_notes.txt").is_file()
     # Overwriting again replaces the unfinished attempt; failing early, it puts the finished run back.
     with pytest.raises(RuntimeError, match="failed at step 1"):
         train(make_cfg(tiny_model, data_dir, out, max_steps=4, overwrite_output_dir=True), callbacks=[FailAtStep(1)])
@@ -320,6 +321,7 @@ def test_a_failed_overwrite_never_loses_the_previous_run(lora_run, tiny_model, d
     # A run that finishes replaces the previous one for good.
     train(make_cfg(tiny_model, data_dir, out, max_steps=2, overwrite_output_dir=True))
     assert not (out / ".previous_run").exists() and (out / "adapter_model.safetensors").is_file()
+    assert (out / "my_notes.txt").read_bytes() == before["my_notes.txt"]
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fnmatch
 import json
 import logging
 import math
@@ -43,6 +44,40 @@ CHECKPOINT_PREFIX = "checkpoint-"
 COMPLETE_MARKER = "loralab_complete.json"
 # With overwrite_output_dir the replaced run waits here until the new run has finished (never deleted first).
 PREVIOUS_RUN = ".previous_run"
+# What a training run writes at the top of its folder (loralab's files, LLaMA-Factory's, the model's, the
+# tokenizer's, peft's model card): what overwrite_output_dir replaces. Anything else in the folder is the user's
+# and stays where it is.
+RUN_FILES = (
+    CHECKPOINT_PREFIX + "*",
+    "last",
+    "tensorboard",
+    generation_validation.FOLDER,
+    "metrics.jsonl",
+    "train.log",
+    "*_results.json",
+    "trainer_log.jsonl",
+    "trainer_state.json",
+    "training_args.bin",
+    "config.yaml",
+    "run_info.json",
+    "*_manifest.json",
+    "chat_template.jinja",
+    "training_*.png",
+    "adapter_model.*",
+    "adapter_config.json",
+    "model.safetensors",
+    "model-*.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model*.bin",
+    "config.json",
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "README.md",
+)
 # Files of a checkpoint that only the Trainer needs to resume (not part of the model/adapter itself).
 TRAINER_ONLY_FILES = (
     "optimizer.pt",
@@ -351,14 +386,14 @@ def prepare_run_dir(cfg: Config, is_main: bool) -> tuple[Path, Path | None]:
 
 
 def set_aside_previous_run(run_dir: Path) -> Path | None:
-    """overwrite_output_dir, once the new run has started: move what the folder holds into
+    """overwrite_output_dir, once the new run has started: move the previous run's files (RUN_FILES) into
     RUN/.previous_run/, so the new run's checkpoints and logs never mix with the old ones (or get resumed).
 
     The previous run is removed only when the new one has finished (`drop_previous_run`); a run that fails
     before its first complete checkpoint puts it back (`restore_previous_run`). If RUN/.previous_run/ is
     already there, an earlier replacement never finished: the finished run is the one set aside then, and
     what the folder holds now is that unfinished attempt, which this run replaces."""
-    entries = [p for p in run_dir.iterdir() if p.name != PREVIOUS_RUN] if run_dir.is_dir() else []
+    entries = run_outputs(run_dir)
     if not entries:
         return None
     previous = run_dir / PREVIOUS_RUN
@@ -383,12 +418,19 @@ def restore_previous_run(run_dir: Path, previous: Path) -> None:
     if find_resume_checkpoint(run_dir) is not None:
         log.warning("the previous run of %s is kept in %s until a run in this folder finishes", run_dir, previous)
         return
-    for path in [p for p in run_dir.iterdir() if p.name != PREVIOUS_RUN]:
+    for path in run_outputs(run_dir):
         remove_path(path)
     for path in previous.iterdir():
         os.replace(path, run_dir / path.name)
     previous.rmdir()
     log.info("the previous run in %s is back in place", run_dir)
+
+
+def run_outputs(run_dir: Path) -> list[Path]:
+    """The entries of a run folder that a training run wrote (RUN_FILES), not the user's own files."""
+    if not run_dir.is_dir():
+        return []
+    return [p for p in sorted(run_dir.iterdir()) if any(fnmatch.fnmatch(p.name, pattern) for pattern in RUN_FILES)]
 
 
 def drop_previous_run(run_dir: Path) -> None:
