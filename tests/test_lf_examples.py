@@ -120,6 +120,21 @@ def test_llama3_examples_train_predict_chat_merge(lf_workdir):
     assert (lf_workdir / "output/llama3_lora_sft/config.json").is_file()
 
 
+def test_do_train_and_do_predict_train_then_predict_into_the_run(lf_workdir):
+    # LLaMA-Factory with both: trains, then the trained model predicts on eval_dataset into output_dir
+    args = ["do_predict=true", "eval_dataset=alpaca_en_demo", "max_new_tokens=4", "max_steps=2", "output_dir=both"]
+    out = run("train", "v093_train_lora_llama3_lora_sft.yaml", *args)
+    assert "trained 2 steps" in out and "predict_bleu-4" in out
+    run_dir = lf_workdir / "both"
+    rows = (run_dir / "generated_predictions.jsonl").read_text().splitlines()
+    assert len(rows) == len(ALPACA_DEMO) and (run_dir / "adapter_model.safetensors").is_file()
+    all_results = json.loads((run_dir / "all_results.json").read_text())  # train and predict metrics, as LF's
+    assert {"train_runtime", "epoch", "predict_bleu-4", "predict_runtime"} <= set(all_results)
+    results = json.loads((run_dir / "predict_results.json").read_text())
+    assert results["adapter"] == str(run_dir) or Path(results["adapter"]).resolve() == run_dir.resolve()
+    assert "examples" in json.loads((run_dir / "run_info.json").read_text())  # the training run's own description
+
+
 def test_qwen3_examples_train_chat_merge(lf_workdir):
     run("train", "v095_train_lora_qwen3_lora_sft.yaml")
     run_dir = lf_workdir / "saves/qwen3-4b/lora/sft"

@@ -197,12 +197,6 @@ def train_cmd(
 
         report_prediction(evaluate.predict(cfg))
         return
-    if cfg.do_predict:
-        log.warning(
-            "do_predict: `loralab train` trains only; predict on eval_dataset afterwards with `loralab predict` "
-            "(adapter_name_or_path=%s, another output_dir)",
-            cfg.output_dir,
-        )
     # A typo in the config or a missing data file fails here in about a second, before the
     # 10-20 s of importing torch/transformers (reading the data twice costs far less).
     data.load_conversations(cfg, "train")
@@ -216,6 +210,10 @@ def train_cmd(
             f"trained {summary['steps']} steps into {summary['run_dir']}"
             + (f" (best validation loss {best:.4f} at step {summary['best_step']})" if best is not None else "")
         )
+        if cfg.do_predict:  # LLaMA-Factory's do_train + do_predict: the trained model predicts on eval_dataset
+            from loralab import evaluate
+
+            report_prediction(evaluate.predict_after_training(cfg, summary["run_dir"]))
 
 
 @app.command("export")

@@ -226,15 +226,16 @@ def predict_into(
     if preparation_seconds is not None:
         results["predict_model_preparation_time"] = round(preparation_seconds, 4)
     write_json(out_dir / PREDICT_RESULTS, results)
-    write_run_info(
-        out_dir,
-        cfg,
-        engine.tokenizer,
-        stage="predict",
-        split=source.get("split"),
-        data=source.get("data"),
-        adapter=results["adapter"],
-    )
+    if not (out_dir / "train_results.json").is_file():  # a training run's folder keeps its own description
+        write_run_info(
+            out_dir,
+            cfg,
+            engine.tokenizer,
+            stage="predict",
+            split=source.get("split"),
+            data=source.get("data"),
+            adapter=results["adapter"],
+        )
     log.info(
         "%d samples in %.1fs: %.2f samples/s, %.1f generated tokens/s (%d hit max_new_tokens)",
         len(rows),
@@ -308,7 +309,7 @@ def predict_like_llamafactory(
     output_dir then holds generated_predictions.jsonl and predict_results.json (with the predict_*
     metrics) where LLaMA-Factory writes them, plus loralab's metrics.json (95% CIs) and per-sample scores.
     """
-    if not cfg.eval_dataset:
+    if not cfg.eval_dataset and not cfg.val_size:
         raise LoralabError(
             "do_predict: predicts on eval_dataset, which is unset; set eval_dataset to the "
             "dataset to predict on (as in LLaMA-Factory), or pass --split/--data"
@@ -323,6 +324,13 @@ def predict_like_llamafactory(
     results = json.loads((Path(result["dir"]) / PREDICT_RESULTS).read_text(encoding="utf-8"))
     update_all_results(result["dir"], {k: v for k, v in results.items() if k.startswith("predict_")})
     return {"dir": result["dir"], "results": results, "metrics": result["metrics"]}
+
+
+def predict_after_training(cfg: Config, run_dir: str, progress: bool = True) -> dict:
+    """LLaMA-Factory's do_train + do_predict: the model just trained (the run folder's adapter, or its model for
+    full fine-tuning) predicts on eval_dataset, into the run folder (predict_results.json, all_results.json)."""
+    trained = {"adapter_name_or_path": run_dir} if cfg.finetuning_type == "lora" else {"model_name_or_path": run_dir}
+    return predict_like_llamafactory(cfg.model_copy(update=trained), run_dir, overwrite=True, progress=progress)
 
 
 # --- score ---------------------------------------------------------------------------------------
