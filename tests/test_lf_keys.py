@@ -125,9 +125,9 @@ def test_config_show_diff_lf_by_kind_of_file():
 
     from loralab.cli import app
 
-    def rows(name):
+    def rows(name, *overrides):
         fixture = Path(__file__).parent / "fixtures" / "lf_examples" / name
-        out = CliRunner().invoke(app, ["config", "show", str(fixture), "--diff-lf"]).output
+        out = CliRunner().invoke(app, ["config", "show", str(fixture), *overrides, "--diff-lf"]).output
         return {line.split()[0]: line for line in out.splitlines()[1:] if line.strip()}
 
     predict = rows("v095_extras_nlg_eval_llama3_lora_predict.yaml")
@@ -140,3 +140,5 @@ def test_config_show_diff_lf_by_kind_of_file():
     assert set(inference) == {"max_new_tokens", "do_sample"}
     train = rows("v095_train_lora_qwen3_lora_sft.yaml")
     assert "train_sampling_strategy: random" in train["group_by_length"] and "per_device_eval_batch_size" not in train
+    both = rows("v095_train_lora_qwen3_lora_sft.yaml", "do_predict=true")  # trains, then predicts
+    assert "group_by_length" in both and "(generation batch)" in both["per_device_eval_batch_size"]

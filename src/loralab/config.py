@@ -682,7 +682,7 @@ def differences_from_llamafactory(cfg: Config, given: set[str], kind: str = "tra
                 "why": "batches of similar lengths (less padding), order from the seed; LLaMA-Factory: random order",
             }
         )
-    if kind == "predict":
+    if cfg.do_predict:  # a predict file, or a train file that also predicts
         theirs = (
             cfg.per_device_eval_batch_size
             if "per_device_eval_batch_size" in given
