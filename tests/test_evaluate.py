@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -70,9 +71,10 @@ def test_predict_writes_llamafactory_jsonl(tiny_model, data_dir, tmp_path):
     assert out["dir"] == str(folder)
     rows = read_jsonl(folder / "generated_predictions.jsonl")
     prompts, labels, _ = load_examples(cfg, "test")
-    # LLaMA-Factory's three fields, plus its label text for predict_* (lf_label; Llama 3: the same text)
-    assert [list(r) for r in rows] == [["prompt", "predict", "label", "lf_label"]] * 5
-    assert [r["label"] for r in rows] == labels == [r["lf_label"] for r in rows]
+    # LLaMA-Factory's three fields (label: the text its metrics score against; Llama 3: nothing after
+    # <|eot_id|>, so the clean answer) plus the clean answer
+    assert [list(r) for r in rows] == [["prompt", "predict", "label", "answer"]] * 5
+    assert [r["answer"] for r in rows] == labels == [r["label"] for r in rows]
     engine = Engine(cfg, {})
     # prompt = the rendered chat-template text, special tokens kept (as LLaMA-Factory writes it)
     assert rows[0]["prompt"] == engine.tokenizer.apply_chat_template(
@@ -126,6 +128,42 @@ def test_test_max_samples_scores_the_first_records_and_says_so(tiny_model, adapt
     assert predict(cfg, "val", progress=False)["results"]["capped_by"] == {"eval_max_samples": 3}
 
 
+def lf_script_scores(rows: list[dict]) -> dict[str, float]:
+    """What LLaMA-Factory's scripts/eval_bleu_rouge.py prints for a generated_predictions.jsonl: the mean over
+    rows of sentence BLEU-4 on characters (smoothing method 3) and rouge_chinese F on jieba words, x100,
+    each rounded to 4 digits, `predict` scored against `label`."""
+    import jieba
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+    from rouge_chinese import Rouge
+
+    totals = {"bleu-4": 0.0, "rouge-1": 0.0, "rouge-2": 0.0, "rouge-l": 0.0}
+    for row in rows:
+        bleu = sentence_bleu([list(row["label"])], list(row["predict"]), smoothing_function=SmoothingFunction().method3)
+        totals["bleu-4"] += round(bleu * 100, 4)
+        hyp, ref = " ".join(jieba.cut(row["predict"])), " ".join(jieba.cut(row["label"]))
+        if hyp.split() and ref.split():
+            for key, value in Rouge().get_scores(hyp, ref)[0].items():
+                totals[key] += round(value["f"] * 100, 4)
+    return {key: value / len(rows) for key, value in totals.items()}
+
+
+def test_llamafactory_script_scores_our_file_as_our_predict_results(tiny_chatml_model, data_dir, tmp_path):
+    # ChatML: LLaMA-Factory's label text keeps the "\n" after <|im_end|>; its script reads `label` from the file
+    cfg = make_cfg(tiny_chatml_model, data_dir, tmp_path, do_predict=True, max_new_tokens=16)
+    folder = Path(predict(cfg, progress=False)["dir"])
+    rows = read_jsonl(folder / "generated_predictions.jsonl")
+    assert all(r["label"] == r["answer"] + "\n" for r in rows)
+    ours = json.loads((folder / "predict_results.json").read_text())
+    script = lf_script_scores(rows)
+    for key, value in script.items():
+        assert ours[f"predict_{key}"] == pytest.approx(value, abs=1e-4), key
+    assert lf_script_scores([{**r, "label": r["answer"]} for r in rows])["bleu-4"] != pytest.approx(script["bleu-4"])
+    # read back, the clean answer is the label again (the standard metrics use it) and LF's text is kept
+    assert [(r["label"], r["lf_label"]) for r in read_predictions(folder / "generated_predictions.jsonl")] == [
+        (r["answer"], r["label"]) for r in rows
+    ]
+
+
 def test_eval_reads_predictions_file(tiny_model, data_dir, tmp_path):
     cfg = make_cfg(tiny_model, data_dir, tmp_path)
     preds = tmp_path / "lf" / "generated_predictions.jsonl"
@@ -155,10 +193,10 @@ def test_eval_reports_exact_match_lengths_and_max_token_hits(tiny_model, data_di
     assert result["lengths"]["mean_pred_words"] == pytest.approx(sum(len(r["predict"].split()) for r in per_sample) / 5)
     assert result["lengths"]["mean_label_words"] == pytest.approx(sum(len(r["label"].split()) for r in per_sample) / 5)
     assert result["metrics"]["exact_match"]["value"] == 0.0  # a random model answers nothing right
-    # the predictions file keeps LLaMA-Factory's three fields (+ the label text LF's metrics score against);
-    # the finish reasons live in the score file
+    # the predictions file keeps LLaMA-Factory's three fields (+ the clean answer); the finish reasons live
+    # in the score file
     assert [list(r) for r in read_jsonl(folder / "generated_predictions.jsonl")] == [
-        ["prompt", "predict", "label", "lf_label"]
+        ["prompt", "predict", "label", "answer"]
     ] * 5
     from loralab.evaluate import format_metrics_table
 

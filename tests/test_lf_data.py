@@ -146,3 +146,28 @@ def test_tools_go_to_the_tokenizers_own_template_when_no_template_is_named():
     tools = [{"name": "a", "parameters": {}}, {"type": "function", "function": {"name": "b"}}]
     messages = [{"role": "system", "content": "S", "tools": tools}, {"role": "user", "content": "U"}]
     assert templates.render(tokenizer, messages) == "[a][b]<system>S<user>U"
+
+
+SELECTION = json.loads((FIXTURES / "selection.json").read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("case", sorted(SELECTION["selection"]))
+def test_the_same_records_as_llamafactory(case):
+    """num_samples, max_samples and val_size pick the records LLaMA-Factory picks for the same seed, in its order
+    (record_selection.py: LLaMA-Factory's own loading and split)."""
+    ref = SELECTION["selection"][case]
+    values = {"dataset": ref["dataset"], "dataset_dir": str(FIXTURES / "data"), "seed": ref["seed"]}
+    values.update({k: ref[k] for k in ("max_samples", "val_size") if k in ref})
+    cfg = load_config(None, values)
+    for which, key in (("train", "train"), ("eval", "eval")):
+        assert [c[0]["content"] for c in data.load_conversations(cfg, which)] == ref[key], which
+
+
+def test_packing_cuts_each_sequence_to_cutoff_len_minus_one(tokenizers):
+    ref = SELECTION["packing"]
+    values = {"dataset": ref["dataset"], "dataset_dir": str(FIXTURES / "data"), "template": ref["template"]}
+    cfg = load_config(None, {**values, "cutoff_len": ref["cutoff_len"], "neat_packing": True})
+    tokenizer = apply_template(tokenizers["llama3"], cfg.template)
+    examples, counts = encode_split(tokenizer, data.load_conversations(cfg, "train"), cfg)
+    assert [e["input_ids"] for e in examples] == ref["sequences"]
+    assert max(map(len, ref["sequences"])) == ref["cutoff_len"] - 1 and counts["truncated"] == len(examples)

@@ -87,15 +87,31 @@ def test_llama3_examples_train_predict_chat_merge(lf_workdir):
     out = run("predict", "v095_extras_nlg_eval_llama3_lora_predict.yaml", "max_new_tokens=8")
     pred_dir = lf_workdir / "saves/llama3-8b/lora/predict"
     rows = [json.loads(line) for line in (pred_dir / "generated_predictions.jsonl").read_text().splitlines()]
-    assert len(rows) == 8 and set(rows[0]) == {"prompt", "predict", "label", "lf_label"}
-    assert rows[0]["lf_label"] == rows[0]["label"]  # Llama 3: nothing after <|eot_id|>
-    assert rows[0]["label"] == IDENTITY[0]["output"] and rows[4]["label"] == ALPACA_DEMO[0]["output"]
+    assert len(rows) == 8 and set(rows[0]) == {"prompt", "predict", "label", "answer"}
+    assert rows[0]["answer"] == rows[0]["label"]  # Llama 3: nothing after <|eot_id|>
+    assert rows[0]["answer"] == IDENTITY[0]["output"] and rows[4]["answer"] == ALPACA_DEMO[0]["output"]
     results = json.loads((pred_dir / "predict_results.json").read_text())
-    assert {"predict_bleu-4", "predict_rouge-1", "predict_rouge-2", "predict_rouge-l", "predict_runtime"} <= set(
-        results
-    )
+    lf_predict_keys = {
+        "predict_bleu-4",
+        "predict_rouge-1",
+        "predict_rouge-2",
+        "predict_rouge-l",
+        "predict_runtime",
+        "predict_samples_per_second",
+        "predict_steps_per_second",
+        "predict_model_preparation_time",
+    }
+    assert lf_predict_keys <= set(results)
+    all_results = json.loads((pred_dir / "all_results.json").read_text())  # LLaMA-Factory's combined file
+    assert set(all_results) == lf_predict_keys and all(results[k] == v for k, v in all_results.items())
     assert "ci_low" in json.loads((pred_dir / "metrics.json").read_text())["metrics"]["predict_bleu-4"]
     assert "predict_bleu-4" in out
+
+    # LLaMA-Factory runs this file with `llamafactory-cli train` (do_predict, no do_train): so does `loralab train`
+    out = run("train", "v095_extras_nlg_eval_llama3_lora_predict.yaml", "max_new_tokens=8")
+    assert "predict_bleu-4" in out and "trained" not in out
+    again = [json.loads(line) for line in (pred_dir / "generated_predictions.jsonl").read_text().splitlines()]
+    assert again == rows  # greedy: the same predictions as `loralab predict`
 
     # examples/inference: chat with the adapter; examples/merge_lora: merged model in export_dir
     out = run("chat", "v093_inference_llama3_lora_sft.yaml", "max_new_tokens=4", stdin="hello\n")
@@ -104,10 +120,32 @@ def test_llama3_examples_train_predict_chat_merge(lf_workdir):
     assert (lf_workdir / "output/llama3_lora_sft/config.json").is_file()
 
 
+def test_do_train_and_do_predict_train_then_predict_into_the_run(lf_workdir):
+    # LLaMA-Factory with both: trains, then the trained model predicts on eval_dataset into output_dir
+    args = ["do_predict=true", "eval_dataset=alpaca_en_demo", "max_new_tokens=4", "max_steps=2", "output_dir=both"]
+    out = run("train", "v093_train_lora_llama3_lora_sft.yaml", *args)
+    assert "trained 2 steps" in out and "predict_bleu-4" in out
+    run_dir = lf_workdir / "both"
+    rows = (run_dir / "generated_predictions.jsonl").read_text().splitlines()
+    assert len(rows) == len(ALPACA_DEMO) and (run_dir / "adapter_model.safetensors").is_file()
+    all_results = json.loads((run_dir / "all_results.json").read_text())  # train and predict metrics, as LF's
+    assert {"train_runtime", "epoch", "predict_bleu-4", "predict_runtime"} <= set(all_results)
+    results = json.loads((run_dir / "predict_results.json").read_text())
+    assert results["adapter"] == str(run_dir) or Path(results["adapter"]).resolve() == run_dir.resolve()
+    assert "examples" in json.loads((run_dir / "run_info.json").read_text())  # the training run's own description
+
+
 def test_qwen3_examples_train_chat_merge(lf_workdir):
     run("train", "v095_train_lora_qwen3_lora_sft.yaml")
     run_dir = lf_workdir / "saves/qwen3-4b/lora/sft"
     assert (run_dir / "adapter_model.safetensors").is_file()
+    if not torch.cuda.is_available():
+        # LLaMA-Factory's next example, QLoRA, shares the output folder (overwrite_output_dir: true); on a CPU
+        # it cannot start, and the LoRA run it would have replaced is left exactly as it was.
+        before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+        with pytest.raises(LoralabError, match="needs a CUDA GPU"):
+            run("train", "v095_train_qlora_qwen3_lora_sft_otfq.yaml")
+        assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
     assert run("chat", "v095_inference_qwen3.yaml", "max_new_tokens=4", stdin="hello\n").strip()
     assert run("chat", "v095_inference_qwen3_lora_sft.yaml", "max_new_tokens=4", stdin="hello\n").strip()
     run("export", "v095_merge_lora_qwen3_lora_sft.yaml")

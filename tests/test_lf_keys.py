@@ -5,6 +5,7 @@ src/loralab/lf_keys.json is the key list recorded from LLaMA-Factory's argument 
 """
 
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -115,3 +116,29 @@ def test_config_show_diff_lf_lists_unset_keys_that_differ(tmp_path):
     assert not {"learning_rate", "logging_steps", "do_sample", "max_new_tokens", "model_name_or_path"} & set(rows)
     assert "cosine" in rows["lr_scheduler_type"] and "linear" in rows["lr_scheduler_type"]
     assert "logging_steps (5)" in rows["eval_steps"]
+
+
+def test_config_show_diff_lf_by_kind_of_file():
+    """A predict file lists only what prediction uses, and that per_device_eval_batch_size is not the
+    generation batch; an inference file only generation keys; a train file that batches are length-grouped."""
+    from typer.testing import CliRunner
+
+    from loralab.cli import app
+
+    def rows(name, *overrides):
+        fixture = Path(__file__).parent / "fixtures" / "lf_examples" / name
+        out = CliRunner().invoke(app, ["config", "show", str(fixture), *overrides, "--diff-lf"]).output
+        return {line.split()[0]: line for line in out.splitlines()[1:] if line.strip()}
+
+    predict = rows("v095_extras_nlg_eval_llama3_lora_predict.yaml")
+    assert {"max_new_tokens", "do_sample", "per_device_eval_batch_size"} <= set(predict)
+    assert "unused: infer_batch_size=" in predict["per_device_eval_batch_size"]
+    assert "1 (generation batch)" in predict["per_device_eval_batch_size"]  # the file's value, LLaMA-Factory's batch
+    training = {"learning_rate", "lr_scheduler_type", "optim", "eval_strategy", "save_total_limit", "dataset"}
+    assert not training & set(predict) and "group_by_length" not in predict
+    inference = rows("v095_inference_qwen3_lora_sft.yaml")
+    assert set(inference) == {"max_new_tokens", "do_sample"}
+    train = rows("v095_train_lora_qwen3_lora_sft.yaml")
+    assert "train_sampling_strategy: random" in train["group_by_length"] and "per_device_eval_batch_size" not in train
+    both = rows("v095_train_lora_qwen3_lora_sft.yaml", "do_predict=true")  # trains, then predicts
+    assert "group_by_length" in both and "(generation batch)" in both["per_device_eval_batch_size"]

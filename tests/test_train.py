@@ -202,6 +202,45 @@ def test_run_folder_best_and_last(lora_run, data_dir):
     assert train_lines[-1]["tokens_seen"] > train_lines[0]["tokens_seen"] > 0
 
 
+def test_llamafactory_bookkeeping_files(lora_run):
+    """What LLaMA-Factory writes beside the model, with its keys: its web UI and plot scripts read these."""
+    cfg, summary, out = lora_run
+    results = json.loads((out / "train_results.json").read_text())
+    lf_keys = {
+        "epoch",
+        "total_flos",
+        "train_loss",
+        "train_runtime",
+        "train_samples_per_second",
+        "train_steps_per_second",
+    }
+    assert lf_keys <= set(results) and results["steps"] == summary["steps"]  # beside loralab's own keys
+    assert results["train_steps_per_second"] == pytest.approx(summary["steps"] / results["train_runtime"], rel=0.05)
+    all_results = json.loads((out / "all_results.json").read_text())  # the Trainer's metrics, as LLaMA-Factory's
+    assert lf_keys <= set(all_results) and all(results[k] == v for k, v in all_results.items())
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == summary["steps"] and state["best_global_step"] == 4 and state["log_history"]
+    lines = [json.loads(x) for x in (out / "trainer_log.jsonl").read_text().splitlines()]
+    train_lines = [r for r in lines if "loss" in r]
+    assert [r["current_steps"] for r in train_lines] == list(range(1, summary["steps"] + 1))  # logging_steps=1
+    assert {
+        "current_steps",
+        "total_steps",
+        "loss",
+        "lr",
+        "epoch",
+        "percentage",
+        "elapsed_time",
+        "remaining_time",
+    } <= set(train_lines[0])
+    assert train_lines[0]["total_steps"] == 12 and train_lines[0]["percentage"] == round(100 / 12, 2)
+    ours = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["current_steps"], r["eval_loss"]) for r in lines if "eval_loss" in r] == [
+        (r["step"], r["eval_loss"]) for r in ours if "eval_loss" in r
+    ]
+    assert all(r["elapsed_time"].count(":") == 2 for r in lines)  # H:MM:SS, as LLaMA-Factory's timedelta
+
+
 def test_adapter_loads_in_peft_and_loralab(lora_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -233,6 +272,57 @@ def test_refuses_to_overwrite_and_overwrites_when_asked(lora_run, tiny_model, da
     events = {p.name for p in (out / "tensorboard").glob("events.out.tfevents.*")}
     assert events and not events & old_events
     assert "= checkpoint-4" not in (out / "train.log").read_text()
+
+
+def folder_state(folder: Path) -> dict[str, bytes]:
+    """Every file under a folder (relative path -> bytes): what 'intact' means for a run."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+class FailAtStep(TrainerCallback):
+    """Stand-in for a run that fails part-way (out of memory, a kill): raises after step `step`."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            raise RuntimeError(f"failed at step {state.global_step}")
+
+
+def test_a_failed_overwrite_never_loses_the_previous_run(lora_run, tiny_model, data_dir, tmp_path):
+    _, _, first = lora_run
+    out = tmp_path / "run"
+    shutil.copytree(first, out)
+    (out / "my_notes.txt").write_text("the user's own file: never moved or deleted")
+    before = folder_state(out)
+    # A failed start (an unknown template, a model that does not load, no data): nothing is touched.
+    for bad in (
+        {"template": "no-such-template"},
+        {"model_name_or_path": str(tmp_path / "no-such-model")},
+        {"dataset": "no_such_dataset"},
+    ):
+        with pytest.raises(LoralabError):
+            train(make_cfg(tiny_model, data_dir, out, max_steps=2, overwrite_output_dir=True, **bad))
+        assert folder_state(out) == before, bad
+    # A failure before the new run's first checkpoint: the previous run is put back as it was.
+    with pytest.raises(RuntimeError, match="failed at step 1"):
+        train(make_cfg(tiny_model, data_dir, out, max_steps=4, overwrite_output_dir=True), callbacks=[FailAtStep(1)])
+    assert folder_state(out) == before
+    # After a checkpoint: the new run stays (resumable), the previous one waits in .previous_run/.
+    with pytest.raises(RuntimeError, match="failed at step 3"):
+        train(make_cfg(tiny_model, data_dir, out, max_steps=4, overwrite_output_dir=True), callbacks=[FailAtStep(3)])
+    assert folder_state(out / ".previous_run") == {k: v for k, v in before.items() if k != "my_notes.txt"}
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"] and (out / "my_notes.txt").is_file()
+    # Overwriting again replaces the unfinished attempt; failing early, it puts the finished run back.
+    with pytest.raises(RuntimeError, match="failed at step 1"):
+        train(make_cfg(tiny_model, data_dir, out, max_steps=4, overwrite_output_dir=True), callbacks=[FailAtStep(1)])
+    assert folder_state(out) == before
+    # A run that finishes replaces the previous one for good.
+    train(make_cfg(tiny_model, data_dir, out, max_steps=2, overwrite_output_dir=True))
+    assert not (out / ".previous_run").exists() and (out / "adapter_model.safetensors").is_file()
+    assert (out / "my_notes.txt").read_bytes() == before["my_notes.txt"]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
 
 
 def test_overflow_counts(tiny_model, data_dir):
@@ -445,6 +535,11 @@ def test_sigkill_during_save_then_resume_matches_uninterrupted(tiny_model, data_
     ref_lines = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
     got_lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in got_lines] == [r["step"] for r in ref_lines]  # no duplicated steps after resume
+    lf_log = [json.loads(x)["current_steps"] for x in (out / "trainer_log.jsonl").read_text().splitlines()]
+    ref_lf_log = [
+        json.loads(x)["current_steps"] for x in (tmp_path / "ref" / "trainer_log.jsonl").read_text().splitlines()
+    ]
+    assert lf_log == ref_lf_log  # LLaMA-Factory's log too
     for ref, got in zip(ref_lines, got_lines):
         for key in ("loss", "eval_loss", "learning_rate"):
             assert (key in ref) == (key in got) and got.get(key, 0) == pytest.approx(ref.get(key, 0), abs=1e-5)

@@ -63,6 +63,16 @@ def config_from_args(args: list[str] | None, **extra) -> Config:
     return cfg
 
 
+def given_value(args: list[str] | None, key: str):
+    """The value the YAML file or a key=value override sets for `key` (None when neither sets it): for LLaMA-Factory
+    keys whose absence means something (do_train)."""
+    from loralab.config import given_values
+
+    args = list(args or [])
+    path = args.pop(0) if args and "=" not in args[0] else None
+    return given_values(path, args).get(key)
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"loralab {__version__}")
@@ -97,18 +107,19 @@ def config_show(
         typer.echo(describe_fields())
         return
     if diff_lf:
-        from loralab.config import differences_from_llamafactory, given_keys
+        from loralab.config import differences_from_llamafactory, file_kind, given_values
 
         cfg = config_from_args(args)
         rest = list(args or [])
         path = rest.pop(0) if rest and "=" not in rest[0] else None
-        rows = differences_from_llamafactory(cfg, given_keys(path, rest))
+        values = given_values(path, rest)
+        rows = differences_from_llamafactory(cfg, set(values), file_kind(values))
         if not rows:
             typer.echo("every effective value is what LLaMA-Factory would use")
             return
-        typer.echo(f"{'key':<24} {'loralab':<28} {'LLaMA-Factory':<22} why loralab's default")
+        typer.echo(f"{'key':<26} {'loralab':<28} {'LLaMA-Factory':<22} why loralab's default")
         for r in rows:
-            typer.echo(f"{r['key']:<24} {str(r['loralab']):<28} {str(r['llamafactory']):<22} {r['why']}")
+            typer.echo(f"{r['key']:<26} {str(r['loralab']):<28} {str(r['llamafactory']):<22} {r['why']}")
         return
     typer.echo(config_to_yaml(config_from_args(args)), nl=False)
 
@@ -180,6 +191,12 @@ def train_cmd(
     cfg = config_from_args(
         args, overwrite_output_dir=True if overwrite else None, resume_from_checkpoint=True if resume else None
     )
+    if cfg.do_predict and not given_value(args, "do_train"):
+        # LLaMA-Factory runs its predict YAMLs (do_predict, no do_train) with `llamafactory-cli train`.
+        from loralab import evaluate
+
+        report_prediction(evaluate.predict(cfg))
+        return
     # A typo in the config or a missing data file fails here in about a second, before the
     # 10-20 s of importing torch/transformers (reading the data twice costs far less).
     data.load_conversations(cfg, "train")
@@ -193,6 +210,10 @@ def train_cmd(
             f"trained {summary['steps']} steps into {summary['run_dir']}"
             + (f" (best validation loss {best:.4f} at step {summary['best_step']})" if best is not None else "")
         )
+        if cfg.do_predict:  # LLaMA-Factory's do_train + do_predict: the trained model predicts on eval_dataset
+            from loralab import evaluate
+
+            report_prediction(evaluate.predict_after_training(cfg, summary["run_dir"]))
 
 
 @app.command("export")
@@ -233,7 +254,13 @@ def predict(
     """Generate replies for a split (or --data FILE): generated_predictions.jsonl + predict_results.json."""
     from loralab import evaluate
 
-    out = evaluate.predict(config_from_args(args), split, data_file, output_dir, overwrite)
+    report_prediction(evaluate.predict(config_from_args(args), split, data_file, output_dir, overwrite))
+
+
+def report_prediction(out: dict) -> None:
+    """What `loralab predict` prints: the samples and speed, and with do_predict the predict metrics."""
+    from loralab import evaluate
+
     r = out["results"]
     typer.echo(
         f"wrote {out['dir']}/generated_predictions.jsonl: {r['samples']} samples in {r['seconds']:.1f}s "

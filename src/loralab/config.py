@@ -28,7 +28,7 @@ DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
 # They load without error so a user's YAML works unchanged; we say once that they are ignored.
 LLAMAFACTORY_IGNORED_KEYS = {
     "stage": "loralab always does supervised fine-tuning (sft)",
-    "do_train": "the command (train/predict/eval) decides what runs",
+    "do_train": "`loralab train` trains (with do_predict and without do_train it predicts, as LLaMA-Factory)",
     "do_eval": "the command (train/predict/eval) decides what runs",
     "predict_with_generate": "`loralab predict`/`eval` always generate",
     "overwrite_cache": "loralab does not keep a tokenized cache",
@@ -633,17 +633,40 @@ LF_REQUIRED = {"model_name_or_path", "dataset", "output_dir"}
 LF_SAME_AS_NONE = {"warmup_ratio": 0.0, "lr_scheduler_kwargs": {}}
 
 
-def differences_from_llamafactory(cfg: Config, given: set[str]) -> list[dict]:
+# Keys a predict file (LLaMA-Factory's do_predict without do_train) uses beside the generation, test, file and
+# serving keys: the model, the prompt and the records predicted on. An inference file (chat, export) uses
+# the model and generation keys only.
+PREDICT_KEYS = {"model_name_or_path", "template", "default_system", "cutoff_len", "eval_dataset", "max_samples"}
+INFERENCE_KEYS = {"model_name_or_path", "template", "default_system"}
+
+
+def file_kind(values: dict[str, Any]) -> str:
+    """What LLaMA-Factory does with a file's keys: "train" (do_train, or data to train on), "predict" (do_predict
+    without do_train: `llamafactory-cli train` predicts) or "inference" (chat / export: neither, and no data)."""
+    if values.get("do_train"):
+        return "train"
+    if values.get("do_predict"):
+        return "predict"
+    return "train" if {"dataset", "eval_dataset"} & set(values) else "inference"
+
+
+def differences_from_llamafactory(cfg: Config, given: set[str], kind: str = "train") -> list[dict]:
     """The effective values of `cfg` that LLaMA-Factory would not use for the same file.
 
-    `given`: the keys the file (and command line) set; those mean the same in both. Each row: key, loralab's
-    value, LLaMA-Factory's, and why loralab's default differs.
+    `given`: the keys the file (and command line) set; those mean the same in both, except where a row says
+    otherwise. `kind` (`file_kind`): a predict or inference file lists only the keys that it uses. Each row:
+    key, loralab's value, LLaMA-Factory's, and why loralab's differs.
     """
     from loralab.lf_keys import lf_defaults
 
+    used = {
+        "train": lambda name: True,
+        "predict": lambda name: stage_of(name) != "train" or name in PREDICT_KEYS,
+        "inference": lambda name: stage_of(name) in ("generate", "serve") or name in INFERENCE_KEYS,
+    }[kind]
     lf, rows = lf_defaults(), []
     for name in Config.model_fields:
-        if name in given or name not in lf:
+        if name in given or name not in lf or not used(name):
             continue
         ours, theirs = getattr(cfg, name), lf[name]
         if theirs is None and name in LF_SAME_AS_NONE:
@@ -661,13 +684,42 @@ def differences_from_llamafactory(cfg: Config, given: set[str]) -> list[dict]:
                 "why": DEFAULT_REASONS.get(name, ""),
             }
         )
+    # Keys whose meaning differs, not (only) their default.
+    if kind == "train" and cfg.group_by_length and not {"group_by_length", "train_sampling_strategy"} & given:
+        rows.append(
+            {
+                "key": "group_by_length",
+                "loralab": True,
+                "llamafactory": f"train_sampling_strategy: {lf['train_sampling_strategy']}",
+                "why": "batches of similar lengths (less padding), order from the seed; LLaMA-Factory: random order",
+            }
+        )
+    if cfg.do_predict:  # a predict file, or a train file that also predicts
+        theirs = (
+            cfg.per_device_eval_batch_size
+            if "per_device_eval_batch_size" in given
+            else lf["per_device_eval_batch_size"]
+        )
+        rows.append(
+            {
+                "key": "per_device_eval_batch_size",
+                "loralab": f"unused: infer_batch_size={cfg.infer_batch_size}",
+                "llamafactory": f"{theirs} (generation batch)",
+                "why": "generation batches by infer_batch_size (rows join and leave as they finish); "
+                "per_device_eval_batch_size is the validation-loss batch in both",
+            }
+        )
     return rows
+
+
+def given_values(path: str | Path | None, overrides: list[str] | None) -> dict[str, Any]:
+    """The values a YAML file plus key=value overrides set explicitly."""
+    return {**(read_yaml(path) if path else {}), **parse_overrides(list(overrides or []))}
 
 
 def given_keys(path: str | Path | None, overrides: list[str] | None) -> set[str]:
     """The keys a YAML file plus key=value overrides set explicitly."""
-    keys = set(read_yaml(path)) if path else set()
-    return keys | set(parse_overrides(list(overrides or [])))
+    return set(given_values(path, overrides))
 
 
 def describe_fields() -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import random
 import re
 from pathlib import Path
@@ -671,13 +672,18 @@ def prepare(
 # --- the other stages: named datasets -> conversations ------------------------------------------
 def _load_named(names: str, cfg: Config) -> list[list[dict]]:
     """Comma-separated dataset names (dataset_info.json in cfg.dataset_dir) or file paths -> conversations."""
+    import numpy as np
+
     folder = Path(cfg.dataset_dir)
     info = read_dataset_info(folder)
     convs: list[list[dict]] = []
+    # LLaMA-Factory seeds numpy's global generator with the seed before reading any data, and each entry with
+    # num_samples draws from it in turn, so the datasets of one list share one generator here too.
+    sampler = np.random.RandomState(cfg.seed)
     for name in [n.strip() for n in names.split(",") if n.strip()]:
         if name in info:
             records, spec, _ = _load_entry(folder, name)
-            records = sample_records(records, info[name].get("num_samples"), cfg.seed, name)
+            records = sample_records(records, info[name].get("num_samples"), sampler, name)
         elif path := next((p for p in (Path(name), folder / name) if p.is_file()), None):
             records = read_records(path)
             spec = detect_spec(records, str(path))
@@ -692,16 +698,17 @@ def _load_named(names: str, cfg: Config) -> list[list[dict]]:
     return convs
 
 
-def sample_records(records: list, num_samples: int | None, seed: int, name: str) -> list:
-    """A dataset_info.json entry's num_samples: that many records in a seeded random order (repeating records
-    when it asks for more than there are), as LLaMA-Factory samples them."""
+def sample_records(records: list, num_samples: int | None, sampler, name: str) -> list:
+    """A dataset_info.json entry's num_samples, as LLaMA-Factory samples them: a random permutation of the
+    records cut to num_samples, then, when it asks for more than there are, records drawn with repetition.
+    `sampler`: a numpy RandomState (LLaMA-Factory: numpy's global one, seeded with the run's seed)."""
     if num_samples is None:
         return records
     if not isinstance(num_samples, int) or num_samples <= 0:
         raise LoralabError(f"dataset_info.json: `{name}`: num_samples must be a positive integer, got {num_samples!r}")
-    rng = random.Random(seed)
-    order = rng.sample(range(len(records)), min(num_samples, len(records)))
-    order += [rng.randrange(len(records)) for _ in range(num_samples - len(order))]
+    order = list(sampler.permutation(len(records))[:num_samples])
+    if num_samples > len(order):
+        order += list(sampler.choice(len(records), num_samples - len(order)))
     return [records[i] for i in order]
 
 
@@ -725,12 +732,21 @@ def load_conversations(cfg: Config, which: str) -> list[list[dict]]:
     convs = _load_named(cfg.dataset, cfg)
     if cfg.eval_dataset is not None or cfg.val_size <= 0:
         return convs
-    n_val = int(cfg.val_size) if cfg.val_size >= 1 else max(1, round(cfg.val_size * len(convs)))
+    return split_off_validation(convs, cfg.val_size, cfg.seed)[which == "eval"][:limit]
+
+
+def split_off_validation(convs: list, val_size: float, seed: int) -> tuple[list, list]:
+    """(train, validation) as LLaMA-Factory's val_size split (datasets' train_test_split with the seed): a
+    permutation from numpy's default_rng(seed); the first ceil(val_size x N) records (or val_size records when
+    it is a count) are the validation set, the rest the training set, both in the permutation's order. The
+    hold-out is drawn from the whole training data, so capping it never moves a record into training."""
+    import numpy as np
+
+    n_val = int(val_size) if val_size >= 1 else math.ceil(val_size * len(convs))
     if n_val >= len(convs):
-        raise LoralabError(f"val_size: {cfg.val_size} of {len(convs)} training records leaves none for training")
-    held_out = set(random.Random(cfg.seed).sample(range(len(convs)), n_val))
-    # The hold-out is drawn from the whole training data first, so capping it never moves a record into training.
-    return [c for i, c in enumerate(convs) if (i in held_out) == (which == "eval")][:limit]
+        raise LoralabError(f"val_size: {val_size} of {len(convs)} training records leaves none for training")
+    order = np.random.default_rng(seed).permutation(len(convs))
+    return [convs[i] for i in order[n_val:]], [convs[i] for i in order[:n_val]]
 
 
 def subset_cap(cfg: Config, which: str) -> tuple[str, int] | None:

@@ -2,8 +2,9 @@
 
 A prediction folder holds what LLaMA-Factory writes for `do_predict`, so its tools read ours:
 
-    generated_predictions.jsonl   one {"prompt", "predict", "label"} per line; prompt = rendered
-                                  chat-template text (special tokens kept), predict/label = plain text
+    generated_predictions.jsonl   one {"prompt", "predict", "label", "answer"} per line; prompt = rendered
+                                  chat-template text (special tokens kept), predict = plain text, label =
+                                  the text LLaMA-Factory scores against, answer = the clean reference
     predict_results.json          samples, seconds, samples/s, generated tokens/s, settings
     config.yaml, run_info.json    what ran (runinfo)
 
@@ -27,7 +28,7 @@ from loralab import data, metrics
 from loralab.config import Config
 from loralab.errors import LoralabError
 from loralab.generate import Engine, GenerationSettings
-from loralab.runinfo import check_output_dir, write_json, write_run_info
+from loralab.runinfo import check_output_dir, update_all_results, write_json, write_run_info
 from loralab.templates import lf_label_text, with_default_system
 
 log = logging.getLogger(__name__)
@@ -39,10 +40,13 @@ METRICS = "metrics.json"
 PER_SAMPLE = "per_sample_scores.jsonl"
 COMPARISON = "comparison.json"
 PRED_FIELDS = ("prompt", "predict", "label")
-# An extra field of our generated_predictions.jsonl: the label text LLaMA-Factory scores against (with the
-# template's text after the closing token, e.g. "\n" after <|im_end|>), so predict_* can be recomputed from the
-# file alone. `label` stays the clean answer, which the standard metrics use.
+# In memory a prediction row's `label` is the clean answer (what the standard metrics use) and `lf_label` the
+# label text LLaMA-Factory scores against (with the template's text after the closing token, e.g. "\n" after
+# <|im_end|>). In generated_predictions.jsonl `label` is LLaMA-Factory's text, so LLaMA-Factory's own
+# scripts (scripts/eval_bleu_rouge.py) get our predict_* numbers from our file, and `answer` keeps the clean
+# answer. (Files written before this kept the clean answer in `label` and LLaMA-Factory's in `lf_label`.)
 LF_LABEL = "lf_label"
+ANSWER = "answer"
 
 
 def _sha(texts: list[str]) -> str:
@@ -129,7 +133,9 @@ def read_predictions(path: str | Path) -> list[dict]:
                         f"{path}: line {n}: field `{key}` must be a string, got {type(row[key]).__name__}"
                     )
             rows.append({k: row[k] for k in PRED_FIELDS})
-            if isinstance(row.get(LF_LABEL), str):  # written by loralab: LLaMA-Factory's label text
+            if isinstance(row.get(ANSWER), str):  # written by loralab: `label` is LLaMA-Factory's text
+                rows[-1].update({"label": row[ANSWER], LF_LABEL: row["label"]})
+            elif isinstance(row.get(LF_LABEL), str):  # written by an earlier loralab
                 rows[-1][LF_LABEL] = row[LF_LABEL]
     if not rows:
         raise LoralabError(f"{path}: no predictions (the file is empty)")
@@ -137,9 +143,11 @@ def read_predictions(path: str | Path) -> list[dict]:
 
 
 def write_predictions(path: Path, rows: list[dict]) -> None:
+    """LLaMA-Factory's {"prompt", "predict", "label"} with its label text, plus the clean `answer`."""
     with path.open("w", encoding="utf-8") as f:
         for row in rows:
-            f.write(json.dumps({k: row[k] for k in (*PRED_FIELDS, LF_LABEL) if k in row}, ensure_ascii=False) + "\n")
+            line = {"prompt": row["prompt"], "predict": row["predict"], "label": row.get(LF_LABEL, row["label"])}
+            f.write(json.dumps({**line, ANSWER: row["label"]}, ensure_ascii=False) + "\n")
 
 
 # --- predict -------------------------------------------------------------------------------------
@@ -153,8 +161,14 @@ def predict_into(
     adapter: str | None,
     adapter_path: str | None = None,
     progress: bool = True,
+    preparation_seconds: float | None = None,
 ) -> dict:
-    """Generate for every prompt, write generated_predictions.jsonl + predict_results.json into out_dir."""
+    """Generate for every prompt, write generated_predictions.jsonl + predict_results.json into out_dir.
+
+    `preparation_seconds`: how long loading the model (and merging the adapter) took, when the caller timed it
+    (LLaMA-Factory's predict_model_preparation_time)."""
+    import math
+
     import torch
 
     settings = GenerationSettings.from_config(cfg)
@@ -172,7 +186,7 @@ def predict_into(
     )
     seconds = time.perf_counter() - start
     # finish_reason stays in memory for scoring (hit_max_new_tokens); the file keeps LLaMA-Factory's three
-    # fields plus lf_label (the label text LLaMA-Factory's metrics score against)
+    # fields (its label text) plus the clean answer (write_predictions)
     rows = [
         {
             "prompt": engine.prompt_text(p),
@@ -204,20 +218,24 @@ def predict_into(
         "generated_tokens": generated,
         "generated_tokens_per_second": round(generated / seconds, 2),
         "finish_reasons": reasons,
-        # LLaMA-Factory's names for the same timing
+        # LLaMA-Factory's names for the same timing (a step: a batch of infer_batch_size prompts)
         "predict_runtime": round(seconds, 4),
         "predict_samples_per_second": round(len(rows) / seconds, 3),
+        "predict_steps_per_second": round(math.ceil(len(rows) / cfg.infer_batch_size) / seconds, 3),
     }
+    if preparation_seconds is not None:
+        results["predict_model_preparation_time"] = round(preparation_seconds, 4)
     write_json(out_dir / PREDICT_RESULTS, results)
-    write_run_info(
-        out_dir,
-        cfg,
-        engine.tokenizer,
-        stage="predict",
-        split=source.get("split"),
-        data=source.get("data"),
-        adapter=results["adapter"],
-    )
+    if not (out_dir / "train_results.json").is_file():  # a training run's folder keeps its own description
+        write_run_info(
+            out_dir,
+            cfg,
+            engine.tokenizer,
+            stage="predict",
+            split=source.get("split"),
+            data=source.get("data"),
+            adapter=results["adapter"],
+        )
     log.info(
         "%d samples in %.1fs: %.2f samples/s, %.1f generated tokens/s (%d hit max_new_tokens)",
         len(rows),
@@ -276,9 +294,11 @@ def predict_one_model(
     progress: bool,
 ) -> dict:
     """predict_into with the base model or one adapter, merged into the weights (no LoRA work per token)."""
+    start = time.perf_counter()
     engine = Engine(cfg, {tag: adapter_path} if adapter_path else {}, merge=True)
+    preparation = time.perf_counter() - start
     adapter = engine.adapter_names[0] if adapter_path else None
-    return predict_into(engine, cfg, prompts, labels, source, out, adapter, adapter_path, progress)
+    return predict_into(engine, cfg, prompts, labels, source, out, adapter, adapter_path, progress, preparation)
 
 
 def predict_like_llamafactory(
@@ -289,7 +309,7 @@ def predict_like_llamafactory(
     output_dir then holds generated_predictions.jsonl and predict_results.json (with the predict_*
     metrics) where LLaMA-Factory writes them, plus loralab's metrics.json (95% CIs) and per-sample scores.
     """
-    if not cfg.eval_dataset:
+    if not cfg.eval_dataset and not cfg.val_size:
         raise LoralabError(
             "do_predict: predicts on eval_dataset, which is unset; set eval_dataset to the "
             "dataset to predict on (as in LLaMA-Factory), or pass --split/--data"
@@ -302,7 +322,15 @@ def predict_like_llamafactory(
         progress=progress,
     )
     results = json.loads((Path(result["dir"]) / PREDICT_RESULTS).read_text(encoding="utf-8"))
+    update_all_results(result["dir"], {k: v for k, v in results.items() if k.startswith("predict_")})
     return {"dir": result["dir"], "results": results, "metrics": result["metrics"]}
+
+
+def predict_after_training(cfg: Config, run_dir: str, progress: bool = True) -> dict:
+    """LLaMA-Factory's do_train + do_predict: the model just trained (the run folder's adapter, or its model for
+    full fine-tuning) predicts on eval_dataset, into the run folder (predict_results.json, all_results.json)."""
+    trained = {"adapter_name_or_path": run_dir} if cfg.finetuning_type == "lora" else {"model_name_or_path": run_dir}
+    return predict_like_llamafactory(cfg.model_copy(update=trained), run_dir, overwrite=True, progress=progress)
 
 
 # --- score ---------------------------------------------------------------------------------------
@@ -401,12 +429,16 @@ def evaluate_models(
         out_dir = Path(cfg.output_dir) / f"eval-{split_tag(split, data_file)}-{'-vs-'.join(tags)}"
     out = check_output_dir(out_dir, overwrite)
     # A lone adapter is merged into the weights; with the base or other adapters to score, they stay apart.
+    start = time.perf_counter()
     engine = Engine(cfg, {name: path for name, path in adapters.items() if path}, merge=len(adapters) == 1)
+    preparation = time.perf_counter() - start  # one model for all: each folder reports its loading time
     models, per_sample = {}, {}
     for name, path in adapters.items():
         sub = out / name
         sub.mkdir(exist_ok=True)
-        pred = predict_into(engine, cfg, prompts, labels, source, sub, name if path else None, path, progress)
+        pred = predict_into(
+            engine, cfg, prompts, labels, source, sub, name if path else None, path, progress, preparation
+        )
         info = {**source, "model": cfg.model_name_or_path, "adapter": path, "predictions": PREDICTIONS}
         result = score_into(sub, pred["rows"], info, n_boot=n_boot, seed=cfg.seed)
         write_json(sub / PREDICT_RESULTS, {**pred["results"], **_lf_metrics(result)})

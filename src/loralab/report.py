@@ -565,7 +565,7 @@ def examples_section(page: Page, model_dirs: dict[str, Path]) -> None:
         return
     first = next(iter(preds.values()))
     columns = {name: [r.get("predict", "") for r in rows] for name, rows in preds.items()}
-    columns["reference"] = [r.get("label", "") for r in first]
+    columns["reference"] = [r.get("answer", r.get("label", "")) for r in first]  # answer: the clean label
     page.heading(f"Example predictions (first {len(first)})")
     page.examples(columns, [user_text(r.get("prompt", "")) for r in first])
 

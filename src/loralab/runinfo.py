@@ -35,6 +35,14 @@ def write_json(path: str | Path, obj) -> None:
     Path(path).write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
 
 
+def update_all_results(folder: str | Path, metrics: dict) -> None:
+    """LLaMA-Factory's all_results.json (transformers' `save_metrics(combined=True)`): every stage's flat
+    metrics of the folder, merged."""
+    path = Path(folder) / "all_results.json"
+    merged = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    write_json(path, {**merged, **metrics})
+
+
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version(), "loralab": __version__}
     for name in LIBRARIES:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
+import fnmatch
 import json
 import logging
 import math
@@ -41,6 +43,42 @@ GENERATION_KEYS = generation_validation.LOG_KEYS
 CHECKPOINT_PREFIX = "checkpoint-"
 # Written into checkpoint-N/ once every file of it is on disk; resume only trusts marked checkpoints.
 COMPLETE_MARKER = "loralab_complete.json"
+# With overwrite_output_dir the replaced run waits here until the new run has finished (never deleted first).
+PREVIOUS_RUN = ".previous_run"
+# What a training run writes at the top of its folder (loralab's files, LLaMA-Factory's, the model's, the
+# tokenizer's, peft's model card): what overwrite_output_dir replaces. Anything else in the folder is the user's
+# and stays where it is.
+RUN_FILES = (
+    CHECKPOINT_PREFIX + "*",
+    "last",
+    "tensorboard",
+    generation_validation.FOLDER,
+    "metrics.jsonl",
+    "train.log",
+    "*_results.json",
+    "trainer_log.jsonl",
+    "trainer_state.json",
+    "training_args.bin",
+    "config.yaml",
+    "run_info.json",
+    "*_manifest.json",
+    "chat_template.jinja",
+    "training_*.png",
+    "adapter_model.*",
+    "adapter_config.json",
+    "model.safetensors",
+    "model-*.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model*.bin",
+    "config.json",
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "README.md",
+)
 # Files of a checkpoint that only the Trainer needs to resume (not part of the model/adapter itself).
 TRAINER_ONLY_FILES = (
     "optimizer.pt",
@@ -56,6 +94,7 @@ TRAINER_ONLY_FILES = (
 def encode_split(tokenizer, conversations: list[list[dict]], cfg: Config) -> tuple[list[dict], dict]:
     """Conversations -> [{"input_ids", "labels"}] plus counts of what cutoff_len/masking did."""
     examples, counts = [], {"conversations": len(conversations), "truncated": 0, "dropped_too_long": 0, "no_labels": 0}
+    cutoff_len = training_cutoff_len(cfg)
     for messages in conversations:
         messages = with_default_system(messages, cfg.default_system)
         masking = {"train_on_prompt": cfg.train_on_prompt, "mask_history": cfg.mask_history}
@@ -63,8 +102,8 @@ def encode_split(tokenizer, conversations: list[list[dict]], cfg: Config) -> tup
         if full is None:  # no assistant token at all (e.g. an empty answer)
             counts["no_labels"] += 1
             continue
-        if len(full["input_ids"]) > cfg.cutoff_len:
-            cut = encode_for_training(tokenizer, messages, cfg.cutoff_len, cfg.overflow, **masking)
+        if len(full["input_ids"]) > cutoff_len:
+            cut = encode_for_training(tokenizer, messages, cutoff_len, cfg.overflow, **masking)
             if cut is None:  # dropped (overflow=drop), or truncation cut away every answer token
                 counts["dropped_too_long" if cfg.overflow == "drop" else "no_labels"] += 1
                 continue
@@ -72,6 +111,12 @@ def encode_split(tokenizer, conversations: list[list[dict]], cfg: Config) -> tup
             full = cut
         examples.append(full)
     return examples, counts
+
+
+def training_cutoff_len(cfg: Config) -> int:
+    """The longest training sequence: cutoff_len, or with packing cutoff_len - 1, as LLaMA-Factory (its data
+    arguments lower cutoff_len by one when packing)."""
+    return cfg.cutoff_len - 1 if cfg.packing or cfg.neat_packing else cfg.cutoff_len
 
 
 @dataclass
@@ -337,19 +382,15 @@ def remove_checkpoint(path: Path) -> None:
 
 
 def prepare_run_dir(cfg: Config, is_main: bool) -> tuple[Path, Path | None]:
-    """Check (main process) and return the run folder, plus the checkpoint to resume from, if any."""
+    """Check (main process) and return the run folder, plus the checkpoint to resume from, if any.
+
+    Nothing is removed here: with overwrite_output_dir the previous run stays in place until this run has
+    loaded its data and model (`set_aside_previous_run`), so a failed start leaves it untouched."""
     run_dir = Path(cfg.output_dir)
     resume = cfg.resume_from_checkpoint
     if resume in (None, False):
         if is_main:
             runinfo.check_output_dir(run_dir, cfg.overwrite_output_dir)
-            # --overwrite: a previous run's checkpoints and logs would mix with this run's (or be resumed).
-            for old in list_checkpoints(run_dir):
-                remove_checkpoint(old)
-            for name in ("metrics.jsonl", "train.log", "train_results.json"):
-                (run_dir / name).unlink(missing_ok=True)
-            for name in ("tensorboard", "last", generation_validation.FOLDER):
-                shutil.rmtree(run_dir / name, ignore_errors=True)
         return run_dir, None
     if resume is True or str(resume).lower() == "true":
         checkpoint = find_resume_checkpoint(run_dir) if run_dir.is_dir() else None
@@ -368,17 +409,80 @@ def prepare_run_dir(cfg: Config, is_main: bool) -> tuple[Path, Path | None]:
     return run_dir, checkpoint
 
 
+def set_aside_previous_run(run_dir: Path) -> Path | None:
+    """overwrite_output_dir, once the new run has started: move the previous run's files (RUN_FILES) into
+    RUN/.previous_run/, so the new run's checkpoints and logs never mix with the old ones (or get resumed).
+
+    The previous run is removed only when the new one has finished (`drop_previous_run`); a run that fails
+    before its first complete checkpoint puts it back (`restore_previous_run`). If RUN/.previous_run/ is
+    already there, an earlier replacement never finished: the finished run is the one set aside then, and
+    what the folder holds now is that unfinished attempt, which this run replaces."""
+    entries = run_outputs(run_dir)
+    if not entries:
+        return None
+    previous = run_dir / PREVIOUS_RUN
+    if previous.is_dir():
+        log.info(
+            "overwrite_output_dir: replacing the unfinished run in %s (the last finished one stays in %s)",
+            run_dir,
+            previous,
+        )
+        for path in entries:
+            remove_path(path)
+        return previous
+    previous.mkdir()
+    for path in entries:
+        os.replace(path, previous / path.name)
+    return previous
+
+
+def restore_previous_run(run_dir: Path, previous: Path) -> None:
+    """The new run failed: with no complete checkpoint of its own, put the previous run back where it was;
+    with one, keep both (the new run can be resumed) and say where the previous one is."""
+    if find_resume_checkpoint(run_dir) is not None:
+        log.warning("the previous run of %s is kept in %s until a run in this folder finishes", run_dir, previous)
+        return
+    for path in run_outputs(run_dir):
+        remove_path(path)
+    for path in previous.iterdir():
+        os.replace(path, run_dir / path.name)
+    previous.rmdir()
+    log.info("the previous run in %s is back in place", run_dir)
+
+
+def run_outputs(run_dir: Path) -> list[Path]:
+    """The entries of a run folder that a training run wrote (RUN_FILES), not the user's own files."""
+    if not run_dir.is_dir():
+        return []
+    return [p for p in sorted(run_dir.iterdir()) if any(fnmatch.fnmatch(p.name, pattern) for pattern in RUN_FILES)]
+
+
+def drop_previous_run(run_dir: Path) -> None:
+    """The new run has finished: the run it replaced goes."""
+    if (run_dir / PREVIOUS_RUN).is_dir():
+        shutil.rmtree(run_dir / PREVIOUS_RUN)
+
+
+def remove_path(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
 def clean_for_resume(run_dir: Path, checkpoint: Path) -> None:
     """Before resuming at checkpoint-N: drop unmarked checkpoints and metrics logged after step N."""
     for path in list_checkpoints(run_dir):
         if not is_complete(path):
             log.info("removing %s: its save was interrupted (no completion marker)", path)
             remove_checkpoint(path)
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file():
-        step = checkpoint_step(checkpoint)
-        kept = [line for line in metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        metrics.write_text("".join(line + "\n" for line in kept))
+    step = checkpoint_step(checkpoint)
+    for name, step_key in (("metrics.jsonl", "step"), (LlamaFactoryTrainerLog.FILE, "current_steps")):
+        path = run_dir / name
+        if path.is_file():
+            lines = path.read_text().splitlines()
+            kept = [line for line in lines if line.strip() and json.loads(line)[step_key] <= step]
+            path.write_text("".join(line + "\n" for line in kept))
 
 
 def copy_manifests(cfg: Config, run_dir: Path) -> None:
@@ -520,6 +624,46 @@ class RunLog(TrainerCallback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class LlamaFactoryTrainerLog(TrainerCallback):
+    """RUN/trainer_log.jsonl in LLaMA-Factory's format (its LogCallback): one line per log with current_steps,
+    total_steps, loss / eval_loss, lr, epoch, percentage, elapsed_time and remaining_time (H:MM:SS), and
+    throughput / total_tokens; LLaMA-Factory's web UI and loss-plot scripts read this file."""
+
+    FILE = "trainer_log.jsonl"
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / self.FILE
+        self.start = time.time()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.time()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not state.log_history:
+            return
+        last = state.log_history[-1]
+        elapsed = time.time() - self.start
+        # As LLaMA-Factory: the time per step is averaged over global_step (a resumed run counts every step).
+        per_step = elapsed / state.global_step if state.global_step else 0.0
+        record = {
+            "current_steps": state.global_step,
+            "total_steps": state.max_steps,
+            "loss": last.get("loss"),
+            "eval_loss": last.get("eval_loss"),
+            "lr": last.get("learning_rate"),
+            "epoch": last.get("epoch"),
+            "percentage": round(state.global_step / state.max_steps * 100, 2) if state.max_steps else 100,
+            "elapsed_time": str(datetime.timedelta(seconds=int(elapsed))),
+            "remaining_time": str(datetime.timedelta(seconds=int((state.max_steps - state.global_step) * per_step))),
+        }
+        if state.num_input_tokens_seen:
+            record["throughput"] = round(state.num_input_tokens_seen / elapsed, 2) if elapsed > 0 else None
+            record["total_tokens"] = state.num_input_tokens_seen
+        record = finite_or_none({k: v for k, v in record.items() if v is not None})
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 class LoralabTrainer(transformers.Trainer):
@@ -737,13 +881,13 @@ def train(cfg: Config, callbacks: list | None = None) -> dict:
     `callbacks`: extra transformers TrainerCallbacks (e.g. Optuna pruning on the validation loss); they
     run before ours. Only the main process of a multi-process run returns the summary (others: {}).
     """
-    # The run's log file (RUN/train.log) is attached once the run folder is written to, and detached
-    # when this call returns: one process may train many times (sweeps, `loralab run`).
-    with contextlib.ExitStack() as run_log_file:
-        return _train(cfg, callbacks, run_log_file)
+    # What the run holds until this call returns (one process may train many times: sweeps, `loralab run`):
+    # its log file (RUN/train.log), attached once the run folder is written to, and a replaced run's return.
+    with contextlib.ExitStack() as run_scope:
+        return _train(cfg, callbacks, run_scope)
 
 
-def _train(cfg: Config, callbacks: list | None, run_log_file: contextlib.ExitStack) -> dict:
+def _train(cfg: Config, callbacks: list | None, run_scope: contextlib.ExitStack) -> dict:
     from accelerate import PartialState
     from transformers.trainer_callback import EarlyStoppingCallback, ProgressCallback
 
@@ -782,8 +926,15 @@ def _train(cfg: Config, callbacks: list | None, run_log_file: contextlib.ExitSta
         "parameters": {"trainable": trainable, "total": total},
     }
 
+    # The start succeeded: only now does a replaced run make way. It is kept aside until this run finishes,
+    # and put back if this run fails before its first complete checkpoint (the run's ExitStack unwinds
+    # after the log file is closed).
+    previous = set_aside_previous_run(run_dir) if is_main and resume_from is None else None
+    if previous is not None:
+        run_scope.push(lambda failed, *_: restore_previous_run(run_dir, previous) if failed else None)
+
     if is_main:  # the run folder describes itself from here on
-        run_log_file.enter_context(log_to_file(run_dir / "train.log"))
+        run_scope.enter_context(log_to_file(run_dir / "train.log"))
         if logging.getLogger("loralab").getEffectiveLevel() > logging.INFO:  # called as a library: still log the run
             logging.getLogger("loralab").setLevel(logging.INFO)
         if resume_from is not None:
@@ -837,7 +988,7 @@ def _train(cfg: Config, callbacks: list | None, run_log_file: contextlib.ExitSta
             ),
             None,
         )
-    extra = [CompleteCheckpoints(run_dir, cfg.save_total_limit), RunLog(run_dir)]
+    extra = [CompleteCheckpoints(run_dir, cfg.save_total_limit), RunLog(run_dir), LlamaFactoryTrainerLog(run_dir)]
     if has_eval and cfg.early_stopping_patience:
         extra.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     if is_main:
@@ -950,7 +1101,14 @@ def finish_run(
             cfg, run_dir, st.best_global_step if best_loss is not None else None
         ),
     }
-    runinfo.write_json(run_dir / "train_results.json", summary)
+    # LLaMA-Factory's bookkeeping beside ours: the Trainer's train metrics (epoch, total_flos, train_loss,
+    # train_runtime, train_samples_per_second, train_steps_per_second) also in train_results.json and in
+    # all_results.json, and the Trainer's state in trainer_state.json, as its `save_metrics` / `save_state`.
+    trainer_metrics = dict(result.metrics)
+    runinfo.write_json(run_dir / "train_results.json", {**summary, **trainer_metrics})
+    runinfo.update_all_results(run_dir, trainer_metrics)
+    trainer.save_state()
+    drop_previous_run(run_dir)  # this run is complete: the one it replaced goes
     log.info(
         "done: %d steps, best validation loss %s, %s tokens/s; results in %s",
         st.global_step,
