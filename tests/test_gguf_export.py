@@ -174,6 +174,45 @@ def test_other_architectures_and_types_are_refused(tiny_model, tmp_path):
     assert load_config(None, {**values, "export_gguf": ["F16", "q8_0"]}).gguf_types == ["f16", "q8_0"]
 
 
+@pytest.mark.parametrize(
+    "pre_tokenizer,name",
+    [
+        ("gpt2", "gpt-2"),
+        ("digits", "smollm"),  # SmolLM2's own tokenizer.json: digits split one by one, then GPT-2's split
+        ("llama3", "llama-bpe"),
+        ("whitespace", None),
+    ],
+)
+def test_pre_tokenizer_named_for_llama_cpp_or_refused(tiny_model, pre_tokenizer, name):
+    from tokenizers import Regex, pre_tokenizers
+    from transformers import AutoTokenizer
+
+    from loralab.gguf_export import LLAMA3_SPLIT, tokenizer_metadata
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.backend_tokenizer.pre_tokenizer = {
+        "gpt2": pre_tokenizers.ByteLevel(add_prefix_space=False),
+        "digits": pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        ),
+        "llama3": pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        ),
+        "whitespace": pre_tokenizers.Whitespace(),
+    }[pre_tokenizer]
+    if name is None:
+        with pytest.raises(LoralabError, match="export_gguf: the tokenizer of tiny .* is not one llama.cpp reads"):
+            tokenizer_metadata(tokenizer, len(tokenizer), "tiny")
+        return
+    vocab = tokenizer_metadata(tokenizer, len(tokenizer) + 3, "tiny")
+    assert vocab["pre"] == name
+    assert vocab["tokens"][-3:] == [f"[PAD{len(tokenizer) + i}]" for i in range(3)]  # embedding rows past the vocab
+    assert vocab["tokens"][tokenizer.convert_tokens_to_ids("<|eot_id|>")] == "<|eot_id|>"
+
+
 # --- the Modelfile's TEMPLATE under Go's text/template -------------------------------------------------------
 @pytest.fixture(scope="module")
 def go_render(tmp_path_factory):
@@ -247,7 +286,7 @@ def test_go_template_with_tools(go_render, tiny_model, tiny_chatml_model, templa
 
 @pytest.mark.slow
 def test_smollm2_gguf_tokenizes_like_hf(tmp_path):
-    """The real SmolLM2 tokenizer (digits split one by one: llama.cpp's `smollm`) and tied embeddings."""
+    """The real SmolLM2 tokenizer and tied embeddings (no output.weight)."""
     from transformers import AutoTokenizer
 
     adapter = make_random_adapter(_builtin_folder(), tmp_path / "adapter", seed=2, target_modules=["q_proj", "v_proj"])
@@ -262,7 +301,9 @@ def test_smollm2_gguf_tokenizes_like_hf(tmp_path):
     )
     folder = export(cfg)
     reader = _reader(folder / "model-f16.gguf")
-    assert reader.fields["tokenizer.ggml.pre"].contents() == "smollm"
+    # builtin:smollm2 is read from a GGUF by transformers, which rebuilds its tokenizer GPT-2 style (no digit
+    # split); its vocabulary has no token joining a digit to anything, so both splits give the same ids.
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
     assert "output.weight" not in {t.name for t in reader.tensors}  # tied: llama.cpp reuses token_embd
     hf_tok = AutoTokenizer.from_pretrained(folder)
     gguf_tok = AutoTokenizer.from_pretrained(folder, gguf_file="model-f16.gguf")

@@ -26,7 +26,8 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 
 # The text splitting before BPE (tokenizer.json's pre_tokenizer) -> llama.cpp's name for it (tokenizer.ggml.pre).
 # A tokenizer that splits otherwise is refused: llama.cpp would silently tokenize the prompts differently.
-_LLAMA3_SPLIT = (
+# LLAMA3_SPLIT: Llama 3's split pattern, as in its tokenizer.json.
+LLAMA3_SPLIT = (
     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
     "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
 )
@@ -47,7 +48,7 @@ def _pre_tokenizer_name(pre: dict | None) -> str | None:
     if first.get("type") == "Digits" and first.get("individual_digits") and byte_level(second, True):
         return "smollm"
     pattern = (first.get("pattern") or {}).get("Regex")
-    if first.get("type") == "Split" and pattern == _LLAMA3_SPLIT and byte_level(second, False):
+    if first.get("type") == "Split" and pattern == LLAMA3_SPLIT and byte_level(second, False):
         return "llama-bpe"
     return None
 
