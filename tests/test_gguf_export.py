@@ -317,3 +317,41 @@ def _builtin_folder() -> Path:
     from loralab.models import ensure_builtin_model
 
     return ensure_builtin_model("smollm2-135m-instruct")
+
+
+def test_llama3_rope_scaling_travels_as_rope_freqs():
+    """Llama 3.1+ long-context rope: llama.cpp divides each rotary frequency by rope_freqs; the result must be
+    transformers' own llama3 frequencies."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from loralab.gguf_export import gguf_tensors
+
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=131072,
+        rope_parameters=rope,
+    )
+    tensors = dict(gguf_tensors(LlamaForCausalLM(config)))
+    factors = tensors["rope_freqs.weight"]
+    dim = 64 // 4
+    plain = 1.0 / (500000.0 ** (np.arange(0, dim, 2) / dim))
+    expected, _ = ROPE_INIT_FUNCTIONS["llama3"](config, torch.device("cpu"))
+    np.testing.assert_allclose(plain / factors, expected.numpy(), rtol=1e-5)
+    assert factors.min() == 1.0 and factors.max() == 32.0  # some frequencies kept, some scaled fully
+    config_plain = LlamaConfig(**{**config.to_dict(), "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}})
+    assert "rope_freqs.weight" not in dict(gguf_tensors(LlamaForCausalLM(config_plain)))
