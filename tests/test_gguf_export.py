@@ -159,6 +159,39 @@ def test_modelfile_names_model_template_and_stops(exported):
     assert info["gguf"]["models"] == {k: f"model-{k}.gguf" for k in ("f16", "q8_0", "q4_0")}
 
 
+@pytest.mark.parametrize(
+    "change,why",
+    [
+        ({"use_dora": True}, "DoRA adapters have no llama.cpp form"),
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ({"rank_pattern": {"q_proj": 8}}, "different ranks or alphas"),
+    ],
+)
+def test_lora_gguf_refuses_what_llama_cpp_cannot_apply(exported, tmp_path, change, why):
+    from transformers import AutoConfig
+
+    from loralab.gguf_export import write_lora_gguf
+
+    folder, adapter, _ = exported
+    copy = tmp_path / "adapter"
+    shutil.copytree(adapter, copy)
+    settings = json.loads((copy / "adapter_config.json").read_text())
+    (copy / "adapter_config.json").write_text(json.dumps({**settings, **change}))
+    with pytest.raises(LoralabError, match=f"export_gguf: .* cannot be written as a llama.cpp LoRA GGUF: .*{why}"):
+        write_lora_gguf(copy, AutoConfig.from_pretrained(folder), tmp_path / "a.gguf")
+    assert not (tmp_path / "a.gguf").exists()
+
+
+def test_modelfile_without_builtin_template_says_so(tiny_model):
+    from loralab.ollama import modelfile
+
+    cfg = load_config(None, {"model_name_or_path": str(tiny_model), "do_sample": True, "temperature": 0.7})
+    text = modelfile(cfg, load_tokenizer(cfg), "./model-q8_0.gguf", add_bos=True)
+    assert not any(line.startswith("TEMPLATE") for line in text.splitlines())
+    assert "FROM ./model-q8_0.gguf" in text and "PARAMETER temperature 0.7" in text
+    assert 'PARAMETER stop "<|eot_id|>"' in text  # the tokenizer's own template closes turns with it
+
+
 def test_other_architectures_and_types_are_refused(tiny_model, tmp_path):
     other = tmp_path / "mistral"
     shutil.copytree(tiny_model, other)
@@ -355,3 +388,47 @@ def test_llama3_rope_scaling_travels_as_rope_freqs():
     assert factors.min() == 1.0 and factors.max() == 32.0  # some frequencies kept, some scaled fully
     config_plain = LlamaConfig(**{**config.to_dict(), "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}})
     assert "rope_freqs.weight" not in dict(gguf_tensors(LlamaForCausalLM(config_plain)))
+
+
+# --- llama.cpp itself reads the files (llama-cpp-python, when installed) --------------------------------------
+def _llama(path: Path, **kw):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    return llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=1, logits_all=True, verbose=False, **kw)
+
+
+def _llama_logits(llm, ids: list[int]) -> np.ndarray:
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)])
+
+
+def test_llama_cpp_reads_model_and_lora_ggufs(exported, tiny_model, tmp_path):
+    """llama.cpp tokenizes like the HF tokenizer, its logits for the f16 GGUF are the merged model's (f16 error),
+    and the base model's GGUF plus the LoRA GGUF gives the same logits as the merged one."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loralab.gguf_export import write_model_gguf
+
+    folder, _, _ = exported
+    llm = _llama(folder / "model-f16.gguf")
+    hf_tok = AutoTokenizer.from_pretrained(folder)
+    tokenizer = load_tokenizer(load_config(None, {"model_name_or_path": str(folder), "template": "llama3"}))
+    prompt = render(tokenizer, [*TWO_TURNS], add_generation_prompt=True)
+    for text in [*PROMPTS, prompt]:
+        assert (
+            llm.tokenize(text.encode(), add_bos=False, special=True)
+            == hf_tok(text, add_special_tokens=False)["input_ids"]
+        ), text
+    ids = hf_tok(prompt, add_special_tokens=False)["input_ids"]
+    merged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        expected = merged(torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(_llama_logits(llm, ids), expected, atol=2e-2)
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    base_gguf = write_model_gguf(base, tokenizer, tmp_path / "base-f16.gguf", "f16", "base", add_bos=True)
+    with_lora = _llama(base_gguf, lora_path=str(folder / "adapter.gguf"))
+    np.testing.assert_allclose(_llama_logits(with_lora, ids), expected, atol=2e-2)
+    plain = _llama(base_gguf)
+    assert np.abs(_llama_logits(plain, ids) - expected).max() > 0.1  # the adapter is what makes them equal

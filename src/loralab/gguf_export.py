@@ -225,7 +225,8 @@ def write_model_gguf(model, tokenizer, path: Path, kind: str, name: str, add_bos
     writer.add_token_merges(vocab["merges"])
     if tokenizer.bos_token_id is not None:
         writer.add_bos_token_id(tokenizer.bos_token_id)
-    writer.add_eos_token_id(tokenizer.eos_token_id)
+    if tokenizer.eos_token_id is not None:
+        writer.add_eos_token_id(tokenizer.eos_token_id)
     stops = [i for i in stop_token_ids(tokenizer) if i != tokenizer.eos_token_id]
     if stops:  # the template's turn-closing token when it is not eos (llama.cpp stops at eot too)
         writer.add_eot_token_id(stops[0])
@@ -235,7 +236,8 @@ def write_model_gguf(model, tokenizer, path: Path, kind: str, name: str, add_bos
         writer.add_pad_token_id(tokenizer.pad_token_id)
     writer.add_add_bos_token(add_bos)
     writer.add_add_eos_token(False)
-    writer.add_chat_template(tokenizer.chat_template)
+    if isinstance(tokenizer.chat_template, str):
+        writer.add_chat_template(tokenizer.chat_template)
 
     for tensor_name, array in gguf_tensors(model):
         qtype = gguf.GGMLQuantizationType.F32
@@ -284,10 +286,18 @@ def write_lora_gguf(adapter_dir: str | Path, config, path: Path) -> Path:
     )
     if why_not:
         raise LoralabError(f"export_gguf: {adapter_dir} cannot be written as a llama.cpp LoRA GGUF: {why_not}")
+    weights_file = adapter_dir / "adapter_model.safetensors"
+    if not weights_file.is_file():
+        raise LoralabError(f"export_gguf: {adapter_dir} has no adapter_model.safetensors")
     rank, alpha = settings["r"], float(settings["lora_alpha"])
     # llama.cpp multiplies by alpha / rank; rsLoRA multiplies by alpha / sqrt(rank).
     gguf_alpha = alpha * math.sqrt(rank) if settings.get("use_rslora") else alpha
-    weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    weights = load_file(str(weights_file))
+    other = [k for k in weights if ".lora_A." not in k and ".lora_B." not in k]
+    if other:  # e.g. LoRA on the embedding (lora_embedding_A): no llama.cpp LoRA tensor for it
+        raise LoralabError(
+            f"export_gguf: {adapter_dir} cannot be written as a llama.cpp LoRA GGUF: it holds {other[0]}"
+        )
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     writer.add_type(gguf.GGUFType.ADAPTER)

@@ -17,6 +17,7 @@ import logging
 import re
 
 from loralab.config import Config
+from loralab.errors import LoralabError
 from loralab.templates import EMPTY_THOUGHT, render, stop_token_ids, template_spec, tool_prompt_date
 
 log = logging.getLogger(__name__)
@@ -139,10 +140,10 @@ def go_template(name: str, tool_format: str | None, strip_bos: bool, bos: str, e
     )
 
 
-def _quote(text: str) -> str:
+def _quote(text: str, what: str) -> str:
     """A Modelfile string: triple quotes hold newlines and double quotes (not three in a row)."""
     if '"""' in text:
-        raise ValueError("text with three double quotes in a row cannot be written into a Modelfile")
+        raise LoralabError(f'{what}: has three double quotes in a row ("""), which a Modelfile cannot hold')
     return f'"""{text}"""'
 
 
@@ -163,7 +164,7 @@ def modelfile(cfg: Config, tokenizer, from_path: str, add_bos: bool) -> str:
     default_system = cfg.default_system
     if cfg.template:
         template = go_template(cfg.template, cfg.tool_format, add_bos, tokenizer.bos_token or "", tokenizer.eos_token)
-        lines.append(f"TEMPLATE {_quote(template)}")
+        lines.append(f"TEMPLATE {_quote(template, 'template')}")
         default_system = default_system or template_spec(cfg.template, cfg.tool_format)["default_system"]
     else:
         log.warning(
@@ -174,7 +175,7 @@ def modelfile(cfg: Config, tokenizer, from_path: str, add_bos: bool) -> str:
         lines.append("# No TEMPLATE: this model uses its tokenizer's own (jinja) chat template; Ollama picks")
         lines.append("# its closest known template. Export with template: set for an exact one.")
     if default_system:
-        lines.append(f"SYSTEM {_quote(default_system)}")
+        lines.append(f"SYSTEM {_quote(default_system, 'default_system')}")
     for word in stop_words(cfg, tokenizer):
         lines.append(f"PARAMETER stop {json.dumps(word, ensure_ascii=False)}")
     if cfg.do_sample:
