@@ -159,6 +159,29 @@ def test_modelfile_names_model_template_and_stops(exported):
     assert info["gguf"]["models"] == {k: f"model-{k}.gguf" for k in ("f16", "q8_0", "q4_0")}
 
 
+def test_ollama_adapter_mode_writes_the_base_and_an_adapter_line(tiny_model, exported, tmp_path):
+    folder, adapter, cfg = exported
+    values = {**cfg.model_dump(exclude_defaults=True), "export_dir": str(tmp_path / "out"), "export_gguf": "q8_0,f16"}
+    out = export(load_config(None, {**values, "export_ollama": "adapter"}))
+    lines = (out / "Modelfile").read_text().splitlines()
+    assert "FROM ./base-q8_0.gguf" in lines and "ADAPTER ./adapter.gguf" in lines
+    # the base file holds the base model's weights, not the merged ones
+    config = json.loads((out / "config.json").read_text())
+    base_q = _hf_weights(tiny_model)["model.layers.0.self_attn.q_proj.weight"]
+    merged_q = _hf_weights(out)["model.layers.0.self_attn.q_proj.weight"]
+    tensor = {t.name: t for t in _reader(out / "base-q8_0.gguf").tensors}["blk.0.attn_q.weight"]
+    got = _as_hf(tensor, "model.layers.0.self_attn.q_proj.weight", config)
+    assert np.abs(got - base_q).max() < np.abs(got - merged_q).max() / 10
+    values["export_dir"] = str(tmp_path / "refused")
+    with pytest.raises(LoralabError, match="export_ollama: adapter .* needs export_gguf and exactly one"):
+        export(
+            load_config(None, {**values, "export_ollama": "adapter", "adapter_name_or_path": f"{adapter},{adapter}"})
+        )
+    with pytest.raises(LoralabError, match="export_ollama: adapter .* needs export_gguf"):
+        export(load_config(None, {**values, "export_ollama": "adapter", "export_gguf": None}))
+    assert not (tmp_path / "refused").exists()
+
+
 @pytest.mark.parametrize(
     "change,why",
     [

@@ -153,14 +153,17 @@ def stop_words(cfg: Config, tokenizer) -> list[str]:
     return list(dict.fromkeys(w for w in words if w))
 
 
-def modelfile(cfg: Config, tokenizer, from_path: str, add_bos: bool) -> str:
-    """The Modelfile text: FROM the merged GGUF, TEMPLATE, SYSTEM, stop tokens and the generation defaults."""
-    lines = [
-        "# Written by `loralab export`. Create the model: ollama create NAME -f Modelfile (from this folder)",
-        "# The merged model is used; to run the base model with the adapter instead, FROM a GGUF of the base",
-        "# model and add: ADAPTER ./adapter.gguf",
-        f"FROM {from_path}",
-    ]
+def modelfile(cfg: Config, tokenizer, from_path: str, add_bos: bool, adapter: str | None = None) -> str:
+    """The Modelfile text: FROM the GGUF (merged, or the base with an ADAPTER), TEMPLATE, SYSTEM, stop tokens and
+    the generation defaults."""
+    lines = ["# Written by `loralab export`. Create the model: ollama create NAME -f Modelfile (from this folder)"]
+    if adapter:
+        lines += [f"FROM {from_path}", f"ADAPTER {adapter}"]
+    else:
+        lines += [
+            "# The merged model; export_ollama=adapter writes the base model's GGUF and runs it with ADAPTER",
+            f"FROM {from_path}",
+        ]
     default_system = cfg.default_system
     if cfg.template:
         template = go_template(cfg.template, cfg.tool_format, add_bos, tokenizer.bos_token or "", tokenizer.eos_token)
