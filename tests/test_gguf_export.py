@@ -320,6 +320,16 @@ def _same_prompt(go_render, model: Path, template: str, messages: list[dict], to
     assert (tokenizer.bos_token if add_bos else "") + theirs == ours
 
 
+def test_modelfile_as_written_renders_loralabs_prompt(go_render, exported):
+    """The TEMPLATE block read out of the written Modelfile (quoting included), not the function's return value."""
+    folder, _, _ = exported
+    text = (folder / "Modelfile").read_text()
+    template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    tokenizer = load_tokenizer(load_config(None, {"model_name_or_path": str(folder), "template": "llama3"}))
+    ours = render(tokenizer, TWO_TURNS, add_generation_prompt=True)
+    assert tokenizer.bos_token + go_render(template, TWO_TURNS) == ours
+
+
 @pytest.mark.parametrize("template", ["llama3", "mistral", "alpaca", "vicuna", "default"])
 def test_go_template_two_turns_with_system_llama3_style(go_render, tiny_model, template):
     _same_prompt(go_render, tiny_model, template, TWO_TURNS)
