@@ -373,10 +373,20 @@ def test_smollm2_gguf_tokenizes_like_hf(tmp_path):
     assert "output.weight" not in {t.name for t in reader.tensors}  # tied: llama.cpp reuses token_embd
     hf_tok = AutoTokenizer.from_pretrained(folder)
     gguf_tok = AutoTokenizer.from_pretrained(folder, gguf_file="model-f16.gguf")
-    for text in [*PROMPTS, "In 2024, 1234567 people paid $3.50 each."]:
-        assert (
-            gguf_tok(text, add_special_tokens=False)["input_ids"] == hf_tok(text, add_special_tokens=False)["input_ids"]
-        ), text
+    texts = [*PROMPTS, "In 2024, 1234567 people paid $3.50 each.", "(Hello) don't\n\n  x:=y; ÄÖÜ 東京"]
+    for text in texts:
+        ids = hf_tok(text, add_special_tokens=False)["input_ids"]
+        assert gguf_tok(text, add_special_tokens=False)["input_ids"] == ids, text
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return
+    llm = _llama(folder / "model-f16.gguf")
+    tokenizer = load_tokenizer(load_config(None, {"model_name_or_path": str(folder), "template": "smollm2"}))
+    prompt = render(tokenizer, TWO_TURNS, add_generation_prompt=True)
+    for text in [*texts, prompt]:
+        ids = hf_tok(text, add_special_tokens=False)["input_ids"]
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids, text
 
 
 def _builtin_folder() -> Path:
