@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -159,14 +160,16 @@ def _types(kind: str):
     }[kind]
 
 
-def gguf_tensors(model) -> list[tuple[str, np.ndarray]]:
-    """The model's weights as (GGUF name, float32 array), q/k permuted for llama.cpp, a tied output left out."""
+def gguf_tensors(model) -> Iterator[tuple[str, np.ndarray]]:
+    """The model's weights as (GGUF name, float32 array), q/k permuted for llama.cpp, a tied output left out.
+
+    One at a time: a converted copy lives only until the writer has taken its f16 / quantized form.
+    """
     import gguf
 
     config = model.config
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    out = []
     for hf_name, tensor in model.state_dict().items():
         if hf_name == "lm_head.weight" and tied:
             continue
@@ -180,11 +183,10 @@ def gguf_tensors(model) -> list[tuple[str, np.ndarray]]:
             array = permute_qk(array, config.num_attention_heads)
         elif hf_name.endswith("k_proj.weight"):
             array = permute_qk(array, config.num_key_value_heads)
-        out.append((name, array))
+        yield name, array
     factors = llama3_rope_factors(config)
     if factors is not None:
-        out.append((gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors))
-    return out
+        yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors
 
 
 def write_model_gguf(model, tokenizer, path: Path, kind: str, name: str, add_bos: bool) -> Path:
