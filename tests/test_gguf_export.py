@@ -475,3 +475,16 @@ def test_llama_cpp_reads_model_and_lora_ggufs(exported, tiny_model, tmp_path):
     np.testing.assert_allclose(_llama_logits(with_lora, ids), expected, atol=2e-2)
     plain = _llama(base_gguf)
     assert np.abs(_llama_logits(plain, ids) - expected).max() > 0.1  # the adapter is what makes them equal
+
+
+def test_ollama_path_gives_loralabs_token_ids(go_render, exported):
+    """What Ollama feeds llama.cpp: the Modelfile's TEMPLATE rendered, then tokenized with the GGUF's add_bos and
+    special tokens parsed; the ids must be loralab's encode_prompt ids."""
+    from loralab.templates import encode_prompt
+
+    folder, _, _ = exported
+    llm = _llama(folder / "model-f16.gguf")
+    template = (folder / "Modelfile").read_text().split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    tokenizer = load_tokenizer(load_config(None, {"model_name_or_path": str(folder), "template": "llama3"}))
+    text = go_render(template, TWO_TURNS)
+    assert llm.tokenize(text.encode(), add_bos=True, special=True) == encode_prompt(tokenizer, TWO_TURNS)
