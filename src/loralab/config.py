@@ -375,7 +375,7 @@ class Config(BaseModel):
             return None
         bad = [t for t in gguf_type_list(str(v)) if t not in GGUF_TYPES]
         if bad or not gguf_type_list(str(v)):
-            raise ValueError(f"expected a comma list of {', '.join(GGUF_TYPES)}, got {v!r}")
+            raise ValueError(f"expected a comma list of {', '.join(GGUF_TYPES)}")
         return str(v)
 
     @field_validator("data_split")

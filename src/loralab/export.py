@@ -61,10 +61,12 @@ def export(cfg: Config, overwrite: bool = False) -> Path:
             cfg.model_name_or_path,
         )
 
-    if cfg.export_ollama == "adapter" and (len(cfg.adapter_paths) != 1 or not cfg.gguf_types):
+    if cfg.export_ollama == "adapter" and not cfg.gguf_types:
+        raise LoralabError("export_ollama: adapter needs export_gguf (the GGUF types to write, e.g. q8_0)")
+    if cfg.export_ollama == "adapter" and len(cfg.adapter_paths) != 1:
         raise LoralabError(
-            "export_ollama: adapter (Ollama runs the base model's GGUF plus adapter.gguf) needs export_gguf and "
-            f"exactly one adapter_name_or_path, got {len(cfg.adapter_paths)} adapter(s)"
+            "export_ollama: adapter (Ollama runs the base model's GGUF plus adapter.gguf) needs exactly one "
+            f"adapter_name_or_path, got {len(cfg.adapter_paths)}"
         )
 
     from peft import PeftModel
