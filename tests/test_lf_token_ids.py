@@ -4,13 +4,13 @@ LLaMA-Factory tokenizes the system text and each message's slot pieces one by on
 the rendered text as one string differ where a piece merges with its neighbour (on SmolLM2 the alpaca system
 prompt's closing "\n\n" and the "###" after it). fixtures/lf_reference/template_ids.json is what LLaMA-Factory's
 own get_dataset produced (record_ids.py) on SmolLM2's real tokenizer for every template loralab accepts on its
-vocabulary, and on the tiny test tokenizers for llama3 and llama4: the input_ids and labels it trains on, and the
-prompt ids it generates from and the label ids it scores against under do_predict (cut to cutoff_len).
+vocabulary, and on the tiny test tokenizer (with the special tokens of llama4, phi, phi4 and gemma added) for the
+other 6: the input_ids and labels it trains on, and the prompt ids it generates from and the label ids it scores
+against under do_predict (cut to cutoff_len).
 """
 
 import copy
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -35,7 +35,23 @@ from loralab.train import encode_split
 
 FIXTURES = Path(__file__).parent / "fixtures" / "lf_reference"
 REFERENCE = json.loads((FIXTURES / "template_ids.json").read_text(encoding="utf-8"))
-LLAMA4_SPECIAL = ["<|header_start|>", "<|header_end|>", "<|eot|>", "<|eom|>"]
+# added to the tiny llama3 tokenizer for llama4, phi, phi4 and gemma (as recorded by record_ids.py, in this order)
+EXTRA_SPECIAL_TOKENS = [
+    "<|header_start|>",
+    "<|header_end|>",
+    "<|eot|>",
+    "<|eom|>",
+    "<|eom_id|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|im_sep|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|system|>",
+    "<|end|>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+]
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +61,9 @@ def tokenizers():
 
     from loralab.models import ensure_builtin_model
 
-    llama4 = make_tiny_tokenizer("llama3")
-    llama4.add_special_tokens({"additional_special_tokens": LLAMA4_SPECIAL})  # as recorded (record_ids.py)
-    loaded = {"llama3": make_tiny_tokenizer("llama3"), "llama4": llama4}
+    tiny_all = make_tiny_tokenizer("llama3")
+    tiny_all.add_special_tokens({"additional_special_tokens": EXTRA_SPECIAL_TOKENS})
+    loaded = {"llama3": make_tiny_tokenizer("llama3"), "tiny_all": tiny_all}
     try:  # converted once into loralab's cache; only the tokenizer is read here
         loaded["smollm2"] = AutoTokenizer.from_pretrained(ensure_builtin_model("smollm2-135m-instruct"))
     except LoralabError as e:
@@ -85,6 +101,7 @@ def config_of(ref):
 def test_every_template_loralab_accepts_on_smollm2_is_recorded(tokenizers):
     recorded = {ref["template"] for ref in REFERENCE["cases"].values() if ref["tokenizer"] == "smollm2"}
     assert len(recorded) == 11
+    assert {ref["template"] for ref in REFERENCE["cases"].values()} == set(BUILTIN_TEMPLATES)  # all 17 somewhere
     for name in ("llama3", "llama4", "phi", "phi4", "gemma", "gemma3"):  # their special tokens are not in SmolLM2's
         with pytest.raises(LoralabError, match="special tokens"):
             templated(tokenizers, "smollm2", name)
@@ -161,7 +178,7 @@ def _conversations():
     ("tokenizer_name", "template"),
     [
         ("llama3", "llama3"),
-        ("llama4", "llama4"),
+        ("tiny_all", "llama4"),
         ("smollm2", "alpaca"),
         ("smollm2", "vicuna"),
         ("smollm2", "qwen"),
@@ -184,20 +201,16 @@ def test_prompt_ids_are_a_prefix_of_the_training_ids(tokenizers, tokenizer_name,
                 assert len(prompt) < len(trained)
 
 
-def test_every_template_encodes_the_text_it_renders(monkeypatch):
+def test_every_template_encodes_the_text_it_renders(tokenizers, monkeypatch):
     """The slot-by-slot ids spell exactly `render`'s text (which test_lf_templates holds to LLaMA-Factory's),
     for every built-in template, with a system text, tools, tool calls and tool results."""
     from loralab import templates
 
     monkeypatch.setattr(templates, "tool_prompt_date", lambda: "26 Jul 2024")
-    specials = {t for name in BUILTIN_TEMPLATES for t in templates.template_spec(name)["stop_words"]}
-    specials |= {t for name in BUILTIN_TEMPLATES for t in re.findall(r"<\|[a-z_]+\|>", templates.chat_template(name))}
     cfg = load_config(None, {"dataset": "sharegpt_tools,sharegpt_custom", "dataset_dir": str(FIXTURES / "data")})
     conversations = [*_conversations(), *data.load_conversations(cfg, "train")]
     for name in BUILTIN_TEMPLATES:
-        tok = make_tiny_tokenizer("llama3")
-        tok.add_special_tokens({"additional_special_tokens": sorted(specials - set(tok.get_vocab()))})
-        tok = apply_template(tok, name)
+        tok = templated(tokenizers, "tiny_all", name)
         for messages in conversations:
             encoded = encode_for_training(tok, messages, cutoff_len=10**6)
             assert tok.decode(encoded["input_ids"]) == render(tok, messages), name
