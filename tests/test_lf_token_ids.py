@@ -1,8 +1,8 @@
 """Token-level parity with LLaMA-Factory 0.9.5 per template: its ids for training and for prediction.
 
 LLaMA-Factory tokenizes the system text and each message's slot pieces one by one and joins the ids; the ids of
-the rendered text as one string differ where a piece merges with its neighbour (on SmolLM2 the alpaca system
-prompt's closing "\n\n" and the "###" after it). fixtures/lf_reference/template_ids.json is what LLaMA-Factory's
+the rendered text as one string differ at the pieces' edges (on SmolLM2 the alpaca system prompt's closing "\\n\\n"
+is one token alone, two with the "###" after it). fixtures/lf_reference/template_ids.json is what LLaMA-Factory's
 own get_dataset produced (record_ids.py) on SmolLM2's real tokenizer for every template loralab accepts on its
 vocabulary, and on the tiny test tokenizer (with the special tokens of llama4, phi, phi4 and gemma added) for the
 other 6: the input_ids and labels it trains on, and the prompt ids it generates from and the label ids it scores

@@ -531,8 +531,7 @@ def _template_slots(tokenizer) -> dict | None:
     return slots if slots and tokenizer.chat_template == slots["jinja"] else None
 
 
-_SLOT_OF_ROLE = {"user": "user", "assistant": "assistant", "function": "function", "observation": "observation"}
-_SLOT_OF_ROLE["tool"] = "observation"
+_SLOT_OF_ROLE = {r: r for r in ("user", "assistant", "function", "observation")} | {"tool": "observation"}
 
 
 def _slot_ids(tokenizer, slot: str, content: str) -> list[int]:
@@ -551,9 +550,9 @@ def _message_ids(tokenizer, slots: dict, messages: list[dict]) -> list[tuple[boo
     """(is an answer, ids) per message of a built-in template, tokenized as LLaMA-Factory's Template._encode does.
 
     The prefix, the system text and the first message's slot, and every later message's slot, are tokenized
-    each on its own and their ids joined, so a piece of text never merges with its neighbour into one token
-    (on SmolLM2 the alpaca system prompt's closing "\n\n" and the "###" after it stay two tokens). The text is
-    exactly `render`'s.
+    each on its own and their ids joined, so the tokens at a piece's edges are the piece's own (on SmolLM2 the
+    alpaca system prompt's closing "\\n\\n" is one token alone, two with "###" after it in one text). The text
+    is exactly `render`'s.
     """
     messages, _ = _written_out(tokenizer, messages)
     system, turns = slots["default_system"], messages
