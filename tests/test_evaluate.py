@@ -21,6 +21,7 @@ from loralab.evaluate import (
 )
 from loralab.generate import Engine, GenerationSettings
 from loralab.metrics import METRICS, QUALITY_METRICS
+from loralab.templates import encode_for_prediction, encode_prompt
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +94,29 @@ def test_predict_writes_llamafactory_jsonl(tiny_model, data_dir, tmp_path):
         predict(cfg, "test", progress=False)
     predict(cfg, "val", progress=False)  # another split, another folder
     assert len(read_jsonl(tmp_path / "runs" / "predict-val-base" / "generated_predictions.jsonl")) == 4
+
+
+def test_a_prompt_longer_than_cutoff_len_is_cut_as_in_llamafactory(tiny_model, data_dir, tmp_path, caplog):
+    """LLaMA-Factory's do_predict cuts prompt and label to cutoff_len (infer_seqlen, heads kept): the predictions
+    come from the cut prompt, and the file's prompt is that cut prompt (test_lf_token_ids holds the ids to LF's)."""
+    import logging
+
+    cfg = make_cfg(tiny_model, data_dir, tmp_path, cutoff_len=16)
+    prompts, labels, _ = load_examples(cfg, "test")
+    engine = Engine(cfg, {})
+    cut = [encode_for_prediction(engine.tokenizer, p, label, cfg.cutoff_len) for p, label in zip(prompts, labels)]
+    assert all(len(ids) < len(encode_prompt(engine.tokenizer, p)) for (ids, _), p in zip(cut, prompts))
+    with caplog.at_level(logging.WARNING, logger="loralab"):
+        out = predict(cfg, "test", progress=False)
+    assert "5 of 5 prompts are longer than cutoff_len (16)" in caplog.text
+    rows = read_jsonl(tmp_path / "runs" / "predict-test-base" / "generated_predictions.jsonl")
+    assert [r["prompt"] for r in rows] == [engine.tokenizer.decode(ids) for ids, _ in cut]
+    assert [r["lf_label"] for r in rows] == [engine.tokenizer.decode(ids, skip_special_tokens=True) for _, ids in cut]
+    settings = GenerationSettings(max_new_tokens=8)
+    assert [r["predict"] for r in rows] == [
+        c.text for c in engine.generate(prompts, settings, prompt_token_ids=[ids for ids, _ in cut])
+    ]
+    assert out["results"]["prompt_tokens"] == sum(len(ids) for ids, _ in cut)
 
 
 def test_eval_writes_metrics_with_cis(tiny_model, data_dir, tmp_path):

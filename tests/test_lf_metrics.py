@@ -61,3 +61,31 @@ def test_smollm2_predict_equals_llamafactory_on_real_alpaca(alpaca_file, tmp_pat
     result = predict(load_config("lf.yaml"), progress=False)
     for name, value in ref["predict_results"].items():
         assert result["results"][name] == round(value, 4), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["cutoff_1024", "cutoff_48"])
+def test_smollm2_alpaca_template_predictions_equal_llamafactorys(run, tmp_path, monkeypatch):
+    """The same do_predict YAML with `template: alpaca` through LLaMA-Factory and loralab: the same prompts,
+    predictions and predict_*. cutoff_48 cuts every prompt (LLaMA-Factory keeps each prompt's head)."""
+    import yaml
+
+    from loralab.config import load_config
+    from loralab.evaluate import predict
+
+    fixtures = Path(__file__).parent / "fixtures" / "lf_reference"
+    ref = json.loads((fixtures / "smollm2_alpaca_template_predict.json").read_text(encoding="utf-8"))["runs"][run]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "alpaca_smol.json").write_text((fixtures / "data" / "alpaca_smol.json").read_text())
+    (tmp_path / "data" / "dataset_info.json").write_text(json.dumps({"alpaca_smol": {"file_name": "alpaca_smol.json"}}))
+    (tmp_path / "lf.yaml").write_text(
+        yaml.safe_dump({**ref["yaml"], "output_dir": "out", "infer_batch_size": 1, "torch_threads": 1})
+    )
+    monkeypatch.chdir(tmp_path)
+    result = predict(load_config("lf.yaml"), progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "generated_predictions.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == [p["prompt"] for p in ref["predictions"]]
+    assert [r["predict"] for r in rows] == [p["predict"] for p in ref["predictions"]]
+    assert [r["lf_label"] for r in rows] == [p["label"] for p in ref["predictions"]]
+    for name, value in ref["predict_results"].items():
+        assert result["results"][name] == round(value, 4), name

@@ -29,7 +29,7 @@ from loralab.config import Config
 from loralab.errors import LoralabError
 from loralab.generate import Engine, GenerationSettings
 from loralab.runinfo import check_output_dir, update_all_results, write_json, write_run_info
-from loralab.templates import lf_label_text, with_default_system
+from loralab.templates import encode_for_prediction, encode_prompt, with_default_system
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,34 @@ def write_predictions(path: Path, rows: list[dict]) -> None:
 
 
 # --- predict -------------------------------------------------------------------------------------
+def _prediction_ids(tokenizer, cfg: Config, prompts: list, labels: list[str]) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, label ids) per record as LLaMA-Factory's do_predict makes them.
+
+    A prompt that does not fit cutoff_len beside its label is cut as LLaMA-Factory cuts it (its head kept,
+    templates.encode_for_prediction), so the predictions are made from what LLaMA-Factory's are; said once.
+    """
+    encoded, cut = [], 0
+    for i, (prompt, label) in enumerate(zip(prompts, labels)):
+        messages = with_default_system(prompt, cfg.default_system)
+        prompt_ids, label_ids = encode_for_prediction(tokenizer, messages, label, cfg.cutoff_len)
+        if not prompt_ids:
+            raise LoralabError(
+                f"cutoff_len: {cfg.cutoff_len} leaves no prompt token for record {i} beside its label; raise cutoff_len"
+            )
+        if prompt_ids != encode_prompt(tokenizer, messages):
+            cut += 1
+        encoded.append((prompt_ids, label_ids))
+    if cut:
+        log.warning(
+            "%d of %d prompts are longer than cutoff_len (%d) beside their label and are cut as LLaMA-Factory "
+            "cuts them (their end goes, the assistant header included); raise cutoff_len to predict from whole prompts",
+            cut,
+            len(prompts),
+            cfg.cutoff_len,
+        )
+    return encoded
+
+
 def predict_into(
     engine: Engine,
     cfg: Config,
@@ -180,24 +208,29 @@ def predict_into(
         cfg.infer_batch_size,
         "greedy" if not settings.do_sample else "sampling",
     )
+    encoded = _prediction_ids(engine.tokenizer, cfg, prompts, labels)
     start = time.perf_counter()
     completions = engine.generate(
-        prompts, settings, adapter=adapter, batch_size=cfg.infer_batch_size, progress=progress
+        prompts,
+        settings,
+        adapter=adapter,
+        batch_size=cfg.infer_batch_size,
+        progress=progress,
+        prompt_token_ids=[prompt_ids for prompt_ids, _ in encoded],
     )
     seconds = time.perf_counter() - start
     # finish_reason stays in memory for scoring (hit_max_new_tokens); the file keeps LLaMA-Factory's three
-    # fields (its label text) plus the clean answer (write_predictions)
+    # fields (its label text, from the same cut ids) plus the clean answer (write_predictions)
+    decode = engine.tokenizer.decode
     rows = [
         {
-            "prompt": engine.prompt_text(p),
+            "prompt": decode(prompt_ids, skip_special_tokens=False),  # as LLaMA-Factory writes it
             "predict": c.text,
             "label": label,
             "finish_reason": c.finish_reason,
-            LF_LABEL: lf_label_text(
-                engine.tokenizer, with_default_system(p, cfg.default_system), label, cfg.cutoff_len
-            ),
+            LF_LABEL: decode(label_ids, skip_special_tokens=True),
         }
-        for p, c, label in zip(prompts, completions, labels)
+        for (prompt_ids, label_ids), c, label in zip(encoded, completions, labels)
     ]
     write_predictions(out_dir / PREDICTIONS, rows)
     generated = sum(c.completion_tokens for c in completions)

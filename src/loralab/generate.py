@@ -290,16 +290,19 @@ class Engine:
         batch_size: int = 16,
         progress: bool = False,
         on_text: OnText | None = None,
+        prompt_token_ids: list[list[int]] | None = None,
     ) -> list[Completion]:
         """One Completion per conversation, in the input order. adapter=None is the base model.
 
-        batch_size: at most this many rows decode together while this call drives the engine."""
+        batch_size: at most this many rows decode together while this call drives the engine.
+        prompt_token_ids: each conversation's prompt ids when the caller made them (predict cuts a prompt
+        longer than cutoff_len as LLaMA-Factory does); the conversations are then not encoded here."""
         settings = settings or GenerationSettings()
         settings.check()
         self._check_adapter(adapter)
         if batch_size < 1:
             raise LoralabError(f"infer_batch_size: got {batch_size}; expected a positive number")
-        prompts = [self.prompt_ids(m) for m in conversations]
+        prompts = prompt_token_ids if prompt_token_ids is not None else [self.prompt_ids(m) for m in conversations]
         if self._vllm is not None:
             with self._vllm_lock:
                 return self._vllm.generate(prompts, settings, adapter, on_text)

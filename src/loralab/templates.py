@@ -1,9 +1,10 @@
 """The one chat-template path shared by training, evaluation and serving.
 
-What the model is trained on is exactly what it is served with: `encode_for_training` and
-`encode_prompt` both render conversations with the tokenizer's jinja chat template (its own, or a
-built-in one named by `template:`), and tokenize the rendered text the same way. The prompt a model
-sees at inference is token-for-token the prompt part of its training sequences.
+What the model is trained on is exactly what it is served with: `encode_for_training`, `encode_prompt` and
+`encode_for_prediction` share one encoder (`_segments`). A built-in template (`template:`, LLaMA-Factory's names)
+is tokenized slot by slot as LLaMA-Factory does, so the ids are LLaMA-Factory's; the tokenizer's own jinja
+template is rendered and tokenized turn by turn. The prompt a model sees at inference is token-for-token the
+prompt part of its training sequences. `render` gives the same conversation as text (the jinja template).
 """
 
 from __future__ import annotations
@@ -241,6 +242,8 @@ def apply_template(tokenizer, name: str | None = None, model_name: str = "model"
             )
         own = tokenizer.chat_template
         tokenizer.chat_template = chat_template(name, tool_format)
+        # the slots the encoders tokenize one by one, as LLaMA-Factory does (valid while this is the chat template)
+        tokenizer.loralab_slots = {**spec, "jinja": tokenizer.chat_template}
         tokenizer.loralab_tool_format = spec["tool_format"]
         tokenizer.loralab_default_system = spec["default_system"]  # what tool descriptions follow without a system
         if isinstance(own, str) and own:
@@ -254,6 +257,7 @@ def apply_template(tokenizer, name: str | None = None, model_name: str = "model"
         )
     else:  # the tokenizer's own template: tools go to its `tools` argument unless a tool_format is set
         tokenizer.loralab_tool_format, tokenizer.loralab_default_system = tool_format, ""
+        tokenizer.loralab_slots = None
     if tokenizer.pad_token is None:
         # Padding positions are masked by the attention mask and labels, so reusing eos is safe.
         tokenizer.pad_token = tokenizer.eos_token
@@ -325,6 +329,24 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False)
     tool format, as LLaMA-Factory writes them (no system text: the template's default system, then the tools).
     With the tokenizer's own template they go to its `tools` argument, for the template to render its way.
     """
+    messages, own_template_tools = _written_out(tokenizer, messages)
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **own_template_tools
+        )
+    except TemplateError as e:
+        # A template may refuse a conversation on purpose (`raise_exception("System role not
+        # supported")` in Gemma/Mistral templates): that is the user's message to fix, not a crash.
+        raise LoralabError(f"chat template: {e}") from None
+
+
+def _written_out(tokenizer, messages: list[dict]) -> tuple[list[dict], dict]:
+    """Tool descriptions and function calls written into the messages' text in the template's tool format.
+
+    With the tokenizer's own template and no tool_format, the tools go to its `tools` argument instead (returned).
+    """
     tool_format = getattr(tokenizer, "loralab_tool_format", None)  # set by apply_template for built-in templates
     tools = messages[0].get("tools") if messages and messages[0]["role"] == "system" else None
     own_template_tools = {}
@@ -340,16 +362,7 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False)
             {**m, "content": format_function_call(m["content"], tool_format)} if m["role"] == "function" else m
             for m in messages
         ]
-    from jinja2.exceptions import TemplateError
-
-    try:
-        return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **own_template_tools
-        )
-    except TemplateError as e:
-        # A template may refuse a conversation on purpose (`raise_exception("System role not
-        # supported")` in Gemma/Mistral templates): that is the user's message to fix, not a crash.
-        raise LoralabError(f"chat template: {e}") from None
+    return messages, own_template_tools
 
 
 # The tool prompts of LLaMA-Factory 0.9.5's tool formats (its tool_utils), as data: the text around the tool list.
@@ -512,9 +525,112 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def _template_slots(tokenizer) -> dict | None:
+    """The built-in template's slots apply_template gave this tokenizer, while it is still its chat template."""
+    slots = getattr(tokenizer, "loralab_slots", None)
+    return slots if slots and tokenizer.chat_template == slots["jinja"] else None
+
+
+_SLOT_OF_ROLE = {r: r for r in ("user", "assistant", "function", "observation")} | {"tool": "observation"}
+
+
+def _slot_ids(tokenizer, slot: str, content: str) -> list[int]:
+    """A slot's ids as LLaMA-Factory makes them: each text piece between {bos}/{eos} tokenized on its own."""
+    ids: list[int] = []
+    for piece in re.split(r"(\{bos\}|\{eos\})", slot):
+        if piece in ("{bos}", "{eos}"):
+            token_id = tokenizer.bos_token_id if piece == "{bos}" else tokenizer.eos_token_id
+            ids += [] if token_id is None else [token_id]  # a tokenizer without one: nothing, as in LLaMA-Factory
+        elif piece:
+            ids += encode_text(tokenizer, piece.replace("{content}", content, 1))
+    return ids
+
+
+def _message_ids(tokenizer, slots: dict, messages: list[dict]) -> list[tuple[bool, list[int]]]:
+    """(is an answer, ids) per message of a built-in template, tokenized as LLaMA-Factory's Template._encode does.
+
+    The prefix, the system text and the first message's slot, and every later message's slot, are tokenized
+    each on its own and their ids joined, so the tokens at a piece's edges are the piece's own (on SmolLM2 the
+    alpaca system prompt's closing "\\n\\n" is one token alone, two with "###" after it in one text). The text
+    is exactly `render`'s.
+    """
+    messages, _ = _written_out(tokenizer, messages)
+    system, turns = slots["default_system"], messages
+    if messages and messages[0]["role"] == "system":
+        system, turns = messages[0]["content"], messages[1:]
+    out = []
+    for k, message in enumerate(turns):
+        content, ids = message["content"], []
+        if k == 0:
+            ids += _slot_ids(tokenizer, slots["prefix"], "")
+            if system and slots["system_in_user"]:  # LLaMA-Factory's Llama2Template: one text with the message
+                content = slots["system"].replace("{content}", system, 1) + content
+            elif system:
+                ids += _slot_ids(tokenizer, slots["system"], system)
+        answer = message["role"] in ANSWER_ROLES
+        if answer and slots["empty_thought"] and "<think>" not in content and "</think>" not in content:
+            ids += encode_text(tokenizer, EMPTY_THOUGHT)  # LLaMA-Factory's thought ids, tokenized on their own
+        if message["role"] in _SLOT_OF_ROLE:  # another role renders nothing, as in the jinja template
+            ids += _slot_ids(tokenizer, slots[_SLOT_OF_ROLE[message["role"]]], content)
+        out.append((answer, ids))
+    return out
+
+
+def _segments(tokenizer, messages: list[dict], generation_prompt: bool) -> list[tuple[bool, list[int]]]:
+    """A conversation as (is an answer, ids) pieces whose ids, joined, are the ids of the whole conversation.
+
+    The one encoder of training, prediction and serving: a prompt's ids are the ids its conversation has in
+    training, so what a model is asked with is a prefix of what it was trained on. A built-in template is
+    tokenized slot by slot as LLaMA-Factory does (`_message_ids`). The tokenizer's own template is rendered and
+    cut where each answer starts and ends, each piece tokenized on its own; generation_prompt adds the text from
+    the last answer to the end of the generation prompt.
+    """
+    slots = _template_slots(tokenizer)
+    if slots is not None:
+        return _message_ids(tokenizer, slots, messages)
+    segments: list[tuple[bool, list[int]]] = []
+    rendered = ""
+    for i, message in enumerate(messages):
+        if message["role"] not in ANSWER_ROLES:
+            continue
+        prompt = render(tokenizer, messages[:i], add_generation_prompt=True)
+        full = render(tokenizer, messages[: i + 1])
+        _check_prefix(rendered, prompt)
+        _check_prefix(prompt, full)
+        segments += [(False, encode_text(tokenizer, prompt[len(rendered) :]))]
+        segments += [(True, encode_text(tokenizer, full[len(prompt) :]))]
+        rendered = full
+    if generation_prompt:
+        prompt = render(tokenizer, messages, add_generation_prompt=True)
+        _check_prefix(rendered, prompt)
+        segments.append((False, encode_text(tokenizer, prompt[len(rendered) :])))
+    return segments
+
+
 def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of a conversation up to and including the assistant header, for generation."""
-    return encode_text(tokenizer, render(tokenizer, messages, add_generation_prompt=True))
+    """Token ids of a conversation up to and including the assistant header, for generation.
+
+    The same ids the conversation has in training (`encode_for_training`, LLaMA-Factory's for a built-in
+    template). A tokenizer's own template that renders earlier turns differently once later ones follow
+    cannot be cut into turns; its prompt is then tokenized as one text (such a template cannot be trained on).
+    """
+    try:
+        return [i for _, ids in _segments(tokenizer, messages, generation_prompt=True) for i in ids]
+    except LoralabError:
+        return encode_text(tokenizer, render(tokenizer, messages, add_generation_prompt=True))
+
+
+def _prompt_answer_pairs(tokenizer, messages: list[dict]) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, answer ids) per answer turn: the ids since the previous answer, and the answer's own."""
+    pairs: list[tuple[list[int], list[int]]] = []
+    prompt: list[int] = []
+    for answer, ids in _segments(tokenizer, messages, generation_prompt=False):
+        if answer:
+            pairs.append((prompt, ids))
+            prompt = []
+        else:
+            prompt = prompt + ids
+    return pairs
 
 
 def encode_for_training(
@@ -528,9 +644,9 @@ def encode_for_training(
 ) -> dict | None:
     """input_ids + labels for one conversation; only answer turns (and their closing token) are learned.
 
-    The conversation is rendered turn by turn. Text up to each answer (assistant or function turn) is its
-    prompt (label -100, or learned too with train_on_prompt); the answer's content and the template's
-    turn-closing token (<|eot_id|>, <|im_end|>, eos) are labels, so the model learns to stop. With
+    The conversation is encoded turn by turn (`_segments`). The ids up to each answer (assistant or function
+    turn) are its prompt (label -100, or learned too with train_on_prompt); the answer's content and the
+    template's turn-closing token (<|eot_id|>, <|im_end|>, eos) are labels, so the model learns to stop. With
     mask_history only the last answer is learned.
 
     Over cutoff_len, overflow says what happens (LLaMA-Factory's meaning by default):
@@ -540,17 +656,7 @@ def encode_for_training(
     drop     = None.
     Also None when no label token is left.
     """
-    pairs: list[tuple[list[int], list[int]]] = []
-    rendered = ""
-    for i, message in enumerate(messages):
-        if message["role"] not in ANSWER_ROLES:
-            continue
-        prompt = render(tokenizer, messages[:i], add_generation_prompt=True)
-        full = render(tokenizer, messages[: i + 1])
-        _check_prefix(rendered, prompt)
-        _check_prefix(prompt, full)
-        pairs.append((encode_text(tokenizer, prompt[len(rendered) :]), encode_text(tokenizer, full[len(prompt) :])))
-        rendered = full
+    pairs = _prompt_answer_pairs(tokenizer, messages)
     last = len(pairs) - 1
 
     def labelled(k: int, prompt_ids: list[int], answer_ids: list[int]) -> tuple[list[int], list[int]]:
@@ -586,19 +692,28 @@ def encode_for_training(
     return {"input_ids": input_ids, "labels": labels}
 
 
+def encode_for_prediction(tokenizer, prompt: list[dict], answer: str, cutoff_len: int) -> tuple[list[int], list[int]]:
+    """(prompt ids, label ids) of one prediction record, as LLaMA-Factory's do_predict makes them.
+
+    The label is the answer with the template's closing text (`answer<|im_end|>\n` on ChatML). Over cutoff_len,
+    prompt and label are cut by `budget_split` (LLaMA-Factory's infer_seqlen), each keeping its head: a prompt
+    that is too long loses its end, the assistant header included, and the model continues from there as in
+    LLaMA-Factory. The prompt ids are `encode_prompt`'s when nothing is cut.
+    """
+    segments = _segments(tokenizer, [*prompt, {"role": "assistant", "content": answer}], generation_prompt=False)
+    prompt_ids = [i for _, ids in segments[:-1] for i in ids]
+    answer_ids = segments[-1][1]
+    n_prompt, n_answer = budget_split(len(prompt_ids), len(answer_ids), cutoff_len)
+    return prompt_ids[:n_prompt], answer_ids[:n_answer]
+
+
 def lf_label_text(tokenizer, prompt: list[dict], answer: str, cutoff_len: int) -> str:
     """The label text LLaMA-Factory scores a prediction against (its predict_* metrics).
 
-    LLaMA-Factory encodes the answer with the template's closing text, cuts prompt and answer to cutoff_len
-    with its budget split, and decodes the answer ids without special tokens: on ChatML models the `\n`
-    after <|im_end|> stays in the label ("answer\n"); on Llama 3 nothing follows <|eot_id|> ("answer").
+    The label ids of `encode_for_prediction` decoded without special tokens: on ChatML models the `\n` after
+    <|im_end|> stays in the label ("answer\n"); on Llama 3 nothing follows <|eot_id|> ("answer").
     """
-    prompt_text = render(tokenizer, prompt, add_generation_prompt=True)
-    full = render(tokenizer, [*prompt, {"role": "assistant", "content": answer}])
-    _check_prefix(prompt_text, full)
-    prompt_ids, answer_ids = encode_text(tokenizer, prompt_text), encode_text(tokenizer, full[len(prompt_text) :])
-    _, n_answer = budget_split(len(prompt_ids), len(answer_ids), cutoff_len)
-    return tokenizer.decode(answer_ids[:n_answer], skip_special_tokens=True)
+    return tokenizer.decode(encode_for_prediction(tokenizer, prompt, answer, cutoff_len)[1], skip_special_tokens=True)
 
 
 def budget_split(prompt_len: int, answer_len: int, budget: int) -> tuple[int, int]:
