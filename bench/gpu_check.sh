@@ -5,6 +5,7 @@
 #   bash bench/gpu_check.sh --dry-run          # no GPU, nothing installed: data, configs, commands, FLOP arithmetic
 #   bash bench/gpu_check.sh --only qlora_smollm2 --wheels .whl-qlora
 #   bash bench/gpu_check.sh --pypi             # a machine WITH PyPI: a venv with vllm, bitsandbytes, deepspeed ...
+#   bash bench/gpu_check.sh --speed            # bench/gpu_speed.py (issue 23's speed figures) instead of the checks
 #
 # A GPU machine without a package registry (our lent H200): make the wheels here first with
 # `bash bench/gpu_wheels.sh` (and `--qlora` for QLoRA's own call), carry .whl/ with the tree, and run this
@@ -19,6 +20,7 @@ VENV="$REPO/.venv-gpu"
 DRY=0
 PYPI=0
 WHEELS="$REPO/.whl"
+SCRIPT="$REPO/bench/gpu_check.py"
 PASS=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -26,6 +28,7 @@ while [ $# -gt 0 ]; do
     --venv) VENV="$2"; shift ;;
     --pypi) PYPI=1 ;;
     --wheels) WHEELS="$2"; shift ;;
+    --speed) SCRIPT="$REPO/bench/gpu_speed.py" ;;
     *) PASS+=("$1") ;;
   esac
   shift
@@ -55,5 +58,8 @@ elif compgen -G "$WHEELS/*.whl" >/dev/null; then
   echo "carried wheels installed from $(basename "$WHEELS"): $(ls "$WHEELS" | wc -l) files"
 fi
 INSTALL_S=$((SECONDS - START))
+if [ "$SCRIPT" != "$REPO/bench/gpu_check.py" ]; then
+  exec "$PY" "$SCRIPT" "${PASS[@]}"
+fi
 echo "installs took ${INSTALL_S}s; python: $("$PY" -c 'import sys, torch, transformers, peft, accelerate; print(sys.version.split()[0], "torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__, "accelerate", accelerate.__version__)')"
 exec "$PY" "$REPO/bench/gpu_check.py" --python "$PY" --install-seconds "$INSTALL_S" "${PASS[@]}"
