@@ -314,3 +314,42 @@ def test_vllm_backend_requests(tiny_model, tmp_path, monkeypatch):
     assert deltas == [(0, "reply 0"), (1, "reply 1")]
     eng.generate(CONVERSATIONS[:1], GenerationSettings(do_sample=True, temperature=0.7, seed=1))
     assert calls["generate"][2] is None and calls["generate"][1]["temperature"] == 0.7
+
+
+def test_a_row_whose_sampling_fails_fails_alone(engine, monkeypatch):
+    """One request's sampling breaks mid-flight (after its batch mates have streamed text): it alone gets
+    the error; the others finish exactly as they would alone, with nothing streamed twice or lost."""
+    from loralab import sampling
+
+    real_pick = sampling.pick_token
+
+    def pick(r, scores):
+        if r.settings.top_k == 7 and len(r.tokens) >= 3:
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real_pick(r, scores)
+
+    monkeypatch.setattr(sampling, "pick_token", pick)
+    alone = [engine.generate([c], GREEDY)[0] for c in CONVERSATIONS[:3]]
+    streamed = [[] for _ in range(3)]
+    rows = [engine.submit(c, GREEDY, on_text=streamed[i].append) for i, c in enumerate(CONVERSATIONS[:3])]
+    bad = engine.submit(CONVERSATIONS[3], GenerationSettings(max_new_tokens=12, do_sample=True, top_k=7, seed=1))
+    engine.run([*rows, bad])
+    assert isinstance(bad.error, RuntimeError) and bad.completion is None
+    assert [r.completion for r in rows] == alone and all(r.error is None for r in rows)
+    assert ["".join(s) for s in streamed] == [c.text for c in alone]
+
+
+@pytest.mark.parametrize(
+    "knobs", [{"temperature": 1e-40}, {"top_p": 1e-45}, {"temperature": 1e-30, "top_p": 1e-30, "top_k": 1}]
+)
+def test_extreme_sampling_knobs_sample_the_best_token(engine, knobs):
+    """Tiny temperatures and top_p keep only the best token (no NaN from inf - inf): the greedy reply."""
+    greedy = engine.generate(CONVERSATIONS[:2], GREEDY)
+    sampled = engine.generate(CONVERSATIONS[:2], GenerationSettings(max_new_tokens=12, do_sample=True, seed=5, **knobs))
+    assert [c.text for c in sampled] == [c.text for c in greedy]
+
+
+@pytest.mark.parametrize("key", ["temperature", "top_p", "repetition_penalty"])
+def test_non_finite_knobs_are_refused_in_one_line(engine, key):
+    with pytest.raises(LoralabError, match=f"{key}: got nan; expected a finite number"):
+        engine.generate(CONVERSATIONS[:1], GenerationSettings(do_sample=True, **{key: float("nan")}))
