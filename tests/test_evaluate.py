@@ -111,7 +111,8 @@ def test_a_prompt_longer_than_cutoff_len_is_cut_as_in_llamafactory(tiny_model, d
     assert "5 of 5 prompts are longer than cutoff_len (16)" in caplog.text
     rows = read_jsonl(tmp_path / "runs" / "predict-test-base" / "generated_predictions.jsonl")
     assert [r["prompt"] for r in rows] == [engine.tokenizer.decode(ids) for ids, _ in cut]
-    assert [r["lf_label"] for r in rows] == [engine.tokenizer.decode(ids, skip_special_tokens=True) for _, ids in cut]
+    # the file's label is the text LLaMA-Factory scores against: the cut label (the clean one is `answer`)
+    assert [r["label"] for r in rows] == [engine.tokenizer.decode(ids, skip_special_tokens=True) for _, ids in cut]
     settings = GenerationSettings(max_new_tokens=8)
     assert [r["predict"] for r in rows] == [
         c.text for c in engine.generate(prompts, settings, prompt_token_ids=[ids for ids, _ in cut])
