@@ -16,7 +16,7 @@ import sys
 from dataclasses import replace
 from typing import TextIO
 
-from loralab.api import context_length
+from loralab.api import MIN_TEMPERATURE, MIN_TOP_P, context_length
 from loralab.config import Config
 from loralab.errors import LoralabError
 from loralab.generate import Engine, GenerationSettings
@@ -118,6 +118,19 @@ def fit_context(engine: Engine, system: str | None, history: list[dict], max_new
     return history, min(max_new_tokens, limit - n_prompt)
 
 
+def check_sampling(settings: GenerationSettings) -> None:
+    """The config's sampling knobs, before the model loads: values the sampler cannot work with are a
+    one-line error (the API's limits; a temperature of 1e-40 overflows the logits)."""
+    settings.check()
+    if settings.do_sample and settings.temperature < MIN_TEMPERATURE:
+        raise LoralabError(
+            f"temperature: got {settings.temperature}; expected {MIN_TEMPERATURE}-2 when sampling "
+            "(do_sample=false decodes greedily)"
+        )
+    if settings.do_sample and settings.top_p < MIN_TOP_P:
+        raise LoralabError(f"top_p: got {settings.top_p}; expected {MIN_TOP_P}-1 when sampling")
+
+
 def run(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextIO, interactive: bool) -> None:
     """The read-reply loop: a prompt per line on a terminal, bare replies when reading a pipe."""
     if interactive:
@@ -141,6 +154,8 @@ def run(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextIO, int
         except (EOFError, KeyboardInterrupt):  # Ctrl-D / Ctrl-C at the prompt ends the session
             stderr.write("\n")
             break
+        except UnicodeDecodeError as e:
+            raise LoralabError(f"stdin: not UTF-8 text (byte 0x{e.object[e.start]:02x}); send UTF-8") from None
         if interactive and line.strip() and not line.strip().startswith("/"):
             stdout.write("assistant> ")
         if not session.handle(line, stdout, stderr):
@@ -155,13 +170,15 @@ def chat(cfg: Config, stdin: TextIO | None = None, stdout: TextIO | None = None)
         raise LoralabError("stdin: closed; pipe messages in (printf 'hi\\n' | loralab chat ...) or run in a terminal")
     if stdout is None:
         raise LoralabError("stdout: closed; replies need somewhere to go (a terminal, a file or a pipe)")
+    settings = GenerationSettings.from_config(cfg)
+    check_sampling(settings)
     # The chat talks to one model only: a single adapter is merged into the weights (faster tokens).
     engine = Engine(cfg, merge=True)
     adapter = engine.adapter_names[0] if engine.adapter_names else None
     if len(engine.adapter_names) > 1:
         log.info("several adapters loaded; chatting with the first: %s", adapter)
     # No system prompt of our own: the engine adds cfg.default_system to conversations without one.
-    session = ChatSession(engine, GenerationSettings.from_config(cfg), adapter)
+    session = ChatSession(engine, settings, adapter)
     try:
         run(session, stdin, stdout, sys.stderr, interactive=stdin.isatty())
     except BrokenPipeError:

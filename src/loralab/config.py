@@ -289,6 +289,11 @@ class Config(BaseModel):
     )
     api_host: str = Field("127.0.0.1", description="Bind address (env API_HOST).")
     api_port: int = Field(8000, gt=0, lt=65536, description="Port (env API_PORT).")
+    api_allowed_hosts: list[str] | None = Field(
+        None,
+        description="`loralab api`: the Host header names it answers (against DNS rebinding); unset = the bound "
+        "address (127.0.0.1, localhost and ::1 on loopback; any name when bound to 0.0.0.0); ['*'] = any.",
+    )
 
     # --- LLaMA-Factory keys with LLaMA-Factory's meaning (lf_keys.py lists how every other LF key is handled)
     do_predict: bool = Field(
@@ -469,7 +474,7 @@ STAGE_OF_KEY = {
     **dict.fromkeys(("test_dataset", "test_max_samples"), "test"),
     **dict.fromkeys(("torch_threads", "max_tokens_per_pass"), "speed"),
     **dict.fromkeys(("output_dir", "overwrite_output_dir", "resume_from_checkpoint", "export_dir"), "files"),
-    **dict.fromkeys(("adapter_name_or_path", "adapters", "api_host", "api_port"), "serve"),
+    **dict.fromkeys(("adapter_name_or_path", "adapters", "api_host", "api_port", "api_allowed_hosts"), "serve"),
 }
 
 
