@@ -150,7 +150,12 @@ def describe_invalid(errors: list[dict]) -> APIError:
     if first["type"] == "missing":
         return APIError(400, f"{param}: required field is missing", param=param, code="missing_required_parameter")
     code = "unsupported_value" if first["type"] == "unsupported_value" else "invalid_value"
+    if first["type"] in SELF_DESCRIBING:  # the message quotes the offending part itself
+        return APIError(400, f"{param}: {first['msg']}", param=param, code=code)
     return APIError(400, f"{param}: {first['msg']}, got {_short(first.get('input'))}", param=param, code=code)
+
+
+SELF_DESCRIBING = {"invalid_tools"}
 
 
 def unsupported(message: str) -> PydanticCustomError:

@@ -426,7 +426,8 @@ def check_json_value(value, where: str, max_depth: int = MAX_JSON_DEPTH) -> None
         if not isinstance(item, dict | list):
             continue
         if depth > max_depth:
-            raise LoralabError(f"{path}: nested deeper than {max_depth} levels of objects and lists")
+            where = path if len(path) <= 120 else f"{path[:60]}...{path[-50:]}"
+            raise LoralabError(f"{where}: nested deeper than {max_depth} levels of objects and lists")
         if isinstance(item, dict):
             for key, child in item.items():
                 if not _is_text(key):
