@@ -211,3 +211,24 @@ def test_a_template_that_reads_tools_gets_them_and_keeps_its_default_system():
     )
     prompt = templates.render(tokenizer, api.to_messages(req), add_generation_prompt=True)
     assert prompt.startswith('TOOLS:[{"type": "function"') and "<|im_start|>system\nYou are SmolBot." in prompt
+
+
+@pytest.mark.slow
+def test_smollm2_gets_the_tools_and_keeps_its_default_system_prompt():
+    """Issue 20: SmolLM2's template drops `tools`, and the system message carrying them removed its default
+    system prompt (37 prompt tokens without tools, 21 with 1 or 50). Now: its default system, then the tools."""
+    from loralab.config import Config
+    from loralab.models import load_tokenizer
+
+    tokenizer = load_tokenizer(Config())  # builtin:smollm2-135m-instruct
+    hello = [{"role": "user", "content": "What is the weather in Paris?"}]
+    tools = [{"type": "function", "function": {"name": f"tool_{i}", "description": "d"}} for i in range(50)]
+    sizes = []
+    for n in (0, 1, 50):
+        body = {"model": "m", "messages": hello} | ({"tools": tools[:n]} if n else {})
+        messages = api.to_messages(api.ChatRequest.model_validate(body))
+        text = templates.render(tokenizer, messages, add_generation_prompt=True)
+        assert "You are a helpful AI assistant named SmolLM" in text
+        assert all(f"Tool Name: tool_{i}\n" in text for i in range(n))
+        sizes.append(len(templates.encode_prompt(tokenizer, messages)))
+    assert sizes[0] < sizes[1] < sizes[2]

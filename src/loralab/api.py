@@ -1028,6 +1028,7 @@ def server_config(app: FastAPI, host: str, port: int, header_timeout_s: float = 
     import uvicorn
 
     quiet_connection_errors()
+    allow_open_files(MAX_CONNECTIONS + 1000)
     guard = type("Guard", (slow_headers_guard(),), {"header_timeout_s": header_timeout_s})
     return uvicorn.Config(
         app,
@@ -1041,6 +1042,17 @@ def server_config(app: FastAPI, host: str, port: int, header_timeout_s: float = 
         timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S,
         h11_max_incomplete_event_size=16 * 1024,  # the request line and headers together
     )
+
+
+def allow_open_files(wanted: int) -> None:
+    """Raise this process's soft limit of open files towards `wanted` (within the hard limit): the connection
+    limit should be what refuses clients, not a failed accept() (a common soft limit is 1,024)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def slow_headers_guard():
