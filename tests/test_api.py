@@ -1036,6 +1036,39 @@ CORPUS += [
         None,
     ),
     ("ok-tool-without-parameters", "POST", "/v1/chat/completions", J(tools=tool()), {}, 200, None),
+    # Deep nesting in fields that expect something flat: a type error naming the field, at any depth.
+    *[
+        (
+            f"{field}-{n}-deep",
+            "POST",
+            "/v1/chat/completions",
+            with_raw(J(**{field: "@RAW@"}), "[" * n + "]" * n),
+            {},
+            400,
+            param,
+        )
+        for field, param in (
+            ("tool_choice", "tool_choice"),
+            ("stop", "stop[0]"),
+            ("user", "user"),
+            ("model", "model"),
+            ("seed", "seed"),
+            ("stream_options", "stream_options"),
+        )
+        for n in (40, 900)
+    ],
+    *[
+        (
+            f"content-{n}-deep",
+            "POST",
+            "/v1/chat/completions",
+            with_raw(M(role="user", content="@RAW@"), "[" * n + "]" * n),
+            {},
+            400,
+            "messages[0].content[0]",
+        )
+        for n in (40, 900)
+    ],
 ]
 
 
