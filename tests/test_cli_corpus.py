@@ -347,6 +347,16 @@ CASES = [
         (f"chat-{key}-{value}", ["chat", "model_name_or_path={model}", "do_sample=true", f"{key}={value}"], {}, 2, key)
         for key, value in (("temperature", "1e-40"), ("temperature", "0.0001"), ("top_p", "1e-45"), ("top_p", "0.0005"))
     ],
+    *[
+        (
+            f"{command}-temperature-tiny",
+            [command, "model_name_or_path={model}", "do_sample=true", "temperature=1e-30"],
+            {},
+            2,
+            "temperature",
+        )
+        for command in ("api", "webchat")
+    ],
     # the other commands
     ("eval-missing-predictions", ["eval", "--predictions", "{d}/nope.jsonl"], {}, 2, "nope.jsonl"),
     ("eval-compare-base-without-adapter", ["eval", "--compare-base"], {}, 2, "--compare-base"),

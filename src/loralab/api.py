@@ -399,6 +399,22 @@ def to_messages(req: ChatRequest) -> list[dict]:
     return out
 
 
+def check_sampling(settings: GenerationSettings, source: str = "config") -> None:
+    """A config's sampling knobs, before the model loads: values the sampler cannot work with are a one-line
+    error (the API's limits; a temperature of 1e-40 overflows the logits)."""
+    try:
+        settings.check()
+    except LoralabError as e:
+        raise LoralabError(f"{source}: {e}") from None
+    if settings.do_sample and settings.temperature < MIN_TEMPERATURE:
+        raise LoralabError(
+            f"{source}: temperature: got {settings.temperature}; expected {MIN_TEMPERATURE}-2 when sampling "
+            "(do_sample=false decodes greedily)"
+        )
+    if settings.do_sample and settings.top_p < MIN_TOP_P:
+        raise LoralabError(f"{source}: top_p: got {settings.top_p}; expected {MIN_TOP_P}-1 when sampling")
+
+
 def settings_for(req: ChatRequest, defaults: GenerationSettings, max_new_tokens: int) -> GenerationSettings:
     """The request's sampling knobs on top of the server's defaults (from the config).
 
@@ -1001,6 +1017,7 @@ def serve(
         raise LoralabError(f"--max-request-bytes: got {max_request_bytes}; expected a positive number of bytes")
     if host not in LOCAL_HOSTS and not api_key:
         log.warning("serving on %s without an API key: anyone who can reach this address can use the model", host)
+    check_sampling(GenerationSettings.from_config(cfg))  # every request without its own knobs uses these
     engine = Engine(cfg)
     app = create_app(
         engine,
@@ -1047,12 +1064,15 @@ def server_config(app: FastAPI, host: str, port: int, header_timeout_s: float = 
 def allow_open_files(wanted: int) -> None:
     """Raise this process's soft limit of open files towards `wanted` (within the hard limit): the connection
     limit should be what refuses clients, not a failed accept() (a common soft limit is 1,024)."""
-    import resource
+    try:
+        import resource
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError):  # no such limit here (Windows), or not allowed: keep it
+        pass
 
 
 def slow_headers_guard():

@@ -16,7 +16,7 @@ import sys
 from dataclasses import replace
 from typing import TextIO
 
-from loralab.api import MIN_TEMPERATURE, MIN_TOP_P, context_length
+from loralab.api import check_sampling, context_length
 from loralab.config import Config
 from loralab.errors import LoralabError
 from loralab.generate import Engine, GenerationSettings
@@ -116,19 +116,6 @@ def fit_context(engine: Engine, system: str | None, history: list[dict], max_new
     if n_prompt >= limit:
         raise LoralabError(f"message: {n_prompt} tokens, too long for the model's {limit}-token context; not sent")
     return history, min(max_new_tokens, limit - n_prompt)
-
-
-def check_sampling(settings: GenerationSettings) -> None:
-    """The config's sampling knobs, before the model loads: values the sampler cannot work with are a
-    one-line error (the API's limits; a temperature of 1e-40 overflows the logits)."""
-    settings.check()
-    if settings.do_sample and settings.temperature < MIN_TEMPERATURE:
-        raise LoralabError(
-            f"temperature: got {settings.temperature}; expected {MIN_TEMPERATURE}-2 when sampling "
-            "(do_sample=false decodes greedily)"
-        )
-    if settings.do_sample and settings.top_p < MIN_TOP_P:
-        raise LoralabError(f"top_p: got {settings.top_p}; expected {MIN_TOP_P}-1 when sampling")
 
 
 def run(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextIO, interactive: bool) -> None:

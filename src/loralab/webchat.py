@@ -19,7 +19,7 @@ from dataclasses import replace
 # Must be set before gradio is imported: no usage statistics, no version check.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from loralab.api import MIN_TEMPERATURE, MIN_TOP_P, context_length  # noqa: E402
+from loralab.api import MIN_TEMPERATURE, MIN_TOP_P, check_sampling, context_length  # noqa: E402
 from loralab.config import Config  # noqa: E402
 from loralab.errors import LoralabError  # noqa: E402
 from loralab.generate import Engine, GenerationSettings  # noqa: E402
@@ -308,6 +308,7 @@ def serve(
         raise LoralabError(f"--port: expected a port number 1-65535, got {port}")
     if host not in ("127.0.0.1", "localhost", "::1") and not username:
         log.warning("serving on %s without a login: anyone who can reach this address can use the model", host)
+    check_sampling(GenerationSettings.from_config(cfg))  # the page's starting values
     engine = Engine(cfg)
     demo = build_demo(engine)
     log.info("web chat on http://%s:%d (models: %s)", host, port, ", ".join([engine.base_name, *engine.adapter_names]))
