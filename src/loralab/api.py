@@ -84,6 +84,7 @@ BODY_TIMEOUT_S = 30.0
 MAX_CONNECTIONS = 1000
 SHUTDOWN_TIMEOUT_S = 30
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+MAX_SPARE_TOKENIZERS = 8  # copies kept for prompt checks (~7 MB each for SmolLM2's); more are made when needed
 
 
 # --- errors: the one formatter -------------------------------------------------------------------
@@ -475,7 +476,7 @@ class Serving:
     # tokenizer copy of its own from this pool (one fast tokenizer must not be used by two threads at once,
     # and one shared copy behind a lock made every request wait for the slowest prompt before it).
     spare_tokenizers: list = field(default_factory=list)
-    pristine_tokenizer: Any = None  # never used to encode: the pool's copies are made from it
+    pristine_tokenizer: Any = None  # renders every prompt; never encodes (the pool's copies are made from it)
     pool_lock: threading.Lock = field(default_factory=threading.Lock)
     # The most characters one token of the vocabulary stands for: a prompt longer than max_context times
     # this cannot fit, and is refused without being tokenized.
@@ -494,32 +495,32 @@ class Serving:
     def prompt_tokens(self, messages: list[dict]) -> int:
         """Tokens of the rendered prompt (runs in the threadpool: rendering can take a while).
 
-        A prompt too long for the context by its characters alone is refused before tokenizing (the
-        tokenizer's time grows with the text; the request body limit bounds the rendering).
+        Rendering only reads the chat template, so every request renders with the one pristine tokenizer at
+        once; a prompt too long for the context by its characters alone is refused then, before tokenizing
+        (the tokenizer's time grows with the text). Only the encoding needs a tokenizer copy of its own.
         """
-        tokenizer = self._borrow_tokenizer()
         try:
-            text = render(tokenizer, with_default_system(messages, self.engine.cfg.default_system), True)
-            if self.max_context and len(text) > self.max_context * self.max_token_chars:
-                raise APIError(
-                    400,
-                    f"messages: the prompt has {len(text)} characters, more than the model's context of "
-                    f"{self.max_context} tokens can hold; shorten the conversation",
-                    param="messages",
-                    code="context_length_exceeded",
-                )
-            return len(encode_text(tokenizer, text))
+            text = render(self.pristine_tokenizer, with_default_system(messages, self.engine.cfg.default_system), True)
         except LoralabError as e:  # the chat template refused the conversation
             raise APIError(400, f"messages: {e}", param="messages", code="invalid_conversation") from None
+        if self.max_context and len(text) > self.max_context * self.max_token_chars:
+            raise APIError(
+                400,
+                f"messages: the prompt has {len(text)} characters, more than the model's context of "
+                f"{self.max_context} tokens can hold; shorten the conversation",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        with self.pool_lock:
+            tokenizer = self.spare_tokenizers.pop() if self.spare_tokenizers else None
+        if tokenizer is None:  # all in use: one more (copying only reads the pristine one)
+            tokenizer = copy.deepcopy(self.pristine_tokenizer)
+        try:
+            return len(encode_text(tokenizer, text))
         finally:
             with self.pool_lock:
-                self.spare_tokenizers.append(tokenizer)
-
-    def _borrow_tokenizer(self):
-        with self.pool_lock:
-            if self.spare_tokenizers:
-                return self.spare_tokenizers.pop()
-            return copy.deepcopy(self.pristine_tokenizer)
+                if len(self.spare_tokenizers) < MAX_SPARE_TOKENIZERS:
+                    self.spare_tokenizers.append(tokenizer)
 
 
 @dataclass
