@@ -7,7 +7,8 @@ connection limit), its log captured. Then, all at once:
   - 30 prompts of ~0.95 MB each (far over the context, just under the 1 MB body limit),
   - 4 requests whose tool parameters nest 900 deep,
   - 6 requests with sampling values the sampler cannot use (temperature 1e-40, top_p 1e-45, 5e-324),
-and meanwhile a 3-token request is sent again and again. Reports that request's latency (idle and
+and meanwhile a 3-token request is sent again and again (also timed before the attack, with the 6
+streams already decoding). Reports that request's latency (idle and
 under attack), the 5xx count over everything sent, whether the 6 streams finished without an error
 event, how many stalled connections the server closed (header timeout) and the tracebacks in its log;
 then SIGTERMs the server with a half-sent body open and times the shutdown. Writes
@@ -121,7 +122,7 @@ def main() -> None:
         streaming = threading.Barrier(7)
 
         def stream(i: int) -> None:
-            body = small | {"max_tokens": 64, "stream": True, "temperature": 0.8, "seed": i}
+            body = small | {"max_tokens": 200, "stream": True, "temperature": 0.8, "seed": i}
             body["messages"] = [{"role": "user", "content": f"Tell a story about the number {i}."}]
             with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as r:
                 statuses.append(r.status_code)
@@ -158,7 +159,8 @@ def main() -> None:
         streamers = [threading.Thread(target=stream, args=(i,)) for i in range(6)]
         for t in streamers:
             t.start()
-        streaming.wait(timeout=120)  # the 6 streams have text out: now the attack
+        streaming.wait(timeout=120)  # the 6 streams have text out
+        with_streams = [small_latency()[0] for _ in range(3)]  # the baseline under the same batch: no attack yet
         t_attack = time.perf_counter()
         heads, bodies = stalled(port, 200), stalled(port, 20, body=True)
         under_attack: list[float] = []
@@ -193,6 +195,7 @@ def main() -> None:
         result = {
             "model": args.model,
             "small_request_idle_ms_median": round(statistics.median(idle) * 1000),
+            "small_request_with_6_streams_no_attack_ms_median": round(statistics.median(with_streams) * 1000),
             "small_request_under_attack_ms_median": round(statistics.median(under_attack) * 1000),
             "small_request_under_attack_ms_max": round(max(under_attack) * 1000),
             "small_requests_under_attack": len(under_attack),
