@@ -825,6 +825,253 @@ CORPUS = [
 ]
 
 
+# --- classes of inputs, each at several sizes or places (similar inputs will be tried again) -------------
+def with_raw(body: dict, raw: str) -> bytes:
+    """`body` as JSON with the string "@RAW@" replaced by raw JSON text (nesting json.dumps cannot write)."""
+    return json.dumps(body).replace('"@RAW@"', raw).encode()
+
+
+def schema_nested(levels: int) -> str:
+    """A JSON schema whose objects and lists nest `levels` deep (each property level is two)."""
+    n = levels // 2
+    return '{"type": "object", "properties": {"a": ' * n + '{"type": "string"}' + "}}" * n
+
+
+def arguments_nested(levels: int) -> str:
+    return '{"a": ' * levels + "1" + "}" * levels
+
+
+def tool(parameters=None, **function) -> list[dict]:
+    return [{"type": "function", "function": {"name": "get_weather", **function, "parameters": parameters}}]
+
+
+def assistant_calls(arguments: str, **call) -> list[dict]:
+    function = {"name": "get_weather", "arguments": arguments}
+    return [
+        *HELLO,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "c1", "type": "function", "function": function} | call],
+        },
+    ]
+
+
+ARGS = "messages[1].tool_calls[0].function.arguments"
+CORPUS += [
+    # Sampling knobs at and past the edges of what the sampler can work with (a 1e-40 temperature overflows).
+    *[
+        (f"temperature-{t!r}", "POST", "/v1/chat/completions", J(temperature=t), {}, 400, "temperature")
+        for t in (1e-40, 5e-324, 1e-4, 0.000999, 2.000001)
+    ],
+    *[
+        (f"top-p-{p!r}", "POST", "/v1/chat/completions", J(top_p=p), {}, 400, "top_p")
+        for p in (1e-45, 5e-324, 1e-4, 0.000999, 1.000001)
+    ],
+    *[
+        (f"ok-temperature-{t!r}", "POST", "/v1/chat/completions", J(temperature=t), {}, 200, None)
+        for t in (0, 0.0, 0.001, 1, 2)
+    ],
+    *[
+        (f"ok-top-p-{p!r}", "POST", "/v1/chat/completions", J(top_p=p, temperature=1), {}, 200, None)
+        for p in (0.001, 0.5, 1)
+    ],
+    # Tool parameters nested deep: refused before anything renders them (900 levels made 3 million tokens).
+    *[
+        (
+            f"tool-parameters-{n}-deep",
+            "POST",
+            "/v1/chat/completions",
+            with_raw(J(tools=tool("@RAW@")), schema_nested(n)),
+            {},
+            400,
+            "tools",
+        )
+        for n in (34, 100, 900)
+    ],
+    # ... so deep that the JSON body itself cannot be read.
+    *[
+        (
+            f"tool-parameters-{n}-deep",
+            "POST",
+            "/v1/chat/completions",
+            with_raw(J(tools=tool("@RAW@")), schema_nested(n)),
+            {},
+            400,
+            None,
+        )
+        for n in (5_000, 20_000)
+    ],
+    (
+        "ok-tool-parameters-30-deep",
+        "POST",
+        "/v1/chat/completions",
+        with_raw(J(tools=tool("@RAW@")), schema_nested(30)),
+        {},
+        200,
+        None,
+    ),
+    # Tool-call arguments (a JSON string) nested deep, below and above json's own recursion limit.
+    *[
+        (
+            f"arguments-{n}-deep",
+            "POST",
+            "/v1/chat/completions",
+            J(messages=assistant_calls(arguments_nested(n))),
+            {},
+            400,
+            ARGS,
+        )
+        for n in (33, 900, 2_000, 100_000)
+    ],
+    (
+        "ok-arguments-30-deep",
+        "POST",
+        "/v1/chat/completions",
+        J(messages=assistant_calls(arguments_nested(30))),
+        {},
+        200,
+        None,
+    ),
+    # Lone surrogates, escaped inside JSON text or as JSON strings, in every field that reaches the prompt.
+    (
+        "arguments-escaped-surrogate",
+        "POST",
+        "/v1/chat/completions",
+        J(messages=assistant_calls('{"a": "\\ud800"}')),
+        {},
+        400,
+        ARGS,
+    ),
+    (
+        "arguments-escaped-surrogate-key",
+        "POST",
+        "/v1/chat/completions",
+        J(messages=assistant_calls('{"\\udfff": 1}')),
+        {},
+        400,
+        ARGS,
+    ),
+    (
+        "arguments-surrogate",
+        "POST",
+        "/v1/chat/completions",
+        J(messages=assistant_calls('{"a": "\ud800"}')),
+        {},
+        400,
+        ARGS,
+    ),
+    (
+        "call-id-surrogate",
+        "POST",
+        "/v1/chat/completions",
+        J(messages=assistant_calls("{}", id="\ud800")),
+        {},
+        400,
+        "messages[1].tool_calls[0].id",
+    ),
+    (
+        "tool-description-surrogate",
+        "POST",
+        "/v1/chat/completions",
+        J(tools=tool(description="\ud800")),
+        {},
+        400,
+        "tools[0].function.description",
+    ),
+    *[
+        (f"tool-parameters-surrogate-{where}", "POST", "/v1/chat/completions", J(tools=tool(params)), {}, 400, "tools")
+        for where, params in (
+            ("value", {"type": "object", "properties": {"city": {"type": "string", "description": "\ud800"}}}),
+            ("key", {"type": "object", "properties": {"\udc00": {"type": "string"}}}),
+            ("enum", {"type": "object", "properties": {"c": {"type": "string", "enum": ["a", "\ud83d"]}}}),
+            ("required", {"type": "object", "required": ["\ud800"]}),
+            ("default", {"type": "object", "properties": {"c": {"default": {"x": ["\udfff"]}}}}),
+        )
+    ],
+    # Tool schemas the tool formats cannot write (LLaMA-Factory's `default` format reads them field by field).
+    *[
+        (f"tool-schema-{what}", "POST", "/v1/chat/completions", J(tools=tool(params)), {}, 400, param)
+        for what, params, param in (
+            ("string", "object", "tools[0].function.parameters"),
+            ("list", [{"type": "string"}], "tools[0].function.parameters"),
+            ("number", 5, "tools[0].function.parameters"),
+            ("properties-string", {"properties": "city"}, "tools"),
+            ("properties-list", {"properties": [{"type": "string"}]}, "tools"),
+            ("property-string", {"properties": {"city": "string"}}, "tools"),
+            ("property-null", {"properties": {"city": None}}, "tools"),
+            ("property-list", {"properties": {"city": ["string"]}}, "tools"),
+            ("required-string", {"properties": {}, "required": "city"}, "tools"),
+            ("required-numbers", {"required": [1, 2]}, "tools"),
+            ("enum-string", {"properties": {"c": {"enum": "ab"}}}, "tools"),
+            ("enum-object", {"properties": {"c": {"enum": {"a": 1}}}}, "tools"),
+            ("items-string", {"properties": {"c": {"type": "array", "items": "string"}}}, "tools"),
+            ("items-list", {"properties": {"c": {"type": "array", "items": [{"type": "string"}]}}}, "tools"),
+            ("type-number", {"properties": {"c": {"type": 5}}}, "tools"),
+            ("type-object", {"type": {"a": 1}}, "tools"),
+            ("description-number", {"properties": {"c": {"description": 5}}}, "tools"),
+            ("nested-property-string", {"properties": {"c": {"properties": {"d": "x"}}}}, "tools"),
+        )
+    ],
+    (
+        "ok-tool-schema-rich",
+        "POST",
+        "/v1/chat/completions",
+        J(
+            tools=tool(
+                {
+                    "type": "object",
+                    "properties": {
+                        "city": {"type": "string", "description": "a city", "enum": ["Paris", "Zürich", 3]},
+                        "days": {"type": ["integer", "null"]},
+                        "tags": {"type": "array", "items": {"type": "string"}},
+                        "where": {"type": "object", "properties": {"lat": {"type": "number"}}, "required": ["lat"]},
+                    },
+                    "required": ["city"],
+                }
+            )
+        ),
+        {},
+        200,
+        None,
+    ),
+    ("ok-tool-without-parameters", "POST", "/v1/chat/completions", J(tools=tool()), {}, 200, None),
+    # Deep nesting in fields that expect something flat: a type error naming the field, at any depth.
+    *[
+        (
+            f"{field}-{n}-deep",
+            "POST",
+            "/v1/chat/completions",
+            with_raw(J(**{field: "@RAW@"}), "[" * n + "]" * n),
+            {},
+            400,
+            param,
+        )
+        for field, param in (
+            ("tool_choice", "tool_choice"),
+            ("stop", "stop[0]"),
+            ("user", "user"),
+            ("model", "model"),
+            ("seed", "seed"),
+            ("stream_options", "stream_options"),
+        )
+        for n in (40, 900)
+    ],
+    *[
+        (
+            f"content-{n}-deep",
+            "POST",
+            "/v1/chat/completions",
+            with_raw(M(role="user", content="@RAW@"), "[" * n + "]" * n),
+            {},
+            400,
+            "messages[0].content[0]",
+        )
+        for n in (40, 900)
+    ],
+]
+
+
 @pytest.mark.parametrize("case", CORPUS, ids=[c[0] for c in CORPUS])
 def test_bad_input_corpus(server, case, caplog):
     name, method, path, body, headers, status, param = case
@@ -1024,3 +1271,57 @@ def test_load_with_disconnecting_clients(server, engine):
         f"load: 32 requests from 16 clients in {took:.1f}s, fresh request {fresh * 1000:.0f} ms "
         f"(idle server: {idle * 1000:.0f} ms), {health['cancelled'] - cancelled_before} cancelled"
     )
+
+
+def test_a_bad_sampling_request_leaves_the_streams_in_flight_untouched(server, engine):
+    """Six streams are decoding when a request with a temperature the sampler cannot use arrives: it is
+    a 400 before it reaches the batch, and every stream runs to its end with no error event."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    started = threading.Barrier(7)
+    results: dict[int, list[str]] = {}
+
+    def stream(i: int) -> None:
+        body = J(model=["alpha", "beta", engine.base_name][i % 3], max_tokens=48, stream=True, temperature=1, seed=i)
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers=headers, timeout=60) as r:
+            lines = []
+            for line in r.iter_lines():
+                lines.append(line)
+                if len(lines) == 4:  # text has streamed: now the bad request comes
+                    started.wait(timeout=30)
+            if len(lines) < 4:  # (a reply that ended at once)
+                started.wait(timeout=30)
+            results[i] = lines
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    started.wait(timeout=30)
+    for bad in ({"temperature": 1e-40}, {"top_p": 1e-45}, {"temperature": 5e-324, "top_p": 1e-45}):
+        r = httpx.post(server.url + "/v1/chat/completions", json=J(stream=True, **bad), headers=headers)
+        assert r.status_code == 400 and r.json()["error"]["param"] in bad
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(results) == list(range(6))
+    for lines in results.values():
+        events = [line for line in lines if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]" and not any('"error"' in e for e in events)
+
+
+def test_only_the_servers_own_host_names_are_answered(engine):
+    """DNS rebinding: a page on evil.example whose name resolves to 127.0.0.1 sends Host: evil.example."""
+    from fastapi.testclient import TestClient
+
+    from loralab.api import allowed_hosts_for, create_app
+
+    assert allowed_hosts_for("127.0.0.1", None) == ["127.0.0.1", "localhost", "::1"]
+    assert allowed_hosts_for("0.0.0.0", None) is None and allowed_hosts_for("10.1.2.3", None) == ["10.1.2.3"]
+    assert allowed_hosts_for("127.0.0.1", ["chat.example"]) == ["chat.example"]
+    app = create_app(engine, allowed_hosts=allowed_hosts_for("127.0.0.1", None))
+    with TestClient(app, base_url="http://127.0.0.1:8000") as client:
+        for host in ("127.0.0.1:8000", "localhost", "LOCALHOST:1", "[::1]:8000", "127.0.0.1"):
+            assert client.get("/health", headers={"host": host}).status_code == 200, host
+        for host in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example", "", "localhost.:80"):
+            r = client.post("/v1/chat/completions", json=J(), headers={"host": host})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_host", host
+    with TestClient(create_app(engine, allowed_hosts=["*"]), base_url="http://evil.example") as client:
+        assert client.get("/health").status_code == 200

@@ -19,8 +19,35 @@ import pytest
 ALPACA = [{"instruction": f"Say {i}", "input": "", "output": f"{i}"} for i in range(20)]
 
 
+def laughs(levels: int = 9) -> str:
+    """A "billion laughs" YAML: each alias repeats the one before nine times (1 KB -> 9**levels values)."""
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "\n".join(lines) + f"\nlora_target: *l{levels - 1}\n"
+
+
+# The same in one command-line value (YAML flow style): 9**7 values from 300 characters.
+LAUGHS_FLOW = (
+    "[&l0 [1, 1, 1, 1, 1, 1, 1, 1, 1], "
+    + ", ".join(f"&l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 8))
+    + "]"
+)
+
+
+def nested(levels: int) -> str:
+    return "[" * levels + "]" * levels
+
+
+SURROGATE = "\\ud800"  # as JSON writes a lone surrogate: an escape
+RECORDS = [json.dumps(r) for r in ALPACA]
+
+
+def with_record(record_json: str) -> str:
+    return "[" + ", ".join([*RECORDS[:5], record_json, *RECORDS[5:]]) + "]"
+
+
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory) -> Path:
+def inputs(tmp_path_factory, tiny_model) -> Path:
     """The corpus's files: broken configs and data files next to good ones."""
     d = tmp_path_factory.mktemp("cli-corpus")
     files = {
@@ -50,6 +77,36 @@ def inputs(tmp_path_factory) -> Path:
         "bad-info/dataset_info.json": "{not json",
         "predictions.jsonl": '{"predict": "a"}\n',
         "out-file": "I am a file, not a folder\n",
+        # Deep nesting at several depths and places; lone surrogates in several fields.
+        "data/deep-1100.json": nested(1_100),
+        "data/deep-100000.json": nested(100_000),
+        "data/deep-record.json": with_record(
+            '{"instruction": "q", "input": "", "output": "a", "meta": ' + nested(5_000) + "}"
+        ),
+        "data/deep-output.json": with_record('{"instruction": "q", "input": "", "output": ' + nested(900) + "}"),
+        "data/deep-line.jsonl": RECORDS[0] + "\n" + nested(3_000) + "\n",
+        "deep-info/dataset_info.json": '{"x": ' + nested(2_000) + "}",
+        "data/surrogate-instruction.json": with_record(
+            f'{{"instruction": "q{SURROGATE}", "input": "", "output": "a"}}'
+        ),
+        "data/surrogate-output.json": with_record(f'{{"instruction": "q", "input": "", "output": "{SURROGATE}"}}'),
+        "data/surrogate-extra.json": with_record(
+            f'{{"instruction": "q", "input": "", "output": "a", "x": ["{SURROGATE}"]}}'
+        ),
+        "data/surrogate-low.jsonl": "\n".join(
+            RECORDS[:3] + ['{"instruction": "q", "input": "\\udfff", "output": "a"}']
+        ),
+        "data/surrogate-sharegpt.json": json.dumps(
+            [
+                {"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}]}
+                for i in range(9)
+            ]
+        )[:-1]
+        + ', {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "\\udbff"}]}]',
+        "laughs.yaml": laughs(),
+        "laughs-small.yaml": laughs(6),  # 531,441 values: still far more than a config holds
+        "huge.yaml": "# padding\n" * 150_000 + "lora_rank: 8\n",
+        "rank-huge.yaml": "lora_rank: 1.0e12\n",
     }
     for name, text in files.items():
         (d / name).parent.mkdir(parents=True, exist_ok=True)
@@ -60,6 +117,11 @@ def inputs(tmp_path_factory) -> Path:
     existing.mkdir()
     (existing / "alpaca_data_train.json").write_text("[]\n")  # an earlier prepare's output: must survive
     (d / "a-folder.yaml").mkdir()
+    # An adapter whose weights file was cut short (a copy interrupted, a full disk).
+    from loralab.testing import make_random_adapter
+
+    cut = make_random_adapter(tiny_model, d / "cut-adapter", 1) / "adapter_model.safetensors"
+    cut.write_bytes(cut.read_bytes()[:-100])
     return d
 
 
@@ -97,6 +159,28 @@ CASES = [
     ("stray-argument", ["config", "show", "{d}/good.yaml", "lora_rank"], {}, 2, "expected key=value"),
     ("override-nan-split", ["config", "show", "data_split=nan,1,1"], {}, 2, "data_split"),
     ("override-port-range", ["config", "show", "api_port=70000"], {}, 2, "api_port"),
+    ("config-billion-laughs", ["config", "show", "{d}/laughs.yaml"], {}, 2, "expands to more than"),
+    ("config-million-laughs", ["config", "show", "{d}/laughs-small.yaml"], {}, 2, "expands to more than"),
+    ("override-laughs", ["config", "show", "lora_target=" + LAUGHS_FLOW], {}, 2, "expands to more than"),
+    ("config-huge-file", ["config", "show", "{d}/huge.yaml"], {}, 2, "a config file is expected under"),
+    ("config-rank-huge", ["config", "show", "{d}/rank-huge.yaml"], {}, 2, "lora_rank"),
+    ("override-rank-huge", ["config", "show", "lora_rank=1000000000000"], {}, 2, "lora_rank"),
+    ("override-rank-over-limit", ["config", "show", "lora_rank=65537"], {}, 2, "lora_rank"),
+    (
+        "train-rank-wider-than-the-model",
+        [
+            "train",
+            "model_name_or_path={model}",
+            "dataset={d}/data/good.json",
+            "eval_dataset=null",
+            "lora_rank=4096",
+            "output_dir={d}/../rank-run",
+            "max_steps=1",
+        ],
+        {},
+        2,
+        "lora_rank: 4096 is larger than the widest layer",
+    ),
     # train: config and data are checked before torch is imported
     ("train-typo", ["train", "{d}/typo.yaml"], {}, 2, "did you mean"),
     ("train-inf-learning-rate", ["train", "learning_rate=inf"], {}, 2, "learning_rate"),
@@ -184,6 +268,33 @@ CASES = [
     ("prepare-folder-without-name", ["prepare", "{d}/data", "-o", "{d}/out17"], {}, 2, "--dataset"),
     ("prepare-unknown-dataset", ["prepare", "{d}/data", "--dataset", "nope", "-o", "{d}/out18"], {}, 2, "nope"),
     ("prepare-seed-not-a-number", ["prepare", "{d}/data/good.json", "--seed", "abc"], {}, 2, "--seed"),
+    # prepare: nesting past the JSON reader's limit, lone surrogates, names that would leave -o
+    *[
+        (f"prepare-{f}", ["prepare", f"{{d}}/data/{f}", "-o", "{d}/out-deep"], {}, 2, expected)
+        for f, expected in (
+            ("deep-1100.json", "nested deeper"),
+            ("deep-100000.json", "nested deeper"),
+            ("deep-record.json", "nested deeper"),
+            ("deep-output.json", "record 5: field `output` must be a string"),
+            ("deep-line.jsonl", "line 2: JSON nested deeper"),
+            ("surrogate-instruction.json", "record 5: turn 0 (user) holds a lone UTF-16 surrogate"),
+            ("surrogate-output.json", "record 5: turn 1 (assistant) holds a lone UTF-16 surrogate"),
+            ("surrogate-extra.json", "record 5: x[0]: contains a lone UTF-16 surrogate"),
+            ("surrogate-low.jsonl", "record 3"),
+            ("surrogate-sharegpt.json", "record 9"),
+        )
+    ],
+    (
+        "prepare-deep-dataset-info",
+        ["prepare", "{d}/deep-info", "--dataset", "x", "-o", "{d}/o"],
+        {},
+        2,
+        "nested deeper",
+    ),
+    *[
+        (f"prepare-name-{i}", ["prepare", "{d}/data/good.json", "-o", "{d}/out-name", "--name", name], {}, 2, "--name")
+        for i, name in enumerate(("a/b", "../../escaped", "..", "/tmp/abs", "a\\b", "", ".hidden", "x" * 101, "a..b"))
+    ],
     # serving commands: flags and adapters
     ("api-port-out-of-range", ["api", "--port", "70000"], {}, 2, "--port: expected a port number"),
     ("api-port-zero", ["api", "--port", "0"], {}, 2, "--port"),
@@ -202,6 +313,50 @@ CASES = [
         "not found",
     ),
     ("chat-missing-model", ["chat", "model_name_or_path={d}/no-model"], {}, 2, "model_name_or_path"),
+    # a truncated adapter weights file, in each command that loads adapters
+    (
+        "chat-cut-adapter",
+        ["chat", "model_name_or_path={model}", "adapter_name_or_path={d}/cut-adapter"],
+        {},
+        2,
+        "cannot load",
+    ),
+    ("api-cut-adapter", ["api", "model_name_or_path={model}", "--adapter", "a={d}/cut-adapter"], {}, 2, "cannot load"),
+    (
+        "webchat-cut-adapter",
+        ["webchat", "model_name_or_path={model}", "--adapter", "a={d}/cut-adapter"],
+        {},
+        2,
+        "cannot load",
+    ),
+    (
+        "eval-cut-adapter",
+        [
+            "eval",
+            "model_name_or_path={model}",
+            "adapter_name_or_path={d}/cut-adapter",
+            "test_dataset={d}/data/good.json",
+            "output_dir={d}/../eval-cut",
+        ],
+        {},
+        2,
+        "cannot load",
+    ),
+    # sampling values the sampler cannot work with: refused before the model loads
+    *[
+        (f"chat-{key}-{value}", ["chat", "model_name_or_path={model}", "do_sample=true", f"{key}={value}"], {}, 2, key)
+        for key, value in (("temperature", "1e-40"), ("temperature", "0.0001"), ("top_p", "1e-45"), ("top_p", "0.0005"))
+    ],
+    *[
+        (
+            f"{command}-temperature-tiny",
+            [command, "model_name_or_path={model}", "do_sample=true", "temperature=1e-30"],
+            {},
+            2,
+            "temperature",
+        )
+        for command in ("api", "webchat")
+    ],
     # the other commands
     ("eval-missing-predictions", ["eval", "--predictions", "{d}/nope.jsonl"], {}, 2, "nope.jsonl"),
     ("eval-compare-base-without-adapter", ["eval", "--compare-base"], {}, 2, "--compare-base"),
@@ -267,3 +422,26 @@ def test_train_typo_fails_before_torch_is_imported(inputs):
     )
     assert proc.stdout.split() == ["False", "2"], proc.stderr[-2000:]
     assert "did you mean `lora_rank`" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"\xff\xfe\n", b"hello\n\xc3\x28 broken\n", b"\xed\xa0\x80\n"],
+    ids=["bom-like", "after-a-line", "cesu-surrogate"],
+)
+def test_chat_refuses_stdin_that_is_not_utf8_in_one_line(data, tiny_model, tmp_path, monkeypatch, capsys):
+    """Bytes that are not UTF-8 piped into `loralab chat`: one error line, exit 2 (a reply may come first)."""
+    import io
+
+    from loralab import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
+    monkeypatch.setattr(sys, "argv", ["loralab", "chat", f"model_name_or_path={tiny_model}", "max_new_tokens=2"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2 and "Traceback" not in out + err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        next(line for line in err.splitlines() if line.startswith("error: stdin: not UTF-8 text"))
+    ]

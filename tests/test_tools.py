@@ -131,3 +131,104 @@ def test_the_tokenizers_own_template_reads_the_common_forms(text, calls):
 )
 def test_text_that_is_not_a_call_stays_text(tool_format, text):
     assert templates.parse_tool_calls(text, tool_format) is None
+
+
+@pytest.mark.parametrize("tool_format", [None, "default", "llama3", "qwen", "mistral"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[" * 2_000,
+        "[" * 100_000 + "]" * 100_000,
+        '{"name": "f", "arguments": ' + '{"a": ' * 5_000 + "1" + "}" * 5_001,
+        '<tool_call>{"name": "f", "arguments": ' + "[" * 3_000 + "]" * 3_000 + "}</tool_call>",
+        "Action: f\nAction Input: " + "[" * 3_000 + "]" * 3_000,
+        '{"name": "f", "arguments": "' + '{\\"a\\": ' * 2_000 + "1" + "}" * 2_000 + '"}',
+        '{"name": "f", "arguments": {"a": "\\ud800"}}',  # an escaped lone surrogate: not text to answer with
+    ],
+    ids=[
+        "2k-brackets",
+        "100k-balanced",
+        "deep-arguments",
+        "deep-qwen",
+        "deep-default",
+        "deep-string-args",
+        "surrogate",
+    ],
+)
+def test_a_reply_nested_too_deep_is_text_not_an_error(tool_format, text):
+    """Replies are model output (and the model may be anyone's): no nesting makes the parser recurse or fail."""
+    assert templates.parse_tool_calls(text, tool_format) is None
+
+
+TOOL = {"name": "get_weather", "description": "Weather in a city.", "parameters": {"type": "object"}}
+SMOL_LIKE = (  # a template that has a default system prompt and never reads `tools` (as SmolLM2's)
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nYou are SmolBot."
+    "<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_tools_on_a_template_that_ignores_them_are_written_in_the_default_format_keeping_its_system():
+    """SmolLM2's own template drops `tools`, and the empty system message that carried them removed its
+    default system prompt: the tools are written in LLaMA-Factory's default format after that prompt."""
+    tokenizer = make_tiny_tokenizer("chatml")
+    tokenizer.chat_template = SMOL_LIKE
+    apply_template(tokenizer)
+    req = api.ChatRequest.model_validate(
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"type": "function", "function": TOOL}],
+        }
+    )
+    prompt = templates.render(tokenizer, api.to_messages(req), add_generation_prompt=True)
+    assert prompt.startswith("<|im_start|>system\nYou are SmolBot.You have access to the following tools")
+    assert "> Tool Name: get_weather" in prompt and "Action Input" in prompt
+    plain = templates.render(tokenizer, [{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    assert plain.startswith("<|im_start|>system\nYou are SmolBot.<|im_end|>")  # no tools: unchanged
+    # The reply is read in the same format.
+    assert templates.parse_tool_calls('Action: get_weather\nAction Input: {"city": "Bern"}', "default") == [
+        ("get_weather", {"city": "Bern"})
+    ]
+    assert tokenizer.loralab_tool_format == "default"
+
+
+def test_a_template_that_reads_tools_gets_them_and_keeps_its_default_system():
+    """A template with its own tool rendering gets `tools`; the empty system message that only carried
+    them is not passed on (it would replace the template's default system prompt)."""
+    tokenizer = make_tiny_tokenizer("chatml")
+    tokenizer.chat_template = SMOL_LIKE.replace(
+        "{% for m in messages %}", "{% if tools %}TOOLS:{{ tools | tojson }}\n{% endif %}{% for m in messages %}"
+    )
+    apply_template(tokenizer)
+    assert tokenizer.loralab_tool_format is None
+    req = api.ChatRequest.model_validate(
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"type": "function", "function": TOOL}],
+        }
+    )
+    prompt = templates.render(tokenizer, api.to_messages(req), add_generation_prompt=True)
+    assert prompt.startswith('TOOLS:[{"type": "function"') and "<|im_start|>system\nYou are SmolBot." in prompt
+
+
+@pytest.mark.slow
+def test_smollm2_gets_the_tools_and_keeps_its_default_system_prompt():
+    """Issue 20: SmolLM2's template drops `tools`, and the system message carrying them removed its default
+    system prompt (37 prompt tokens without tools, 21 with 1 or 50). Now: its default system, then the tools."""
+    from loralab.config import Config
+    from loralab.models import load_tokenizer
+
+    tokenizer = load_tokenizer(Config())  # builtin:smollm2-135m-instruct
+    hello = [{"role": "user", "content": "What is the weather in Paris?"}]
+    tools = [{"type": "function", "function": {"name": f"tool_{i}", "description": "d"}} for i in range(50)]
+    sizes = []
+    for n in (0, 1, 50):
+        body = {"model": "m", "messages": hello} | ({"tools": tools[:n]} if n else {})
+        messages = api.to_messages(api.ChatRequest.model_validate(body))
+        text = templates.render(tokenizer, messages, add_generation_prompt=True)
+        assert "You are a helpful AI assistant named SmolLM" in text
+        assert all(f"Tool Name: tool_{i}\n" in text for i in range(n))
+        sizes.append(len(templates.encode_prompt(tokenizer, messages)))
+    assert sizes[0] < sizes[1] < sizes[2]

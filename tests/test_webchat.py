@@ -107,6 +107,11 @@ def test_login_is_required_when_set_and_guessing_is_braked(engine):
         assert codes == [400, 400, 400, 429, 429] and time.perf_counter() - t0 >= 0.3
         refused = httpx.post(url + "/login", data={"username": "ada", "password": "s3cret"})
         assert refused.status_code == 429 and "too many failed logins" in refused.text
+        # The brake is per client: someone else (another loopback address) is neither locked out nor slowed.
+        with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2")) as other:
+            assert other.post(url + "/login", data={"username": "ada", "password": "s3cret"}).status_code == 200
+            assert other.post(url + "/login", data={"username": "ada", "password": "nope"}).status_code == 400
+            assert other.post(url + "/login", data={"username": "ada", "password": "s3cret"}).status_code == 200
         time.sleep(2.6)  # the window passes: the right password works again
         assert httpx.post(url + "/login", data={"username": "ada", "password": "s3cret"}).status_code == 200
     finally:
@@ -133,10 +138,22 @@ def test_rejected_inputs_are_errors_in_the_page_without_a_traceback_in_the_log(e
             ("hello", base, "", 7.0, 1.0, 4, "greater than maximum"),
             ("hello", base, "", 0.0, 0.0, 4, "less than minimum"),
             ("word " * 1100, base, "", 0.0, 1.0, 60, "context"),
+            # Sampling values the sampler cannot work with, at and past the edges; a missing message.
+            ("hello", base, "", 1e-40, 1.0, 4, "temperature"),
+            ("hello", base, "", 5e-324, 1.0, 4, "temperature"),
+            ("hello", base, "", 0.0009, 1.0, 4, "temperature"),
+            (None, base, "", 0.0, 1.0, 4, "message"),
+            ("hello", base, None, 0.0, 1.0, 4, None),
+            ("hello\ud800", base, "", 0.0, 1.0, 4, "surrogate|invalid input"),
         ]
         for *args, expected in bad:
+            if expected is None:  # accepted
+                assert isinstance(client.predict(*args, api_name="/respond"), str)
+                continue
             with pytest.raises(Exception, match=expected):
                 client.predict(*args, api_name="/respond")
+        # Sampling at the smallest accepted temperature works.
+        assert isinstance(client.predict("hello", base, "", 0.001, 0.05, 4, api_name="/respond"), str)
     finally:
         demo.close()
     out, err = capfd.readouterr()

@@ -61,11 +61,30 @@ from loralab.data import TOOL_RESULTS_JOIN
 from loralab.errors import LoralabError
 from loralab.generate import Completion, Engine, GenerationSettings
 from loralab.scheduler import Job, Scheduler
-from loralab.templates import encode_prompt, parse_tool_calls, with_default_system
+from loralab.templates import (
+    check_tools,
+    encode_text,
+    loads_json,
+    parse_tool_calls,
+    render,
+    with_default_system,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST_BYTES = 1_000_000  # 1 MB: hundreds of pages of chat history
+# Sampling below these is greedy decoding in all but name, and numerically fragile (logits / 1e-40 overflow):
+# a client that means "deterministic" sends temperature 0.
+MIN_TEMPERATURE = 1e-3
+MIN_TOP_P = 1e-3
+# Connections: the time a client may take to send its headers, then its body (slow clients hold a socket and
+# a task each), how many connections at once, and how long a shutdown waits for replies in flight.
+HEADER_TIMEOUT_S = 10.0
+BODY_TIMEOUT_S = 30.0
+MAX_CONNECTIONS = 1000
+SHUTDOWN_TIMEOUT_S = 30
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+MAX_SPARE_TOKENIZERS = 8  # copies kept for prompt checks (~7 MB each for SmolLM2's); more are made when needed
 
 
 # --- errors: the one formatter -------------------------------------------------------------------
@@ -132,7 +151,12 @@ def describe_invalid(errors: list[dict]) -> APIError:
     if first["type"] == "missing":
         return APIError(400, f"{param}: required field is missing", param=param, code="missing_required_parameter")
     code = "unsupported_value" if first["type"] == "unsupported_value" else "invalid_value"
+    if first["type"] in SELF_DESCRIBING:  # the message quotes the offending part itself
+        return APIError(400, f"{param}: {first['msg']}", param=param, code=code)
     return APIError(400, f"{param}: {first['msg']}, got {_short(first.get('input'))}", param=param, code=code)
+
+
+SELF_DESCRIBING = {"invalid_tools"}
 
 
 def unsupported(message: str) -> PydanticCustomError:
@@ -177,9 +201,11 @@ class ToolDef(BaseModel):
 
 def json_object_text(text: str) -> str:
     try:
-        ok = isinstance(json.loads(text), dict)
-    except json.JSONDecodeError:
-        ok = False
+        ok = isinstance(loads_json(text, "arguments"), dict)
+    except LoralabError as e:
+        raise PydanticCustomError(
+            "invalid_arguments", "expected a JSON object as a string ({why})", {"why": str(e)}
+        ) from None
     if not ok:
         raise PydanticCustomError("invalid_arguments", "expected a JSON object as a string")
     return text
@@ -278,6 +304,37 @@ class ChatRequest(BaseModel):
             raise unsupported("only 'auto' and 'none' are supported (the model decides whether to call a tool)")
         return choice
 
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_or_sampling(cls, value: float | None) -> float | None:
+        if value is not None and 0 < value < MIN_TEMPERATURE:
+            raise PydanticCustomError(
+                "invalid_temperature",
+                "expected 0 (greedy) or {low}-2; a smaller temperature is greedy decoding: send 0",
+                {"low": MIN_TEMPERATURE},
+            )
+        return value
+
+    @field_validator("top_p")
+    @classmethod
+    def _enough_mass(cls, value: float | None) -> float | None:
+        if value is not None and value < MIN_TOP_P:
+            raise PydanticCustomError(
+                "invalid_top_p",
+                "expected {low}-1; a smaller top_p keeps only the most likely token: send temperature 0",
+                {"low": MIN_TOP_P},
+            )
+        return value
+
+    @field_validator("tools")
+    @classmethod
+    def _writable_tools(cls, tools: list[ToolDef] | None) -> list[ToolDef] | None:
+        try:
+            check_tools([t.model_dump(exclude_none=True) for t in tools or []])
+        except LoralabError as e:  # the message names the place, e.g. tools[0].function.parameters.properties.x
+            raise PydanticCustomError("invalid_tools", "{why}", {"why": str(e)}) from None
+        return tools
+
     @field_validator("n")
     @classmethod
     def _one_choice(cls, n: int | None) -> int | None:
@@ -343,6 +400,22 @@ def to_messages(req: ChatRequest) -> list[dict]:
     return out
 
 
+def check_sampling(settings: GenerationSettings, source: str = "config") -> None:
+    """A config's sampling knobs, before the model loads: values the sampler cannot work with are a one-line
+    error (the API's limits; a temperature of 1e-40 overflows the logits)."""
+    try:
+        settings.check()
+    except LoralabError as e:
+        raise LoralabError(f"{source}: {e}") from None
+    if settings.do_sample and settings.temperature < MIN_TEMPERATURE:
+        raise LoralabError(
+            f"{source}: temperature: got {settings.temperature}; expected {MIN_TEMPERATURE}-2 when sampling "
+            "(do_sample=false decodes greedily)"
+        )
+    if settings.do_sample and settings.top_p < MIN_TOP_P:
+        raise LoralabError(f"{source}: top_p: got {settings.top_p}; expected {MIN_TOP_P}-1 when sampling")
+
+
 def settings_for(req: ChatRequest, defaults: GenerationSettings, max_new_tokens: int) -> GenerationSettings:
     """The request's sampling knobs on top of the server's defaults (from the config).
 
@@ -373,6 +446,12 @@ def context_length(engine: Engine) -> int | None:
     return int(n) if n and n < 10**8 else None
 
 
+def longest_token_chars(tokenizer) -> int:
+    """The most characters of text one token can stand for (byte-level and SentencePiece vocabularies write
+    each byte or character of a token's text as at least one character of its vocabulary entry)."""
+    return max(1, *(len(t) for t in tokenizer.get_vocab()))
+
+
 def served_models(engine: Engine) -> list[str]:
     """Model ids a request may name: the base model, then each adapter."""
     models = [engine.base_name, *engine.adapter_names]
@@ -393,10 +472,15 @@ class Serving:
     max_context: int | None
     defaults: GenerationSettings
     created: int = field(default_factory=lambda: int(time.time()))
-    # The scheduler thread tokenizes inside the engine; requests are checked in the threadpool with a
-    # private copy (one fast tokenizer must not be used by two threads at once, hence the lock too).
-    check_tokenizer: Any = None
-    check_lock: threading.Lock = field(default_factory=threading.Lock)
+    # The scheduler thread tokenizes inside the engine; requests are checked in the threadpool, each with a
+    # tokenizer copy of its own from this pool (one fast tokenizer must not be used by two threads at once,
+    # and one shared copy behind a lock made every request wait for the slowest prompt before it).
+    spare_tokenizers: list = field(default_factory=list)
+    pristine_tokenizer: Any = None  # renders every prompt; never encodes (the pool's copies are made from it)
+    pool_lock: threading.Lock = field(default_factory=threading.Lock)
+    # The most characters one token of the vocabulary stands for: a prompt longer than max_context times
+    # this cannot fit, and is refused without being tokenized.
+    max_token_chars: int = 64
 
     def adapter_of(self, model: str) -> str | None:
         if model not in self.models:
@@ -409,14 +493,34 @@ class Serving:
         return None if model == self.engine.base_name else model
 
     def prompt_tokens(self, messages: list[dict]) -> int:
-        """Tokens of the rendered prompt (runs in the threadpool: rendering can take a while)."""
-        with self.check_lock:
-            try:
-                return len(
-                    encode_prompt(self.check_tokenizer, with_default_system(messages, self.engine.cfg.default_system))
-                )
-            except LoralabError as e:  # the chat template refused the conversation
-                raise APIError(400, f"messages: {e}", param="messages", code="invalid_conversation") from None
+        """Tokens of the rendered prompt (runs in the threadpool: rendering can take a while).
+
+        Rendering only reads the chat template, so every request renders with the one pristine tokenizer at
+        once; a prompt too long for the context by its characters alone is refused then, before tokenizing
+        (the tokenizer's time grows with the text). Only the encoding needs a tokenizer copy of its own.
+        """
+        try:
+            text = render(self.pristine_tokenizer, with_default_system(messages, self.engine.cfg.default_system), True)
+        except LoralabError as e:  # the chat template refused the conversation
+            raise APIError(400, f"messages: {e}", param="messages", code="invalid_conversation") from None
+        if self.max_context and len(text) > self.max_context * self.max_token_chars:
+            raise APIError(
+                400,
+                f"messages: the prompt has {len(text)} characters, more than the model's context of "
+                f"{self.max_context} tokens can hold; shorten the conversation",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        with self.pool_lock:
+            tokenizer = self.spare_tokenizers.pop() if self.spare_tokenizers else None
+        if tokenizer is None:  # all in use: one more (copying only reads the pristine one)
+            tokenizer = copy.deepcopy(self.pristine_tokenizer)
+        try:
+            return len(encode_text(tokenizer, text))
+        finally:
+            with self.pool_lock:
+                if len(self.spare_tokenizers) < MAX_SPARE_TOKENIZERS:
+                    self.spare_tokenizers.append(tokenizer)
 
 
 @dataclass
@@ -424,6 +528,7 @@ class ServerOptions:
     api_key: str | None = None
     max_batch_size: int = 16
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    body_timeout_s: float = BODY_TIMEOUT_S
 
 
 @asynccontextmanager
@@ -437,7 +542,9 @@ async def lifespan(app: FastAPI):
         models=served_models(engine),
         max_context=context_length(engine),
         defaults=replace(GenerationSettings.from_config(engine.cfg), seed=None),
-        check_tokenizer=copy.deepcopy(engine.tokenizer),
+        spare_tokenizers=[copy.deepcopy(engine.tokenizer)],
+        pristine_tokenizer=copy.deepcopy(engine.tokenizer),
+        max_token_chars=longest_token_chars(engine.tokenizer),
     )
     app.state.serving = serving
     serving.scheduler.start()
@@ -724,6 +831,79 @@ class RequestSizeLimit:
         await self.app(scope, counting_receive, send)
 
 
+class HostCheck:
+    """Answer only requests whose Host header names this server (pure ASGI middleware).
+
+    A server without a key on localhost is otherwise reachable from any web page through DNS rebinding
+    (the attacker's name resolving to 127.0.0.1): the browser sends the attacker's name as Host.
+    """
+
+    def __init__(self, app, allowed_hosts: list[str] | None):
+        self.app = app
+        self.allowed = None if allowed_hosts is None or "*" in allowed_hosts else {h.lower() for h in allowed_hosts}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and self.allowed is not None:
+            host = host_name(dict(scope["headers"]).get(b"host", b"").decode("latin-1"))
+            if host not in self.allowed:
+                error = APIError(
+                    400,
+                    f"Host header {_short(host)} is not a name of this server (expected one of "
+                    f"{', '.join(sorted(self.allowed))}; the server's api_allowed_hosts sets them)",
+                    code="invalid_host",
+                )
+                return await error.response()(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def host_name(header: str) -> str:
+    """'127.0.0.1:8000' -> '127.0.0.1', '[::1]:8000' -> '::1', 'Example.com' -> 'example.com'."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
+
+
+def allowed_hosts_for(host: str, configured: list[str] | None) -> list[str] | None:
+    """The Host names a server bound to `host` answers: the configured ones, else the bound name (and the
+    other loopback names on loopback); None (any) for a wildcard bind without configured names."""
+    if configured:
+        return configured
+    if host in LOCAL_HOSTS:
+        return list(LOCAL_HOSTS)
+    if host in ("0.0.0.0", "::", ""):
+        return None
+    return [host]
+
+
+class BodyTimeout:
+    """Refuse a request whose body has not fully arrived `timeout` seconds after its headers (pure ASGI
+    middleware; uvicorn bounds neither): a client sending a byte now and then holds a socket and a task."""
+
+    def __init__(self, app, timeout: float):
+        self.app, self.timeout = app, timeout
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        deadline = asyncio.get_running_loop().time() + self.timeout
+        body_done = False
+
+        async def timed_receive():
+            nonlocal body_done
+            if body_done:  # afterwards only the disconnect comes, whenever the client hangs up
+                return await receive()
+            left = deadline - asyncio.get_running_loop().time()
+            try:
+                message = await asyncio.wait_for(receive(), max(left, 0.001))
+            except TimeoutError:  # raised into the body read: answered by on_http_error
+                raise StarletteHTTPException(408) from None
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        await self.app(scope, timed_receive, send)
+
+
 async def on_api_error(request: Request, e: APIError) -> Response:
     return e.response()
 
@@ -731,6 +911,12 @@ async def on_api_error(request: Request, e: APIError) -> Response:
 async def on_http_error(request: Request, e: StarletteHTTPException) -> Response:
     if e.status_code == 413:
         return too_large(request.app.state.options.max_request_bytes).response()
+    if e.status_code == 408:
+        return APIError(
+            408,
+            f"request body not received within {request.app.state.options.body_timeout_s:g} s",
+            code="request_timeout",
+        ).response(headers={"Connection": "close"})
     code = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
     return APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", code=code).response(
         headers=getattr(e, "headers", None)
@@ -758,8 +944,12 @@ def create_app(
     api_key: str | None = None,
     max_batch_size: int = 16,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    allowed_hosts: list[str] | None = None,
+    body_timeout_s: float = BODY_TIMEOUT_S,
 ) -> FastAPI:
-    """The FastAPI app serving `engine`; the scheduler thread runs while the app is up."""
+    """The FastAPI app serving `engine`; the scheduler thread runs while the app is up.
+
+    allowed_hosts: the Host header names answered (None: any; see `allowed_hosts_for`)."""
     if max_batch_size < 1:
         raise LoralabError(f"--max-batch-size: got {max_batch_size}; expected a positive number")
     if max_request_bytes < 1:
@@ -767,8 +957,10 @@ def create_app(
     served_models(engine)  # duplicate names fail now, not when the server starts
     app = FastAPI(title="loralab", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
-    app.state.options = ServerOptions(api_key or None, max_batch_size, max_request_bytes)
+    app.state.options = ServerOptions(api_key or None, max_batch_size, max_request_bytes, body_timeout_s)
     app.add_middleware(RequestSizeLimit, limit=max_request_bytes)
+    app.add_middleware(BodyTimeout, timeout=body_timeout_s)
+    app.add_middleware(HostCheck, allowed_hosts=allowed_hosts)  # (the last added runs first)
     app.include_router(router)
     app.include_router(v1)
     app.add_exception_handler(APIError, on_api_error)
@@ -824,10 +1016,17 @@ def serve(
         raise LoralabError(f"--max-batch-size: got {max_batch_size}; expected a positive number")
     if max_request_bytes < 1:
         raise LoralabError(f"--max-request-bytes: got {max_request_bytes}; expected a positive number of bytes")
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+    if host not in LOCAL_HOSTS and not api_key:
         log.warning("serving on %s without an API key: anyone who can reach this address can use the model", host)
+    check_sampling(GenerationSettings.from_config(cfg))  # every request without its own knobs uses these
     engine = Engine(cfg)
-    app = create_app(engine, api_key=api_key, max_batch_size=max_batch_size, max_request_bytes=max_request_bytes)
+    app = create_app(
+        engine,
+        api_key=api_key,
+        max_batch_size=max_batch_size,
+        max_request_bytes=max_request_bytes,
+        allowed_hosts=allowed_hosts_for(host, cfg.api_allowed_hosts),
+    )
     log.info(
         "serving %s on http://%s:%d/v1 (models: %s; request limit %d bytes)",
         cfg.model_name_or_path,
@@ -836,4 +1035,109 @@ def serve(
         ", ".join([engine.base_name, *engine.adapter_names]),
         max_request_bytes,
     )
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.Server(server_config(app, host, port)).run()
+
+
+def server_config(app: FastAPI, host: str, port: int, header_timeout_s: float = HEADER_TIMEOUT_S):
+    """uvicorn's settings that keep slow or many clients from holding the server: headers within
+    header_timeout_s (SlowHeadersGuard), idle keep-alive connections closed after 5 s, at most
+    MAX_CONNECTIONS connections (more are answered 503), a shutdown that waits at most SHUTDOWN_TIMEOUT_S
+    for replies in flight; connection-level errors logged as one line, not a traceback each."""
+    import uvicorn
+
+    quiet_connection_errors()
+    allow_open_files(MAX_CONNECTIONS + 1000)
+    guard = type("Guard", (slow_headers_guard(),), {"header_timeout_s": header_timeout_s})
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        http=guard,
+        log_level="warning",
+        access_log=False,
+        timeout_keep_alive=5,
+        limit_concurrency=MAX_CONNECTIONS,
+        timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S,
+        h11_max_incomplete_event_size=16 * 1024,  # the request line and headers together
+    )
+
+
+def allow_open_files(wanted: int) -> None:
+    """Raise this process's soft limit of open files towards `wanted` (within the hard limit): the connection
+    limit should be what refuses clients, not a failed accept() (a common soft limit is 1,024)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError):  # no such limit here (Windows), or not allowed: keep it
+        pass
+
+
+def slow_headers_guard():
+    """uvicorn's h11 protocol that closes a connection whose request headers take longer than
+    header_timeout_s to arrive (uvicorn's own keep-alive timer starts only after a first response)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class SlowHeadersGuard(H11Protocol):
+        header_timeout_s = HEADER_TIMEOUT_S
+        header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self.header_timer = self.loop.call_later(self.header_timeout_s, self.headers_too_slow)
+
+        def waiting_for_headers(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def data_received(self, data: bytes) -> None:
+            if self.header_timer is None and self.waiting_for_headers():  # the next request on this connection
+                self.header_timer = self.loop.call_later(self.header_timeout_s, self.headers_too_slow)
+            super().data_received(data)
+            if self.header_timer is not None and not self.waiting_for_headers():
+                self.header_timer.cancel()
+                self.header_timer = None
+
+        def connection_lost(self, exc):
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+                self.header_timer = None
+            super().connection_lost(exc)
+
+        def headers_too_slow(self) -> None:
+            self.header_timer = None
+            if self.waiting_for_headers() and not self.transport.is_closing():
+                self.transport.close()
+
+    return SlowHeadersGuard
+
+
+class OneLineConnectionErrors(logging.Filter):
+    """A connection-level error (a reset, too many open files) as one warning line, at most once a minute
+    per message: one traceback per dropped connection once filled the log with 200,000 of them."""
+
+    def __init__(self):
+        super().__init__()
+        self.last_logged: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, OSError):
+            return True
+        what = f"{record.getMessage().splitlines()[0]}: {type(error).__name__}: {error}"
+        now = time.monotonic()
+        if now - self.last_logged.get(what, -1e9) < 60:
+            return False
+        self.last_logged[what] = now
+        record.msg, record.args, record.exc_info, record.exc_text = what, None, None, None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def quiet_connection_errors() -> None:
+    for name in ("asyncio", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, OneLineConnectionErrors) for f in logger.filters):
+            logger.addFilter(OneLineConnectionErrors())

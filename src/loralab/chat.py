@@ -16,7 +16,7 @@ import sys
 from dataclasses import replace
 from typing import TextIO
 
-from loralab.api import context_length
+from loralab.api import check_sampling, context_length
 from loralab.config import Config
 from loralab.errors import LoralabError
 from loralab.generate import Engine, GenerationSettings
@@ -141,6 +141,8 @@ def run(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextIO, int
         except (EOFError, KeyboardInterrupt):  # Ctrl-D / Ctrl-C at the prompt ends the session
             stderr.write("\n")
             break
+        except UnicodeDecodeError as e:
+            raise LoralabError(f"stdin: not UTF-8 text (byte 0x{e.object[e.start]:02x}); send UTF-8") from None
         if interactive and line.strip() and not line.strip().startswith("/"):
             stdout.write("assistant> ")
         if not session.handle(line, stdout, stderr):
@@ -155,13 +157,15 @@ def chat(cfg: Config, stdin: TextIO | None = None, stdout: TextIO | None = None)
         raise LoralabError("stdin: closed; pipe messages in (printf 'hi\\n' | loralab chat ...) or run in a terminal")
     if stdout is None:
         raise LoralabError("stdout: closed; replies need somewhere to go (a terminal, a file or a pipe)")
+    settings = GenerationSettings.from_config(cfg)
+    check_sampling(settings)
     # The chat talks to one model only: a single adapter is merged into the weights (faster tokens).
     engine = Engine(cfg, merge=True)
     adapter = engine.adapter_names[0] if engine.adapter_names else None
     if len(engine.adapter_names) > 1:
         log.info("several adapters loaded; chatting with the first: %s", adapter)
     # No system prompt of our own: the engine adds cfg.default_system to conversations without one.
-    session = ChatSession(engine, GenerationSettings.from_config(cfg), adapter)
+    session = ChatSession(engine, settings, adapter)
     try:
         run(session, stdin, stdout, sys.stderr, interactive=stdin.isatty())
     except BrokenPipeError:

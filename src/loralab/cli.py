@@ -384,7 +384,12 @@ def api(
     port: PortOpt = None,
     adapter: AdapterOpt = None,
     api_key: Annotated[
-        str | None, typer.Option("--api-key", help="Require Authorization: Bearer KEY on /v1 (default: API_KEY env).")
+        str | None,
+        typer.Option(
+            "--api-key",
+            help="Require Authorization: Bearer KEY on /v1 (default: API_KEY env). A key on the command line is "
+            "visible to every user of this machine in the process list (ps); prefer the API_KEY environment variable.",
+        ),
     ] = None,
     max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Requests generated together at most.")] = 16,
     max_request_bytes: Annotated[
@@ -405,7 +410,12 @@ def webchat(
     adapter: AdapterOpt = None,
     username: Annotated[str | None, typer.Option("--username", help="Require this login (with --password).")] = None,
     password: Annotated[
-        str | None, typer.Option("--password", help="Password for --username (default: WEBCHAT_PASSWORD env).")
+        str | None,
+        typer.Option(
+            "--password",
+            help="Password for --username (default: WEBCHAT_PASSWORD env). A password on the command line is "
+            "visible to every user of this machine in the process list (ps); prefer WEBCHAT_PASSWORD.",
+        ),
     ] = None,
 ) -> None:
     """Browser chat page (Gradio): streaming replies, model/adapter selector, system prompt, settings."""

@@ -163,7 +163,7 @@ class Config(BaseModel):
 
     # --- method -------------------------------------------------------------------------------
     finetuning_type: Literal["lora", "full"] = Field("lora", description="lora (peft adapter) or full fine-tuning.")
-    lora_rank: int = Field(8, gt=0, description="LoRA rank r.")
+    lora_rank: int = Field(8, gt=0, le=65536, description="LoRA rank r (at most the width of the adapted layers).")
     lora_alpha: float | None = Field(None, gt=0, description="LoRA alpha; unset = 2 * lora_rank.")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
     lora_target: str = Field(
@@ -321,6 +321,11 @@ class Config(BaseModel):
     )
     api_host: str = Field("127.0.0.1", description="Bind address (env API_HOST).")
     api_port: int = Field(8000, gt=0, lt=65536, description="Port (env API_PORT).")
+    api_allowed_hosts: list[str] | None = Field(
+        None,
+        description="`loralab api`: the Host header names it answers (against DNS rebinding); unset = the bound "
+        "address (127.0.0.1, localhost and ::1 on loopback; any name when bound to 0.0.0.0); ['*'] = any.",
+    )
 
     # --- LLaMA-Factory keys with LLaMA-Factory's meaning (lf_keys.py lists how every other LF key is handled)
     do_predict: bool = Field(
@@ -520,7 +525,7 @@ STAGE_OF_KEY = {
         ("output_dir", "overwrite_output_dir", "resume_from_checkpoint", "export_dir", "export_gguf", "export_ollama"),
         "files",
     ),
-    **dict.fromkeys(("adapter_name_or_path", "adapters", "api_host", "api_port"), "serve"),
+    **dict.fromkeys(("adapter_name_or_path", "adapters", "api_host", "api_port", "api_allowed_hosts"), "serve"),
 }
 
 
@@ -563,7 +568,9 @@ def describe_validation_error(err: ValidationError, source: str) -> str:
     kind = first["type"]
     if kind.startswith(("float_", "int_")) or kind in ("literal_error", "bool_parsing", "string_type"):
         return f"{source}: `{key}` {msg.lower()}, got {got!r}"
-    return f"{source}: `{key}`: {msg}" + (f" (got {got!r})" if got is not None and not isinstance(got, dict) else "")
+    shown = repr(got) if got is not None and not isinstance(got, dict) else ""
+    shown = shown if len(shown) <= 100 else shown[:100] + "..."  # a value can be huge; the line stays short
+    return f"{source}: `{key}`: {msg}" + (f" (got {shown})" if shown else "")
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -578,15 +585,42 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
+        check_yaml_size(value, f"command line: {key}")
         # YAML reads '1e-4' as a string; pydantic coerces numeric strings, so pass it through.
         out[key] = value
     return out
+
+
+# A config or sweep file is a few hundred values; these bounds stop a small file that expands (YAML aliases
+# of aliases, "billion laughs") or a huge one from taking minutes and memory before it is refused.
+MAX_YAML_BYTES = 1_000_000
+MAX_YAML_VALUES = 100_000
+
+
+def check_yaml_size(data: Any, where: str) -> None:
+    """Count the values `data` holds with every alias expanded, stopping at MAX_YAML_VALUES."""
+    stack, seen = [data], 0
+    while stack:
+        item = stack.pop()
+        seen += 1
+        if seen > MAX_YAML_VALUES:
+            raise LoralabError(
+                f"{where}: expands to more than {MAX_YAML_VALUES} values (YAML aliases repeating aliases?); "
+                "a config holds a few hundred"
+            )
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple | set):
+            stack.extend(item)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise LoralabError(f"{path}: config file not found")
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise LoralabError(f"{path}: {path.stat().st_size} bytes; a config file is expected under {MAX_YAML_BYTES}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
@@ -595,6 +629,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise LoralabError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
+    except RecursionError:
+        raise LoralabError(f"{path}: nested too deeply to be a config") from None
+    check_yaml_size(data, str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):

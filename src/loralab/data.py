@@ -21,6 +21,7 @@ from typing import Any
 from loralab import __version__
 from loralab.config import Config, parse_split
 from loralab.errors import LoralabError
+from loralab.templates import check_json_value
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,9 @@ def sha256_bytes(blob: bytes) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+TOO_DEEP = "JSON nested deeper than the JSON reader follows (about 1,000 levels); records are flat objects"
+
+
 def read_json_records(path: Path) -> list:
     """A JSON list of records, or JSON lines (.jsonl, or a .json file holding one object per line)."""
     try:
@@ -94,6 +98,8 @@ def read_json_records(path: Path) -> list:
     else:
         try:
             records = json.loads(text)
+        except RecursionError:
+            raise LoralabError(f"{path}: {TOO_DEEP}") from None
         except json.JSONDecodeError as e:
             if e.msg != "Extra data" or not text.lstrip().startswith("{"):
                 raise LoralabError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
@@ -111,6 +117,8 @@ def _json_lines(text: str, path: Path) -> list:
         if line.strip():
             try:
                 records.append(json.loads(line))
+            except RecursionError:
+                raise LoralabError(f"{path}: line {n}: {TOO_DEEP}") from None
             except json.JSONDecodeError as e:
                 raise LoralabError(f"{path}: invalid JSON at line {n}, column {e.colno}: {e.msg}") from None
     return records
@@ -147,6 +155,8 @@ def read_dataset_info(folder: Path) -> dict:
         return {}
     try:
         info = json.loads(path.read_text(encoding="utf-8-sig") or "{}")
+    except RecursionError:
+        raise LoralabError(f"{path}: {TOO_DEEP}") from None
     except json.JSONDecodeError as e:
         raise LoralabError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     if not isinstance(info, dict):
@@ -328,6 +338,8 @@ def _tools(record: dict, key: str | None) -> list[dict] | None:
     if isinstance(value, str):
         try:
             value = json.loads(value)
+        except RecursionError:
+            raise ValueError(f"field `{key}` is JSON nested too deep") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"field `{key}` is not valid JSON ({e.msg} at character {e.pos})") from None
     if not isinstance(value, list):
@@ -387,6 +399,31 @@ def to_messages(record: dict, spec: dict | None = None) -> list[dict]:
         raise LoralabError(f"record: {e}") from None
 
 
+def text_problem(msgs: list[dict]) -> str | None:
+    """What makes a conversation's text unusable (a lone UTF-16 surrogate: JSON can carry one, no tokenizer
+    or UTF-8 file can take it; tool definitions nested deeper than templates.MAX_JSON_DEPTH), else None."""
+    for j, m in enumerate(msgs):
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError as e:
+            return f"turn {j} ({m['role']}) holds a lone UTF-16 surrogate at character {e.start}; send valid Unicode"
+        if m.get("tools"):
+            try:
+                check_json_value(m["tools"], "tools")
+            except LoralabError as e:
+                return str(e)
+    return None
+
+
+def record_problem(record) -> str | None:
+    """A lone surrogate anywhere in the record (its other fields are written into the split files too)."""
+    try:
+        check_json_value(record, "field", max_depth=10_000)
+    except LoralabError as e:
+        return str(e).removeprefix("field.")
+    return None
+
+
 def to_conversations(records: list, spec: dict, where: str, skip_bad: bool = False) -> list[list[dict]]:
     """Validate and convert every record.
 
@@ -398,7 +435,7 @@ def to_conversations(records: list, spec: dict, where: str, skip_bad: bool = Fal
     for i, record in enumerate(records):
         try:
             msgs = _convert(record, f)
-            problem = turn_order_problem(msgs) if skip_bad else None
+            problem = (turn_order_problem(msgs) if skip_bad else None) or text_problem(msgs) or record_problem(record)
             if problem:
                 raise ValueError(problem)
             out.append(msgs)
@@ -569,6 +606,11 @@ def prepare(
 ) -> dict:
     """Clean, sample and split a source into NAME_{train,val,test}.json + NAME_manifest.json; returns the manifest."""
     out = Path(output_dir)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name) or ".." in name:
+        # A name is part of file names inside --output-dir: `a/b` or `../x` would write elsewhere.
+        raise LoralabError(
+            f"--name: expected a file-name prefix of letters, digits, '.', '_' and '-' (no '/' or '..'), got {name!r}"
+        )
     if out.exists() and not out.is_dir():
         raise LoralabError(f"--output-dir: {out} is a file; expected a folder (new or existing) for the split files")
     files = {s: out / f"{name}_{s}.json" for s in SPLITS}

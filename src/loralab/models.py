@@ -299,6 +299,7 @@ def load_model_and_tokenizer(cfg: Config, adapters: dict[str, str] | None = None
         adapters = default_adapters(cfg)
     if adapters:
         from peft import PeftModel
+        from safetensors import SafetensorError
 
         peft_name = peft_adapter_names(adapters)
         for i, (name, path) in enumerate(adapters.items()):
@@ -308,10 +309,11 @@ def load_model_and_tokenizer(cfg: Config, adapters: dict[str, str] | None = None
                     model = PeftModel.from_pretrained(model, path, adapter_name=peft_name[name])
                 else:
                     model.load_adapter(path, adapter_name=peft_name[name])
-            except (RuntimeError, ValueError) as e:
+            except (RuntimeError, ValueError, SafetensorError, EOFError, OSError) as e:
+                # A truncated or damaged weights file (a copy cut short, a full disk) is the user's to fix.
                 raise LoralabError(
                     f"adapter_name_or_path: cannot load {path} onto {cfg.model_name_or_path} "
-                    f"({str(e).splitlines()[0][:200]})"
+                    f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})"
                 ) from None
         model.set_adapter(peft_name[next(iter(adapters))])
     model.eval()

@@ -256,7 +256,13 @@ def apply_template(tokenizer, name: str | None = None, model_name: str = "model"
             "chatml or llama3"
         )
     else:  # the tokenizer's own template: tools go to its `tools` argument unless a tool_format is set
-        tokenizer.loralab_tool_format, tokenizer.loralab_default_system = tool_format, ""
+        # A template that never reads `tools` (SmolLM2's, Llama 3.0's) would drop them silently: such a template
+        # gets LLaMA-Factory's `default` tool format, written into the system message, with its own default system
+        # prompt kept in front of the tools.
+        own = tokenizer.chat_template
+        reads_tools = not isinstance(own, str) or "tools" in own
+        tokenizer.loralab_tool_format = tool_format or (None if reads_tools else "default")
+        tokenizer.loralab_default_system = own_default_system(tokenizer)
         tokenizer.loralab_slots = None
     if tokenizer.pad_token is None:
         # Padding positions are masked by the attention mask and labels, so reusing eos is safe.
@@ -305,6 +311,24 @@ def _say_how_it_differs(tokenizer, own: str, name: str, model_name: str) -> None
         line(a),
         line(b),
     )
+
+
+def own_default_system(tokenizer) -> str:
+    """The system prompt a tokenizer's own template writes when a conversation has none ("" when it writes none).
+
+    Found by rendering a conversation with and without a marker system message: what stands where the marker
+    stood in the first is the template's default (SmolLM2's "You are a helpful AI assistant named SmolLM...").
+    """
+    marker, user = "\x00SYSTEM\x00", [{"role": "user", "content": "\x00USER\x00"}]
+    try:
+        bare = tokenizer.apply_chat_template(user, tokenize=False)
+        with_marker = tokenizer.apply_chat_template([{"role": "system", "content": marker}, *user], tokenize=False)
+    except Exception:  # a template that refuses a system message (Gemma's) has no default system either
+        return ""
+    before, found, after = with_marker.partition(marker)
+    if not found or not bare.startswith(before) or not bare.endswith(after) or len(bare) <= len(before) + len(after):
+        return ""
+    return bare[len(before) : len(bare) - len(after)]
 
 
 def with_default_system(messages: list[dict], default_system: str | None) -> list[dict]:
@@ -357,6 +381,8 @@ def _written_out(tokenizer, messages: list[dict]) -> tuple[list[dict], dict]:
         own_template_tools = {
             "tools": [t if t.get("type") == "function" else {"type": "function", "function": t} for t in tools]
         }
+        if not messages[0]["content"]:  # a system message only to carry the tools: the template's default stays
+            messages = messages[1:]
     if tool_format and any(m["role"] == "function" for m in messages):
         messages = [
             {**m, "content": format_function_call(m["content"], tool_format)} if m["role"] == "function" else m
@@ -391,6 +417,129 @@ QWEN_TOOL_PROMPT = (
 def tool_prompt_date() -> str:
     """Today as the llama3 tool prompt writes it ("26 Jul 2024"): LLaMA-Factory puts the day of the run there."""
     return datetime.now().strftime("%d %b %Y")
+
+
+# How deep tool schemas and call arguments may nest (objects and lists): far more than any real schema needs
+# (OpenAI's strict mode allows 10 levels), and small enough that a tool format's indented JSON stays small.
+MAX_JSON_DEPTH = 32
+
+
+def check_json_value(value, where: str, max_depth: int = MAX_JSON_DEPTH) -> None:
+    """Refuse JSON that nests deeper than max_depth or holds a lone UTF-16 surrogate (no tokenizer encodes one).
+
+    Walks without recursion, so any depth is answered with one line naming the place.
+    """
+    stack = [(value, where, 1)]
+    while stack:
+        item, path, depth = stack.pop()
+        if isinstance(item, str):
+            if not _is_text(item):
+                raise LoralabError(f"{path}: contains a lone UTF-16 surrogate (\\ud800-\\udfff); send valid Unicode")
+            continue
+        if not isinstance(item, dict | list):
+            continue
+        if depth > max_depth:
+            where = path if len(path) <= 120 else f"{path[:60]}...{path[-50:]}"
+            raise LoralabError(f"{where}: nested deeper than {max_depth} levels of objects and lists")
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if not _is_text(key):
+                    raise LoralabError(f"{path}: a key contains a lone UTF-16 surrogate; send valid Unicode")
+                stack.append((child, f"{path}.{key}", depth + 1))
+        else:
+            stack.extend((child, f"{path}[{i}]", depth + 1) for i, child in enumerate(item))
+
+
+def _is_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def loads_json(text: str, where: str, max_depth: int = MAX_JSON_DEPTH):
+    """json.loads for text from outside: too deep nesting or a lone surrogate is a LoralabError naming `where`.
+
+    (json.loads itself gives up past ~1,000 levels with a RecursionError.)
+    """
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise LoralabError(f"{where}: nested deeper than {max_depth} levels of objects and lists") from None
+    except json.JSONDecodeError as e:
+        raise LoralabError(f"{where}: not valid JSON: {e}") from None
+    check_json_value(value, where, max_depth)
+    return value
+
+
+def check_tools(tools: list[dict], where: str = "tools") -> None:
+    """Refuse tool definitions the tool formats cannot write: each {"name", "description", "parameters"}
+    (or OpenAI's {"type": "function", "function": {...}}) with a JSON-schema object as parameters whose
+    properties are schemas, `required` a list of names, `enum` a list, `items` a schema."""
+
+    def expect(ok: bool, path: str, what: str, got) -> None:
+        if not ok:
+            shown = json.dumps(got, ensure_ascii=True)
+            raise LoralabError(f"{path}: expected {what}, got {shown[:60]}{'...' if len(shown) > 60 else ''}")
+
+    expect(isinstance(tools, list), where, "a list of tools", tools)
+    for i, tool in enumerate(tools):
+        path = f"{where}[{i}]"
+        expect(isinstance(tool, dict), path, "a JSON object", tool)
+        if tool.get("type") == "function":
+            tool, path = tool.get("function"), f"{path}.function"
+            expect(isinstance(tool, dict), path, "a JSON object", tool)
+        check_json_value(tool, path)
+        expect(
+            isinstance(tool.get("name"), str) and tool["name"] != "",
+            f"{path}.name",
+            "a non-empty string",
+            tool.get("name"),
+        )
+        description = tool.get("description")
+        expect(description is None or isinstance(description, str), f"{path}.description", "a string", description)
+        parameters = tool.get("parameters")
+        if parameters is None:
+            continue
+        path += ".parameters"
+        expect(isinstance(parameters, dict), path, "a JSON schema object", parameters)
+        schemas = [(parameters, path)]
+        while schemas:
+            schema, spath = schemas.pop()
+            expect(isinstance(schema, dict), spath, "a JSON schema object", schema)
+            kind = schema.get("type")
+            expect(
+                kind is None
+                or isinstance(kind, str)
+                or (isinstance(kind, list) and all(isinstance(k, str) for k in kind)),
+                f"{spath}.type",
+                "a type name or a list of them",
+                kind,
+            )
+            described = schema.get("description")
+            expect(described is None or isinstance(described, str), f"{spath}.description", "a string", described)
+            required = schema.get("required")
+            expect(
+                required is None or (isinstance(required, list) and all(isinstance(r, str) for r in required)),
+                f"{spath}.required",
+                "a list of property names",
+                required,
+            )
+            enum = schema.get("enum")
+            expect(enum is None or isinstance(enum, list), f"{spath}.enum", "a list of values", enum)
+            properties = schema.get("properties")
+            expect(
+                properties is None or isinstance(properties, dict),
+                f"{spath}.properties",
+                "an object of schemas",
+                properties,
+            )
+            schemas += [(p, f"{spath}.properties.{name}") for name, p in (properties or {}).items()]
+            if "items" in schema:
+                items = schema["items"]
+                expect(isinstance(items, dict), f"{spath}.items", "a JSON schema object", items)
+                schemas.append((items, f"{spath}.items"))
 
 
 def format_tools(tools: list[dict], tool_format: str) -> str:
@@ -483,19 +632,16 @@ def parse_tool_calls(text: str, tool_format: str | None) -> list[tuple[str, dict
                 return None
             args = item.get("arguments", item.get("parameters", {}))
             if isinstance(args, str):  # OpenAI writes arguments as a JSON string
-                try:
-                    args = json.loads(args)
-                except json.JSONDecodeError:
-                    return None
+                args = load(args)
             if not isinstance(args, dict):
                 return None
             out.append((item["name"], args))
         return out or None
 
     def load(chunk: str):
-        try:
-            return json.loads(chunk)
-        except json.JSONDecodeError:
+        try:  # a reply is model output: too deep or not JSON, it is text
+            return loads_json(chunk, "reply")
+        except LoralabError:
             return None
 
     text = text.strip()

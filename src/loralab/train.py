@@ -306,6 +306,18 @@ def check_target_modules(model, cfg: Config) -> None:
         )
 
 
+def check_rank(model, cfg: Config) -> None:
+    """A rank above the widest linear layer adds nothing and can ask for terabytes (lora_rank=1e12)."""
+    widest = max(
+        (max(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)), default=0
+    )
+    if widest and cfg.lora_rank > widest:
+        raise LoralabError(
+            f"lora_rank: {cfg.lora_rank} is larger than the widest layer of {cfg.model_name_or_path} ({widest}); "
+            f"expected at most {widest} (8-64 is usual)"
+        )
+
+
 def build_model(cfg: Config):
     """The base model, ready for training: LoRA adapter (peft) or all weights trainable."""
     if cfg.quantization_bit and cfg.finetuning_type != "lora":
@@ -328,6 +340,7 @@ def build_model(cfg: Config):
     from peft import LoraConfig, get_peft_model
 
     check_target_modules(model, cfg)
+    check_rank(model, cfg)
     lora = LoraConfig(
         task_type="CAUSAL_LM",
         r=cfg.lora_rank,

@@ -9,6 +9,7 @@ Gradio's analytics are off and the page uses system fonts, so nothing reaches th
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hmac
 import logging
 import os
@@ -18,7 +19,7 @@ from dataclasses import replace
 # Must be set before gradio is imported: no usage statistics, no version check.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from loralab.api import context_length  # noqa: E402
+from loralab.api import MIN_TEMPERATURE, MIN_TOP_P, check_sampling, context_length  # noqa: E402
 from loralab.config import Config  # noqa: E402
 from loralab.errors import LoralabError  # noqa: E402
 from loralab.generate import Engine, GenerationSettings  # noqa: E402
@@ -66,6 +67,20 @@ def quiet(component):
     return component
 
 
+def text_required(textbox):
+    """`textbox`, refusing a missing message (null through Gradio's API) before the chat interface
+    reads it (it would fail there with a traceback in the log)."""
+    check = textbox.preprocess
+
+    def preprocess(payload):
+        if not isinstance(payload, str):
+            raise rejected(f"message: expected text, got {type(payload).__name__}")
+        return check(payload)
+
+    textbox.preprocess = preprocess
+    return textbox
+
+
 def make_respond(engine: Engine):
     """The chat function: (message, history, model, system, temperature, top_p, max_new_tokens) -> text so far."""
     models = [engine.base_name, *engine.adapter_names]
@@ -84,6 +99,16 @@ def make_respond(engine: Engine):
         # The page only sends sane values, but Gradio's API takes anything: check what the engine relies on.
         if model not in models:
             raise rejected(f"unknown model {model!r}; choose one of {', '.join(models)}")
+        if not isinstance(message, str):
+            raise rejected(f"message: expected text, got {type(message).__name__}")
+        if not isinstance(system, str | None):
+            raise rejected(f"system prompt: expected text, got {type(system).__name__}")
+        if not isinstance(history, list):
+            raise rejected(f"history: expected a list of messages, got {type(history).__name__}")
+        if 0 < temperature < MIN_TEMPERATURE:
+            raise rejected(f"temperature: got {temperature}; expected 0 (greedy) or {MIN_TEMPERATURE}-2")
+        if top_p < MIN_TOP_P:
+            raise rejected(f"top_p: got {top_p}; expected {MIN_TOP_P}-1")
         try:
             settings = replace(
                 defaults,
@@ -122,37 +147,68 @@ def make_respond(engine: Engine):
     return respond
 
 
+# The address of the client whose request is being answered: Gradio calls the login check with the
+# username and password only, so a middleware (RememberClient) sets this for the request's task.
+CLIENT_ADDRESS: contextvars.ContextVar[str] = contextvars.ContextVar("webchat_client_address", default="?")
+
+
+class RememberClient:
+    """Pure ASGI middleware: CLIENT_ADDRESS for the request's task (for LoginGuard's brake per client)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] in ("http", "websocket"):
+            CLIENT_ADDRESS.set((scope.get("client") or ("?", 0))[0])
+        await self.app(scope, receive, send)
+
+
 class LoginGuard:
-    """Gradio's login check with a brake on guessing: failed attempts are answered one at a time,
-    each after `delay_s`, and after `max_failures` failures within `window_s` every attempt gets a
-    429 until the oldest of them leaves the window."""
+    """Gradio's login check with a brake on guessing, per client address: a client's failed attempts are
+    answered one at a time, each after `delay_s`, and after `max_failures` failures within `window_s`
+    that client gets a 429 until the oldest of them leaves the window. Other clients are not slowed or
+    locked out by someone else's guessing (behind a reverse proxy all clients share its address)."""
 
     def __init__(
         self, username: str, password: str, max_failures: int = 5, window_s: float = 60.0, delay_s: float = 1.0
     ):
         self.username, self.password = username, password
         self.max_failures, self.window_s, self.delay_s = max_failures, window_s, delay_s
-        self.failures: list[float] = []
-        self.lock = asyncio.Lock()
+        self.failures: dict[str, list[float]] = {}
+        self.locks: dict[str, asyncio.Lock] = {}
 
     async def check(self, username: str, password: str) -> bool:
         """Gradio's `auth` function (a coroutine function: Gradio awaits only those)."""
         from fastapi import HTTPException
 
-        async with self.lock:
+        client = CLIENT_ADDRESS.get()
+        async with self.locks.setdefault(client, asyncio.Lock()):
             now = time.monotonic()
-            self.failures = [t for t in self.failures if now - t < self.window_s]
-            if len(self.failures) >= self.max_failures:
-                wait = int(self.failures[0] + self.window_s - now) + 1
-                raise HTTPException(429, f"too many failed logins; try again in {wait} s")
+            self.forget_before(now - self.window_s)
+            failures = self.failures.get(client, [])
+            if len(failures) >= self.max_failures:
+                wait = int(failures[0] + self.window_s - now) + 1
+                raise HTTPException(429, f"too many failed logins from {client}; try again in {wait} s")
             ok = hmac.compare_digest(username.encode(), self.username.encode()) & hmac.compare_digest(
                 password.encode(), self.password.encode()
             )
             if not ok:
-                self.failures.append(now)
-                log.warning("webchat: failed login for user %r", username[:40])
+                self.failures.setdefault(client, []).append(now)
+                log.warning("webchat: failed login for user %r from %s", username[:40], client)
                 await asyncio.sleep(self.delay_s)
             return ok
+
+    def forget_before(self, start: float) -> None:
+        """Drop failures older than the window, and clients left with none (the table stays small)."""
+        for client in list(self.failures):
+            kept = [t for t in self.failures[client] if t >= start]
+            if kept:
+                self.failures[client] = kept
+            else:
+                del self.failures[client]
+        for client in [c for c, lock in self.locks.items() if c not in self.failures and not lock.locked()]:
+            del self.locks[client]
 
 
 def build_demo(engine: Engine):
@@ -195,8 +251,10 @@ def build_demo(engine: Engine):
         gr.ChatInterface(
             respond,
             chatbot=gr.Chatbot(elem_id="chatbot", scale=1),
-            textbox=gr.Textbox(
-                placeholder="Type a message and press Enter", elem_id="message", submit_btn=True, stop_btn=True
+            textbox=text_required(
+                gr.Textbox(
+                    placeholder="Type a message and press Enter", elem_id="message", submit_btn=True, stop_btn=True
+                )
             ),
             additional_inputs=[model, system, temperature, top_p, max_new],
             fill_height=True,
@@ -213,6 +271,8 @@ def theme():
 
 def launch(demo, host: str = "127.0.0.1", port: int = DEFAULT_PORT, auth: LoginGuard | None = None, block: bool = True):
     """Serve the page; everything that would reach the internet (share links, SSR, MCP, PWA) is off."""
+    from starlette.middleware import Middleware
+
     return demo.launch(
         server_name=host,
         server_port=port,
@@ -227,6 +287,7 @@ def launch(demo, host: str = "127.0.0.1", port: int = DEFAULT_PORT, auth: LoginG
         quiet=True,
         prevent_thread_lock=not block,
         theme=theme(),
+        app_kwargs={"middleware": [Middleware(RememberClient)]},
     )
 
 
@@ -247,6 +308,7 @@ def serve(
         raise LoralabError(f"--port: expected a port number 1-65535, got {port}")
     if host not in ("127.0.0.1", "localhost", "::1") and not username:
         log.warning("serving on %s without a login: anyone who can reach this address can use the model", host)
+    check_sampling(GenerationSettings.from_config(cfg))  # the page's starting values
     engine = Engine(cfg)
     demo = build_demo(engine)
     log.info("web chat on http://%s:%d (models: %s)", host, port, ", ".join([engine.base_name, *engine.adapter_names]))
