@@ -115,6 +115,17 @@ SMOLLM2_SHAPE = {
     "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0},
 }
 SMOLLM2_SHAPED_DIR = "models/smollm2-shaped"  # under the work folder
+# The same architecture at toy size (vocabulary larger than the tiny tokenizer's, as Llama-3.2-1B's is), for CPU runs.
+TINY_LLAMA_SHAPE = {
+    **LLAMA_3_2_1B_SHAPE,
+    "vocab_size": 1024,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+}
 SHAPES = {"smollm2": (SMOLLM2_SHAPE, SMOLLM2_SHAPED_DIR), "llama1b": (LLAMA_3_2_1B_SHAPE, LLAMA1B_DIR)}
 PREDICT_RECORDS = 50
 MIN_CHECK_S = 60  # a check starts only with at least this much of the budget left

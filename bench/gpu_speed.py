@@ -34,22 +34,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_check  # noqa: E402  (its model maker, data slice and FLOP arithmetic)
 
-TINY_SHAPE = {
-    **gpu_check.LLAMA_3_2_1B_SHAPE,
-    "vocab_size": 512,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-}
 LF_RECIPE = {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 8, "cutoff_len": 2048}
 
 
 def sizes(tiny: bool) -> dict:
     if tiny:
-        return {"shape": TINY_SHAPE, "steps": 4, "prompts": 6, "new_tokens": 8, "rows": (6, 2), "hf_batches": (2, 4)}
+        return {
+            "shape": gpu_check.TINY_LLAMA_SHAPE,
+            "steps": 4,
+            "prompts": 6,
+            "new_tokens": 8,
+            "rows": (6, 2),
+            "hf_batches": (2, 4),
+        }
     return {
         "shape": gpu_check.LLAMA_3_2_1B_SHAPE,
         "steps": 30,

@@ -234,17 +234,7 @@ def test_random_llama_and_load_adapter_worker(tmp_path):
     from loralab.templates import encode_prompt
     from loralab.testing import make_random_adapter
 
-    shape = {
-        **gpu_check.LLAMA_3_2_1B_SHAPE,
-        "vocab_size": 1024,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
-    }
-    model = gpu_check.make_random_llama(tmp_path / "model", shape)
+    model = gpu_check.make_random_llama(tmp_path / "model", gpu_check.TINY_LLAMA_SHAPE)
     config = json.loads((model / "config.json").read_text())
     assert config["vocab_size"] == 1024 and config["tie_word_embeddings"] and config["dtype"] == "bfloat16"
     tokenizer = AutoTokenizer.from_pretrained(model)
