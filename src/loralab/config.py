@@ -59,6 +59,15 @@ LLAMAFACTORY_IGNORED_KEYS = {
 }
 
 
+# GGUF types `export_gguf` writes (the gguf package quantizes them): the merged model at each.
+GGUF_TYPES = ("f16", "q8_0", "q4_0")
+
+
+def gguf_type_list(text: str) -> list[str]:
+    """'F16, q8_0' -> ['f16', 'q8_0'] (each once, in the order given)."""
+    return list(dict.fromkeys(t.strip().lower() for t in text.split(",") if t.strip()))
+
+
 # The values transformers accepts for lr_scheduler_type (SchedulerType) and optim (OptimizerNames), kept
 # here so a config is checked without importing transformers; tests/test_lf_keys.py compares them with
 # the installed transformers.
@@ -289,6 +298,12 @@ class Config(BaseModel):
 
     # --- export -------------------------------------------------------------------------------
     export_dir: str | None = Field(None, description="`loralab export`: folder for the merged model.")
+    export_gguf: str | None = Field(
+        None,
+        description="`loralab export`: also write GGUF files for llama.cpp and Ollama: a comma list of f16, q8_0, "
+        "q4_0 (the merged model at each type; the adapter alone as a LoRA GGUF; an Ollama Modelfile). "
+        "Llama-architecture models.",
+    )
 
     # --- serving ------------------------------------------------------------------------------
     adapters: dict[str, str] = Field(
@@ -352,6 +367,18 @@ class Config(BaseModel):
         if not [t for t in v.split(",") if t.strip()]:
             raise ValueError("expected `all` or a comma list of module names")
         return v
+
+    @field_validator("export_gguf", mode="before")
+    @classmethod
+    def _check_gguf_types(cls, v):
+        if isinstance(v, list | tuple):  # a YAML list: [f16, q8_0]
+            v = ",".join(str(t) for t in v)
+        if v is None or not str(v).strip():
+            return None
+        bad = [t for t in gguf_type_list(str(v)) if t not in GGUF_TYPES]
+        if bad or not gguf_type_list(str(v)):
+            raise ValueError(f"expected a comma list of {', '.join(GGUF_TYPES)}, got {v!r}")
+        return str(v)
 
     @field_validator("data_split")
     @classmethod
@@ -421,6 +448,10 @@ class Config(BaseModel):
         return [a.strip() for a in (self.adapter_name_or_path or "").split(",") if a.strip()]
 
     @property
+    def gguf_types(self) -> list[str]:
+        return gguf_type_list(self.export_gguf or "")
+
+    @property
     def eval_every(self) -> int:
         return self.eval_steps or self.save_steps
 
@@ -475,7 +506,9 @@ STAGE_OF_KEY = {
     ),
     **dict.fromkeys(("test_dataset", "test_max_samples"), "test"),
     **dict.fromkeys(("torch_threads", "max_tokens_per_pass"), "speed"),
-    **dict.fromkeys(("output_dir", "overwrite_output_dir", "resume_from_checkpoint", "export_dir"), "files"),
+    **dict.fromkeys(
+        ("output_dir", "overwrite_output_dir", "resume_from_checkpoint", "export_dir", "export_gguf"), "files"
+    ),
     **dict.fromkeys(("adapter_name_or_path", "adapters", "api_host", "api_port"), "serve"),
 }
 

@@ -3,6 +3,11 @@
 `loralab export CONFIG adapter_name_or_path=RUN export_dir=OUT` (LLaMA-Factory's key names). The
 folder gets the merged weights, the tokenizer with the run's chat template, and a generation config
 whose eos ids include the template's turn-closing token, so servers stop where the model was taught to.
+
+With `export_gguf=f16,q8_0` (a loralab key; LLaMA-Factory has none) the folder also gets, for llama.cpp and
+Ollama: the merged model as `model-<type>.gguf` at each type, each adapter alone as a llama.cpp LoRA GGUF
+(`adapter.gguf`, or `adapter-1.gguf`, ... when several are merged), and an Ollama `Modelfile`
+(`ollama create NAME -f DIR/Modelfile`).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from loralab import models, runinfo
+from loralab import gguf_export, models, ollama, runinfo
 from loralab.config import Config
 from loralab.errors import LoralabError
 from loralab.templates import stop_token_ids
@@ -46,6 +51,14 @@ def export(cfg: Config, overwrite: bool = False) -> Path:
     target = check_export_dir(cfg, overwrite)
     for path in cfg.adapter_paths:
         models.check_adapter_base(cfg, path)
+    if cfg.gguf_types:  # refuse before the minutes of merging, not after
+        from transformers import AutoConfig
+
+        path, gguf_file = models.resolve_model_path(cfg.model_name_or_path)
+        gguf_export.check_architecture(
+            AutoConfig.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=cfg.trust_remote_code),
+            cfg.model_name_or_path,
+        )
 
     from peft import PeftModel
 
@@ -75,6 +88,8 @@ def export(cfg: Config, overwrite: bool = False) -> Path:
             "libraries": runinfo.library_versions(),
             "git_commit": runinfo.git_commit(),
         }
+        if cfg.gguf_types:
+            info["gguf"] = write_gguf_files(cfg, model, tokenizer, tmp, target.name)
         runinfo.write_json(tmp / "loralab_export.json", info)
         if target.exists():
             shutil.rmtree(target)  # only reached with --overwrite (or an empty folder)
@@ -83,3 +98,31 @@ def export(cfg: Config, overwrite: bool = False) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("wrote merged model to %s", target)
     return target
+
+
+def adapter_gguf_names(adapter_paths: list[str]) -> list[str]:
+    return (
+        ["adapter.gguf"] if len(adapter_paths) == 1 else [f"adapter-{i}.gguf" for i in range(1, len(adapter_paths) + 1)]
+    )
+
+
+def write_gguf_files(cfg: Config, model, tokenizer, folder: Path, name: str) -> dict:
+    """The merged model at each of cfg.gguf_types, each adapter as a LoRA GGUF, and an Ollama Modelfile."""
+    add_bos = ollama.template_starts_with_bos(tokenizer)
+    written: dict = {"models": {}, "adapters": {}}
+    for kind in cfg.gguf_types:
+        path = gguf_export.write_model_gguf(model, tokenizer, folder / f"model-{kind}.gguf", kind, name, add_bos)
+        written["models"][kind] = path.name
+        log.info("wrote %s", path.name)
+    for adapter, file_name in zip(cfg.adapter_paths, adapter_gguf_names(cfg.adapter_paths)):
+        try:
+            gguf_export.write_lora_gguf(adapter, model.config, folder / file_name)
+        except LoralabError as e:  # the merged model still serves; only the adapter-alone file is missing
+            log.warning("%s; the merged model GGUFs are written, the adapter alone is not", e)
+            continue
+        written["adapters"][adapter] = file_name
+        log.info("wrote %s (LoRA of %s)", file_name, adapter)
+    modelfile = ollama.modelfile(cfg, tokenizer, f"./model-{cfg.gguf_types[0]}.gguf", add_bos)
+    (folder / "Modelfile").write_text(modelfile, encoding="utf-8")
+    written["modelfile"] = "Modelfile"
+    return written
