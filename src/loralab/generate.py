@@ -346,6 +346,7 @@ class Engine:
             self.tokenizer = load_tokenizer(cfg)
             self.model = None
             self._llamacpp = LlamaCppBackend(cfg, adapters)
+            self.tokenizer.model_max_length = self._llamacpp.n_ctx  # what the API checks prompts against
         else:
             from loralab.models import load_model_and_tokenizer
 
