@@ -144,3 +144,87 @@ def test_greedy_replies_match_the_hf_engine_on_the_same_weights(cpp_engine):
     theirs = [c.text for c in hf.generate(PROMPTS, settings)]
     assert ours[0] == theirs[0]
     assert sum(a == b for a, b in zip(ours, theirs)) >= 2, (ours, theirs)
+
+
+# --- LoRA GGUFs on the tiny model (written by `loralab export ... export_gguf=f16`) ----------------
+
+
+@pytest.fixture(scope="module")
+def tiny_ggufs(tiny_model, tmp_path_factory):
+    """The tiny model's base GGUF, and for two random adapters: the merged f16 GGUF and the LoRA GGUF."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'loralab[llamacpp]')")
+    from transformers import AutoModelForCausalLM
+
+    from loralab.config import load_config
+    from loralab.export import export
+    from loralab.gguf_export import write_model_gguf
+    from loralab.models import load_tokenizer
+    from loralab.ollama import template_starts_with_bos
+    from loralab.testing import make_random_adapter
+
+    work = tmp_path_factory.mktemp("llamacpp-gguf")
+    tokenizer = load_tokenizer(Config(model_name_or_path=str(tiny_model)))
+    base = write_model_gguf(
+        AutoModelForCausalLM.from_pretrained(tiny_model),
+        tokenizer,
+        work / "base-f16.gguf",
+        "f16",
+        "tiny",
+        template_starts_with_bos(tokenizer),
+    )
+    out = {"base": base}
+    for name, seed in (("alpha", 1), ("beta", 2)):
+        adapter = make_random_adapter(tiny_model, work / f"{name}-peft", seed=seed)
+        folder = export(
+            load_config(
+                None,
+                {
+                    "model_name_or_path": str(tiny_model),
+                    "adapter_name_or_path": str(adapter),
+                    "export_dir": str(work / name),
+                    "export_gguf": "f16",
+                },
+            )
+        )
+        out[name] = (folder / "model-f16.gguf", folder / "adapter.gguf")
+    return out
+
+
+def test_several_lora_ggufs_each_request_its_own(tiny_ggufs):
+    from loralab.generate import Engine, GenerationSettings
+
+    settings = GenerationSettings(max_new_tokens=12)
+    prompt = [[{"role": "user", "content": "hello there, how are you"}]]
+    engine = Engine(
+        Config(
+            model_name_or_path=str(tiny_ggufs["base"]),
+            infer_backend="llamacpp",
+            adapters={"alpha": str(tiny_ggufs["alpha"][1]), "beta": str(tiny_ggufs["beta"][1])},
+            torch_threads=1,
+        )
+    )
+    order = ["alpha", None, "beta", "alpha", None]  # each switch drops the cache made with the other adapter
+    texts = [engine.generate(prompt, settings, adapter=a)[0].text for a in order]
+    assert len(set(texts[:3])) == 3  # each adapter changes the reply
+    assert texts[3:] == [texts[0], texts[1]]  # switching back gives the same replies: no stale cache
+    # the LoRA GGUF on the base gives the merged GGUF's reply (f16 rounding aside: the first tokens)
+    for name in ("alpha", "beta"):
+        merged = Engine(Config(model_name_or_path=str(tiny_ggufs[name][0]), infer_backend="llamacpp", torch_threads=1))
+        with_lora = engine.generate(prompt, settings, adapter=name)[0].text
+        assert merged.generate(prompt, settings)[0].text[:8] == with_lora[:8]
+    with pytest.raises(LoralabError, match="adapter: 'gamma' is not loaded"):
+        engine.generate(prompt, settings, adapter="gamma")
+
+
+def test_an_adapter_that_is_no_lora_gguf_is_one_line(tiny_ggufs, tmp_path):
+    from loralab.generate import Engine
+
+    with pytest.raises(LoralabError, match="adapter 'x': llama.cpp cannot load"):
+        Engine(
+            Config(
+                model_name_or_path=str(tiny_ggufs["base"]),
+                infer_backend="llamacpp",
+                adapters={"x": str(tiny_ggufs["alpha"][0])},  # a model GGUF, not a LoRA
+                torch_threads=1,
+            )
+        )

@@ -339,8 +339,7 @@ class Engine:
             self.model = None
             self._vllm = VllmBackend(cfg, adapters, self.tokenizer)
         elif cfg.infer_backend == "llamacpp":  # rows decode one at a time on llama.cpp (llamacpp_backend.py)
-            from loralab.llamacpp_backend import LlamaCppBackend, check_installed
-            from loralab.models import load_tokenizer
+            from loralab.llamacpp_backend import LlamaCppBackend, check_installed, load_tokenizer
 
             check_installed()
             self.tokenizer = load_tokenizer(cfg)

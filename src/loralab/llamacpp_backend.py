@@ -87,15 +87,49 @@ def adapter_gguf(name: str, path: str) -> Path:
     )
 
 
+def load_tokenizer(cfg: Config):
+    """The HF tokenizer that renders prompts and decodes replies, with the chat template the model was trained with.
+
+    A GGUF that `loralab export` wrote sits beside the merged model folder: its tokenizer files (and
+    template) are the training run's own. A GGUF alone: transformers reads its vocabulary, and the chat
+    template comes from its `tokenizer.chat_template` (transformers does not read that field).
+    """
+    from loralab import models
+
+    if cfg.model_name_or_path.startswith("builtin:"):
+        return models.load_tokenizer(cfg)
+    gguf = model_gguf(cfg)
+    folder = gguf.parent
+    if (folder / "config.json").is_file() and (folder / "tokenizer_config.json").is_file():
+        return models.load_tokenizer(cfg.model_copy(update={"model_name_or_path": str(folder)}))
+    from transformers import AutoTokenizer
+
+    from loralab.templates import apply_template
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf.name)
+    except (OSError, ValueError) as e:
+        first = str(e).splitlines()[0]
+        raise LoralabError(f"model_name_or_path: cannot read the tokenizer of {gguf} ({first})") from None
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = _gguf_string(gguf, "tokenizer.chat_template")
+    return apply_template(tokenizer, cfg.template, cfg.model_name_or_path, tool_format=cfg.tool_format)
+
+
+def _gguf_string(gguf: Path, key: str) -> str | None:
+    from gguf import GGUFReader
+
+    field = GGUFReader(gguf).fields.get(key)
+    return bytes(field.parts[field.data[0]]).decode() if field is not None else None
+
+
 def _context_length(gguf: Path) -> int | None:
     """The model's training context from the GGUF's metadata (None if it does not say)."""
     from gguf import GGUFReader
 
     fields = GGUFReader(gguf).fields
     arch = fields.get("general.architecture")
-    if arch is None:
-        return None
-    key = f"{bytes(arch.parts[arch.data[0]]).decode()}.context_length"
+    key = f"{bytes(arch.parts[arch.data[0]]).decode()}.context_length" if arch is not None else None
     return int(fields[key].parts[fields[key].data[0]][0]) if key in fields else None
 
 
