@@ -1,7 +1,8 @@
 """infer_backend: llamacpp: the engine's rows decoded by llama.cpp (llama-cpp-python), prompts as loralab's token ids.
 
-The tests that run llama.cpp use builtin SmolLM2, whose packaged Q4_1 GGUF llama.cpp reads directly
-(the HF engine runs the same weights dequantized to fp32); they skip when llama-cpp-python is absent.
+The tests that run llama.cpp use builtin SmolLM2, whose packaged Q4_1 GGUF llama.cpp reads directly, an
+f16 GGUF of it (parity with the HF engine), and the tiny model's GGUFs (LoRA adapters); they skip when
+llama-cpp-python is absent.
 """
 
 import threading
@@ -134,16 +135,29 @@ def test_api_serves_llamacpp_with_concurrent_requests(cpp_engine):
 
 
 @pytest.mark.slow
-def test_greedy_replies_match_the_hf_engine_on_the_same_weights(cpp_engine):
-    """llama.cpp on the packaged Q4_1 GGUF vs the HF engine on the same weights dequantized to fp32."""
-    from loralab.generate import Engine, GenerationSettings
+def test_an_f16_gguf_gives_the_hf_engines_greedy_replies(cpp_engine, tmp_path):
+    """SmolLM2 written as an f16 GGUF (by the export's writer) on llama.cpp vs the HF engine (fp32)."""
+    from transformers import AutoModelForCausalLM
 
-    settings = GenerationSettings(max_new_tokens=24)
+    from loralab.generate import Engine, GenerationSettings
+    from loralab.gguf_export import write_model_gguf
+    from loralab.models import resolve_model_path
+    from loralab.ollama import template_starts_with_bos
+
     hf = Engine(Config(model_name_or_path="builtin:smollm2-135m-instruct", torch_threads=1))
-    ours = [c.text for c in cpp_engine.generate(PROMPTS, settings)]
-    theirs = [c.text for c in hf.generate(PROMPTS, settings)]
-    assert ours[0] == theirs[0]
-    assert sum(a == b for a, b in zip(ours, theirs)) >= 2, (ours, theirs)
+    folder, _ = resolve_model_path("builtin:smollm2-135m-instruct")
+    gguf = write_model_gguf(
+        AutoModelForCausalLM.from_pretrained(folder),
+        hf.tokenizer,
+        tmp_path / "smollm2-f16.gguf",
+        "f16",
+        "smollm2",
+        template_starts_with_bos(hf.tokenizer),
+    )
+    f16 = Engine(Config(model_name_or_path=str(gguf), infer_backend="llamacpp", torch_threads=1))
+    assert [f16.prompt_ids(p) for p in PROMPTS] == [hf.prompt_ids(p) for p in PROMPTS]
+    settings = GenerationSettings(max_new_tokens=32)
+    assert [c.text for c in f16.generate(PROMPTS, settings)] == [c.text for c in hf.generate(PROMPTS, settings)]
 
 
 # --- LoRA GGUFs on the tiny model (written by `loralab export ... export_gguf=f16`) ----------------
