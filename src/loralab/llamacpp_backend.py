@@ -83,7 +83,7 @@ def adapter_gguf(name: str, path: str) -> Path:
         )
     raise LoralabError(
         f"adapter {name!r}: infer_backend: llamacpp needs a llama.cpp LoRA GGUF, and {path} has none; "
-        "write one with `loralab export` (export_format: gguf), or use infer_backend: huggingface"
+        "`loralab export ... export_gguf=f16` writes one (OUT/adapter.gguf), or use infer_backend: huggingface"
     )
 
 
