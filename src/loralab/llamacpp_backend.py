@@ -63,8 +63,8 @@ def model_gguf(cfg: Config) -> Path:
             raise LoralabError(f"model_name_or_path: GGUF file {name} not found")
         return path
     raise LoralabError(
-        f"model_name_or_path: infer_backend: llamacpp needs a .gguf file, got {name!r}; write one with "
-        "`loralab export` (export_format: gguf) and point model_name_or_path at the .gguf it writes"
+        f"model_name_or_path: infer_backend: llamacpp needs a .gguf file, got {name!r}; write one with `loralab "
+        "export CONFIG adapter_name_or_path=RUN export_dir=OUT export_gguf=q8_0` and use OUT/model-q8_0.gguf"
     )
 
 
