@@ -77,9 +77,9 @@ def test_stream_generate_and_prefix_reuse_agree(cpp_engine):
     streamed = "".join(cpp_engine.stream(PROMPTS[0], settings))
     assert streamed == replies[0].text
     # the same prompt again: the cached prefix is reused, and the reply does not change
-    reused = cpp_engine._llamacpp.stats["prompt_tokens_reused"]
+    reused = cpp_engine.stats["prompt_tokens_reused"]
     assert cpp_engine.generate(PROMPTS[:1], settings)[0].text == replies[0].text
-    assert cpp_engine._llamacpp.stats["prompt_tokens_reused"] - reused == replies[0].prompt_tokens - 1
+    assert cpp_engine.stats["prompt_tokens_reused"] - reused == replies[0].prompt_tokens - 1
 
 
 def test_length_stop_strings_and_seeded_sampling(cpp_engine):

@@ -171,7 +171,6 @@ class LlamaCppBackend:
             self.llm._stack.callback(llama_cpp.llama_adapter_lora_free, handle)
         self._adapter_on: str | None = None
         self.row = None  # the request being decoded
-        self.stats = {"prompt_tokens_reused": 0, "prompt_tokens_evaluated": 0}
 
     # --- what the engine's step calls --------------------------------------------------------------
     def step(self, engine) -> None:
@@ -186,7 +185,7 @@ class LlamaCppBackend:
                 if not joining:
                     return
                 row = joining[0]
-                self._start(row)
+                self._start(row, engine.stats)
             elif self.llm.n_tokens >= self.n_ctx:  # the context is full: the reply ends here
                 self.row = None
                 engine._finish(row, "length")
@@ -200,7 +199,7 @@ class LlamaCppBackend:
             self.llm.reset()  # the KV cache may be half written
             engine._fail([row], e)
 
-    def _start(self, row) -> None:
+    def _start(self, row, stats: dict) -> None:
         """Evaluate a new row's prompt, reusing the KV cache's common prefix with the previous one."""
         prompt = row.prompt
         if len(prompt) >= self.n_ctx:
@@ -217,8 +216,8 @@ class LlamaCppBackend:
             keep += 1
         self.llm.n_tokens = keep
         self.llm.eval(prompt[keep:])
-        self.stats["prompt_tokens_reused"] += keep
-        self.stats["prompt_tokens_evaluated"] += len(prompt) - keep
+        stats["prompt_tokens_reused"] = stats.get("prompt_tokens_reused", 0) + keep  # Engine.stats
+        stats["prompt_tokens_evaluated"] = stats.get("prompt_tokens_evaluated", 0) + len(prompt) - keep
 
     def _use_adapter(self, adapter: str | None) -> None:
         """llama.cpp applies adapters to the whole context: switch it, and forget the cache made without it."""
