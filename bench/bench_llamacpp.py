@@ -157,6 +157,11 @@ def main() -> None:
                 sum(p / max(len(a), 1) for p, a in zip(prefixes, hf)) / len(hf), 3
             ),
             "differing_records": [i for i, s in enumerate(same) if not s],
+            "where_they_part": {  # the text around the first differing character, HF's and this backend's
+                i: {"hf": hf[i][max(0, p - 40) : p + 40], name: texts[i][max(0, p - 40) : p + 40]}
+                for i, (p, s) in enumerate(zip(prefixes, same))
+                if not s
+            },
         }
         result["batch_predict"][name]["speedup_vs_hf"] = round(clock["huggingface"] / clock[name], 2)
     result["parity"]["target_f16_90pct"] = result["parity"]["llamacpp_f16"]["identical_share"] >= 0.9
