@@ -22,10 +22,12 @@ this module only turns a row's tokens into the next token.
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import json
 import logging
 import os
+import weakref
 from pathlib import Path
 
 from loralab.config import Config
@@ -158,6 +160,9 @@ class LlamaCppBackend:
         except (ValueError, RuntimeError) as e:
             raise LoralabError(f"model_name_or_path: llama.cpp cannot load {gguf} ({str(e).splitlines()[0]})") from None
         self._lib = llama_cpp
+        # Freed before the interpreter tears modules down: llama-cpp-python's __del__ at exit prints a traceback.
+        model = weakref.ref(self.llm)
+        atexit.register(lambda: (llm := model()) is not None and llm.close())
         self.n_vocab = self.llm.n_vocab()
         self.adapters = {}
         for name, path in lora_files.items():
