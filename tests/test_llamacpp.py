@@ -204,6 +204,12 @@ def tiny_ggufs(tiny_model, tmp_path_factory):
     return out
 
 
+def test_an_export_folder_serves_its_lora_gguf(tiny_ggufs):
+    merged, lora = tiny_ggufs["alpha"]
+    assert merged.parent == lora.parent  # the export folder holds the merged model and the adapter
+    assert adapter_gguf("alpha", str(lora.parent)) == lora
+
+
 def test_several_lora_ggufs_each_request_its_own(tiny_ggufs):
     from loralab.generate import Engine, GenerationSettings
 

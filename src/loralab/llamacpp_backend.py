@@ -76,6 +76,8 @@ def adapter_gguf(name: str, path: str) -> Path:
     if p.is_file() and p.suffix == ".gguf":
         return p
     found = sorted(p.glob("*.gguf")) if p.is_dir() else []
+    if len(found) > 1:  # an export folder also holds the merged models: the LoRA GGUF says it is an adapter
+        found = [f for f in found if _gguf_string(f, "general.type") == "adapter"] or found
     if len(found) == 1:
         return found[0]
     if len(found) > 1:
@@ -119,9 +121,13 @@ def load_tokenizer(cfg: Config):
 
 
 def _gguf_string(gguf: Path, key: str) -> str | None:
+    """A string field of a GGUF file's metadata (None if absent, or not a readable GGUF)."""
     from gguf import GGUFReader
 
-    field = GGUFReader(gguf).fields.get(key)
+    try:
+        field = GGUFReader(gguf).fields.get(key)
+    except (ValueError, OSError):
+        return None
     return bytes(field.parts[field.data[0]]).decode() if field is not None else None
 
 
