@@ -159,6 +159,62 @@ def test_modelfile_names_model_template_and_stops(exported):
     assert info["gguf"]["models"] == {k: f"model-{k}.gguf" for k in ("f16", "q8_0", "q4_0")}
 
 
+def test_ollama_adapter_mode_writes_the_base_and_an_adapter_line(tiny_model, exported, tmp_path):
+    folder, adapter, cfg = exported
+    values = {**cfg.model_dump(exclude_defaults=True), "export_dir": str(tmp_path / "out"), "export_gguf": "q8_0,f16"}
+    out = export(load_config(None, {**values, "export_ollama": "adapter"}))
+    lines = (out / "Modelfile").read_text().splitlines()
+    assert "FROM ./base-q8_0.gguf" in lines and "ADAPTER ./adapter.gguf" in lines
+    # the base file holds the base model's weights, not the merged ones
+    config = json.loads((out / "config.json").read_text())
+    base_q = _hf_weights(tiny_model)["model.layers.0.self_attn.q_proj.weight"]
+    merged_q = _hf_weights(out)["model.layers.0.self_attn.q_proj.weight"]
+    tensor = {t.name: t for t in _reader(out / "base-q8_0.gguf").tensors}["blk.0.attn_q.weight"]
+    got = _as_hf(tensor, "model.layers.0.self_attn.q_proj.weight", config)
+    assert np.abs(got - base_q).max() < np.abs(got - merged_q).max() / 10
+    values["export_dir"] = str(tmp_path / "refused")
+    with pytest.raises(LoralabError, match="export_ollama: adapter .* needs exactly one adapter_name_or_path, got 2"):
+        export(
+            load_config(None, {**values, "export_ollama": "adapter", "adapter_name_or_path": f"{adapter},{adapter}"})
+        )
+    with pytest.raises(LoralabError, match="export_ollama: adapter needs export_gguf"):
+        export(load_config(None, {**values, "export_ollama": "adapter", "export_gguf": None}))
+    assert not (tmp_path / "refused").exists()
+
+
+@pytest.mark.parametrize(
+    "change,why",
+    [
+        ({"use_dora": True}, "DoRA adapters have no llama.cpp form"),
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ({"rank_pattern": {"q_proj": 8}}, "different ranks or alphas"),
+    ],
+)
+def test_lora_gguf_refuses_what_llama_cpp_cannot_apply(exported, tmp_path, change, why):
+    from transformers import AutoConfig
+
+    from loralab.gguf_export import write_lora_gguf
+
+    folder, adapter, _ = exported
+    copy = tmp_path / "adapter"
+    shutil.copytree(adapter, copy)
+    settings = json.loads((copy / "adapter_config.json").read_text())
+    (copy / "adapter_config.json").write_text(json.dumps({**settings, **change}))
+    with pytest.raises(LoralabError, match=f"export_gguf: .* cannot be written as a llama.cpp LoRA GGUF: .*{why}"):
+        write_lora_gguf(copy, AutoConfig.from_pretrained(folder), tmp_path / "a.gguf")
+    assert not (tmp_path / "a.gguf").exists()
+
+
+def test_modelfile_without_builtin_template_says_so(tiny_model):
+    from loralab.ollama import modelfile
+
+    cfg = load_config(None, {"model_name_or_path": str(tiny_model), "do_sample": True, "temperature": 0.7})
+    text = modelfile(cfg, load_tokenizer(cfg), "./model-q8_0.gguf", add_bos=True)
+    assert not any(line.startswith("TEMPLATE") for line in text.splitlines())
+    assert "FROM ./model-q8_0.gguf" in text and "PARAMETER temperature 0.7" in text
+    assert 'PARAMETER stop "<|eot_id|>"' in text  # the tokenizer's own template closes turns with it
+
+
 def test_other_architectures_and_types_are_refused(tiny_model, tmp_path):
     other = tmp_path / "mistral"
     shutil.copytree(tiny_model, other)
@@ -172,6 +228,45 @@ def test_other_architectures_and_types_are_refused(tiny_model, tmp_path):
     with pytest.raises(LoralabError, match=r"export_gguf.*expected a comma list of f16, q8_0, q4_0"):
         load_config(None, {**values, "export_gguf": "f16,q5_k"})
     assert load_config(None, {**values, "export_gguf": ["F16", "q8_0"]}).gguf_types == ["f16", "q8_0"]
+
+
+@pytest.mark.parametrize(
+    "pre_tokenizer,name",
+    [
+        ("gpt2", "gpt-2"),
+        ("digits", "smollm"),  # SmolLM2's own tokenizer.json: digits split one by one, then GPT-2's split
+        ("llama3", "llama-bpe"),
+        ("whitespace", None),
+    ],
+)
+def test_pre_tokenizer_named_for_llama_cpp_or_refused(tiny_model, pre_tokenizer, name):
+    from tokenizers import Regex, pre_tokenizers
+    from transformers import AutoTokenizer
+
+    from loralab.gguf_export import LLAMA3_SPLIT, tokenizer_metadata
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.backend_tokenizer.pre_tokenizer = {
+        "gpt2": pre_tokenizers.ByteLevel(add_prefix_space=False),
+        "digits": pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        ),
+        "llama3": pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        ),
+        "whitespace": pre_tokenizers.Whitespace(),
+    }[pre_tokenizer]
+    if name is None:
+        with pytest.raises(LoralabError, match="export_gguf: the tokenizer of tiny .* is not one llama.cpp reads"):
+            tokenizer_metadata(tokenizer, len(tokenizer), "tiny")
+        return
+    vocab = tokenizer_metadata(tokenizer, len(tokenizer) + 3, "tiny")
+    assert vocab["pre"] == name
+    assert vocab["tokens"][-3:] == [f"[PAD{len(tokenizer) + i}]" for i in range(3)]  # embedding rows past the vocab
+    assert vocab["tokens"][tokenizer.convert_tokens_to_ids("<|eot_id|>")] == "<|eot_id|>"
 
 
 # --- the Modelfile's TEMPLATE under Go's text/template -------------------------------------------------------
@@ -225,6 +320,16 @@ def _same_prompt(go_render, model: Path, template: str, messages: list[dict], to
     assert (tokenizer.bos_token if add_bos else "") + theirs == ours
 
 
+def test_modelfile_as_written_renders_loralabs_prompt(go_render, exported):
+    """The TEMPLATE block read out of the written Modelfile (quoting included), not the function's return value."""
+    folder, _, _ = exported
+    text = (folder / "Modelfile").read_text()
+    template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    tokenizer = load_tokenizer(load_config(None, {"model_name_or_path": str(folder), "template": "llama3"}))
+    ours = render(tokenizer, TWO_TURNS, add_generation_prompt=True)
+    assert tokenizer.bos_token + go_render(template, TWO_TURNS) == ours
+
+
 @pytest.mark.parametrize("template", ["llama3", "mistral", "alpaca", "vicuna", "default"])
 def test_go_template_two_turns_with_system_llama3_style(go_render, tiny_model, template):
     _same_prompt(go_render, tiny_model, template, TWO_TURNS)
@@ -247,7 +352,7 @@ def test_go_template_with_tools(go_render, tiny_model, tiny_chatml_model, templa
 
 @pytest.mark.slow
 def test_smollm2_gguf_tokenizes_like_hf(tmp_path):
-    """The real SmolLM2 tokenizer (digits split one by one: llama.cpp's `smollm`) and tied embeddings."""
+    """The real SmolLM2 tokenizer and tied embeddings (no output.weight)."""
     from transformers import AutoTokenizer
 
     adapter = make_random_adapter(_builtin_folder(), tmp_path / "adapter", seed=2, target_modules=["q_proj", "v_proj"])
@@ -262,17 +367,124 @@ def test_smollm2_gguf_tokenizes_like_hf(tmp_path):
     )
     folder = export(cfg)
     reader = _reader(folder / "model-f16.gguf")
-    assert reader.fields["tokenizer.ggml.pre"].contents() == "smollm"
+    # builtin:smollm2 is read from a GGUF by transformers, which rebuilds its tokenizer GPT-2 style (no digit
+    # split); its vocabulary has no token joining a digit to anything, so both splits give the same ids.
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
     assert "output.weight" not in {t.name for t in reader.tensors}  # tied: llama.cpp reuses token_embd
     hf_tok = AutoTokenizer.from_pretrained(folder)
     gguf_tok = AutoTokenizer.from_pretrained(folder, gguf_file="model-f16.gguf")
-    for text in [*PROMPTS, "In 2024, 1234567 people paid $3.50 each."]:
-        assert (
-            gguf_tok(text, add_special_tokens=False)["input_ids"] == hf_tok(text, add_special_tokens=False)["input_ids"]
-        ), text
+    texts = [*PROMPTS, "In 2024, 1234567 people paid $3.50 each.", "(Hello) don't\n\n  x:=y; ÄÖÜ 東京"]
+    for text in texts:
+        ids = hf_tok(text, add_special_tokens=False)["input_ids"]
+        assert gguf_tok(text, add_special_tokens=False)["input_ids"] == ids, text
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return
+    llm = _llama(folder / "model-f16.gguf")
+    tokenizer = load_tokenizer(load_config(None, {"model_name_or_path": str(folder), "template": "smollm2"}))
+    prompt = render(tokenizer, TWO_TURNS, add_generation_prompt=True)
+    for text in [*texts, prompt]:
+        ids = hf_tok(text, add_special_tokens=False)["input_ids"]
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids, text
 
 
 def _builtin_folder() -> Path:
     from loralab.models import ensure_builtin_model
 
     return ensure_builtin_model("smollm2-135m-instruct")
+
+
+def test_llama3_rope_scaling_travels_as_rope_freqs():
+    """Llama 3.1+ long-context rope: llama.cpp divides each rotary frequency by rope_freqs; the result must be
+    transformers' own llama3 frequencies."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from loralab.gguf_export import gguf_tensors
+
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=131072,
+        rope_parameters=rope,
+    )
+    tensors = dict(gguf_tensors(LlamaForCausalLM(config)))
+    factors = tensors["rope_freqs.weight"]
+    dim = 64 // 4
+    plain = 1.0 / (500000.0 ** (np.arange(0, dim, 2) / dim))
+    expected, _ = ROPE_INIT_FUNCTIONS["llama3"](config, torch.device("cpu"))
+    np.testing.assert_allclose(plain / factors, expected.numpy(), rtol=1e-5)
+    assert factors.min() == 1.0 and factors.max() == 32.0  # some frequencies kept, some scaled fully
+    config_plain = LlamaConfig(**{**config.to_dict(), "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}})
+    assert "rope_freqs.weight" not in dict(gguf_tensors(LlamaForCausalLM(config_plain)))
+
+
+# --- llama.cpp itself reads the files (llama-cpp-python, when installed) --------------------------------------
+def _llama(path: Path, **kw):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    return llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=1, logits_all=True, verbose=False, **kw)
+
+
+def _llama_logits(llm, ids: list[int]) -> np.ndarray:
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)])
+
+
+def test_llama_cpp_reads_model_and_lora_ggufs(exported, tiny_model, tmp_path):
+    """llama.cpp tokenizes like the HF tokenizer, its logits for the f16 GGUF are the merged model's (f16 error),
+    and the base model's GGUF plus the LoRA GGUF gives the same logits as the merged one."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loralab.gguf_export import write_model_gguf
+
+    folder, _, _ = exported
+    llm = _llama(folder / "model-f16.gguf")
+    hf_tok = AutoTokenizer.from_pretrained(folder)
+    tokenizer = load_tokenizer(load_config(None, {"model_name_or_path": str(folder), "template": "llama3"}))
+    prompt = render(tokenizer, [*TWO_TURNS], add_generation_prompt=True)
+    for text in [*PROMPTS, prompt]:
+        assert (
+            llm.tokenize(text.encode(), add_bos=False, special=True)
+            == hf_tok(text, add_special_tokens=False)["input_ids"]
+        ), text
+    ids = hf_tok(prompt, add_special_tokens=False)["input_ids"]
+    merged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        expected = merged(torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(_llama_logits(llm, ids), expected, atol=2e-2)
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    base_gguf = write_model_gguf(base, tokenizer, tmp_path / "base-f16.gguf", "f16", "base", add_bos=True)
+    with_lora = _llama(base_gguf, lora_path=str(folder / "adapter.gguf"))
+    np.testing.assert_allclose(_llama_logits(with_lora, ids), expected, atol=2e-2)
+    plain = _llama(base_gguf)
+    assert np.abs(_llama_logits(plain, ids) - expected).max() > 0.1  # the adapter is what makes them equal
+
+
+def test_ollama_path_gives_loralabs_token_ids(go_render, exported):
+    """What Ollama feeds llama.cpp: the Modelfile's TEMPLATE rendered, then tokenized with the GGUF's add_bos and
+    special tokens parsed; the ids must be loralab's encode_prompt ids."""
+    from loralab.templates import encode_prompt
+
+    folder, _, _ = exported
+    llm = _llama(folder / "model-f16.gguf")
+    template = (folder / "Modelfile").read_text().split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    tokenizer = load_tokenizer(load_config(None, {"model_name_or_path": str(folder), "template": "llama3"}))
+    text = go_render(template, TWO_TURNS)
+    assert llm.tokenize(text.encode(), add_bos=True, special=True) == encode_prompt(tokenizer, TWO_TURNS)

@@ -200,11 +200,17 @@ def export_cmd(
     args: ConfigArgs = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty export_dir.")] = False,
 ) -> None:
-    """Merge adapter_name_or_path into its base model and save a plain model folder in export_dir."""
+    """Merge adapter_name_or_path into its base model and save a plain model folder in export_dir.
+
+    With export_gguf=f16,q8_0 also GGUF files for llama.cpp and an Ollama Modelfile."""
     from loralab.export import export
 
-    path = export(config_from_args(args), overwrite=overwrite)
+    cfg = config_from_args(args)
+    path = export(cfg, overwrite=overwrite)
     typer.echo(f"wrote merged model to {path}")
+    if cfg.gguf_types:
+        files = ", ".join(sorted(p.name for p in path.glob("*.gguf")))
+        typer.echo(f"GGUF: {files}; for Ollama: ollama create NAME -f {path / 'Modelfile'}")
 
 
 # --- predict / eval / compare ------------------------------------------------------------------

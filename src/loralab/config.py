@@ -304,6 +304,11 @@ class Config(BaseModel):
         "q4_0 (the merged model at each type; the adapter alone as a LoRA GGUF; an Ollama Modelfile). "
         "Llama-architecture models.",
     )
+    export_ollama: Literal["merged", "adapter"] = Field(
+        "merged",
+        description="`loralab export` with export_gguf: what the Ollama Modelfile runs: the merged model (merged), "
+        "or the base model's GGUF (base-<first type>.gguf, also written) plus the LoRA GGUF (adapter; one adapter).",
+    )
 
     # --- serving ------------------------------------------------------------------------------
     adapters: dict[str, str] = Field(
@@ -377,7 +382,7 @@ class Config(BaseModel):
             return None
         bad = [t for t in gguf_type_list(str(v)) if t not in GGUF_TYPES]
         if bad or not gguf_type_list(str(v)):
-            raise ValueError(f"expected a comma list of {', '.join(GGUF_TYPES)}, got {v!r}")
+            raise ValueError(f"expected a comma list of {', '.join(GGUF_TYPES)}")
         return str(v)
 
     @field_validator("data_split")
@@ -507,7 +512,8 @@ STAGE_OF_KEY = {
     **dict.fromkeys(("test_dataset", "test_max_samples"), "test"),
     **dict.fromkeys(("torch_threads", "max_tokens_per_pass"), "speed"),
     **dict.fromkeys(
-        ("output_dir", "overwrite_output_dir", "resume_from_checkpoint", "export_dir", "export_gguf"), "files"
+        ("output_dir", "overwrite_output_dir", "resume_from_checkpoint", "export_dir", "export_gguf", "export_ollama"),
+        "files",
     ),
     **dict.fromkeys(("adapter_name_or_path", "adapters", "api_host", "api_port"), "serve"),
 }

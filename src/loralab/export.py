@@ -7,7 +7,8 @@ whose eos ids include the template's turn-closing token, so servers stop where t
 With `export_gguf=f16,q8_0` (a loralab key; LLaMA-Factory has none) the folder also gets, for llama.cpp and
 Ollama: the merged model as `model-<type>.gguf` at each type, each adapter alone as a llama.cpp LoRA GGUF
 (`adapter.gguf`, or `adapter-1.gguf`, ... when several are merged), and an Ollama `Modelfile`
-(`ollama create NAME -f DIR/Modelfile`).
+(`ollama create NAME -f DIR/Modelfile`) that runs the merged model, or with `export_ollama=adapter` the base
+model's GGUF (`base-<type>.gguf`) plus `adapter.gguf`.
 """
 
 from __future__ import annotations
@@ -60,27 +61,22 @@ def export(cfg: Config, overwrite: bool = False) -> Path:
             cfg.model_name_or_path,
         )
 
-    from peft import PeftModel
+    if cfg.export_ollama == "adapter" and not cfg.gguf_types:
+        raise LoralabError("export_ollama: adapter needs export_gguf (the GGUF types to write, e.g. q8_0)")
+    if cfg.export_ollama == "adapter" and len(cfg.adapter_paths) != 1:
+        raise LoralabError(
+            "export_ollama: adapter (Ollama runs the base model's GGUF plus adapter.gguf) needs exactly one "
+            f"adapter_name_or_path, got {len(cfg.adapter_paths)}"
+        )
 
-    tokenizer = models.load_tokenizer(cfg)
-    model = models.load_model(cfg)
-    for path in cfg.adapter_paths:
-        try:
-            model = PeftModel.from_pretrained(model, path).merge_and_unload()
-        except (RuntimeError, ValueError) as e:
-            raise LoralabError(
-                f"adapter_name_or_path: cannot merge {path} into {cfg.model_name_or_path} "
-                f"({str(e).splitlines()[0][:200]})"
-            ) from None
-        log.info("merged %s", path)
-    model.generation_config.eos_token_id = stop_token_ids(tokenizer)
+    from peft import PeftModel
 
     # Write next to the target and rename at the end: a failed export never leaves half a model there.
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        tokenizer = models.load_tokenizer(cfg)
+        model = models.load_model(cfg)
         info = {
             "base_model": cfg.model_name_or_path,
             "adapters": cfg.adapter_paths,
@@ -88,8 +84,23 @@ def export(cfg: Config, overwrite: bool = False) -> Path:
             "libraries": runinfo.library_versions(),
             "git_commit": runinfo.git_commit(),
         }
+        base_gguf = None
+        if cfg.export_ollama == "adapter":  # the base model's GGUF, before the adapter is merged into it
+            base_gguf = write_base_gguf(cfg, model, tokenizer, tmp)
+        for path in cfg.adapter_paths:
+            try:
+                model = PeftModel.from_pretrained(model, path).merge_and_unload()
+            except (RuntimeError, ValueError) as e:
+                raise LoralabError(
+                    f"adapter_name_or_path: cannot merge {path} into {cfg.model_name_or_path} "
+                    f"({str(e).splitlines()[0][:200]})"
+                ) from None
+            log.info("merged %s", path)
+        model.generation_config.eos_token_id = stop_token_ids(tokenizer)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
         if cfg.gguf_types:
-            info["gguf"] = write_gguf_files(cfg, model, tokenizer, tmp, target.name)
+            info["gguf"] = write_gguf_files(cfg, model, tokenizer, tmp, target.name, base_gguf)
         runinfo.write_json(tmp / "loralab_export.json", info)
         if target.exists():
             shutil.rmtree(target)  # only reached with --overwrite (or an empty folder)
@@ -100,16 +111,29 @@ def export(cfg: Config, overwrite: bool = False) -> Path:
     return target
 
 
+def write_base_gguf(cfg: Config, model, tokenizer, folder: Path) -> str:
+    """The base model (no adapter) at the first GGUF type, for Ollama's FROM + ADAPTER; its file name."""
+    kind = cfg.gguf_types[0]
+    add_bos = ollama.template_starts_with_bos(tokenizer)
+    path = gguf_export.write_model_gguf(model, tokenizer, folder / f"base-{kind}.gguf", kind, "base", add_bos)
+    log.info("wrote %s", path.name)
+    return path.name
+
+
 def adapter_gguf_names(adapter_paths: list[str]) -> list[str]:
     return (
         ["adapter.gguf"] if len(adapter_paths) == 1 else [f"adapter-{i}.gguf" for i in range(1, len(adapter_paths) + 1)]
     )
 
 
-def write_gguf_files(cfg: Config, model, tokenizer, folder: Path, name: str) -> dict:
-    """The merged model at each of cfg.gguf_types, each adapter as a LoRA GGUF, and an Ollama Modelfile."""
+def write_gguf_files(cfg: Config, model, tokenizer, folder: Path, name: str, base_gguf: str | None = None) -> dict:
+    """The merged model at each of cfg.gguf_types, each adapter as a LoRA GGUF, and an Ollama Modelfile.
+
+    base_gguf: the base model's GGUF already written (export_ollama: adapter): the Modelfile runs it plus the
+    adapter, which must then be written.
+    """
     add_bos = ollama.template_starts_with_bos(tokenizer)
-    written: dict = {"models": {}, "adapters": {}}
+    written: dict = {"models": {}, "adapters": {}, "base": base_gguf}
     for kind in cfg.gguf_types:
         path = gguf_export.write_model_gguf(model, tokenizer, folder / f"model-{kind}.gguf", kind, name, add_bos)
         written["models"][kind] = path.name
@@ -118,11 +142,16 @@ def write_gguf_files(cfg: Config, model, tokenizer, folder: Path, name: str) -> 
         try:
             gguf_export.write_lora_gguf(adapter, model.config, folder / file_name)
         except LoralabError as e:  # the merged model still serves; only the adapter-alone file is missing
+            if base_gguf:
+                raise LoralabError(f"{e}; use export_ollama: merged") from None
             log.warning("%s; the merged model GGUFs are written, the adapter alone is not", e)
             continue
         written["adapters"][adapter] = file_name
         log.info("wrote %s (LoRA of %s)", file_name, adapter)
-    modelfile = ollama.modelfile(cfg, tokenizer, f"./model-{cfg.gguf_types[0]}.gguf", add_bos)
+    if base_gguf:
+        modelfile = ollama.modelfile(cfg, tokenizer, f"./{base_gguf}", add_bos, adapter="./adapter.gguf")
+    else:
+        modelfile = ollama.modelfile(cfg, tokenizer, f"./model-{cfg.gguf_types[0]}.gguf", add_bos)
     (folder / "Modelfile").write_text(modelfile, encoding="utf-8")
     written["modelfile"] = "Modelfile"
     return written

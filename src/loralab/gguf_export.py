@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,8 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 
 # The text splitting before BPE (tokenizer.json's pre_tokenizer) -> llama.cpp's name for it (tokenizer.ggml.pre).
 # A tokenizer that splits otherwise is refused: llama.cpp would silently tokenize the prompts differently.
-_LLAMA3_SPLIT = (
+# LLAMA3_SPLIT: Llama 3's split pattern, as in its tokenizer.json.
+LLAMA3_SPLIT = (
     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
     "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
 )
@@ -47,7 +49,7 @@ def _pre_tokenizer_name(pre: dict | None) -> str | None:
     if first.get("type") == "Digits" and first.get("individual_digits") and byte_level(second, True):
         return "smollm"
     pattern = (first.get("pattern") or {}).get("Regex")
-    if first.get("type") == "Split" and pattern == _LLAMA3_SPLIT and byte_level(second, False):
+    if first.get("type") == "Split" and pattern == LLAMA3_SPLIT and byte_level(second, False):
         return "llama-bpe"
     return None
 
@@ -158,14 +160,16 @@ def _types(kind: str):
     }[kind]
 
 
-def gguf_tensors(model) -> list[tuple[str, np.ndarray]]:
-    """The model's weights as (GGUF name, float32 array), q/k permuted for llama.cpp, a tied output left out."""
+def gguf_tensors(model) -> Iterator[tuple[str, np.ndarray]]:
+    """The model's weights as (GGUF name, float32 array), q/k permuted for llama.cpp, a tied output left out.
+
+    One at a time: a converted copy lives only until the writer has taken its f16 / quantized form.
+    """
     import gguf
 
     config = model.config
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    out = []
     for hf_name, tensor in model.state_dict().items():
         if hf_name == "lm_head.weight" and tied:
             continue
@@ -179,11 +183,10 @@ def gguf_tensors(model) -> list[tuple[str, np.ndarray]]:
             array = permute_qk(array, config.num_attention_heads)
         elif hf_name.endswith("k_proj.weight"):
             array = permute_qk(array, config.num_key_value_heads)
-        out.append((name, array))
+        yield name, array
     factors = llama3_rope_factors(config)
     if factors is not None:
-        out.append((gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors))
-    return out
+        yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors
 
 
 def write_model_gguf(model, tokenizer, path: Path, kind: str, name: str, add_bos: bool) -> Path:
@@ -224,7 +227,8 @@ def write_model_gguf(model, tokenizer, path: Path, kind: str, name: str, add_bos
     writer.add_token_merges(vocab["merges"])
     if tokenizer.bos_token_id is not None:
         writer.add_bos_token_id(tokenizer.bos_token_id)
-    writer.add_eos_token_id(tokenizer.eos_token_id)
+    if tokenizer.eos_token_id is not None:
+        writer.add_eos_token_id(tokenizer.eos_token_id)
     stops = [i for i in stop_token_ids(tokenizer) if i != tokenizer.eos_token_id]
     if stops:  # the template's turn-closing token when it is not eos (llama.cpp stops at eot too)
         writer.add_eot_token_id(stops[0])
@@ -234,7 +238,8 @@ def write_model_gguf(model, tokenizer, path: Path, kind: str, name: str, add_bos
         writer.add_pad_token_id(tokenizer.pad_token_id)
     writer.add_add_bos_token(add_bos)
     writer.add_add_eos_token(False)
-    writer.add_chat_template(tokenizer.chat_template)
+    if isinstance(tokenizer.chat_template, str):
+        writer.add_chat_template(tokenizer.chat_template)
 
     for tensor_name, array in gguf_tensors(model):
         qtype = gguf.GGMLQuantizationType.F32
@@ -283,10 +288,18 @@ def write_lora_gguf(adapter_dir: str | Path, config, path: Path) -> Path:
     )
     if why_not:
         raise LoralabError(f"export_gguf: {adapter_dir} cannot be written as a llama.cpp LoRA GGUF: {why_not}")
+    weights_file = adapter_dir / "adapter_model.safetensors"
+    if not weights_file.is_file():
+        raise LoralabError(f"export_gguf: {adapter_dir} has no adapter_model.safetensors")
     rank, alpha = settings["r"], float(settings["lora_alpha"])
     # llama.cpp multiplies by alpha / rank; rsLoRA multiplies by alpha / sqrt(rank).
     gguf_alpha = alpha * math.sqrt(rank) if settings.get("use_rslora") else alpha
-    weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    weights = load_file(str(weights_file))
+    other = [k for k in weights if ".lora_A." not in k and ".lora_B." not in k]
+    if other:  # e.g. LoRA on the embedding (lora_embedding_A): no llama.cpp LoRA tensor for it
+        raise LoralabError(
+            f"export_gguf: {adapter_dir} cannot be written as a llama.cpp LoRA GGUF: it holds {other[0]}"
+        )
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     writer.add_type(gguf.GGUFType.ADAPTER)

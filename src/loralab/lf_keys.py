@@ -82,7 +82,8 @@ NOTICES: dict[str, str] = {
         "freeze_language_model",
     ),
     **_same(
-        "`loralab export` writes an unquantized merged model to export_dir only",
+        "`loralab export` writes an unquantized merged model to export_dir; export_gguf=q8_0 (or q4_0) adds "
+        "quantized GGUF files for llama.cpp and Ollama",
         "export_quantization_bit",
         "export_quantization_dataset",
         "export_quantization_nsamples",

@@ -17,6 +17,7 @@ import logging
 import re
 
 from loralab.config import Config
+from loralab.errors import LoralabError
 from loralab.templates import EMPTY_THOUGHT, render, stop_token_ids, template_spec, tool_prompt_date
 
 log = logging.getLogger(__name__)
@@ -139,10 +140,10 @@ def go_template(name: str, tool_format: str | None, strip_bos: bool, bos: str, e
     )
 
 
-def _quote(text: str) -> str:
+def _quote(text: str, what: str) -> str:
     """A Modelfile string: triple quotes hold newlines and double quotes (not three in a row)."""
     if '"""' in text:
-        raise ValueError("text with three double quotes in a row cannot be written into a Modelfile")
+        raise LoralabError(f'{what}: has three double quotes in a row ("""), which a Modelfile cannot hold')
     return f'"""{text}"""'
 
 
@@ -152,18 +153,21 @@ def stop_words(cfg: Config, tokenizer) -> list[str]:
     return list(dict.fromkeys(w for w in words if w))
 
 
-def modelfile(cfg: Config, tokenizer, from_path: str, add_bos: bool) -> str:
-    """The Modelfile text: FROM the merged GGUF, TEMPLATE, SYSTEM, stop tokens and the generation defaults."""
-    lines = [
-        "# Written by `loralab export`. Create the model: ollama create NAME -f Modelfile (from this folder)",
-        "# The merged model is used; to run the base model with the adapter instead, FROM a GGUF of the base",
-        "# model and add: ADAPTER ./adapter.gguf",
-        f"FROM {from_path}",
-    ]
+def modelfile(cfg: Config, tokenizer, from_path: str, add_bos: bool, adapter: str | None = None) -> str:
+    """The Modelfile text: FROM the GGUF (merged, or the base with an ADAPTER), TEMPLATE, SYSTEM, stop tokens and
+    the generation defaults."""
+    lines = ["# Written by `loralab export`. Create the model: ollama create NAME -f Modelfile (from this folder)"]
+    if adapter:
+        lines += [f"FROM {from_path}", f"ADAPTER {adapter}"]
+    else:
+        lines += [
+            "# The merged model; export_ollama=adapter writes the base model's GGUF and runs it with ADAPTER",
+            f"FROM {from_path}",
+        ]
     default_system = cfg.default_system
     if cfg.template:
         template = go_template(cfg.template, cfg.tool_format, add_bos, tokenizer.bos_token or "", tokenizer.eos_token)
-        lines.append(f"TEMPLATE {_quote(template)}")
+        lines.append(f"TEMPLATE {_quote(template, 'template')}")
         default_system = default_system or template_spec(cfg.template, cfg.tool_format)["default_system"]
     else:
         log.warning(
@@ -174,7 +178,7 @@ def modelfile(cfg: Config, tokenizer, from_path: str, add_bos: bool) -> str:
         lines.append("# No TEMPLATE: this model uses its tokenizer's own (jinja) chat template; Ollama picks")
         lines.append("# its closest known template. Export with template: set for an exact one.")
     if default_system:
-        lines.append(f"SYSTEM {_quote(default_system)}")
+        lines.append(f"SYSTEM {_quote(default_system, 'default_system')}")
     for word in stop_words(cfg, tokenizer):
         lines.append(f"PARAMETER stop {json.dumps(word, ensure_ascii=False)}")
     if cfg.do_sample:
