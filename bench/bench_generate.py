@@ -202,6 +202,7 @@ def main() -> None:
     parser.add_argument("--lf-batch-size", type=int, default=8, help="LF's per_device_eval_batch_size (default 8)")
     parser.add_argument("--template", help="chat template (default: the tokenizer's; smollm2 with --lf-venv)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--adapter", help="a trained LoRA adapter folder (default: a random one, see above)")
     parser.add_argument("--adapter-std", type=float, default=0.02, help="std of the random adapter's B matrices")
     parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
     parser.add_argument("--output", default=str(REPO / "bench" / "results" / "generate.json"))
@@ -227,7 +228,7 @@ def main() -> None:
             "max_new_tokens": args.max_new_tokens,
         },
     )
-    adapter = str(make_adapter(args.model, tmp / "adapter", args.adapter_std))
+    adapter = args.adapter or str(make_adapter(args.model, tmp / "adapter", args.adapter_std))
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
     engine = Engine(cfg, {"adapter": adapter}, merge=True)
     baseline = Engine(cfg, {"adapter": adapter})  # its PeftModel (unmerged) and tokenizer serve the baseline
@@ -236,7 +237,7 @@ def main() -> None:
     result = {
         "benchmark": "generation: loralab engine vs LLaMA-Factory-style HF generate, same run",
         "model": args.model,
-        "adapter": f"random LoRA r8 alpha16 all-linear, lora_B ~ N(0, {args.adapter_std})",
+        "adapter": args.adapter or f"random LoRA r8 alpha16 all-linear, lora_B ~ N(0, {args.adapter_std})",
         "data": {
             "source": source,
             "split": "test",
