@@ -342,6 +342,10 @@ def main() -> None:
         result["batch_predict"]["fastest_rows_in_flight"] = max(rows, key=rows.get)
     print(json.dumps(result["batch_predict"], indent=1), flush=True)
 
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")  # batch predict is kept if the single stream fails
+
     # --- single stream: today's engine vs this one, alternating ---
     OldEngine, OldSettings = old_engine_class()
     old = OldEngine(cfg, {"adapter": adapter})  # today's chat: the adapter loaded unmerged
@@ -378,8 +382,6 @@ def main() -> None:
         "torch": torch.__version__,
     }
     print(json.dumps(result["single_stream"], indent=1), flush=True)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
 
