@@ -20,6 +20,12 @@ changes its output; no record was trained on. Writes bench/results/generate.json
 
     python bench/bench_generate.py                          # 100 records, 1 thread
     python bench/bench_generate.py --records 16 --stream-records 2
+    taskset -c 0 python bench/bench_generate.py --lf-venv ../lf-venv --lf-core 1 --rows 16,32,64
+
+With --lf-venv, LLaMA-Factory 0.9.5's own predict (`llamafactory-cli train`, do_predict) runs on the
+same records and adapter in its own process pinned to --lf-core, side by side with the loralab/baseline
+chunks (pin this process to another core with taskset); its replies must equal loralab's and its own
+predict_samples_per_second is the figure the 3x target is measured against. Both use LF's smollm2 template.
 """
 
 from __future__ import annotations
@@ -112,6 +118,67 @@ def lf_style_predict(
     return out
 
 
+def start_lf_predict(lf_venv: Path, cfg, adapter: str, n: int, workdir: Path, batch_size: int, core: int | None):
+    """LLaMA-Factory's own predict (`llamafactory-cli train` with do_predict) on the same test records and
+    adapter, greedy, fp32 on the CPU, one thread, in its own process (pinned to `core` when given). LF is
+    never imported: it runs from its own venv (`bash ../shared/peers/lf-install.sh VENV`)."""
+    import yaml
+
+    from loralab.models import resolve_model_path
+
+    cli = lf_venv / "bin" / "llamafactory-cli"
+    if not cli.is_file():
+        sys.exit(f"--lf-venv: {cli} not found; build the venv with `bash ../shared/peers/lf-install.sh {lf_venv}`")
+    model_dir, gguf = resolve_model_path(cfg.model_name_or_path)
+    if gguf:
+        sys.exit("--lf-venv: LLaMA-Factory needs a model folder, not a .gguf file")
+    test_file = Path(cfg.dataset_dir) / f"{cfg.test_dataset or 'alpaca_data_test'}.json"
+    lf_data = workdir / "data"
+    lf_data.mkdir(parents=True, exist_ok=True)
+    (lf_data / "dataset_info.json").write_text(json.dumps({"bench_test": {"file_name": str(test_file)}}))
+    args = {
+        "model_name_or_path": model_dir,
+        "adapter_name_or_path": adapter,
+        "stage": "sft",
+        "do_predict": True,
+        "finetuning_type": "lora",
+        "eval_dataset": "bench_test",
+        "dataset_dir": str(lf_data),
+        "template": cfg.template,
+        "cutoff_len": cfg.cutoff_len,
+        "max_samples": n,
+        "max_new_tokens": cfg.max_new_tokens,
+        "do_sample": False,
+        "per_device_eval_batch_size": batch_size,
+        "predict_with_generate": True,
+        "output_dir": str(workdir / "out"),
+        "overwrite_output_dir": True,
+        "report_to": "none",
+        "preprocessing_num_workers": 1,
+    }
+    (workdir / "predict.yaml").write_text(yaml.safe_dump(args))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("PYTHONPATH", None)
+    command = [str(cli), "train", str(workdir / "predict.yaml")]
+    if core is not None:
+        command = ["taskset", "-c", str(core), *command]
+    log = open(workdir / "lf.log", "w")
+    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), time.perf_counter()
+
+
+def finish_lf_predict(process, started: float, workdir: Path) -> tuple[list[str], dict]:
+    """Wait for LF's predict; its replies in record order and its own timing (predict_results.json)."""
+    if process.wait() != 0:
+        tail = (workdir / "lf.log").read_text()[-3000:]
+        sys.exit(f"LLaMA-Factory's predict failed (log {workdir / 'lf.log'}):\n{tail}")
+    wall = time.perf_counter() - started
+    out = workdir / "out"
+    replies = [json.loads(line)["predict"] for line in (out / "generated_predictions.jsonl").open()]
+    own = json.loads((out / "predict_results.json").read_text())
+    timing = {k: v for k, v in own.items() if k.endswith(("runtime", "per_second"))}  # not its BLEU/ROUGE
+    return replies, {"process_seconds_with_loading": round(wall, 2), **timing}
+
+
 def timed(fn):
     wall, cpu = time.perf_counter(), time.process_time()
     out = fn()
@@ -124,8 +191,18 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=2, help="chunks the records are cut into (default 2)")
     parser.add_argument("--stream-records", type=int, default=4, help="records for the single-stream figure")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--batch-size", type=int, default=32, help="loralab's rows in flight (default 32)")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="loralab's rows in flight (default: infer_batch_size's default)"
+    )
+    parser.add_argument(
+        "--rows", default="", help="also time loralab alone over all records at these rows in flight, e.g. 16,32,64"
+    )
+    parser.add_argument("--lf-venv", type=Path, help="an LLaMA-Factory 0.9.5 venv: also run LF's own predict")
+    parser.add_argument("--lf-core", type=int, default=1, help="CPU core LF's process is pinned to (default 1)")
+    parser.add_argument("--lf-batch-size", type=int, default=8, help="LF's per_device_eval_batch_size (default 8)")
+    parser.add_argument("--template", help="chat template (default: the tokenizer's; smollm2 with --lf-venv)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--adapter", help="a trained LoRA adapter folder (default: a random one, see above)")
     parser.add_argument("--adapter-std", type=float, default=0.02, help="std of the random adapter's B matrices")
     parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
     parser.add_argument("--output", default=str(REPO / "bench" / "results" / "generate.json"))
@@ -134,15 +211,24 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    from loralab.config import Config
     from loralab.generate import Engine, GenerationSettings
+
+    args.batch_size = args.batch_size or Config.model_fields["infer_batch_size"].default
+    template = args.template or ("smollm2" if args.lf_venv else None)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-generate-"))
     cfg, source, prompts, _ = test_prompts(
         max(args.records, args.stream_records),
         tmp / "data",
-        {"model_name_or_path": args.model, "torch_threads": args.threads},
+        {
+            "model_name_or_path": args.model,
+            "torch_threads": args.threads,
+            "template": template,
+            "max_new_tokens": args.max_new_tokens,
+        },
     )
-    adapter = str(make_adapter(args.model, tmp / "adapter", args.adapter_std))
+    adapter = args.adapter or str(make_adapter(args.model, tmp / "adapter", args.adapter_std))
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
     engine = Engine(cfg, {"adapter": adapter}, merge=True)
     baseline = Engine(cfg, {"adapter": adapter})  # its PeftModel (unmerged) and tokenizer serve the baseline
@@ -151,7 +237,7 @@ def main() -> None:
     result = {
         "benchmark": "generation: loralab engine vs LLaMA-Factory-style HF generate, same run",
         "model": args.model,
-        "adapter": f"random LoRA r8 alpha16 all-linear, lora_B ~ N(0, {args.adapter_std})",
+        "adapter": args.adapter or f"random LoRA r8 alpha16 all-linear, lora_B ~ N(0, {args.adapter_std})",
         "data": {
             "source": source,
             "split": "test",
@@ -166,10 +252,15 @@ def main() -> None:
             "device": str(engine.device),
             "loralab_rows_in_flight": args.batch_size,
             "baseline_batch_size": 8,
+            "template": template or "the tokenizer's own",
         },
     }
     engine.generate(prompts[:2], GenerationSettings(max_new_tokens=4), adapter="adapter")  # warm-up
     lf_style_predict(baseline.model, baseline.tokenizer, ids[:2], baseline.stop_ids, 4)
+
+    lf = None
+    if args.lf_venv:  # LLaMA-Factory itself runs side by side, on its own core, while the chunks below run
+        lf = start_lf_predict(args.lf_venv, cfg, adapter, len(ids), tmp / "lf", args.lf_batch_size, args.lf_core)
 
     # --- batch predict, chunk by chunk, alternating which tool goes first ---
     size = -(-len(ids) // args.chunks)
@@ -229,7 +320,31 @@ def main() -> None:
         "target_3x": clock["baseline"][0] / clock["loralab"][0] >= 3,
     }
     del base_engine
+    if lf is not None:
+        lf_replies, lf_clock = finish_lf_predict(*lf, tmp / "lf")
+        ours_sps = len(ours) / clock["loralab"][0]
+        lf_sps = len(lf_replies) / lf_clock["predict_runtime"]  # LF's own clock: generation, no loading
+        result["batch_predict"]["llamafactory"] = {
+            "version": "0.9.5 (its own `llamafactory-cli train` predict, fp32 CPU, one thread, own core)",
+            "per_device_eval_batch_size": args.lf_batch_size,
+            **lf_clock,
+            "identical_to_loralab": sum(a[0] == b for a, b in zip(ours, lf_replies)),
+            "differing_records": [i for i, (a, b) in enumerate(zip(ours, lf_replies)) if a[0] != b],
+            "loralab_speedup": round(ours_sps / lf_sps, 2),
+            "target_3x": ours_sps / lf_sps >= 3,
+        }
+    rows = {}
+    for n in [int(x) for x in args.rows.split(",") if x.strip()]:  # which rows-in-flight default is fastest
+        _, wall, _ = timed(lambda n=n: engine.generate(prompts[: len(ids)], settings, adapter="adapter", batch_size=n))
+        rows[n] = round(len(ids) / wall, 3)
+    if rows:
+        result["batch_predict"]["rows_in_flight_samples_per_second"] = rows
+        result["batch_predict"]["fastest_rows_in_flight"] = max(rows, key=rows.get)
     print(json.dumps(result["batch_predict"], indent=1), flush=True)
+
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")  # batch predict is kept if the single stream fails
 
     # --- single stream: today's engine vs this one, alternating ---
     OldEngine, OldSettings = old_engine_class()
@@ -267,8 +382,6 @@ def main() -> None:
         "torch": torch.__version__,
     }
     print(json.dumps(result["single_stream"], indent=1), flush=True)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -30,7 +30,8 @@ torch.compile of the forward (inductor, dynamic shapes: rows and cache length ch
 was tried on this CPU and not kept: on a 16-record SmolLM2 predict it compiled for about 12 minutes
 and then failed inside inductor, while the whole 100-record predict runs in about 3.5 minutes eager.
 
-`infer_backend: vllm` runs the same interface on vLLM (CUDA only, optional extra `loralab[vllm]`).
+`infer_backend: vllm` runs the same interface on vLLM (CUDA only, optional extra `loralab[vllm]`);
+`infer_backend: llamacpp` on llama.cpp (CPU, extra `loralab[llamacpp]`, `llamacpp_backend.py`).
 """
 
 from __future__ import annotations
@@ -213,6 +214,7 @@ class Engine:
         self.merged = False
         self._vllm = None
         self._vllm_lock = threading.Lock()
+        self._llamacpp = None
         self._step_lock = threading.Lock()  # one step at a time: it owns the batch and the model
         self._waiting = WaitingLine()
         # A fast tokenizer must not be used by two threads at once (encoding may reconfigure it).
@@ -232,6 +234,14 @@ class Engine:
             self.tokenizer = load_tokenizer(cfg)
             self.model = None
             self._vllm = VllmBackend(cfg, adapters, self.tokenizer)
+        elif cfg.infer_backend == "llamacpp":  # rows decode one at a time on llama.cpp (llamacpp_backend.py)
+            from loralab.llamacpp_backend import LlamaCppBackend, check_installed, load_tokenizer
+
+            check_installed()
+            self.tokenizer = load_tokenizer(cfg)
+            self.model = None
+            self._llamacpp = LlamaCppBackend(cfg, adapters)
+            self.tokenizer.model_max_length = self._llamacpp.n_ctx  # what the API checks prompts against
         else:
             from loralab.models import load_model_and_tokenizer
 
@@ -260,6 +270,8 @@ class Engine:
 
     @property
     def device(self):
+        if self._llamacpp is not None:
+            return "cpu"
         return self.model.device if self.model is not None else "cuda"
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
@@ -388,6 +400,10 @@ class Engine:
     def step(self, max_rows: int | None = None) -> None:
         """Admit waiting requests (up to max_rows rows in all), decode one token for every row, let
         finished and cancelled rows leave. A failing step fails only the rows it can no longer retry."""
+        if self._llamacpp is not None:
+            with self._step_lock:
+                self._llamacpp.step(self)
+            return
         import torch
 
         max_rows = max_rows or self.max_batch_size

@@ -27,6 +27,7 @@ LIBRARIES = [
     "jieba",
     "rouge-chinese",
     "vllm",
+    "llama-cpp-python",
 ]
 
 
