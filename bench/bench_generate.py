@@ -11,15 +11,14 @@ SmolLM2-135M-Instruct + one LoRA adapter, greedy, max_new_tokens 128, torch thre
 The records are cut into chunks; each chunk runs in both tools, alternating which goes first, so
 both see the same machine load. Outputs must be identical on every record (fp32 greedy).
 
-Single stream (one chat/API client): `Engine.stream` of today's engine (main's generate.py,
-adapter unmerged, as `loralab chat` loaded it) vs this engine, a few records, alternating.
+Single stream (one chat/API client) is measured by bench_llamacpp.py, beside llama.cpp.
 
 The adapter: a random LoRA adapter (r 8, alpha 16, all linear layers, A as peft initialises it,
 B ~ N(0, --adapter-std)), so the model stays fluent and stops by itself while the adapter really
 changes its output; no record was trained on. Writes bench/results/generate.json.
 
     python bench/bench_generate.py                          # 100 records, 1 thread
-    python bench/bench_generate.py --records 16 --stream-records 2
+    python bench/bench_generate.py --records 16
     taskset -c 0 python bench/bench_generate.py --lf-venv ../lf-venv --lf-core 1 --rows 16,32,64
 
 With --lf-venv, LLaMA-Factory 0.9.5's own predict (`llamafactory-cli train`, do_predict) runs on the
@@ -31,7 +30,6 @@ predict_samples_per_second is the figure the 3x target is measured against. Both
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -81,20 +79,6 @@ def make_adapter(base: str, out: Path, std: float, seed: int = 0) -> Path:
                 p.normal_(0, std)
     model.save_pretrained(out)
     return out
-
-
-def old_engine_class():
-    """`Engine` of main's generate.py (HF generate over static batches), loaded as its own module."""
-    source = subprocess.run(
-        ["git", "-C", str(REPO), "show", "main:src/loralab/generate.py"], check=True, capture_output=True, text=True
-    ).stdout
-    path = Path(tempfile.mkdtemp(prefix="bench-old-engine-")) / "loralab_generate_main.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("loralab_generate_main", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module.Engine, module.GenerationSettings
 
 
 def lf_style_predict(
@@ -189,7 +173,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=100, help="test records for batch predict (default 100)")
     parser.add_argument("--chunks", type=int, default=2, help="chunks the records are cut into (default 2)")
-    parser.add_argument("--stream-records", type=int, default=4, help="records for the single-stream figure")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument(
         "--batch-size", type=int, default=None, help="loralab's rows in flight (default: infer_batch_size's default)"
@@ -219,7 +202,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-generate-"))
     cfg, source, prompts, _ = test_prompts(
-        max(args.records, args.stream_records),
+        args.records,
         tmp / "data",
         {
             "model_name_or_path": args.model,
@@ -342,38 +325,6 @@ def main() -> None:
         result["batch_predict"]["fastest_rows_in_flight"] = max(rows, key=rows.get)
     print(json.dumps(result["batch_predict"], indent=1), flush=True)
 
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")  # batch predict is kept if the single stream fails
-
-    # --- single stream: today's engine vs this one, alternating ---
-    OldEngine, OldSettings = old_engine_class()
-    old = OldEngine(cfg, {"adapter": adapter})  # today's chat: the adapter loaded unmerged
-    old_settings = OldSettings(max_new_tokens=args.max_new_tokens)
-    stream = {"old": [0.0, 0, 0.0], "new": [0.0, 0, 0.0]}  # wall seconds, tokens, cpu seconds
-    texts = {"old": [], "new": []}
-    for k, conv in enumerate(prompts[: args.stream_records]):
-        runs = [
-            ("new", lambda conv=conv: "".join(engine.stream(conv, settings, adapter="adapter"))),
-            ("old", lambda conv=conv: "".join(old.stream(conv, old_settings, adapter="adapter"))),
-        ]
-        for name, fn in runs if k % 2 == 0 else runs[::-1]:
-            text, wall, cpu = timed(fn)
-            stream[name][0] += wall
-            stream[name][1] += len(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
-            stream[name][2] += cpu
-            texts[name].append(text)
-    result["single_stream"] = {
-        name: {"seconds": round(w, 2), "tokens": n, "tokens_per_second": round(n / w, 2)}
-        for name, (w, n, _) in stream.items()
-    }
-    result["single_stream"].update(
-        records=args.stream_records,
-        identical_text=sum(a == b for a, b in zip(texts["old"], texts["new"])),
-        speedup=round(stream["old"][0] / stream["old"][1] * stream["new"][1] / stream["new"][0], 2),
-        note="old = main's generate.py Engine.stream (HF generate, adapter unmerged); new = this Engine, merged",
-    )
-    result["single_stream"]["target_3x"] = result["single_stream"]["speedup"] >= 3
     result["machine"] = {
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
@@ -381,7 +332,8 @@ def main() -> None:
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
-    print(json.dumps(result["single_stream"], indent=1), flush=True)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
 

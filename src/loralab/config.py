@@ -296,10 +296,11 @@ class Config(BaseModel):
         "huggingface", description="Generation backend (llamacpp: a .gguf model on llama.cpp, CPU)."
     )
     infer_batch_size: int = Field(
-        32,
+        64,
         gt=0,
-        description="Prompts generated together (rows in flight) in predict/eval. 32: on one CPU thread, SmolLM2 "
-        "+ LoRA, 100 alpaca records, it ran 1.19 samples/s vs 0.86 at 16 (bench/bench_generate.py --rows).",
+        description="Prompts generated together (rows in flight) in predict/eval. 64: the fastest of 16/32/64 on "
+        "one CPU thread (SmolLM2 + the demo adapter, 100 alpaca records: 1.60 / 1.87 / 1.88 samples/s, "
+        "bench/bench_generate.py --rows; 32 within 1%); GPUs gain from more.",
     )
     max_new_tokens: int = Field(512, gt=0, description="Maximum generated tokens per reply.")
     do_sample: bool = Field(False, description="Sample (true) or greedy decode (false, reproducible).")
