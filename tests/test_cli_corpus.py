@@ -342,6 +342,18 @@ CASES = [
         2,
         "cannot load",
     ),
+    (
+        "export-cut-adapter",
+        [
+            "export",
+            "model_name_or_path={model}",
+            "adapter_name_or_path={d}/cut-adapter",
+            "export_dir={d}/../export-cut",
+        ],
+        {},
+        2,
+        "cannot merge",
+    ),
     # sampling values the sampler cannot work with: refused before the model loads
     *[
         (f"chat-{key}-{value}", ["chat", "model_name_or_path={model}", "do_sample=true", f"{key}={value}"], {}, 2, key)

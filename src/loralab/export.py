@@ -70,6 +70,7 @@ def export(cfg: Config, overwrite: bool = False) -> Path:
         )
 
     from peft import PeftModel
+    from safetensors import SafetensorError
 
     # Write next to the target and rename at the end: a failed export never leaves half a model there.
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -90,10 +91,10 @@ def export(cfg: Config, overwrite: bool = False) -> Path:
         for path in cfg.adapter_paths:
             try:
                 model = PeftModel.from_pretrained(model, path).merge_and_unload()
-            except (RuntimeError, ValueError) as e:
+            except (RuntimeError, ValueError, SafetensorError, EOFError, OSError) as e:  # a damaged adapter file too
                 raise LoralabError(
                     f"adapter_name_or_path: cannot merge {path} into {cfg.model_name_or_path} "
-                    f"({str(e).splitlines()[0][:200]})"
+                    f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})"
                 ) from None
             log.info("merged %s", path)
         model.generation_config.eos_token_id = stop_token_ids(tokenizer)
