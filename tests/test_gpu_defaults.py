@@ -18,6 +18,7 @@ def test_batch_layout():
     assert batch_layout(load_config(None, {**lf_recipe, "fill_batches": False}), cuda=True) == (1, 8, None)
     assert batch_layout(load_config(None, {**lf_recipe, "max_tokens_per_pass": 0}), cuda=True) == (8, 1, None)
     assert batch_layout(load_config(None, {**lf_recipe, "packing": True}), cuda=True) == (1, 8, None)
+    assert batch_layout(load_config(None, {**lf_recipe, "neat_packing": True}), cuda=True) == (1, 8, None)
     assert batch_layout(load_config(None, {"per_device_train_batch_size": 8}), cuda=True) == (8, 1, None)
 
 

@@ -207,7 +207,7 @@ def batch_layout(cfg: Config, cuda: bool) -> tuple[int, int, int | None]:
     per_pass = tokens_per_pass(cfg, cuda)
     sharded = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" or os.environ.get("ACCELERATE_USE_FSDP") == "true"
     fill = cfg.fill_batches if cfg.fill_batches is not None else cuda and not sharded
-    if not fill or accumulation == 1 or cfg.packing:
+    if not fill or accumulation == 1 or cfg.packing or cfg.neat_packing:  # packed rows are one sequence
         return batch, accumulation, per_pass
     if cfg.max_tokens_per_pass is None:  # the default budget, at most what one micro-batch could hold
         per_pass = min(per_pass or batch * cfg.cutoff_len, batch * cfg.cutoff_len)
