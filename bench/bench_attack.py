@@ -35,14 +35,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from loralab.testing import free_port, stalled_connections
+
 REPO = Path(__file__).resolve().parents[1]
-STALLED_HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(model: str, port: int, log_path: Path, threads: int) -> subprocess.Popen:
@@ -68,15 +63,6 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
         except httpx.HTTPError:
             time.sleep(0.3)
     raise SystemExit("server did not become ready")
-
-
-def stalled(port: int, n: int, body: bool = False) -> list[socket.socket]:
-    out = []
-    for _ in range(n):
-        s = socket.create_connection(("127.0.0.1", port), timeout=30)
-        s.sendall(STALLED_HEAD + (b"Content-Length: 1000\r\n\r\n{" if body else b""))
-        out.append(s)
-    return out
 
 
 def closed_by_server(s: socket.socket) -> bool:
@@ -162,7 +148,7 @@ def main() -> None:
         streaming.wait(timeout=120)  # the 6 streams have text out
         with_streams = [small_latency()[0] for _ in range(3)]  # the baseline under the same batch: no attack yet
         t_attack = time.perf_counter()
-        heads, bodies = stalled(port, 200), stalled(port, 20, body=True)
+        heads, bodies = stalled_connections(port, 200), stalled_connections(port, 20, body=True)
         under_attack: list[float] = []
         with ThreadPoolExecutor(48) as pool:
             jobs = [pool.submit(send, big) for _ in range(30)]
@@ -184,7 +170,7 @@ def main() -> None:
         for s in heads + bodies:
             s.close()
         # A bounded shutdown: SIGTERM with a half-sent body open.
-        holdout = stalled(port, 1, body=True)
+        holdout = stalled_connections(port, 1, body=True)
         time.sleep(0.5)
         t0 = time.perf_counter()
         proc.send_signal(signal.SIGTERM)

@@ -10,14 +10,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from loralab.testing import free_port
+from loralab.testing import free_port, stalled_connections
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 
 HEADER_TIMEOUT_S, BODY_TIMEOUT_S = 2.0, 2.0
 SMALL = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
-STALLED_HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
 
 
 @pytest.fixture(scope="module")
@@ -55,16 +54,6 @@ def server(engine):
     assert not thread.is_alive(), "the server did not shut down"
 
 
-def stalled(port: int, n: int, body: bool = False) -> list[socket.socket]:
-    """n connections that send part of a request and then nothing (headers, or headers and part of a body)."""
-    out = []
-    for _ in range(n):
-        s = socket.create_connection(("127.0.0.1", port), timeout=10)
-        s.sendall(STALLED_HEAD + (b"Content-Length: 100\r\n\r\n{" if body else b""))
-        out.append(s)
-    return out
-
-
 def closed_by_server(s: socket.socket, wait: float) -> tuple[bool, bytes]:
     s.settimeout(wait)
     data = b""
@@ -88,7 +77,7 @@ def small_request_s(url: str, model: str) -> tuple[float, int]:
 
 def test_stalled_headers_and_bodies_are_cut_off(server, capfd):
     t0 = time.perf_counter()
-    heads, bodies = stalled(server.port, 50), stalled(server.port, 5, body=True)
+    heads, bodies = stalled_connections(server.port, 50), stalled_connections(server.port, 5, body=True)
     assert httpx.get(server.url + "/health", timeout=5).status_code == 200  # answered meanwhile
     closed = [closed_by_server(s, HEADER_TIMEOUT_S + 5) for s in heads]
     assert all(ok and not data for ok, data in closed), "a connection stalled in its headers stayed open"
@@ -122,7 +111,7 @@ def test_a_small_request_stays_fast_under_attack(server, capfd):
             httpx.post(server.url + "/v1/chat/completions", content=content, headers=head, timeout=120).status_code
         )
 
-    sockets = stalled(server.port, 200)
+    sockets = stalled_connections(server.port, 200)
     with ThreadPoolExecutor(40) as pool:
         jobs = [pool.submit(send, big) for _ in range(30)]
         jobs += [pool.submit(send, deep_tools) for _ in range(4)]

@@ -29,6 +29,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stalled_connections(port: int, n: int, body: bool = False, timeout: float = 30) -> list[socket.socket]:
+    """n connections to 127.0.0.1:port that send part of a chat request and then nothing: the headers cut
+    off before their end, or (body=True) whole headers and the first byte of a 1,000-byte body."""
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    out = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        s.sendall(head + (b"Content-Length: 1000\r\n\r\n{" if body else b""))
+        out.append(s)
+    return out
+
+
 # Meta's chat template of Meta-Llama-3-8B-Instruct (the Llama 3 instruct format), as shipped in its
 # tokenizer_config.json. Tests check that loralab's built-in `llama3` template gives the same token ids.
 META_LLAMA3_TEMPLATE = (
